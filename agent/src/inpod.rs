@@ -1,0 +1,191 @@
+//! In-pod sockets: the agent lives in the host network namespace but creates its listening and
+//! dialing sockets inside each pod's namespace.
+//!
+//! A socket belongs to the namespace it was created in, whatever thread later drives it, so a
+//! short-lived thread `setns`es into the pod's namespace, creates the socket and ends; the
+//! agent's tokio runtime then owns the socket. The thread ends instead of switching back so that
+//! no runtime thread ever runs in a pod's namespace.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use mtls_agent_ebpf::AGENT_MARK;
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+); not yet in libc for every target.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InpodError {
+    #[error("opening network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("entering network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("in network namespace {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("network namespace {path} is the agent's own (host network pods are never enrolled)")]
+    HostNetns { path: PathBuf },
+    #[error("in-pod worker thread for {path} panicked")]
+    Panicked { path: PathBuf },
+}
+
+/// An open handle on a pod's network namespace.
+#[derive(Clone, Debug)]
+pub struct PodNetns {
+    path: PathBuf,
+    file: Arc<File>,
+    cookie: u64,
+}
+
+impl PodNetns {
+    /// Opens the namespace file and reads its cookie (the key the eBPF programs use).
+    pub fn open(path: &Path) -> Result<PodNetns, InpodError> {
+        let file = File::open(path).map_err(|source| InpodError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut ns = PodNetns {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            cookie: 0,
+        };
+        ns.cookie = ns.run(|| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            netns_cookie(&s)
+        })?;
+        let own = Socket::new(Domain::IPV4, Type::STREAM, None)
+            .and_then(|s| netns_cookie(&s))
+            .map_err(|source| InpodError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        if own == ns.cookie {
+            return Err(InpodError::HostNetns {
+                path: path.to_owned(),
+            });
+        }
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The namespace's cookie, as `bpf_get_netns_cookie` reports it.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> Result<T, InpodError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        InpodError::Enter {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    })?;
+                    f().map_err(|source| InpodError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+                })
+                .join()
+                .map_err(|_| InpodError::Panicked {
+                    path: self.path.clone(),
+                })?
+        })
+    }
+
+    /// A non-blocking TCP listener bound to `addr` inside the pod. `SO_REUSEPORT` lets a new
+    /// agent instance bind next to an old one during a handover.
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        backlog: i32,
+    ) -> Result<std::net::TcpListener, InpodError> {
+        self.run(|| {
+            let s = agent_socket(addr)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
+            s.listen(backlog)?;
+            Ok(s.into())
+        })
+    }
+
+    /// An unconnected TCP socket inside the pod for dialing `dst`, marked so that the capture
+    /// programs leave it alone.
+    pub fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
+        let s = self.run(|| agent_socket(dst))?;
+        let std_stream: std::net::TcpStream = s.into();
+        Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+    }
+}
+
+/// A non-blocking TCP socket carrying the agent's mark.
+fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_mark(AGENT_MARK)?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    s.set_cloexec(true)?;
+    Ok(s)
+}
+
+/// The cookie of the network namespace a socket belongs to.
+pub fn netns_cookie(s: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_netns_cookie_is_stable() {
+        let a = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let b = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        assert_eq!(netns_cookie(&a).unwrap(), netns_cookie(&b).unwrap());
+        assert_ne!(netns_cookie(&a).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_agents_own_netns_is_refused() {
+        let err = PodNetns::open(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(matches!(err, InpodError::HostNetns { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_netns_names_the_path() {
+        let err = PodNetns::open(Path::new("/nonexistent/netns")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
+    }
+}

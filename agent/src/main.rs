@@ -1,0 +1,54 @@
+use clap::Parser;
+use mtls_agent::{
+    agent::{self, AgentConfig},
+    capture,
+    cli::{default_bpffs, Cli, Command, LogFormat},
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mtls-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = AgentConfig {
+                bpffs: args.bpffs.unwrap_or_else(|| default_bpffs(&args.node)),
+                node: args.node,
+                cgroup: args.cgroup,
+                workloads: args.workloads,
+                admin: args.admin,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(cfg))
+        }
+        Command::Uninstall { node, bpffs } => {
+            let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));
+            capture::unpin_all(&dir)
+                .map_err(|e| anyhow::anyhow!("removing pins under {}: {e}", dir.display()))?;
+            eprintln!(
+                "mtls-agent: removed the pinned programs and maps under {}",
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}

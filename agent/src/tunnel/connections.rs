@@ -1,0 +1,166 @@
+//! The agent's record of every connection it carries: live ones and a bounded history of
+//! closed ones, for the admin API and the per-connection log line.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+/// How many closed connections are kept for inspection.
+const HISTORY: usize = 4096;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One connection as the operator sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub direction: Direction,
+    /// `name.namespace` of the pod that opened the connection.
+    pub source_pod: Option<String>,
+    pub source: SocketAddr,
+    /// Where the application connected to (pod IP or service VIP).
+    pub original_destination: SocketAddr,
+    /// The endpoint actually dialled (a VIP resolved to a pod).
+    pub destination: SocketAddr,
+    pub destination_pod: Option<String>,
+    /// `passthrough` (plain TCP) until the tunnel carries it in mTLS.
+    pub mode: String,
+    pub started_at: SystemTime,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: Option<u64>,
+    pub open: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: BTreeMap<u64, (ConnectionRecord, Instant)>,
+    closed: VecDeque<ConnectionRecord>,
+}
+
+/// Shared table of connections; cheap to clone.
+#[derive(Clone, Default)]
+pub struct ConnectionTable {
+    next_id: Arc<AtomicU64>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl ConnectionTable {
+    /// Registers a new live connection and returns its id.
+    pub fn open(&self, mut rec: ConnectionRecord) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        rec.id = id;
+        rec.open = true;
+        self.lock().live.insert(id, (rec, Instant::now()));
+        id
+    }
+
+    /// Moves a connection to the history with its final counters; returns the final record.
+    pub fn close(
+        &self,
+        id: u64,
+        sent: u64,
+        received: u64,
+        error: Option<String>,
+    ) -> Option<ConnectionRecord> {
+        let mut inner = self.lock();
+        let (mut rec, started) = inner.live.remove(&id)?;
+        rec.open = false;
+        rec.bytes_sent = sent;
+        rec.bytes_received = received;
+        rec.duration_ms = Some(started.elapsed().as_millis() as u64);
+        rec.error = error;
+        if inner.closed.len() == HISTORY {
+            inner.closed.pop_front();
+        }
+        inner.closed.push_back(rec.clone());
+        Some(rec)
+    }
+
+    /// Live connections first, then closed ones, oldest first within each.
+    pub fn snapshot(&self) -> Vec<ConnectionRecord> {
+        let inner = self.lock();
+        let mut out: Vec<_> = inner.live.values().map(|(r, _)| r.clone()).collect();
+        out.extend(inner.closed.iter().cloned());
+        out
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (single inserts/removes).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> ConnectionRecord {
+        ConnectionRecord {
+            id: 0,
+            direction: Direction::Outbound,
+            source_pod: Some("a.ns".into()),
+            source: "127.0.0.1:40000".parse().unwrap(),
+            original_destination: "10.0.0.2:80".parse().unwrap(),
+            destination: "10.0.0.2:80".parse().unwrap(),
+            destination_pod: None,
+            mode: "passthrough".into(),
+            started_at: SystemTime::now(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: None,
+            open: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn open_then_close_moves_to_history_with_counters() {
+        let t = ConnectionTable::default();
+        let id = t.open(rec());
+        assert_eq!(t.live_count(), 1);
+        assert!(t.snapshot()[0].open);
+        let closed = t.close(id, 5, 7, None).unwrap();
+        assert_eq!(
+            (closed.bytes_sent, closed.bytes_received, closed.open),
+            (5, 7, false)
+        );
+        assert_eq!(t.live_count(), 0);
+        assert_eq!(t.snapshot().len(), 1);
+        assert!(
+            t.close(id, 0, 0, None).is_none(),
+            "closing twice is a no-op"
+        );
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let t = ConnectionTable::default();
+        for _ in 0..HISTORY + 10 {
+            let id = t.open(rec());
+            t.close(id, 0, 0, None);
+        }
+        let snap = t.snapshot();
+        assert_eq!(snap.len(), HISTORY);
+        assert_eq!(snap[0].id, 11, "oldest entries are dropped first");
+    }
+}

@@ -1,0 +1,335 @@
+//! Running the real `mtls-agent` binary against a test bed: its workloads file, its process,
+//! and a small client for its admin API.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{Pod, Testbed};
+
+/// The agent binary: `MTLS_AGENT_BIN`, or `mtls-agent` next to the test executable's
+/// target directory (`cargo xtask test` builds it before the tests run).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MTLS_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/mtls-agent
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("mtls-agent"))
+        .unwrap_or_default();
+    assert!(
+        bin.is_file(),
+        "the agent binary {} is missing: build it with `cargo build -p mtls-agent` \
+         (`cargo xtask test` does) or set MTLS_AGENT_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A pod entry of a workloads file.
+#[derive(Clone, Debug)]
+pub struct WorkloadEntry {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub netns: PathBuf,
+    pub probe_ports: Vec<u16>,
+}
+
+impl WorkloadEntry {
+    /// An entry for a test bed pod, `app: <pod name>` as its label.
+    pub fn of(pod: &Pod, namespace: &str) -> WorkloadEntry {
+        WorkloadEntry {
+            name: pod.name.clone(),
+            namespace: namespace.to_owned(),
+            service_account: pod.name.clone(),
+            labels: vec![("app".into(), pod.name.clone())],
+            ip: pod.ip,
+            node: pod.node.clone(),
+            netns: pod.netns.clone(),
+            probe_ports: vec![],
+        }
+    }
+}
+
+/// A service entry of a workloads file.
+#[derive(Clone, Debug)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Option<Ipv4Addr>,
+    pub selector: Vec<(String, String)>,
+    /// (port, targetPort)
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// A workloads file the test writes and rewrites (atomically, by rename).
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadsFile {
+    pub workloads: Vec<WorkloadEntry>,
+    pub services: Vec<ServiceEntry>,
+}
+
+fn map(pairs: &[(String, String)]) -> String {
+    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+impl WorkloadsFile {
+    pub fn render(&self) -> String {
+        let mut s = String::from("workloads:\n");
+        for w in &self.workloads {
+            let _ = writeln!(s, "- name: {}", w.name);
+            let _ = writeln!(s, "  namespace: {}", w.namespace);
+            let _ = writeln!(s, "  serviceAccount: {}", w.service_account);
+            let _ = writeln!(s, "  labels: {}", map(&w.labels));
+            let _ = writeln!(s, "  ip: {}", w.ip);
+            let _ = writeln!(s, "  node: {}", w.node);
+            let _ = writeln!(s, "  netns: {}", w.netns.display());
+            if !w.probe_ports.is_empty() {
+                let ports: Vec<String> = w.probe_ports.iter().map(u16::to_string).collect();
+                let _ = writeln!(s, "  probePorts: [{}]", ports.join(", "));
+            }
+        }
+        s.push_str("services:\n");
+        for svc in &self.services {
+            let _ = writeln!(s, "- name: {}", svc.name);
+            let _ = writeln!(s, "  namespace: {}", svc.namespace);
+            if let Some(vip) = svc.vip {
+                let _ = writeln!(s, "  vip: {vip}");
+            }
+            let _ = writeln!(s, "  selector: {}", map(&svc.selector));
+            let ports: Vec<String> =
+                svc.ports.iter().map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}")).collect();
+            let _ = writeln!(s, "  ports: [{}]", ports.join(", "));
+        }
+        s
+    }
+
+    /// Writes the file atomically (write + rename), as a config manager would.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.render()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Options for starting an agent for one node of a test bed.
+pub struct AgentOptions {
+    pub node: String,
+    pub workloads: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+/// A running agent process; killed (by its PID) and reaped on drop.
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub bpffs: PathBuf,
+    pub node: String,
+    log: Arc<Mutex<String>>,
+    cmd: Vec<String>,
+}
+
+impl AgentProcess {
+    /// Starts `mtls-agent run` for `node` of `bed` and waits until its admin API answers
+    /// (the node's pods are enrolled by then).
+    pub fn start(bed: &Testbed, opts: AgentOptions) -> Result<AgentProcess> {
+        let admin: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
+        let node = bed.node(&opts.node);
+        let bpffs = bed.bpffs_dir(&opts.node);
+        let mut cmd = vec![
+            "run".to_owned(),
+            "--node".into(),
+            opts.node.clone(),
+            "--cgroup".into(),
+            node.cgroup.display().to_string(),
+            "--workloads".into(),
+            opts.workloads.display().to_string(),
+            "--bpffs".into(),
+            bpffs.display().to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ];
+        cmd.extend(opts.extra_args.iter().cloned());
+        let mut agent = AgentProcess {
+            child: None,
+            admin,
+            bpffs,
+            node: opts.node.clone(),
+            log: Arc::new(Mutex::new(String::new())),
+            cmd,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut child = Command::new(agent_bin())
+            .args(&self.cmd)
+            .env("RUST_LOG", std::env::var("MTLS_TEST_AGENT_LOG").unwrap_or_else(|_| "info,mtls_agent=debug".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting mtls-agent")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let log = self.log.clone();
+        let node = self.node.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MTLS_TEST_ECHO_AGENT").is_some() {
+                    eprintln!("[agent {node}] {line}");
+                }
+                if let Ok(mut l) = log.lock() {
+                    // Bounded: a runaway log cannot eat the test's memory.
+                    if l.len() < 16 << 20 {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            }
+        });
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("mtls-agent exited early ({status}); log:\n{}", self.log());
+                }
+            }
+            if self.get("/healthz").is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mtls-agent not ready after {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (bounded).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("agent log has no {needle:?} after {timeout:?}; log:\n{}", self.log())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent not running")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("mtls-agent ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent again with the same arguments (same bpffs, cgroup, admin port).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+
+    /// GET on the admin API; returns the body of a 200 answer.
+    pub fn get(&self, path: &str) -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+        let mut buf = Vec::new();
+        s.take(64 << 20).read_to_end(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(body.to_owned())
+    }
+
+    /// The agent's connection records (`/connections`).
+    pub fn connections(&self) -> Result<Vec<serde_json::Value>> {
+        let body = self.get("/connections")?;
+        Ok(serde_json::from_str(&body).context("parsing /connections")?)
+    }
+
+    /// Waits until a closed connection record matching `pred` appears (bounded).
+    pub fn wait_connection(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let conns = self.connections()?;
+            if let Some(c) = conns.iter().find(|c| c["open"] == false && pred(c)) {
+                return Ok(c.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("no matching connection record after {timeout:?}; records: {conns:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The pins outlive the agent on purpose; a test bed removes its bpffs directory itself.
+    }
+}
