@@ -22,12 +22,17 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/mtls-agent
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("mtls-agent"))
-        .unwrap_or_default();
+    // A test runs from target/<profile>/deps/, a binary (the demo) from target/<profile>/.
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let bin = [
+        dir.join("mtls-agent"),
+        dir.parent()
+            .map(|d| d.join("mtls-agent"))
+            .unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| dir.join("mtls-agent"));
     assert!(
         bin.is_file(),
         "the agent binary {} is missing: build it with `cargo build -p mtls-agent` \
@@ -113,8 +118,11 @@ impl WorkloadsFile {
                 let _ = writeln!(s, "  vip: {vip}");
             }
             let _ = writeln!(s, "  selector: {}", map(&svc.selector));
-            let ports: Vec<String> =
-                svc.ports.iter().map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}")).collect();
+            let ports: Vec<String> = svc
+                .ports
+                .iter()
+                .map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}"))
+                .collect();
             let _ = writeln!(s, "  ports: [{}]", ports.join(", "));
         }
         s
@@ -123,7 +131,8 @@ impl WorkloadsFile {
     /// Writes the file atomically (write + rename), as a config manager would.
     pub fn write(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.render()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, self.render())
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(())
     }
@@ -182,7 +191,11 @@ impl AgentProcess {
     fn spawn(&mut self) -> Result<()> {
         let mut child = Command::new(agent_bin())
             .args(&self.cmd)
-            .env("RUST_LOG", std::env::var("MTLS_TEST_AGENT_LOG").unwrap_or_else(|_| "info,mtls_agent=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MTLS_TEST_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,mtls_agent=debug,mtls_agent_ebpf=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -193,7 +206,10 @@ impl AgentProcess {
         let node = self.node.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if std::env::var_os("MTLS_TEST_ECHO_AGENT").is_some() {
                     eprintln!("[agent {node}] {line}");
                 }
@@ -222,7 +238,10 @@ impl AgentProcess {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("mtls-agent not ready after {timeout:?}; log:\n{}", self.log());
+                bail!(
+                    "mtls-agent not ready after {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -246,7 +265,10 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("agent log has no {needle:?} after {timeout:?}; log:\n{}", self.log())
+        bail!(
+            "agent log has no {needle:?} after {timeout:?}; log:\n{}",
+            self.log()
+        )
     }
 
     /// SIGKILL, as a crash would.
@@ -287,11 +309,16 @@ impl AgentProcess {
     pub fn get(&self, path: &str) -> Result<String> {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )?;
         let mut buf = Vec::new();
         s.take(64 << 20).read_to_end(&mut buf)?;
         let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP answer")?;
         if !head.starts_with("HTTP/1.1 200") {
             bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
         }
@@ -301,7 +328,7 @@ impl AgentProcess {
     /// The agent's connection records (`/connections`).
     pub fn connections(&self) -> Result<Vec<serde_json::Value>> {
         let body = self.get("/connections")?;
-        Ok(serde_json::from_str(&body).context("parsing /connections")?)
+        serde_json::from_str(&body).context("parsing /connections")
     }
 
     /// Waits until a closed connection record matching `pred` appears (bounded).

@@ -1,0 +1,378 @@
+//! e2e-tool: the small TCP programs the end-to-end tests run inside pods.
+//!
+//! * `echo-server --listen ADDR [--prefix STR] [--idle-timeout-ms MS]`
+//! * `client --connect ADDR --message STR [--count N] [--timeout-ms MS]`
+//! * `sink --connect ADDR --bytes N [--timeout-ms MS]`
+//! * `hold --connect ADDR --seconds S [--timeout-ms MS]`
+//!
+//! Clients print `error: <kind> <detail>` (kind: refused, timeout, reset,
+//! other) on stdout and exit 2 on any failure.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "e2e-tool",
+    about = "TCP helpers for the mtls-agent end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept forever; echo each connection's bytes back, after an optional prefix.
+    EchoServer {
+        #[arg(long)]
+        listen: String,
+        /// Sent once per connection, before the first echoed byte (or at EOF).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// A connection silent for this long is closed (keeps threads bounded).
+        #[arg(long, default_value_t = 30_000)]
+        idle_timeout_ms: u64,
+    },
+    /// N sequential connections: send message, half-close, print the reply.
+    Client {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Local address to bind before connecting (e.g. to pick the client port).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Keep each connection open this long after sending, before half-closing.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Send N bytes, half-close, read to EOF; prints `sent N received M`.
+    Sink {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Connect and keep the connection open for S seconds; prints `connected` then `held`.
+    Hold {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+}
+
+/// A failure reported to the test as `error: <kind> <detail>`.
+struct Failure {
+    kind: &'static str,
+    detail: String,
+}
+
+impl Failure {
+    fn io(what: &str, e: &io::Error) -> Failure {
+        let kind = match e.kind() {
+            ErrorKind::ConnectionRefused => "refused",
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                "reset"
+            }
+            _ => "other",
+        };
+        Failure {
+            kind,
+            detail: format!("{what}: {e}"),
+        }
+    }
+
+    fn timeout(what: &str) -> Failure {
+        Failure {
+            kind: "timeout",
+            detail: what.to_owned(),
+        }
+    }
+
+    fn other(detail: String) -> Failure {
+        Failure {
+            kind: "other",
+            detail,
+        }
+    }
+}
+
+type Outcome<T> = Result<T, Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::EchoServer {
+            listen,
+            prefix,
+            idle_timeout_ms,
+        } => echo_server(&listen, prefix, Duration::from_millis(idle_timeout_ms)),
+        Cmd::Client {
+            connect,
+            message,
+            count,
+            timeout_ms,
+            bind,
+            hold_ms,
+        } => bind.as_deref().map(resolve).transpose().and_then(|bind| {
+            let opts = ClientOptions {
+                count,
+                timeout: Duration::from_millis(timeout_ms),
+                bind,
+                hold: Duration::from_millis(hold_ms),
+            };
+            client(&connect, &message, opts)
+        }),
+        Cmd::Sink {
+            connect,
+            bytes,
+            timeout_ms,
+        } => sink(&connect, bytes, Duration::from_millis(timeout_ms)),
+        Cmd::Hold {
+            connect,
+            seconds,
+            timeout_ms,
+        } => hold(
+            &connect,
+            Duration::from_secs(seconds),
+            Duration::from_millis(timeout_ms),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            say(&format!("error: {} {}", f.kind, f.detail));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints one line and flushes, so tests waiting on stdout see it at once.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    // Nothing useful to do if our stdout is gone.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn resolve(addr: &str) -> Outcome<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| Failure::other(format!("bad address {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Failure::other(format!("address {addr} resolves to nothing")))
+}
+
+fn echo_server(listen: &str, prefix: Option<String>, idle: Duration) -> Outcome<()> {
+    let addr = resolve(listen)?;
+    let listener = TcpListener::bind(addr).map_err(|e| Failure::io("bind", &e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Failure::io("local_addr", &e))?;
+    say(&format!("listening {local}"));
+    loop {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                say(&format!("accepted {peer}"));
+                let prefix = prefix.clone();
+                // One thread per connection; each is bounded by the idle timeout.
+                let spawned = std::thread::Builder::new()
+                    .name("echo".into())
+                    .spawn(move || {
+                        if let Err(e) = echo_connection(conn, prefix.as_deref(), idle) {
+                            eprintln!("echo: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("echo: cannot spawn thread: {e}");
+                }
+            }
+            Err(e) => {
+                eprintln!("accept: {e}");
+                // Avoid a hot loop on persistent errors such as EMFILE.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn echo_connection(mut conn: TcpStream, prefix: Option<&str>, idle: Duration) -> io::Result<()> {
+    conn.set_read_timeout(Some(idle))?;
+    conn.set_write_timeout(Some(idle))?;
+    let mut pending_prefix = prefix.map(str::as_bytes);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(p) = pending_prefix.take() {
+            conn.write_all(p)?;
+        }
+        if n == 0 {
+            // Peer half-closed: everything is echoed, so close our side too.
+            conn.flush()?;
+            return conn.shutdown(Shutdown::Write);
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+/// Connects with the deadline, and arms socket timeouts for the rest.
+fn connect(addr: SocketAddr, deadline: Instant) -> Outcome<TcpStream> {
+    let left = remaining(deadline).ok_or_else(|| Failure::timeout("before connect"))?;
+    let stream = TcpStream::connect_timeout(&addr, left).map_err(|e| Failure::io("connect", &e))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Reads to EOF, never past `deadline`.
+fn read_to_end(stream: &mut TcpStream, deadline: Instant, out: &mut Vec<u8>) -> Outcome<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = remaining(deadline).ok_or_else(|| Failure::timeout("waiting for reply"))?;
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| Failure::io("set timeout", &e))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failure::io("read", &e)),
+        }
+    }
+}
+
+fn write_all(stream: &mut TcpStream, data: &[u8], deadline: Instant) -> Outcome<()> {
+    let left = remaining(deadline).ok_or_else(|| Failure::timeout("before write"))?;
+    stream
+        .set_write_timeout(Some(left))
+        .map_err(|e| Failure::io("set timeout", &e))?;
+    stream.write_all(data).map_err(|e| Failure::io("write", &e))
+}
+
+/// Options of `client` beyond the address and message.
+struct ClientOptions {
+    count: u32,
+    timeout: Duration,
+    bind: Option<SocketAddr>,
+    hold: Duration,
+}
+
+/// Like `connect`, but from a chosen local address.
+fn connect_from(local: SocketAddr, addr: SocketAddr, deadline: Instant) -> Outcome<TcpStream> {
+    let left = remaining(deadline).ok_or_else(|| Failure::timeout("before connect"))?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| Failure::io("socket", &e))?;
+    sock.set_reuse_address(true)
+        .map_err(|e| Failure::io("setsockopt", &e))?;
+    sock.bind(&local.into())
+        .map_err(|e| Failure::io("bind", &e))?;
+    sock.connect_timeout(&addr.into(), left)
+        .map_err(|e| Failure::io("connect", &e))?;
+    let stream: TcpStream = sock.into();
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+fn client(addr: &str, message: &str, opts: ClientOptions) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    for _ in 0..opts.count {
+        let deadline = Instant::now() + opts.timeout + opts.hold;
+        let mut stream = match opts.bind {
+            Some(local) => connect_from(local, addr, deadline)?,
+            None => connect(addr, deadline)?,
+        };
+        write_all(&mut stream, message.as_bytes(), deadline)?;
+        std::thread::sleep(opts.hold);
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| Failure::io("shutdown", &e))?;
+        let mut reply = Vec::new();
+        read_to_end(&mut stream, deadline, &mut reply)?;
+        // One line per connection: escape embedded line breaks.
+        let text = String::from_utf8_lossy(&reply)
+            .replace('\\', "\\\\")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r");
+        say(&text);
+    }
+    Ok(())
+}
+
+fn sink(addr: &str, bytes: u64, timeout: Duration) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = connect(addr, deadline)?;
+    // Read the echo (if any) concurrently so neither side blocks on full buffers.
+    let mut reader = stream.try_clone().map_err(|e| Failure::io("clone", &e))?;
+    let counter = std::thread::spawn(move || -> Outcome<u64> {
+        let mut received = Vec::new();
+        read_to_end(&mut reader, deadline, &mut received)?;
+        Ok(received.len() as u64)
+    });
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        write_all(&mut stream, &chunk[..n], deadline)?;
+        sent += n as u64;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| Failure::io("shutdown", &e))?;
+    let received = counter
+        .join()
+        .map_err(|_| Failure::other("reader thread panicked".into()))??;
+    say(&format!("sent {sent} received {received}"));
+    Ok(())
+}
+
+fn hold(addr: &str, hold_for: Duration, timeout: Duration) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let stream = connect(addr, Instant::now() + timeout)?;
+    say("connected");
+    let until = Instant::now() + hold_for;
+    // Watch for the peer closing early while we hold.
+    let mut probe = [0u8; 1];
+    while let Some(left) = remaining(until) {
+        stream
+            .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+            .map_err(|e| Failure::io("set timeout", &e))?;
+        match stream.peek(&mut probe) {
+            Ok(0) => return Err(Failure::other("peer closed while holding".into())),
+            // Data from the peer is fine; sleep a little so we don't spin on it.
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Failure::io("hold", &e)),
+        }
+    }
+    say("held");
+    Ok(())
+}
