@@ -19,6 +19,23 @@ fn e2e_tool() -> std::path::PathBuf {
     testbed::e2e_tool!()
 }
 
+/// Waits for a closed outbound (captured) connection record matching `pred`.
+trait WaitOutbound {
+    fn wait_outbound(&self, pred: impl Fn(&serde_json::Value) -> bool)
+        -> Result<serde_json::Value>;
+}
+
+impl WaitOutbound for AgentProcess {
+    fn wait_outbound(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        self.wait_connection(Duration::from_secs(5), |c| {
+            c["direction"] == "outbound" && pred(c)
+        })
+    }
+}
+
 /// How many lines of a process's output so far contain `needle`.
 fn lines_matching(p: &PodProcess, needle: &str) -> usize {
     p.stdout().lines().filter(|l| l.contains(needle)).count()
@@ -55,14 +72,7 @@ impl Scenario {
         for s in servers {
             procs.push(echo_server(&bed, s, ECHO_PORT)?);
         }
-        let agent = AgentProcess::start(
-            &bed,
-            AgentOptions {
-                node: "node1".into(),
-                workloads: workloads_path.clone(),
-                extra_args: vec![],
-            },
-        )?;
+        let agent = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads_path))?;
         Ok(Scenario {
             servers: procs,
             agent,
@@ -132,9 +142,9 @@ fn captured_by_pod_ip_and_by_service_vip() -> Result<()> {
     )?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-by-ip");
-    let rec = s.agent.wait_connection(Duration::from_secs(5), |c| {
-        c["originalDestination"] == dst.as_str()
-    })?;
+    let rec = s
+        .agent
+        .wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
     assert_eq!(rec["sourcePod"], format!("a.{NS}"));
     assert_eq!(rec["destinationPod"], format!("b.{NS}"));
     assert_eq!(rec["bytesSent"], "hello-by-ip".len());
@@ -156,9 +166,9 @@ fn captured_by_pod_ip_and_by_service_vip() -> Result<()> {
     )?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-by-vip");
-    let rec = s.agent.wait_connection(Duration::from_secs(5), |c| {
-        c["originalDestination"] == vip_dst.as_str()
-    })?;
+    let rec = s
+        .agent
+        .wait_outbound(|c| c["originalDestination"] == vip_dst.as_str())?;
     assert_eq!(
         rec["destination"],
         dst.as_str(),
@@ -174,9 +184,8 @@ fn captured_by_pod_ip_and_by_service_vip() -> Result<()> {
     )?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-v6");
-    s.agent.wait_connection(Duration::from_secs(5), |c| {
-        c["bytesSent"] == "hello-v6".len()
-    })?;
+    s.agent
+        .wait_outbound(|c| c["bytesSent"] == "hello-v6".len())?;
     s.agent
         .wait_log("captured connect6 to port 8080", Duration::from_secs(2))?;
     // aya-log carries the programs' own log lines into the agent's log.
@@ -246,14 +255,17 @@ fn a_pod_that_is_not_enrolled_is_not_captured() -> Result<()> {
     // An enrolled pod's connection right after is recorded; the outsider's never was.
     let (_, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "via-agent"])?;
     assert!(ok);
-    s.agent.wait_connection(Duration::from_secs(5), |c| {
-        c["sourcePod"] == format!("a.{NS}").as_str()
-    })?;
+    s.agent
+        .wait_outbound(|c| c["sourcePod"] == format!("a.{NS}").as_str())?;
     let conns = s.agent.connections()?;
+    let outbound: Vec<_> = conns
+        .iter()
+        .filter(|c| c["direction"] == "outbound")
+        .collect();
     assert_eq!(
-        conns.len(),
+        outbound.len(),
         1,
-        "only the enrolled pod's connection is recorded: {conns:#?}"
+        "only the enrolled pod's connection is captured: {conns:#?}"
     );
     Ok(())
 }
@@ -299,9 +311,8 @@ fn fails_closed_while_the_agent_is_down_and_recovers_after_restart() -> Result<(
     s.agent.restart()?;
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "after"])?;
     assert!(ok && out.trim() == "b:after", "{out}");
-    s.agent.wait_connection(Duration::from_secs(5), |c| {
-        c["originalDestination"] == dst.as_str()
-    })?;
+    s.agent
+        .wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
     Ok(())
 }
 
@@ -345,8 +356,7 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
         .wait_log("enrolled pod=a.shop", Duration::from_secs(1))?;
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "y"])?;
     assert!(ok && out.trim() == "b:y", "{out}");
-    s.agent
-        .wait_connection(Duration::from_secs(5), |c| c["sourcePod"] == "a.shop")?;
+    s.agent.wait_outbound(|c| c["sourcePod"] == "a.shop")?;
 
     s.file.workloads.retain(|w| w.name != "a");
     s.file.write(&s.workloads_path)?;

@@ -2,6 +2,8 @@
 //!
 //! - `GET /connections`: live and recently closed connections (JSON);
 //! - `GET /workloads`: the workloads and services in force (JSON);
+//! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
+//! - `GET /stats`: tunnel counters (handshakes, streams, failures);
 //! - `GET /healthz`: liveness.
 
 use std::{convert::Infallible, sync::Arc};
@@ -13,16 +15,49 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{tunnel::ConnectionTable, workloads::WorkloadSet};
+use crate::tunnel::Mesh;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub node: String,
-    pub conns: ConnectionTable,
-    pub workloads: watch::Receiver<Arc<WorkloadSet>>,
+    pub mesh: Arc<Mesh>,
+}
+
+/// A workload certificate as the admin API shows it (never the key).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertView {
+    workload: String,
+    identity: String,
+    serial: String,
+    not_before: String,
+    not_after: String,
+    next_renewal: String,
+    renewal_failures: u32,
+    last_error: Option<String>,
+}
+
+fn certs(state: &AdminState) -> Vec<CertView> {
+    let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
+    state
+        .mesh
+        .certs
+        .list()
+        .into_iter()
+        .map(|c| CertView {
+            workload: c.workload,
+            identity: c.identity.to_string(),
+            serial: c.serial,
+            not_before: t(c.not_before),
+            not_after: t(c.not_after),
+            next_renewal: t(c.next_renewal),
+            renewal_failures: c.renewal_failures,
+            last_error: c.last_error,
+        })
+        .collect()
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState) {
@@ -51,12 +86,14 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match req.uri().path() {
-        "/connections" => json(&state.conns.snapshot()),
-        "/workloads" => json(&**state.workloads.borrow()),
+        "/connections" => json(&state.mesh.conns.snapshot()),
+        "/workloads" => json(&**state.mesh.workloads.borrow()),
+        "/certs" => json(&certs(state)),
+        "/stats" => json(&state.mesh.stats()),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /connections, /workloads, /healthz\n",
+            "not found: try /connections, /workloads, /certs, /stats, /healthz\n",
         ),
     }
 }

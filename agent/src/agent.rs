@@ -17,10 +17,13 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     capture::{Capture, CaptureConfig, OrigDstMap},
+    identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
     tunnel::{
+        hbone::{self, HBONE_PORT},
+        inbound::{self, InboundContext},
         outbound::{self, OutboundContext},
-        ConnectionTable,
+        ConnectionTable, Mesh,
     },
     workloads::{Workload, WorkloadSet},
 };
@@ -36,6 +39,9 @@ pub struct AgentConfig {
     pub workloads: PathBuf,
     pub bpffs: PathBuf,
     pub admin: SocketAddr,
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    pub cert_ttl: Duration,
 }
 
 /// A pod this agent has enrolled: its namespace and the tasks serving its listeners.
@@ -58,7 +64,8 @@ struct Agent {
     cfg: AgentConfig,
     capture: Capture,
     orig_dst: Arc<OrigDstMap>,
-    conns: ConnectionTable,
+    signer: Arc<CaSigner>,
+    mesh: Arc<Mesh>,
     workloads_tx: watch::Sender<Arc<WorkloadSet>>,
     pods: BTreeMap<String, EnrolledPod>,
     next_endpoint: Arc<AtomicUsize>,
@@ -68,6 +75,9 @@ struct Agent {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let initial = WorkloadSet::load(&cfg.workloads, &cfg.node)
         .with_context(|| format!("loading {}", cfg.workloads.display()))?;
+    identity::validate_trust_domain(&cfg.trust_domain)?;
+    let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
+    let certs = Arc::new(CertStore::new());
     let mut capture = Capture::load(&CaptureConfig {
         bpffs: cfg.bpffs.clone(),
         cgroup: cfg.cgroup.clone(),
@@ -81,13 +91,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .context("ORIG_DST map already taken")?,
     );
     let (workloads_tx, workloads_rx) = watch::channel(Arc::new(initial));
-    let conns = ConnectionTable::default();
+    let mesh = Arc::new(Mesh {
+        trust_domain: cfg.trust_domain.clone(),
+        trust: Arc::new(signer.trust_bundle().clone()),
+        certs: certs.clone(),
+        pool: hbone::Pool::new(hbone::PoolConfig::default()),
+        conns: ConnectionTable::default(),
+        workloads: workloads_rx,
+        stats: Default::default(),
+    });
+    let issuer: Arc<dyn CertIssuer> = signer.clone();
+    tokio::spawn(identity::run_renewals(certs, issuer, cfg.cert_ttl));
 
     let mut agent = Agent {
         cfg: cfg.clone(),
         capture,
         orig_dst,
-        conns: conns.clone(),
+        signer,
+        mesh: mesh.clone(),
         workloads_tx,
         pods: BTreeMap::new(),
         next_endpoint: Arc::new(AtomicUsize::new(0)),
@@ -100,8 +121,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(addr = %admin_listener.local_addr()?, "admin API listening");
     let admin_state = admin::AdminState {
         node: cfg.node.clone(),
-        conns,
-        workloads: workloads_rx,
+        mesh,
     };
     tokio::spawn(admin::serve(admin_listener, admin_state));
 
@@ -154,6 +174,8 @@ impl Agent {
                 if let Err(e) = self.capture.release(pod.netns.cookie()) {
                     warn!(pod = %key, "releasing: {e}");
                 }
+                // The pod's key leaves memory with its certificate.
+                self.mesh.certs.remove(&key);
                 info!(pod = %key, "released");
             }
         }
@@ -188,13 +210,17 @@ impl Agent {
     fn enroll(&mut self, w: &Workload) -> anyhow::Result<EnrolledPod> {
         let path = w.netns.as_deref().context("no netns for this pod")?;
         let netns = PodNetns::open(path)?;
+        // The certificate exists before any listener does, so the first connection waits for
+        // nothing.
+        let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)?;
+        let cert = self.signer.issue(&id, self.cfg.cert_ttl)?;
+        self.mesh.certs.insert(w.key(), cert);
         let mut tasks = Vec::new();
         let ctx = Arc::new(OutboundContext {
             pod: w.key(),
             netns: netns.clone(),
             orig_dst: self.orig_dst.clone(),
-            workloads: self.workloads_tx.subscribe(),
-            conns: self.conns.clone(),
+            mesh: self.mesh.clone(),
             next_endpoint: self.next_endpoint.clone(),
         });
         let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
@@ -212,6 +238,17 @@ impl Agent {
             // A pod without IPv6 loopback still gets IPv4 capture.
             Err(e) => warn!(pod = %w.key(), "no IPv6 outbound listener: {e}"),
         }
+        let tunnel = netns.listen(SocketAddr::new(w.ip, HBONE_PORT), LISTEN_BACKLOG)?;
+        let ictx = Arc::new(InboundContext::new(
+            w.key(),
+            w.ip,
+            netns.clone(),
+            self.mesh.clone(),
+        ));
+        tasks.push(tokio::spawn(inbound::serve(
+            TcpListener::from_std(tunnel)?,
+            ictx,
+        )));
         // Only now that the listeners exist may connect()s be redirected to them.
         self.capture.enroll(netns.cookie())?;
         Ok(EnrolledPod {

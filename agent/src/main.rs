@@ -4,7 +4,8 @@ use clap::Parser;
 use mtls_agent::{
     agent::{self, AgentConfig},
     capture,
-    cli::{default_bpffs, Cli, Command, LogFormat},
+    cli::{default_bpffs, CaCommand, Cli, Command, LogFormat},
+    identity,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -37,11 +38,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cgroup: args.cgroup,
                 workloads: args.workloads,
                 admin: args.admin,
+                ca_dir: args.ca_dir,
+                trust_domain: args.trust_domain,
+                cert_ttl: args.cert_ttl,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(agent::run(cfg))
+        }
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
+            let ca = identity::init_ca(&dir, &trust_domain)?;
+            eprintln!(
+                "mtls-agent: wrote a new root CA for trust domain {trust_domain} in {} (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
+                ca.dir().display()
+            );
+            Ok(())
         }
         Command::Uninstall { node, bpffs } => {
             let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));

@@ -93,14 +93,7 @@ fn run() -> Result<()> {
     println!("\nworkloads.yaml:\n{}", indent(&file.render()));
 
     step("starting mtls-agent for node1 (eBPF connect4/connect6 + sock_ops on the node's cgroup)");
-    let mut agent = AgentProcess::start(
-        &bed,
-        AgentOptions {
-            node: "node1".into(),
-            workloads: workloads.clone(),
-            extra_args: vec![],
-        },
-    )?;
+    let mut agent = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads))?;
     println!(
         "  admin API on {}; programs and maps pinned under {}",
         agent.admin,

@@ -138,11 +138,60 @@ impl WorkloadsFile {
     }
 }
 
+/// A CA directory made by `mtls-agent ca init`, removed on drop.
+pub struct CaDir {
+    pub path: PathBuf,
+}
+
+impl CaDir {
+    /// A fresh root CA for `trust_domain` in a unique temporary directory.
+    pub fn init(label: &str, trust_domain: &str) -> Result<CaDir> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("mtls-test-ca-{}-{n}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let out = Command::new(agent_bin())
+            .args(["ca", "init", "--dir"])
+            .arg(&path)
+            .args(["--trust-domain", trust_domain])
+            .output()
+            .context("running mtls-agent ca init")?;
+        let ca = CaDir { path };
+        if !out.status.success() {
+            bail!(
+                "mtls-agent ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(ca)
+    }
+}
+
+impl Drop for CaDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Options for starting an agent for one node of a test bed.
 pub struct AgentOptions {
     pub node: String,
     pub workloads: PathBuf,
+    /// The CA to sign with; `None` makes a fresh one for this agent alone.
+    pub ca_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
+}
+
+impl AgentOptions {
+    pub fn new(node: &str, workloads: &Path) -> AgentOptions {
+        AgentOptions {
+            node: node.into(),
+            workloads: workloads.to_owned(),
+            ca_dir: None,
+            extra_args: vec![],
+        }
+    }
 }
 
 /// A running agent process; killed (by its PID) and reaped on drop.
@@ -153,6 +202,7 @@ pub struct AgentProcess {
     pub node: String,
     log: Arc<Mutex<String>>,
     cmd: Vec<String>,
+    _own_ca: Option<CaDir>,
 }
 
 impl AgentProcess {
@@ -162,6 +212,15 @@ impl AgentProcess {
         let admin: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let node = bed.node(&opts.node);
         let bpffs = bed.bpffs_dir(&opts.node);
+        let own_ca = match opts.ca_dir {
+            Some(_) => None,
+            None => Some(CaDir::init(&opts.node, "cluster.local")?),
+        };
+        let ca_dir = opts
+            .ca_dir
+            .clone()
+            .or_else(|| own_ca.as_ref().map(|c| c.path.clone()))
+            .unwrap_or_default();
         let mut cmd = vec![
             "run".to_owned(),
             "--node".into(),
@@ -174,6 +233,8 @@ impl AgentProcess {
             bpffs.display().to_string(),
             "--admin".into(),
             admin.to_string(),
+            "--ca-dir".into(),
+            ca_dir.display().to_string(),
         ];
         cmd.extend(opts.extra_args.iter().cloned());
         let mut agent = AgentProcess {
@@ -183,6 +244,7 @@ impl AgentProcess {
             node: opts.node.clone(),
             log: Arc::new(Mutex::new(String::new())),
             cmd,
+            _own_ca: own_ca,
         };
         agent.spawn()?;
         Ok(agent)
@@ -323,6 +385,18 @@ impl AgentProcess {
             bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
         }
         Ok(body.to_owned())
+    }
+
+    /// The agent's counters (`/stats`).
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let body = self.get("/stats")?;
+        serde_json::from_str(&body).context("parsing /stats")
+    }
+
+    /// The agent's workload certificates (`/certs`).
+    pub fn certs(&self) -> Result<Vec<serde_json::Value>> {
+        let body = self.get("/certs")?;
+        serde_json::from_str(&body).context("parsing /certs")
     }
 
     /// The agent's connection records (`/connections`).

@@ -221,11 +221,50 @@ fn test(extra: &[String]) -> Result<()> {
         c.args(["build", "--quiet", "--workspace", "--bins"]);
         c
     })?;
-    run({
-        let mut c = cargo(None);
-        c.args(["test", "--workspace"]).args(extra);
-        c
-    })
+    let mut c = cargo(None);
+    c.args(["test", "--workspace"]).args(extra);
+    run_tests_with_summary(c)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one summary line over all test
+/// binaries (`tests: N passed, N failed, N skipped`), so the total is visible at the end.
+fn run_tests_with_summary(mut c: Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{c:?}");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {shown}"))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(label)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+            ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -37,8 +37,14 @@ pub struct ConnectionRecord {
     /// The endpoint actually dialled (a VIP resolved to a pod).
     pub destination: SocketAddr,
     pub destination_pod: Option<String>,
-    /// `passthrough` (plain TCP) until the tunnel carries it in mTLS.
+    /// `mTLS` (HBONE over mutual TLS) or `passthrough` (plain TCP).
     pub mode: String,
+    /// SPIFFE id of this side (the local pod's certificate), when in mTLS.
+    pub local_identity: Option<String>,
+    /// SPIFFE id the other side proved in the handshake.
+    pub peer_identity: Option<String>,
+    /// TLS version and cipher suite, or `PLAINTEXT`.
+    pub tls: String,
     pub started_at: SystemTime,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -124,6 +130,9 @@ mod tests {
             destination: "10.0.0.2:80".parse().unwrap(),
             destination_pod: None,
             mode: "passthrough".into(),
+            local_identity: None,
+            peer_identity: None,
+            tls: "PLAINTEXT".into(),
             started_at: SystemTime::now(),
             bytes_sent: 0,
             bytes_received: 0,

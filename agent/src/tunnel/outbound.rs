@@ -11,17 +11,28 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use rustls_pki_types::ServerName;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::watch,
 };
+use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::connections::{ConnectionRecord, ConnectionTable, Direction};
-use crate::{capture::OrigDstMap, inpod::PodNetns, workloads::WorkloadSet};
+use super::{
+    connections::{ConnectionRecord, Direction},
+    hbone::{self, HBONE_PORT},
+    Mesh, PoolKey,
+};
+use crate::{
+    capture::OrigDstMap,
+    identity::{self, SpiffeId, WorkloadCert},
+    inpod::PodNetns,
+    workloads::WorkloadSet,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BUFFER: usize = 64 * 1024;
 
 /// What an outbound listener of one pod needs.
@@ -30,8 +41,7 @@ pub struct OutboundContext {
     pub pod: String,
     pub netns: PodNetns,
     pub orig_dst: Arc<OrigDstMap>,
-    pub workloads: watch::Receiver<Arc<WorkloadSet>>,
-    pub conns: ConnectionTable,
+    pub mesh: Arc<Mesh>,
     /// Round-robin position over service endpoints.
     pub next_endpoint: Arc<AtomicUsize>,
 }
@@ -85,19 +95,52 @@ pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
     }
 }
 
+/// How a connection is carried.
+enum Carry {
+    /// HBONE over mutual TLS, from this pod's identity to the destination's.
+    Mtls {
+        cert: Arc<WorkloadCert>,
+        expected: SpiffeId,
+    },
+    Plaintext,
+}
+
 async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAddr) {
     let Some(orig) = ctx.orig_dst.lookup(ctx.netns.cookie(), peer) else {
         // Not a captured connection (someone dialled 15001 directly): nothing to relay to.
         warn!(pod = %ctx.pod, client = %peer, "rejected: no original destination recorded for this connection");
         return;
     };
-    let ws = ctx.workloads.borrow().clone();
+    let ws = ctx.mesh.workloads.borrow().clone();
     let route = match route(&ws, orig, &ctx.next_endpoint) {
         Ok(r) => r,
         Err(e) => {
             warn!(pod = %ctx.pod, client = %peer, original_dst = %orig, "rejected: {e}");
             return;
         }
+    };
+    // Tunnel iff the destination is a workload of the mesh.
+    let carry = match ws
+        .by_ip(route.dst.ip())
+        .and_then(|w| ctx.mesh.identity_of(w))
+    {
+        Some(expected) => match ctx.mesh.certs.get(&ctx.pod) {
+            Some(cert) => Carry::Mtls { cert, expected },
+            None => {
+                warn!(pod = %ctx.pod, dst = %route.dst, "rejected: this pod has no certificate");
+                return;
+            }
+        },
+        None => Carry::Plaintext,
+    };
+    let (mode, local_identity, peer_identity, tls) = match &carry {
+        Carry::Mtls { cert, expected } => (
+            "mTLS",
+            Some(cert.spiffe_id().to_string()),
+            Some(expected.to_string()),
+            "TLSv1.3 (HBONE)".to_owned(),
+        ),
+        Carry::Plaintext => ("passthrough", None, None, "PLAINTEXT".to_owned()),
     };
     let rec = ConnectionRecord {
         id: 0,
@@ -107,7 +150,10 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         original_destination: orig,
         destination: route.dst,
         destination_pod: route.dst_pod.clone(),
-        mode: "passthrough".into(),
+        mode: mode.into(),
+        local_identity,
+        peer_identity: peer_identity.clone(),
+        tls,
         started_at: SystemTime::now(),
         bytes_sent: 0,
         bytes_received: 0,
@@ -115,19 +161,40 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         open: true,
         error: None,
     };
-    let id = ctx.conns.open(rec);
-    let result = relay(&ctx, &mut client, route.dst).await;
-    let (sent, received, error) = match result {
-        Ok((s, r)) => (s, r, None),
-        Err(e) => (0, 0, Some(e.to_string())),
+    let id = ctx.mesh.conns.open(rec);
+    let result = match carry {
+        Carry::Mtls { cert, expected } => {
+            relay_mtls(&ctx, &mut client, route.dst, cert, expected).await
+        }
+        Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst).await,
     };
-    if let Some(done) = ctx.conns.close(id, sent, received, error.clone()) {
+    let (sent, received, error) = match result {
+        Ok(t) => (t.sent, t.received, t.error),
+        Err(e) => {
+            ctx.mesh
+                .stats
+                .outbound_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                src_pod = %ctx.pod,
+                original_dst = %orig,
+                dst = %route.dst,
+                "rejected: {e}"
+            );
+            // Tell the app at once, as a refused dial would: a reset, not a hang.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            (0, 0, Some(e.to_string()))
+        }
+    };
+    if let Some(done) = ctx.mesh.conns.close(id, sent, received, error.clone()) {
         info!(
             src_pod = %ctx.pod,
             src = %peer,
             original_dst = %orig,
             dst = %route.dst,
             dst_pod = route.dst_pod.as_deref().unwrap_or("-"),
+            mode,
+            peer_identity = peer_identity.as_deref().unwrap_or("-"),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = done.duration_ms.unwrap_or_default(),
@@ -137,8 +204,15 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     }
 }
 
+/// Byte counts of a finished relay; `error` when it ended abnormally after it started.
+struct Transfer {
+    sent: u64,
+    received: u64,
+    error: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
-enum RelayError {
+enum OutboundError {
     #[error("creating the upstream socket: {0}")]
     Socket(#[from] crate::inpod::InpodError),
     #[error("connecting to {dst}: {source}")]
@@ -148,35 +222,96 @@ enum RelayError {
     },
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(SocketAddr),
-    #[error("relaying: {0}")]
-    Relay(std::io::Error),
+    #[error("TLS to {dst}: {reason}")]
+    Tls { dst: SocketAddr, reason: String },
+    #[error("TLS to {0}: handshake timed out")]
+    TlsTimeout(SocketAddr),
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("HBONE tunnel: {0}")]
+    Hbone(#[from] hbone::HboneError),
     #[error("in-pod worker: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
-async fn relay(
+/// A TCP connection to `dst` from inside the pod (marked, so capture leaves it alone).
+async fn dial_from_pod(netns: &PodNetns, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
+    let netns = netns.clone();
+    let socket = tokio::task::spawn_blocking(move || netns.dial_socket(dst)).await??;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(OutboundError::Connect { dst, source }),
+        Err(_) => Err(OutboundError::ConnectTimeout(dst)),
+    }
+}
+
+async fn relay_plain(
     ctx: &OutboundContext,
     client: &mut TcpStream,
     dst: SocketAddr,
-) -> Result<(u64, u64), RelayError> {
-    let netns = ctx.netns.clone();
-    let socket = tokio::task::spawn_blocking(move || netns.dial_socket(dst)).await??;
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            // Tell the client the truth quickly: a reset, as if it had dialled directly.
-            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
-            return Err(RelayError::Connect { dst, source });
-        }
-        Err(_) => return Err(RelayError::ConnectTimeout(dst)),
-    };
-    debug!(pod = %ctx.pod, %dst, "upstream connected");
+) -> Result<Transfer, OutboundError> {
+    let mut upstream = dial_from_pod(&ctx.netns, dst).await?;
+    debug!(pod = %ctx.pod, %dst, "upstream connected (plaintext)");
     let res =
         tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER)
-            .await
-            .map_err(RelayError::Relay);
+            .await;
     let _ = upstream.shutdown().await;
-    res
+    Ok(match res {
+        Ok((sent, received)) => Transfer {
+            sent,
+            received,
+            error: None,
+        },
+        Err(e) => Transfer {
+            sent: 0,
+            received: 0,
+            error: Some(e.to_string()),
+        },
+    })
+}
+
+async fn relay_mtls(
+    ctx: &OutboundContext,
+    client: &mut TcpStream,
+    dst: SocketAddr,
+    cert: Arc<WorkloadCert>,
+    expected: SpiffeId,
+) -> Result<Transfer, OutboundError> {
+    let key = PoolKey {
+        src: cert.spiffe_id().clone(),
+        dst: expected.clone(),
+        dst_ip: dst.ip(),
+    };
+    let netns = ctx.netns.clone();
+    let trust = ctx.mesh.trust.clone();
+    let connect = move || async move {
+        let addr = SocketAddr::new(dst.ip(), HBONE_PORT);
+        let tcp = dial_from_pod(&netns, addr).await?;
+        let cfg = identity::client_config(&cert, &trust, &expected)?;
+        // The verifier checks the SPIFFE id, never a DNS name; the name only fills the API.
+        let name = ServerName::IpAddress(dst.ip().into());
+        match tokio::time::timeout(
+            TLS_HANDSHAKE_TIMEOUT,
+            TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => Err(OutboundError::Tls {
+                dst: addr,
+                reason: identity::describe_io_error(&e),
+            }),
+            Err(_) => Err(OutboundError::TlsTimeout(addr)),
+        }
+    };
+    let mut tunnel = ctx.mesh.pool.stream(key, dst, connect).await?;
+    debug!(pod = %ctx.pod, %dst, "HBONE stream open");
+    let r = hbone::relay(&mut tunnel, client, RELAY_BUFFER).await;
+    Ok(Transfer {
+        sent: r.to_tunnel,
+        received: r.from_tunnel,
+        error: r.error.map(|e| e.to_string()),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,246 @@
+//! Inbound: serves a pod's `podIP:15008` listener. Terminates mutual TLS with the pod's own
+//! certificate (the client must present a certificate that chains to the trust bundle and
+//! carries a SPIFFE id of this trust domain), then serves HBONE: each `CONNECT podIP:port` is
+//! relayed to that port inside the pod's network namespace.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use mtls_agent_ebpf::OUTBOUND_PORT;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    connections::{ConnectionRecord, Direction},
+    hbone::{self, Accepted, Refusal, HBONE_PORT},
+    Mesh,
+};
+use crate::{identity, inpod::PodNetns};
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the inbound listener of one pod needs.
+pub struct InboundContext {
+    /// `name.namespace` of the pod.
+    pub pod: String,
+    pub pod_ip: IpAddr,
+    pub netns: PodNetns,
+    pub mesh: Arc<Mesh>,
+    /// The TLS configuration for the pod's current certificate, rebuilt when it is renewed.
+    tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+}
+
+impl InboundContext {
+    pub fn new(pod: String, pod_ip: IpAddr, netns: PodNetns, mesh: Arc<Mesh>) -> InboundContext {
+        InboundContext {
+            pod,
+            pod_ip,
+            netns,
+            mesh,
+            tls: Mutex::new(None),
+        }
+    }
+
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let cert = self
+            .mesh
+            .certs
+            .get(&self.pod)
+            .ok_or("this pod has no certificate")?;
+        let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((serial, cfg)) = cached.as_ref() {
+            if serial == cert.serial() {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = identity::server_config(&cert, &self.mesh.trust, &self.mesh.trust_domain)
+            .map_err(|e| e.to_string())?;
+        *cached = Some((cert.serial().to_owned(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// Accepts tunnel connections until the listener is dropped (the task is aborted).
+pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(ctx, stream, peer).await });
+            }
+            Err(e) => {
+                warn!(pod = %ctx.pod, "accept on inbound listener: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
+    let stats = &ctx.mesh.stats;
+    let cfg = match ctx.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(pod = %ctx.pod, client = %peer, "rejected: {e}");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            stats
+                .inbound_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, client = %peer, reason = %identity::describe_io_error(&e), "rejected: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            stats
+                .inbound_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, client = %peer, reason = "handshake timed out", "rejected: TLS handshake failed");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let peer_id = match identity::peer_identity(session.peer_certificates().unwrap_or_default()) {
+        Ok(id) => id.to_string(),
+        Err(e) => {
+            // The verifier already insisted on one SPIFFE id; this is a belt-and-braces check.
+            stats
+                .inbound_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, client = %peer, "rejected: {e}");
+            return;
+        }
+    };
+    let tls_desc = format!(
+        "{} {}",
+        session
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        session
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default()
+    );
+    stats.inbound_handshakes.fetch_add(1, Ordering::Relaxed);
+    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, "mTLS established");
+
+    let hctx = ctx.clone();
+    let handler = move |target: SocketAddr| {
+        let ctx = hctx.clone();
+        let peer_id = peer_id.clone();
+        let tls_desc = tls_desc.clone();
+        async move { open_stream(ctx, peer, peer_id, tls_desc, target).await }
+    };
+    if let Err(e) = hbone::serve_connection(tls, &hbone::ServerConfig::default(), handler).await {
+        debug!(pod = %ctx.pod, client = %peer, "HBONE connection ended: {e}");
+    }
+}
+
+/// Checks one CONNECT and dials its target inside the pod.
+async fn open_stream(
+    ctx: Arc<InboundContext>,
+    peer: SocketAddr,
+    peer_id: String,
+    tls_desc: String,
+    target: SocketAddr,
+) -> Result<Accepted<TcpStream>, Refusal> {
+    let refuse = |reason: String| {
+        ctx.mesh
+            .stats
+            .inbound_refused_streams
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, %target, "rejected: {reason}");
+        Refusal::forbidden(reason)
+    };
+    if target.ip() != ctx.pod_ip {
+        return Err(refuse(format!(
+            "{target} is not an address of pod {}",
+            ctx.pod
+        )));
+    }
+    // The tunnel leads to the app, never back into the agent's own in-pod listeners.
+    if target.port() == HBONE_PORT || target.port() == OUTBOUND_PORT {
+        return Err(refuse(format!(
+            "port {} is reserved for the agent",
+            target.port()
+        )));
+    }
+    let netns = ctx.netns.clone();
+    let socket = tokio::task::spawn_blocking(move || netns.dial_socket(target))
+        .await
+        .map_err(|e| Refusal::unavailable(e.to_string()))?
+        .map_err(|e| Refusal::unavailable(e.to_string()))?;
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(pod = %ctx.pod, client = %peer, %target, "app connection failed: {e}");
+            return Err(Refusal::unavailable(format!("connecting to {target}: {e}")));
+        }
+        Err(_) => {
+            return Err(Refusal::unavailable(format!(
+                "connecting to {target}: timed out"
+            )))
+        }
+    };
+    let ws = ctx.mesh.workloads.borrow().clone();
+    let rec = ConnectionRecord {
+        id: 0,
+        direction: Direction::Inbound,
+        source_pod: ws.by_ip(peer.ip()).map(|w| w.key()),
+        source: peer,
+        original_destination: target,
+        destination: target,
+        destination_pod: Some(ctx.pod.clone()),
+        mode: "mTLS".into(),
+        local_identity: ctx
+            .mesh
+            .certs
+            .get(&ctx.pod)
+            .map(|c| c.spiffe_id().to_string()),
+        peer_identity: Some(peer_id.clone()),
+        tls: tls_desc,
+        started_at: SystemTime::now(),
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_ms: None,
+        open: true,
+        error: None,
+    };
+    let id = ctx.mesh.conns.open(rec);
+    let conns = ctx.mesh.conns.clone();
+    let pod = ctx.pod.clone();
+    Ok(Accepted::new(upstream).on_close(move |s| {
+        let error = s.error.map(|e| e.to_string());
+        // As for outbound records: "sent" is source -> destination (peer -> app).
+        if let Some(done) = conns.close(
+            id,
+            s.bytes_to_upstream,
+            s.bytes_from_upstream,
+            error.clone(),
+        ) {
+            info!(
+                dst_pod = %pod,
+                src = %peer,
+                peer_identity = %peer_id,
+                dst = %target,
+                mode = "mTLS",
+                bytes_sent = s.bytes_to_upstream,
+                bytes_received = s.bytes_from_upstream,
+                duration_ms = done.duration_ms.unwrap_or_default(),
+                error = error.as_deref().unwrap_or("-"),
+                "inbound connection closed"
+            );
+        }
+    }))
+}
