@@ -4,11 +4,9 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=MTLS_AGENT_EBPF_OBJ");
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-    let obj = std::env::var_os("MTLS_AGENT_EBPF_OBJ")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            manifest.join("../target/ebpf/bpfel-unknown-none/release/mtls-agent-ebpf")
-        });
+    let obj = std::env::var_os("MTLS_AGENT_EBPF_OBJ").map(PathBuf::from).unwrap_or_else(|| {
+        manifest.join("../target/ebpf/bpfel-unknown-none/release/mtls-agent-ebpf")
+    });
     println!("cargo:rerun-if-changed={}", obj.display());
     if !obj.is_file() {
         panic!(

@@ -30,9 +30,7 @@ impl WaitOutbound for AgentProcess {
         &self,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value> {
-        self.wait_connection(Duration::from_secs(5), |c| {
-            c["direction"] == "outbound" && pred(c)
-        })
+        self.wait_connection(Duration::from_secs(5), |c| c["direction"] == "outbound" && pred(c))
     }
 }
 
@@ -73,13 +71,7 @@ impl Scenario {
             procs.push(echo_server(&bed, s, ECHO_PORT)?);
         }
         let agent = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads_path))?;
-        Ok(Scenario {
-            servers: procs,
-            agent,
-            file,
-            workloads_path,
-            bed,
-        })
+        Ok(Scenario { servers: procs, agent, file, workloads_path, bed })
     }
 
     fn addr(&self, pod: &str, port: u16) -> SocketAddr {
@@ -113,10 +105,7 @@ fn client(bed: &Testbed, pod: &str, args: &[&str]) -> Result<(String, bool)> {
     cmd.arg("client").args(args);
     let p = bed.spawn_in_pod(pod, cmd)?;
     let out = p.wait_with_output(Duration::from_secs(30))?;
-    Ok((
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status.success(),
-    ))
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), out.status.success()))
 }
 
 #[test]
@@ -131,66 +120,36 @@ fn captured_by_pod_ip_and_by_service_vip() -> Result<()> {
         ports: vec![(80, ECHO_PORT)],
     });
     s.file.write(&s.workloads_path)?;
-    s.agent
-        .wait_log("workloads changed", Duration::from_secs(3))?;
+    s.agent.wait_log("workloads changed", Duration::from_secs(3))?;
 
     let dst = s.addr("b", ECHO_PORT).to_string();
-    let (out, ok) = client(
-        &s.bed,
-        "a",
-        &["--connect", &dst, "--message", "hello-by-ip"],
-    )?;
+    let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "hello-by-ip"])?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-by-ip");
-    let rec = s
-        .agent
-        .wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
+    let rec = s.agent.wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
     assert_eq!(rec["sourcePod"], format!("a.{NS}"));
     assert_eq!(rec["destinationPod"], format!("b.{NS}"));
     assert_eq!(rec["bytesSent"], "hello-by-ip".len());
     assert_eq!(rec["bytesReceived"], "b:hello-by-ip".len());
     // The agent saw the app's loopback side: the capture, not a direct connection.
-    assert!(
-        rec["source"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("127.0.0.1:"),
-        "{rec}"
-    );
+    assert!(rec["source"].as_str().unwrap_or_default().starts_with("127.0.0.1:"), "{rec}");
 
     let vip_dst = format!("{vip}:80");
-    let (out, ok) = client(
-        &s.bed,
-        "a",
-        &["--connect", &vip_dst, "--message", "hello-by-vip"],
-    )?;
+    let (out, ok) = client(&s.bed, "a", &["--connect", &vip_dst, "--message", "hello-by-vip"])?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-by-vip");
-    let rec = s
-        .agent
-        .wait_outbound(|c| c["originalDestination"] == vip_dst.as_str())?;
-    assert_eq!(
-        rec["destination"],
-        dst.as_str(),
-        "VIP port 80 resolved to the pod's targetPort"
-    );
+    let rec = s.agent.wait_outbound(|c| c["originalDestination"] == vip_dst.as_str())?;
+    assert_eq!(rec["destination"], dst.as_str(), "VIP port 80 resolved to the pod's targetPort");
 
     // An IPv6 socket dialling an IPv4-mapped address goes through connect6.
     let mapped = format!("[::ffff:{}]:{ECHO_PORT}", s.bed.pod("b").ip);
-    let (out, ok) = client(
-        &s.bed,
-        "a",
-        &["--connect", &mapped, "--message", "hello-v6"],
-    )?;
+    let (out, ok) = client(&s.bed, "a", &["--connect", &mapped, "--message", "hello-v6"])?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:hello-v6");
-    s.agent
-        .wait_outbound(|c| c["bytesSent"] == "hello-v6".len())?;
-    s.agent
-        .wait_log("captured connect6 to port 8080", Duration::from_secs(2))?;
+    s.agent.wait_outbound(|c| c["bytesSent"] == "hello-v6".len())?;
+    s.agent.wait_log("captured connect6 to port 8080", Duration::from_secs(2))?;
     // aya-log carries the programs' own log lines into the agent's log.
-    s.agent
-        .wait_log("captured connect4 to port 8080", Duration::from_secs(2))?;
+    s.agent.wait_log("captured connect4 to port 8080", Duration::from_secs(2))?;
     Ok(())
 }
 
@@ -233,10 +192,8 @@ fn same_loopback_client_port_in_two_pods_reaches_each_own_destination() -> Resul
     assert_eq!(String::from_utf8_lossy(&o1.stdout).trim(), "b1:a1");
     assert_eq!(String::from_utf8_lossy(&o2.stdout).trim(), "b2:a2");
     let conns = s.agent.connections()?;
-    let from_port: Vec<_> = conns
-        .iter()
-        .filter(|c| c["source"] == format!("127.0.0.1:{port}").as_str())
-        .collect();
+    let from_port: Vec<_> =
+        conns.iter().filter(|c| c["source"] == format!("127.0.0.1:{port}").as_str()).collect();
     assert_eq!(from_port.len(), 2, "{conns:#?}");
     Ok(())
 }
@@ -245,28 +202,16 @@ fn same_loopback_client_port_in_two_pods_reaches_each_own_destination() -> Resul
 fn a_pod_that_is_not_enrolled_is_not_captured() -> Result<()> {
     let s = Scenario::new("cap-notenr", &["a", "b", "outsider"], &["a", "b"], &["b"])?;
     let dst = s.addr("b", ECHO_PORT).to_string();
-    let (out, ok) = client(
-        &s.bed,
-        "outsider",
-        &["--connect", &dst, "--message", "direct"],
-    )?;
+    let (out, ok) = client(&s.bed, "outsider", &["--connect", &dst, "--message", "direct"])?;
     assert!(ok, "client failed: {out}");
     assert_eq!(out.trim(), "b:direct");
     // An enrolled pod's connection right after is recorded; the outsider's never was.
     let (_, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "via-agent"])?;
     assert!(ok);
-    s.agent
-        .wait_outbound(|c| c["sourcePod"] == format!("a.{NS}").as_str())?;
+    s.agent.wait_outbound(|c| c["sourcePod"] == format!("a.{NS}").as_str())?;
     let conns = s.agent.connections()?;
-    let outbound: Vec<_> = conns
-        .iter()
-        .filter(|c| c["direction"] == "outbound")
-        .collect();
-    assert_eq!(
-        outbound.len(),
-        1,
-        "only the enrolled pod's connection is captured: {conns:#?}"
-    );
+    let outbound: Vec<_> = conns.iter().filter(|c| c["direction"] == "outbound").collect();
+    assert_eq!(outbound.len(), 1, "only the enrolled pod's connection is captured: {conns:#?}");
     Ok(())
 }
 
@@ -283,24 +228,11 @@ fn fails_closed_while_the_agent_is_down_and_recovers_after_restart() -> Result<(
     let (out, ok) = client(
         &s.bed,
         "a",
-        &[
-            "--connect",
-            &dst,
-            "--message",
-            "while-down",
-            "--timeout-ms",
-            "3000",
-        ],
+        &["--connect", &dst, "--message", "while-down", "--timeout-ms", "3000"],
     )?;
     let took = started.elapsed();
-    assert!(
-        !ok,
-        "a captured pod must not get through while the agent is down: {out}"
-    );
-    assert!(
-        out.contains("refused"),
-        "fails fast with a refusal, not a timeout: {out}"
-    );
+    assert!(!ok, "a captured pod must not get through while the agent is down: {out}");
+    assert!(out.contains("refused"), "fails fast with a refusal, not a timeout: {out}");
     assert!(took < Duration::from_secs(2), "refusal took {took:?}");
     assert_eq!(
         lines_matching(&s.servers[0], "accepted"),
@@ -311,8 +243,7 @@ fn fails_closed_while_the_agent_is_down_and_recovers_after_restart() -> Result<(
     s.agent.restart()?;
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "after"])?;
     assert!(ok && out.trim() == "b:after", "{out}");
-    s.agent
-        .wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
+    s.agent.wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
     Ok(())
 }
 
@@ -320,25 +251,12 @@ fn fails_closed_while_the_agent_is_down_and_recovers_after_restart() -> Result<(
 fn loopback_traffic_inside_a_pod_is_untouched() -> Result<()> {
     let s = Scenario::new("cap-loop", &["a"], &["a"], &[])?;
     let mut cmd = Command::new(e2e_tool());
-    cmd.args([
-        "echo-server",
-        "--listen",
-        "127.0.0.1:7000",
-        "--prefix",
-        "local:",
-    ]);
+    cmd.args(["echo-server", "--listen", "127.0.0.1:7000", "--prefix", "local:"]);
     let server = s.bed.spawn_in_pod("a", cmd)?;
     server.wait_for_stdout("listening", Duration::from_secs(5))?;
-    let (out, ok) = client(
-        &s.bed,
-        "a",
-        &["--connect", "127.0.0.1:7000", "--message", "lo"],
-    )?;
+    let (out, ok) = client(&s.bed, "a", &["--connect", "127.0.0.1:7000", "--message", "lo"])?;
     assert!(ok && out.trim() == "local:lo", "{out}");
-    assert!(
-        s.agent.connections()?.is_empty(),
-        "loopback was not captured"
-    );
+    assert!(s.agent.connections()?.is_empty(), "loopback was not captured");
     Ok(())
 }
 
@@ -352,22 +270,17 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
     s.file.workloads.push(WorkloadEntry::of(s.bed.pod("a"), NS));
     s.file.write(&s.workloads_path)?;
     // Enrolled within 1 s of the change, without a restart.
-    s.agent
-        .wait_log("enrolled pod=a.shop", Duration::from_secs(1))?;
+    s.agent.wait_log("enrolled pod=a.shop", Duration::from_secs(1))?;
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "y"])?;
     assert!(ok && out.trim() == "b:y", "{out}");
     s.agent.wait_outbound(|c| c["sourcePod"] == "a.shop")?;
 
     s.file.workloads.retain(|w| w.name != "a");
     s.file.write(&s.workloads_path)?;
-    s.agent
-        .wait_log("released pod=a.shop", Duration::from_secs(1))?;
+    s.agent.wait_log("released pod=a.shop", Duration::from_secs(1))?;
     let before = s.agent.connections()?.len();
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "z"])?;
-    assert!(
-        ok && out.trim() == "b:z",
-        "released pod talks directly: {out}"
-    );
+    assert!(ok && out.trim() == "b:z", "released pod talks directly: {out}");
     assert_eq!(s.agent.connections()?.len(), before, "no longer captured");
     Ok(())
 }
@@ -376,16 +289,8 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
 fn original_destination_map_is_empty_after_a_thousand_connections() -> Result<()> {
     let s = Scenario::new("cap-nogrowth", &["a", "b"], &["a", "b"], &["b"])?;
     let dst = s.addr("b", ECHO_PORT).to_string();
-    let (out, ok) = client(
-        &s.bed,
-        "a",
-        &["--connect", &dst, "--message", "m", "--count", "1000"],
-    )?;
-    assert!(
-        ok,
-        "{}",
-        out.lines().rev().take(3).collect::<Vec<_>>().join("\n")
-    );
+    let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "m", "--count", "1000"])?;
+    assert!(ok, "{}", out.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
     assert_eq!(out.lines().filter(|l| *l == "b:m").count(), 1000);
     let map = OrigDstMap::open_pinned(&s.agent.bpffs)?;
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -68,11 +68,7 @@ impl Footprint {
         Footprint {
             netns,
             base_cgroup: bed.base_cgroup().to_owned(),
-            bpffs: bed
-                .bpffs_dir("x")
-                .parent()
-                .map(Path::to_owned)
-                .unwrap_or_default(),
+            bpffs: bed.bpffs_dir("x").parent().map(Path::to_owned).unwrap_or_default(),
             pids,
         }
     }
@@ -81,16 +77,8 @@ impl Footprint {
         for ns in &self.netns {
             assert!(!ns.exists(), "netns file {} left behind", ns.display());
         }
-        assert!(
-            !self.base_cgroup.exists(),
-            "cgroup {} left behind",
-            self.base_cgroup.display()
-        );
-        assert!(
-            !self.bpffs.exists(),
-            "bpffs dir {} left behind",
-            self.bpffs.display()
-        );
+        assert!(!self.base_cgroup.exists(), "cgroup {} left behind", self.base_cgroup.display());
+        assert!(!self.bpffs.exists(), "bpffs dir {} left behind", self.bpffs.display());
         for pid in &self.pids {
             assert!(!process_exists(*pid), "process {pid} still alive");
         }
@@ -102,9 +90,7 @@ impl Footprint {
 fn process_exists(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -150,31 +136,15 @@ fn pods_echo_by_pod_ip_and_host_is_untouched() -> Result<()> {
     let snap = testbed::netns_snapshot(&a.netns)?;
     assert_eq!(snap.links, vec!["eth0".to_owned(), "lo".to_owned()]);
     let has = |ip: &str, len: u8| {
-        snap.addresses
-            .iter()
-            .any(|(_, addr, l)| addr.to_string() == ip && *l == len)
+        snap.addresses.iter().any(|(_, addr, l)| addr.to_string() == ip && *l == len)
     };
-    assert!(
-        has(&a.ip.to_string(), 24) && has("127.0.0.1", 8) && has("::1", 128),
-        "{snap:?}"
-    );
+    assert!(has(&a.ip.to_string(), 24) && has("127.0.0.1", 8) && has("::1", 128), "{snap:?}");
     let node_snap = testbed::netns_snapshot(&bed.node("n1").netns)?;
-    assert!(node_snap
-        .addresses
-        .iter()
-        .any(|(n, ip, _)| n == "eth0" && *ip == bed.node("n1").ip));
+    assert!(node_snap.addresses.iter().any(|(n, ip, _)| n == "eth0" && *ip == bed.node("n1").ip));
 
-    assert_eq!(
-        testbed::host_snapshot()?,
-        host_before,
-        "host netns changed while the bed is up"
-    );
+    assert_eq!(testbed::host_snapshot()?, host_before, "host netns changed while the bed is up");
     drop(bed);
-    assert_eq!(
-        testbed::host_snapshot()?,
-        host_before,
-        "host netns changed after drop"
-    );
+    assert_eq!(testbed::host_snapshot()?, host_before, "host netns changed after drop");
     Ok(())
 }
 
@@ -199,17 +169,11 @@ fn spawned_processes_land_in_pod_cgroup_and_netns() -> Result<()> {
 
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     let expected = format!("0::{}", testbed::cgroup_relative(&pod.cgroup)?);
-    assert!(
-        cgroup.lines().any(|l| l == expected),
-        "{cgroup:?} lacks {expected:?}"
-    );
+    assert!(cgroup.lines().any(|l| l == expected), "{cgroup:?} lacks {expected:?}");
     let procs = std::fs::read_to_string(pod.cgroup.join("cgroup.procs"))?;
     assert!(procs.lines().any(|l| l == pid.to_string()));
     let inode = |p: &Path| std::fs::metadata(p).map(|m| m.ino());
-    assert_eq!(
-        inode(Path::new(&format!("/proc/{pid}/ns/net")))?,
-        inode(&pod.netns)?
-    );
+    assert_eq!(inode(Path::new(&format!("/proc/{pid}/ns/net")))?, inode(&pod.netns)?);
 
     // Node processes: node netns, caller's cgroup.
     let mut cmd = tool();
@@ -217,10 +181,7 @@ fn spawned_processes_land_in_pod_cgroup_and_netns() -> Result<()> {
     let node_proc = bed.spawn_in_node("n1", cmd)?;
     node_proc.wait_for_stdout("listening", READY)?;
     let npid = node_proc.pid();
-    assert_eq!(
-        inode(Path::new(&format!("/proc/{npid}/ns/net")))?,
-        inode(&bed.node("n1").netns)?
-    );
+    assert_eq!(inode(Path::new(&format!("/proc/{npid}/ns/net")))?, inode(&bed.node("n1").netns)?);
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{npid}/cgroup"))?,
         std::fs::read_to_string("/proc/self/cgroup")?
@@ -238,18 +199,12 @@ fn drop_removes_everything_even_with_live_processes() -> Result<()> {
     sh.args(["-c", "sleep 60 & echo child $!; wait"]);
     let shell = bed.spawn_in_pod("b", sh)?;
     let line = shell.wait_for_stdout("child", READY)?;
-    let grandchild: u32 = line
-        .trim_start_matches("child ")
-        .trim()
-        .parse()
-        .context("grandchild pid")?;
+    let grandchild: u32 =
+        line.trim_start_matches("child ").trim().parse().context("grandchild pid")?;
     if bpffs_mounted() {
         std::fs::create_dir_all(bed.bpffs_dir("n1"))?;
     }
-    let footprint = Footprint::of(
-        &bed,
-        vec![kept.pid(), forgotten.pid(), shell.pid(), grandchild],
-    );
+    let footprint = Footprint::of(&bed, vec![kept.pid(), forgotten.pid(), shell.pid(), grandchild]);
     std::mem::forget(forgotten);
     drop(bed);
     // Reap status is shared: the handle's own drop after the bed is a no-op.
@@ -277,10 +232,7 @@ fn construction_failure_cleans_up_partial_pod() -> Result<()> {
     let mut bed = Testbed::new("partial")?;
     bed.add_node("n1")?;
     assert!(bed.add_pod("nope", "a").is_err(), "unknown node must fail");
-    assert!(
-        bed.add_pod("n1", "Bad_Name").is_err(),
-        "invalid name must fail"
-    );
+    assert!(bed.add_pod("n1", "Bad_Name").is_err(), "invalid name must fail");
     bed.add_pod("n1", "a")?;
     assert!(bed.add_pod("n1", "a").is_err(), "duplicate pod must fail");
     // The failed attempts left nothing: only n1 and a exist.
@@ -291,10 +243,8 @@ fn construction_failure_cleans_up_partial_pod() -> Result<()> {
         .filter(|n| n.starts_with(&prefix))
         .collect();
     files.sort();
-    let expected: Vec<String> = ["fabric", "node-n1", "pod-a"]
-        .iter()
-        .map(|s| format!("{prefix}{s}"))
-        .collect();
+    let expected: Vec<String> =
+        ["fabric", "node-n1", "pod-a"].iter().map(|s| format!("{prefix}{s}")).collect();
     assert_eq!(files, expected);
     Ok(())
 }
@@ -312,12 +262,8 @@ fn parallel_beds_do_not_collide() -> Result<()> {
         })
     };
     let (one, two) = (run("par1"), run("par2"));
-    let one = one
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread 1 panicked"))??;
-    let two = two
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread 2 panicked"))??;
+    let one = one.join().map_err(|_| anyhow::anyhow!("thread 1 panicked"))??;
+    let two = two.join().map_err(|_| anyhow::anyhow!("thread 2 panicked"))??;
     assert_ne!(one.0, two.0);
     for p in one.1.iter().chain(&two.1) {
         assert!(!p.exists(), "{} left behind", p.display());
@@ -338,13 +284,7 @@ fn remove_pod_kills_and_deletes_then_new_pods_work() -> Result<()> {
     drop(server);
 
     // Nobody answers at a's address any more.
-    let (code, out) = client(
-        &bed,
-        "b",
-        &format!("{}:7000", a.ip),
-        "x",
-        &["--timeout-ms", "500"],
-    )?;
+    let (code, out) = client(&bed, "b", &format!("{}:7000", a.ip), "x", &["--timeout-ms", "500"])?;
     assert_eq!(code, 2, "{out}");
     assert!(out.starts_with("error: "), "{out}");
 
@@ -365,13 +305,7 @@ fn client_reports_error_kinds() -> Result<()> {
     // An unused address on the subnet: connect cannot finish in time.
     let o = bed.subnet().octets();
     let silent = Ipv4Addr::new(o[0], o[1], o[2], 250);
-    let (code, out) = client(
-        &bed,
-        "b",
-        &format!("{silent}:7000"),
-        "x",
-        &["--timeout-ms", "300"],
-    )?;
+    let (code, out) = client(&bed, "b", &format!("{silent}:7000"), "x", &["--timeout-ms", "300"])?;
     assert_eq!((code, out.split(' ').nth(1)), (2, Some("timeout")), "{out}");
     Ok(())
 }
@@ -382,13 +316,7 @@ fn capture_sees_plaintext_crossing_the_fabric() -> Result<()> {
     let _server = echo_server(&bed, "a", "0.0.0.0:7000", "")?;
     let capture = bed.start_capture()?;
     let needle = format!("plaintext-needle-{}", bed.id());
-    echo_ok(
-        &bed,
-        "c",
-        &format!("{}:7000", bed.pod("a").ip),
-        &needle,
-        &needle,
-    )?;
+    echo_ok(&bed, "c", &format!("{}:7000", bed.pod("a").ip), &needle, &needle)?;
     assert!(capture.contains(needle.as_bytes()));
     assert!(!capture.contains(b"never-sent-on-the-wire"));
     assert_eq!(capture.kernel_drops(), 0);
@@ -401,9 +329,8 @@ fn capture_sees_plaintext_crossing_the_fabric() -> Result<()> {
 fn in_pod_netns_gives_sockets_of_the_pod() -> Result<()> {
     let bed = three_pod_bed("in_netns")?;
     let a_ip = bed.pod("a").ip;
-    let listener = bed.in_pod_netns("a", move || {
-        TcpListener::bind(SocketAddr::from((a_ip, 7003)))
-    })??;
+    let listener =
+        bed.in_pod_netns("a", move || TcpListener::bind(SocketAddr::from((a_ip, 7003))))??;
     let mut cmd = tool();
     cmd.args([
         "client",
@@ -424,10 +351,7 @@ fn in_pod_netns_gives_sockets_of_the_pod() -> Result<()> {
     conn.write_all(b"handled in the test")?;
     drop(conn);
     let out = client.wait_with_output(RUN)?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "handled in the test\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "handled in the test\n");
     Ok(())
 }
 
@@ -440,10 +364,7 @@ fn e2e_tool_sink_and_hold() -> Result<()> {
     let mut cmd = tool();
     cmd.args(["sink", "--connect", &target, "--bytes", "1048576"]);
     let out = bed.spawn_in_pod("c", cmd)?.wait_with_output(RUN)?;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "sent 1048576 received 1048576\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "sent 1048576 received 1048576\n");
 
     let mut cmd = tool();
     cmd.args(["hold", "--connect", &target, "--seconds", "1"]);
@@ -487,13 +408,7 @@ fn stale_helper() -> Result<()> {
 #[test]
 fn stale_leftovers_of_killed_runs_are_cleaned() -> Result<()> {
     let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "stale_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["stale_helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(STALE_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -521,18 +436,12 @@ fn stale_leftovers_of_killed_runs_are_cleaned() -> Result<()> {
     };
     let base = Testbed::cgroup2_root()?.join(format!("{}{id}", testbed::NAME_PREFIX));
     let fabric = Path::new(testbed::NETNS_DIR).join(format!("{}{id}-fabric", testbed::NAME_PREFIX));
-    assert!(
-        base.exists() && fabric.exists(),
-        "helper left nothing to clean"
-    );
+    assert!(base.exists() && fabric.exists(), "helper left nothing to clean");
     assert!(process_exists(pod_pid) && process_exists(node_pid));
 
     let cleaned = testbed::cleanup_stale()?;
     // Another test process running cleanup_stale may have beaten us to it.
-    assert!(
-        cleaned.contains(&id) || !fabric.exists(),
-        "{cleaned:?} lacks {id}"
-    );
+    assert!(cleaned.contains(&id) || !fabric.exists(), "{cleaned:?} lacks {id}");
     assert!(!base.exists() && !fabric.exists());
     // The orphans were reparented to init, which reaps them; allow it a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -541,9 +450,6 @@ fn stale_leftovers_of_killed_runs_are_cleaned() -> Result<()> {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        !process_exists(pod_pid) && !process_exists(node_pid),
-        "orphans survived"
-    );
+    assert!(!process_exists(pod_pid) && !process_exists(node_pid), "orphans survived");
     Ok(())
 }

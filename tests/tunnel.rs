@@ -2,140 +2,18 @@
 //! bpffs directory), with real TLS over the test bed's fabric. Runs as root.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use testbed::{
-    agent::{AgentOptions, AgentProcess, CaDir, WorkloadEntry, WorkloadsFile},
-    PodProcess, Testbed,
-};
+use testbed::{agent::AgentProcess, mesh::Mesh};
 
 const NS: &str = "shop";
-const PORT: u16 = 8080;
 
 fn e2e_tool() -> PathBuf {
     testbed::e2e_tool!()
-}
-
-/// Pods on nodes, an echo server in every pod, one agent per node. Unless a test says
-/// otherwise, all agents share one CA and one workloads file.
-struct Mesh {
-    // Drop order: processes and agents before the bed.
-    servers: HashMap<String, PodProcess>,
-    agents: HashMap<String, AgentProcess>,
-    files: Vec<PathBuf>,
-    _cas: Vec<CaDir>,
-    bed: Testbed,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
-
-impl Mesh {
-    /// `pods`: (node, pod). Builds the bed and starts the servers; agents come separately.
-    fn build(test: &str, pods: &[(&str, &str)]) -> Result<Mesh> {
-        let mut bed = Testbed::new(test)?;
-        let mut nodes: Vec<&str> = pods.iter().map(|(n, _)| *n).collect();
-        nodes.dedup();
-        for n in nodes {
-            bed.add_node(n)?;
-        }
-        let mut servers = HashMap::new();
-        for (node, pod) in pods {
-            bed.add_pod(node, pod)?;
-            let mut cmd = Command::new(e2e_tool());
-            cmd.args([
-                "echo-server",
-                "--listen",
-                &format!("0.0.0.0:{PORT}"),
-                "--prefix",
-                &format!("{pod}:"),
-            ]);
-            let p = bed.spawn_in_pod(pod, cmd)?;
-            p.wait_for_stdout("listening", Duration::from_secs(5))?;
-            servers.insert(pod.to_string(), p);
-        }
-        Ok(Mesh {
-            servers,
-            agents: HashMap::new(),
-            files: vec![],
-            _cas: vec![],
-            bed,
-        })
-    }
-
-    /// The workloads file listing `pods` (all others are outside the mesh).
-    fn workloads(&mut self, name: &str, pods: &[&str]) -> Result<(PathBuf, WorkloadsFile)> {
-        let mut file = WorkloadsFile::default();
-        for p in pods {
-            file.workloads.push(WorkloadEntry::of(self.bed.pod(p), NS));
-        }
-        let path = std::env::temp_dir().join(format!("{}-{name}.yaml", self.bed.id()));
-        file.write(&path)?;
-        self.files.push(path.clone());
-        Ok((path, file))
-    }
-
-    fn ca(&mut self, label: &str) -> Result<PathBuf> {
-        let ca = CaDir::init(&format!("{}-{label}", self.bed.id()), "cluster.local")?;
-        let path = ca.path.clone();
-        self._cas.push(ca);
-        Ok(path)
-    }
-
-    fn start_agent(
-        &mut self,
-        node: &str,
-        workloads: &PathBuf,
-        ca: &PathBuf,
-        extra: &[&str],
-    ) -> Result<()> {
-        let mut opts = AgentOptions::new(node, workloads);
-        opts.ca_dir = Some(ca.clone());
-        opts.extra_args = extra.iter().map(|s| s.to_string()).collect();
-        let agent = AgentProcess::start(&self.bed, opts)?;
-        self.agents.insert(node.to_owned(), agent);
-        Ok(())
-    }
-
-    fn agent(&self, node: &str) -> &AgentProcess {
-        &self.agents[node]
-    }
-
-    fn dst(&self, pod: &str) -> String {
-        format!("{}:{PORT}", self.bed.pod(pod).ip)
-    }
-
-    /// Runs the e2e client in `pod`: (stdout, success).
-    fn client(&self, pod: &str, args: &[&str]) -> Result<(String, bool)> {
-        let mut cmd = Command::new(e2e_tool());
-        cmd.arg("client").args(args);
-        let out = self
-            .bed
-            .spawn_in_pod(pod, cmd)?
-            .wait_with_output(Duration::from_secs(60))?;
-        Ok((
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            out.status.success(),
-        ))
-    }
-
-    fn accepted(&self, pod: &str) -> usize {
-        self.servers[pod]
-            .stdout()
-            .lines()
-            .filter(|l| l.contains("accepted"))
-            .count()
-    }
 }
 
 fn spiffe(sa: &str) -> String {
@@ -150,12 +28,8 @@ fn stat(agent: &AgentProcess, name: &str) -> Result<u64> {
 fn two_nodes(test: &str, extra: &[&str]) -> Result<Mesh> {
     let mut m = Mesh::build(
         test,
-        &[
-            ("node1", "a1"),
-            ("node1", "a2"),
-            ("node2", "b"),
-            ("node2", "outsider"),
-        ],
+        NS,
+        &[("node1", "a1"), ("node1", "a2"), ("node2", "b"), ("node2", "outsider")],
     )?;
     let (file, _) = m.workloads("workloads", &["a1", "a2", "b"])?;
     let ca = m.ca("ca")?;
@@ -176,30 +50,15 @@ fn plaintext_never_crosses_the_fabric_and_tls_records_do() -> Result<()> {
     assert!(ok && out == format!("a2:{canary_s}"), "{out}");
     // Control: a pod outside the mesh talks plaintext, and the capture does see that.
     let control = "CANARY-plaintext-control";
-    let (out, ok) = m.client(
-        "outsider",
-        &["--connect", &m.dst("b"), "--message", control],
-    )?;
+    let (out, ok) = m.client("outsider", &["--connect", &m.dst("b"), "--message", control])?;
     assert!(ok && out == format!("b:{control}"), "{out}");
 
-    assert!(
-        capture.contains(control.as_bytes()),
-        "the capture sees plaintext when there is some"
-    );
+    assert!(capture.contains(control.as_bytes()), "the capture sees plaintext when there is some");
     assert_eq!(capture.kernel_drops(), 0, "the capture missed frames");
-    assert!(
-        !capture.contains(canary_x.as_bytes()),
-        "cross-node plaintext leaked onto the fabric"
-    );
-    assert!(
-        !capture.contains(canary_s.as_bytes()),
-        "same-node plaintext leaked onto the fabric"
-    );
+    assert!(!capture.contains(canary_x.as_bytes()), "cross-node plaintext leaked onto the fabric");
+    assert!(!capture.contains(canary_s.as_bytes()), "same-node plaintext leaked onto the fabric");
     // TLS 1.3 application-data records (type 23, legacy version 3.3) did cross it.
-    assert!(
-        capture.contains(&[0x17, 0x03, 0x03]),
-        "no TLS records on the fabric"
-    );
+    assert!(capture.contains(&[0x17, 0x03, 0x03]), "no TLS records on the fabric");
     Ok(())
 }
 
@@ -208,27 +67,17 @@ fn both_agents_record_the_verified_identities() -> Result<()> {
     let m = two_nodes("tun-ids", &[])?;
     let (out, ok) = m.client("a1", &["--connect", &m.dst("b"), "--message", "who"])?;
     assert!(ok && out == "b:who", "{out}");
-    let server_side = m
-        .agent("node2")
-        .wait_connection(Duration::from_secs(5), |c| {
-            c["direction"] == "inbound" && c["destinationPod"] == "b.shop"
-        })?;
+    let server_side = m.agent("node2").wait_connection(Duration::from_secs(5), |c| {
+        c["direction"] == "inbound" && c["destinationPod"] == "b.shop"
+    })?;
     assert_eq!(server_side["peerIdentity"], spiffe("a1"), "{server_side}");
     assert_eq!(server_side["localIdentity"], spiffe("b"));
     assert_eq!(server_side["mode"], "mTLS");
-    assert!(
-        server_side["tls"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("TLSv1_3"),
-        "{server_side}"
-    );
+    assert!(server_side["tls"].as_str().unwrap_or_default().contains("TLSv1_3"), "{server_side}");
     assert_eq!(server_side["sourcePod"], "a1.shop");
-    let client_side = m
-        .agent("node1")
-        .wait_connection(Duration::from_secs(5), |c| {
-            c["direction"] == "outbound" && c["destinationPod"] == "b.shop"
-        })?;
+    let client_side = m.agent("node1").wait_connection(Duration::from_secs(5), |c| {
+        c["direction"] == "outbound" && c["destinationPod"] == "b.shop"
+    })?;
     assert_eq!(client_side["peerIdentity"], spiffe("b"));
     assert_eq!(client_side["localIdentity"], spiffe("a1"));
     assert_eq!(client_side["bytesSent"], 3);
@@ -238,36 +87,20 @@ fn both_agents_record_the_verified_identities() -> Result<()> {
 
 #[test]
 fn an_agent_with_another_root_ca_cannot_reach_the_mesh() -> Result<()> {
-    let mut m = Mesh::build(
-        "tun-rogue",
-        &[("node1", "a"), ("node2", "b"), ("node3", "rogue")],
-    )?;
+    let mut m =
+        Mesh::build("tun-rogue", NS, &[("node1", "a"), ("node2", "b"), ("node3", "rogue")])?;
     let (file, _) = m.workloads("workloads", &["a", "b", "rogue"])?;
     let ca = m.ca("mesh")?;
     let other = m.ca("other")?;
     m.start_agent("node2", &file, &ca, &[])?;
     m.start_agent("node3", &file, &other, &[])?;
     let before = m.accepted("b");
-    let (out, ok) = m.client(
-        "rogue",
-        &["--connect", &m.dst("b"), "--message", "let me in"],
-    )?;
-    assert!(
-        !ok || out.is_empty(),
-        "the rogue agent's pod got an answer: {out}"
-    );
-    assert_eq!(
-        m.accepted("b"),
-        before,
-        "the server never saw the connection"
-    );
+    let (out, ok) = m.client("rogue", &["--connect", &m.dst("b"), "--message", "let me in"])?;
+    assert!(!ok || out.is_empty(), "the rogue agent's pod got an answer: {out}");
+    assert_eq!(m.accepted("b"), before, "the server never saw the connection");
     // Each side refuses the other's chain and says why.
-    m.agent("node3").wait_log(
-        "certificate signed by an unknown CA",
-        Duration::from_secs(5),
-    )?;
-    m.agent("node2")
-        .wait_log("rejected: TLS handshake failed", Duration::from_secs(5))?;
+    m.agent("node3").wait_log("certificate signed by an unknown CA", Duration::from_secs(5))?;
+    m.agent("node2").wait_log("rejected: TLS handshake failed", Duration::from_secs(5))?;
     assert!(stat(m.agent("node2"), "inboundHandshakeFailures")? >= 1);
 
     // The same pod pair works within one CA.
@@ -279,7 +112,7 @@ fn an_agent_with_another_root_ca_cannot_reach_the_mesh() -> Result<()> {
 
 #[test]
 fn a_server_with_an_unexpected_identity_is_refused_by_the_client() -> Result<()> {
-    let mut m = Mesh::build("tun-impostor", &[("node1", "a"), ("node2", "b")])?;
+    let mut m = Mesh::build("tun-impostor", NS, &[("node1", "a"), ("node2", "b")])?;
     // node1 believes b runs as service account "payments"; b's own node issues it "b".
     let (truth, _) = m.workloads("truth", &["a", "b"])?;
     let (_, mut belief) = m.workloads("belief", &["a", "b"])?;
@@ -296,16 +129,9 @@ fn a_server_with_an_unexpected_identity_is_refused_by_the_client() -> Result<()>
     m.start_agent("node2", &truth, &ca, &[])?;
     let before = m.accepted("b");
     let (out, ok) = m.client("a", &["--connect", &m.dst("b"), "--message", "pay me"])?;
-    assert!(
-        !ok || out.is_empty(),
-        "the client got an answer from the wrong identity: {out}"
-    );
+    assert!(!ok || out.is_empty(), "the client got an answer from the wrong identity: {out}");
     m.agent("node1").wait_log(
-        &format!(
-            "peer identity {} is not the one expected ({})",
-            spiffe("b"),
-            spiffe("payments")
-        ),
+        &format!("peer identity {} is not the one expected ({})", spiffe("b"), spiffe("payments")),
         Duration::from_secs(5),
     )?;
     assert_eq!(m.accepted("b"), before, "no stream reached the server app");
@@ -319,22 +145,14 @@ fn a_hundred_connections_between_two_pods_cost_at_most_two_handshakes() -> Resul
         stat(m.agent("node1"), "outboundHandshakes")?,
         stat(m.agent("node2"), "inboundHandshakes")?,
     );
-    let (out, ok) = m.client(
-        "a1",
-        &["--connect", &m.dst("b"), "--message", "p", "--count", "100"],
-    )?;
+    let (out, ok) =
+        m.client("a1", &["--connect", &m.dst("b"), "--message", "p", "--count", "100"])?;
     assert!(ok, "{out}");
     assert_eq!(out.lines().filter(|l| *l == "b:p").count(), 100);
     let client_handshakes = stat(m.agent("node1"), "outboundHandshakes")? - c0;
     let server_handshakes = stat(m.agent("node2"), "inboundHandshakes")? - s0;
-    assert!(
-        (1..=2).contains(&client_handshakes),
-        "client handshakes: {client_handshakes}"
-    );
-    assert!(
-        (1..=2).contains(&server_handshakes),
-        "server handshakes: {server_handshakes}"
-    );
+    assert!((1..=2).contains(&client_handshakes), "client handshakes: {client_handshakes}");
+    assert!((1..=2).contains(&server_handshakes), "server handshakes: {server_handshakes}");
     assert!(stat(m.agent("node1"), "outboundStreams")? >= 100);
     Ok(())
 }
@@ -344,26 +162,14 @@ fn certificates_renew_under_traffic_without_breaking_open_connections() -> Resul
     let m = two_nodes("tun-renew", &["--cert-ttl", "4s"])?;
     let serial_of = |agent: &AgentProcess, pod: &str| -> Result<String> {
         let certs = agent.certs()?;
-        let c = certs
-            .iter()
-            .find(|c| c["workload"] == pod)
-            .cloned()
-            .unwrap_or_default();
+        let c = certs.iter().find(|c| c["workload"] == pod).cloned().unwrap_or_default();
         Ok(c["serial"].as_str().unwrap_or_default().to_owned())
     };
     let first = serial_of(m.agent("node1"), "a1.shop")?;
     assert!(!first.is_empty());
     // A connection held open across the renewal (at about half of the 4 s lifetime).
     let mut cmd = Command::new(e2e_tool());
-    cmd.args([
-        "client",
-        "--connect",
-        &m.dst("b"),
-        "--message",
-        "long",
-        "--hold-ms",
-        "3500",
-    ]);
+    cmd.args(["client", "--connect", &m.dst("b"), "--message", "long", "--hold-ms", "3500"]);
     let long = m.bed.spawn_in_pod("a1", cmd)?;
     // Meanwhile, short connections keep flowing.
     let deadline = Instant::now() + Duration::from_secs(4);
@@ -375,11 +181,7 @@ fn certificates_renew_under_traffic_without_breaking_open_connections() -> Resul
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = long.wait_with_output(Duration::from_secs(10))?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b:long");
     let renewed = serial_of(m.agent("node1"), "a1.shop")?;
     assert_ne!(first, renewed, "a1's certificate was renewed");

@@ -26,6 +26,22 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const PENDING: &str = "PENDING";
     pub const ORIG_DST: &str = "ORIG_DST";
+    pub const INBOUND: &str = "INBOUND";
+    pub const STATS: &str = "STATS";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// A plaintext connection attempt refused by a STRICT port (sent on `EVENTS` so the agent can
+/// log it with the policy that decided). Addresses in network byte order, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RejectEvent {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
 }
 
 /// Names of the programs in the object.
@@ -33,6 +49,46 @@ pub mod prog_names {
     pub const CONNECT4: &str = "mtls_connect4";
     pub const CONNECT6: &str = "mtls_connect6";
     pub const SOCK_OPS: &str = "mtls_sock_ops";
+    pub const INBOUND: &str = "mtls_inbound";
+}
+
+/// Maximum entries of `INBOUND` (pod default + per-port rules, per node).
+pub const MAX_INBOUND_RULES: u32 = 65536;
+
+/// Inbound mTLS modes as the enforcement program sees them.
+pub const MODE_PERMISSIVE: u8 = 0;
+pub const MODE_STRICT: u8 = 1;
+pub const MODE_DISABLE: u8 = 2;
+
+/// Indexes of `STATS` (per-CPU counters).
+pub mod stats {
+    /// Plaintext connection attempts refused by a STRICT port.
+    pub const STRICT_REJECTED: u32 = 0;
+    /// Plaintext allowed into a STRICT pod because it is a probe from the node.
+    pub const PROBE_ALLOWED: u32 = 1;
+    /// Connections captured by connect4/connect6.
+    pub const CAPTURED: u32 = 2;
+    pub const LEN: u32 = 4;
+}
+
+/// Key of `INBOUND`: a pod's IP and a port; port 0 holds the pod's mode for all other ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Value of `INBOUND`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortPolicy {
+    /// `MODE_*`.
+    pub mode: u8,
+    /// 1 when the node may probe this port in plaintext even under STRICT.
+    pub probe: u8,
+    pub _pad: [u8; 6],
 }
 
 /// An IPv4 or IPv6 address and port as the kernel gives them: address words in network
@@ -78,7 +134,10 @@ pub struct PodInfo {
 pub struct Config {
     pub agent_mark: u32,
     pub outbound_port: u16,
-    pub _pad: u16,
+    /// Family of `node_ip` (0 when unknown: no probe exemption).
+    pub node_ip_family: u16,
+    /// The node's own address, the source of kubelet probes (network byte order).
+    pub node_ip: [u32; 4],
 }
 
 #[cfg(feature = "user")]
@@ -89,4 +148,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::PortPolicy {}
+    unsafe impl aya::Pod for super::RejectEvent {}
 }

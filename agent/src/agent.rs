@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::AtomicUsize, Arc},
     time::{Duration, SystemTime},
@@ -16,9 +16,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    capture::{Capture, CaptureConfig, OrigDstMap},
+    capture::{Capture, CaptureConfig, InboundMode, InboundRule, OrigDstMap, StatsReader},
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
+    policy::{Mode, PolicySet},
     tunnel::{
         hbone::{self, HBONE_PORT},
         inbound::{self, InboundContext},
@@ -32,7 +33,7 @@ use crate::{
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 const LISTEN_BACKLOG: i32 = 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub node: String,
     pub cgroup: PathBuf,
@@ -42,6 +43,14 @@ pub struct AgentConfig {
     pub ca_dir: PathBuf,
     pub trust_domain: String,
     pub cert_ttl: Duration,
+    /// Policy directory (PeerAuthentication, v1alpha1 Policy); none means PERMISSIVE everywhere.
+    pub policies: Option<PathBuf>,
+    pub root_namespace: String,
+    /// The node's address, the source of kubelet probes.
+    pub node_ip: Option<IpAddr>,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    pub set_log_level: Option<admin::SetLogLevel>,
 }
 
 /// A pod this agent has enrolled: its namespace and the tasks serving its listeners.
@@ -67,8 +76,10 @@ struct Agent {
     signer: Arc<CaSigner>,
     mesh: Arc<Mesh>,
     workloads_tx: watch::Sender<Arc<WorkloadSet>>,
+    policies_tx: watch::Sender<Arc<PolicySet>>,
     pods: BTreeMap<String, EnrolledPod>,
     next_endpoint: Arc<AtomicUsize>,
+    readiness: admin::Readiness,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -76,21 +87,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let initial = WorkloadSet::load(&cfg.workloads, &cfg.node)
         .with_context(|| format!("loading {}", cfg.workloads.display()))?;
     identity::validate_trust_domain(&cfg.trust_domain)?;
+    let policies = match &cfg.policies {
+        Some(dir) => load_policies(dir, &cfg.root_namespace)?,
+        None => PolicySet::empty(),
+    };
     let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
     let certs = Arc::new(CertStore::new());
     let mut capture = Capture::load(&CaptureConfig {
+        node_ip: cfg.node_ip,
         bpffs: cfg.bpffs.clone(),
         cgroup: cfg.cgroup.clone(),
     })?;
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(pump_ebpf_logs(logger));
     }
-    let orig_dst = Arc::new(
-        capture
-            .take_orig_dst()
-            .context("ORIG_DST map already taken")?,
-    );
+    let events = capture.take_events();
+    let program_ids = capture.program_ids();
+    let orig_dst = Arc::new(capture.take_orig_dst().context("ORIG_DST map already taken")?);
     let (workloads_tx, workloads_rx) = watch::channel(Arc::new(initial));
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(policies));
     let mesh = Arc::new(Mesh {
         trust_domain: cfg.trust_domain.clone(),
         trust: Arc::new(signer.trust_bundle().clone()),
@@ -98,8 +113,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pool: hbone::Pool::new(hbone::PoolConfig::default()),
         conns: ConnectionTable::default(),
         workloads: workloads_rx,
+        policies: policies_rx,
         stats: Default::default(),
     });
+    if let Some(events) = events {
+        tokio::spawn(log_rejections(events, mesh.clone()));
+    }
     let issuer: Arc<dyn CertIssuer> = signer.clone();
     tokio::spawn(identity::run_renewals(certs, issuer, cfg.cert_ttl));
 
@@ -110,8 +129,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         signer,
         mesh: mesh.clone(),
         workloads_tx,
+        policies_tx,
         pods: BTreeMap::new(),
         next_endpoint: Arc::new(AtomicUsize::new(0)),
+        readiness: admin::Readiness::default(),
     };
     agent.reconcile(true);
 
@@ -119,20 +140,42 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin API on {}", cfg.admin))?;
     info!(addr = %admin_listener.local_addr()?, "admin API listening");
+    let ebpf = match StatsReader::open_pinned(&cfg.bpffs, program_ids) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            warn!("eBPF counters unavailable: {e}");
+            None
+        }
+    };
     let admin_state = admin::AdminState {
         node: cfg.node.clone(),
         mesh,
+        ebpf,
+        set_log_level: cfg.set_log_level.clone(),
+        readiness: agent.readiness.clone(),
     };
+    let metrics_listener = TcpListener::bind(cfg.metrics)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
+    let health_listener = TcpListener::bind(cfg.health)
+        .await
+        .with_context(|| format!("binding the health endpoint on {}", cfg.health))?;
+    tokio::spawn(admin::serve_metrics(metrics_listener, admin_state.clone()));
+    tokio::spawn(admin::serve_health(health_listener, admin_state.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut watcher = FileWatch::new(&cfg.workloads);
+    let mut watcher = Watch::new(&cfg.workloads);
+    let mut policy_watch = cfg.policies.as_deref().map(Watch::new);
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if watcher.changed() {
                     agent.reload();
+                }
+                if policy_watch.as_mut().is_some_and(Watch::changed) {
+                    agent.reload_policies();
                 }
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping (programs stay pinned)"); break; }
@@ -143,12 +186,69 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 impl Agent {
+    fn reload_policies(&mut self) {
+        let Some(dir) = self.cfg.policies.clone() else { return };
+        match load_policies(&dir, &self.cfg.root_namespace) {
+            Ok(ps) => {
+                info!(dir = %dir.display(), policies = ps.len(), "policies changed");
+                self.policies_tx.send_replace(Arc::new(ps));
+                self.apply_policies();
+            }
+            // Keep enforcing the last good set.
+            Err(e) => error!("{e:#}; keeping the previous policies"),
+        }
+    }
+
+    /// Writes every enrolled pod's inbound rules from the current policies.
+    fn apply_policies(&mut self) {
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for key in keys {
+            let Some(w) = self.pods.get(&key).map(|p| p.workload.clone()) else { continue };
+            if let Err(e) = self.apply_pod_policy(&w) {
+                error!(pod = %key, "applying policy: {e:#}");
+            }
+        }
+    }
+
+    fn apply_pod_policy(&mut self, w: &Workload) -> anyhow::Result<()> {
+        let ws = self.workloads_tx.borrow().clone();
+        let ps = self.policies_tx.borrow().clone();
+        let (default, ports) = ps.workload_modes(&ws, w);
+        let mut rules =
+            vec![InboundRule { port: 0, mode: inbound_mode(default.mode), probe: false }];
+        for (port, d) in &ports {
+            rules.push(InboundRule { port: *port, mode: inbound_mode(d.mode), probe: false });
+        }
+        for &port in &w.probe_ports {
+            let d = ps.decide(&ws, w, port);
+            match rules.iter_mut().find(|r| r.port == port) {
+                Some(r) => r.probe = true,
+                None => rules.push(InboundRule { port, mode: inbound_mode(d.mode), probe: true }),
+            }
+        }
+        if !w.probe_ports.is_empty() && self.cfg.node_ip.is_none() && default.mode == Mode::Strict {
+            warn!(pod = %w.key(), "probePorts are declared but --node-ip is not set: STRICT refuses the kubelet's probes");
+        }
+        self.capture.set_inbound_rules(w.ip, &rules)?;
+        let ports_desc: Vec<String> =
+            ports.iter().map(|(p, d)| format!("{p}={}", d.mode)).collect();
+        info!(
+            pod = %w.key(),
+            mode = %default.mode,
+            decided_by = %default.reason,
+            ports = %ports_desc.join(","),
+            "policy applied"
+        );
+        Ok(())
+    }
+
     fn reload(&mut self) {
         match WorkloadSet::load(&self.cfg.workloads, &self.cfg.node) {
             Ok(ws) => {
                 info!(file = %self.cfg.workloads.display(), "workloads changed");
                 self.workloads_tx.send_replace(Arc::new(ws));
                 self.reconcile(false);
+                self.apply_policies();
             }
             // Keep serving the last good set.
             Err(e) => error!("{e}; keeping the previous workloads"),
@@ -174,6 +274,10 @@ impl Agent {
                 if let Err(e) = self.capture.release(pod.netns.cookie()) {
                     warn!(pod = %key, "releasing: {e}");
                 }
+                self.capture.detach_inbound(pod.netns.cookie());
+                if let Err(e) = self.capture.clear_inbound_rules(pod.workload.ip) {
+                    warn!(pod = %key, "clearing inbound rules: {e}");
+                }
                 // The pod's key leaves memory with its certificate.
                 self.mesh.certs.remove(&key);
                 info!(pod = %key, "released");
@@ -191,14 +295,25 @@ impl Agent {
                 Err(e) => error!(pod = %key, "enrollment failed: {e:#}"),
             }
         }
+        let enrolled = wanted.keys().filter(|k| self.pods.contains_key(*k)).count();
+        let with_cert = wanted.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
+        let ready = enrolled == wanted.len() && with_cert == wanted.len();
+        self.readiness.set(
+            ready,
+            format!("{enrolled} of {} pods enrolled, {with_cert} with certificates", wanted.len()),
+        );
         if at_start {
             let ours: Vec<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+            for cookie in self.capture.inbound_link_cookies() {
+                if !ours.contains(&cookie) {
+                    self.capture.detach_inbound(cookie);
+                }
+            }
+            let ips: Vec<IpAddr> = self.pods.values().map(|p| p.workload.ip).collect();
+            self.capture.retain_inbound_rules(&ips);
             for cookie in self.capture.enrolled_cookies() {
                 if !ours.contains(&cookie) {
-                    info!(
-                        cookie,
-                        "releasing a pod enrolled by a previous instance that is gone"
-                    );
+                    info!(cookie, "releasing a pod enrolled by a previous instance that is gone");
                     if let Err(e) = self.capture.release(cookie) {
                         warn!(cookie, "releasing: {e}");
                     }
@@ -226,59 +341,66 @@ impl Agent {
         let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
         let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into();
         let l4 = netns.listen(v4, LISTEN_BACKLOG)?;
-        tasks.push(tokio::spawn(outbound::serve(
-            TcpListener::from_std(l4)?,
-            ctx.clone(),
-        )));
+        tasks.push(tokio::spawn(outbound::serve(TcpListener::from_std(l4)?, ctx.clone())));
         match netns.listen(v6, LISTEN_BACKLOG) {
-            Ok(l6) => tasks.push(tokio::spawn(outbound::serve(
-                TcpListener::from_std(l6)?,
-                ctx,
-            ))),
+            Ok(l6) => tasks.push(tokio::spawn(outbound::serve(TcpListener::from_std(l6)?, ctx))),
             // A pod without IPv6 loopback still gets IPv4 capture.
             Err(e) => warn!(pod = %w.key(), "no IPv6 outbound listener: {e}"),
         }
         let tunnel = netns.listen(SocketAddr::new(w.ip, HBONE_PORT), LISTEN_BACKLOG)?;
-        let ictx = Arc::new(InboundContext::new(
-            w.key(),
-            w.ip,
-            netns.clone(),
-            self.mesh.clone(),
-        ));
-        tasks.push(tokio::spawn(inbound::serve(
-            TcpListener::from_std(tunnel)?,
-            ictx,
-        )));
+        let ictx = Arc::new(InboundContext::new(w.key(), w.ip, netns.clone(), self.mesh.clone()));
+        tasks.push(tokio::spawn(inbound::serve(TcpListener::from_std(tunnel)?, ictx)));
+        // Inbound enforcement is in place before the pod counts as enrolled.
+        self.apply_pod_policy(w)?;
+        self.capture.attach_inbound(&netns)?;
         // Only now that the listeners exist may connect()s be redirected to them.
         self.capture.enroll(netns.cookie())?;
-        Ok(EnrolledPod {
-            workload: w.clone(),
-            netns,
-            tasks,
-        })
+        Ok(EnrolledPod { workload: w.clone(), netns, tasks })
     }
 }
 
-/// Detects changes to a file by modification time, size and inode (editors and `mv` replace).
-struct FileWatch {
-    path: PathBuf,
-    last: Option<(SystemTime, u64, u64)>,
+fn inbound_mode(m: Mode) -> InboundMode {
+    match m {
+        Mode::Strict => InboundMode::Strict,
+        Mode::Permissive => InboundMode::Permissive,
+        Mode::Disable => InboundMode::Disable,
+    }
 }
 
-impl FileWatch {
-    fn new(path: &Path) -> FileWatch {
-        let mut w = FileWatch {
-            path: path.to_owned(),
-            last: None,
-        };
+fn load_policies(dir: &Path, root_namespace: &str) -> anyhow::Result<PolicySet> {
+    let (ps, warnings) = PolicySet::load_dir(dir)?;
+    for w in warnings {
+        warn!("{}:{}: {}", w.file.display(), w.line, w.message);
+    }
+    Ok(ps.with_root_namespace(root_namespace))
+}
+
+/// Detects changes to a file, or to any file of a directory, by name, modification time, size
+/// and inode (editors and `mv` replace files rather than write them in place).
+struct Watch {
+    path: PathBuf,
+    last: Vec<(PathBuf, SystemTime, u64, u64)>,
+}
+
+impl Watch {
+    fn new(path: &Path) -> Watch {
+        let mut w = Watch { path: path.to_owned(), last: vec![] };
         w.last = w.stamp();
         w
     }
 
-    fn stamp(&self) -> Option<(SystemTime, u64, u64)> {
+    fn stamp(&self) -> Vec<(PathBuf, SystemTime, u64, u64)> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(&self.path).ok()?;
-        Some((m.modified().ok()?, m.len(), m.ino()))
+        let entry = |p: PathBuf| -> Option<(PathBuf, SystemTime, u64, u64)> {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.modified().ok()?, m.len(), m.ino()))
+        };
+        let mut v: Vec<_> = match std::fs::read_dir(&self.path) {
+            Ok(rd) => rd.flatten().filter_map(|e| entry(e.path())).collect(),
+            Err(_) => entry(self.path.clone()).into_iter().collect(),
+        };
+        v.sort();
+        v
     }
 
     fn changed(&mut self) -> bool {
@@ -288,6 +410,48 @@ impl FileWatch {
             return true;
         }
         false
+    }
+}
+
+/// Logs each plaintext connection the inbound program refused, with the deciding policy.
+async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
+    // SAFETY: the ring buffer owns the fd and moves into the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("refusal events unavailable: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("refusal events: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some((client, dst)) = crate::capture::parse_reject_event(&item) else { continue };
+            let ws = mesh.workloads.borrow().clone();
+            let pod = ws.by_ip(dst.ip());
+            let policy = pod.map(|w| mesh.policies.borrow().decide(&ws, w, dst.port()).reason);
+            mesh.stats
+                .inbound_plaintext_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                src = %client,
+                dst = %dst,
+                dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
+                policy = policy.as_deref().unwrap_or("-"),
+                "rejected: plaintext to STRICT port {}",
+                dst.port()
+            );
+        }
+        guard.clear_ready();
     }
 }
 

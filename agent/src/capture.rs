@@ -19,13 +19,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use mtls_agent_ebpf::{
-    map_names, prog_names, Config, ConnKey, OrigDst, PodInfo, SockAddr, AF_INET, AF_INET6,
-    AGENT_MARK, OUTBOUND_PORT,
+    map_names, prog_names, stats, Config, ConnKey, OrigDst, PodInfo, PortKey, PortPolicy, SockAddr,
+    AF_INET, AF_INET6, AGENT_MARK, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT, OUTBOUND_PORT,
 };
 use tracing::{debug, info, warn};
 
@@ -41,40 +41,25 @@ const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error("bpffs directory {path}: {source}")]
-    BpffsDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    BpffsDir { path: PathBuf, source: std::io::Error },
     #[error("{path} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
     NotBpffs { path: PathBuf },
     #[error("mounting bpffs at {DEFAULT_BPFFS}: {0}")]
     Mount(nix::Error),
     #[error("cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("pinning link at {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("eBPF link: {0}")]
     Link(#[from] aya::programs::links::LinkError),
 }
@@ -86,6 +71,44 @@ pub struct CaptureConfig {
     pub bpffs: PathBuf,
     /// The cgroup v2 directory that holds every pod of the node.
     pub cgroup: PathBuf,
+    /// The node's address (source of kubelet probes), if known.
+    pub node_ip: Option<IpAddr>,
+}
+
+/// Inbound enforcement mode of a pod port, as the eBPF program applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundMode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl InboundMode {
+    fn to_raw(self) -> u8 {
+        match self {
+            InboundMode::Strict => MODE_STRICT,
+            InboundMode::Permissive => MODE_PERMISSIVE,
+            InboundMode::Disable => MODE_DISABLE,
+        }
+    }
+}
+
+/// One entry of a pod's inbound rules: `port` 0 is the pod's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundRule {
+    pub port: u16,
+    pub mode: InboundMode,
+    /// The node may probe this port in plaintext even under STRICT.
+    pub probe: bool,
+}
+
+/// Counters kept by the eBPF programs (summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EbpfStats {
+    pub strict_rejected: u64,
+    pub probe_allowed: u64,
+    pub captured: u64,
 }
 
 /// Loaded and attached programs plus handles on their maps.
@@ -93,7 +116,16 @@ pub struct Capture {
     // Keeps the programs' file descriptors (and aya-log's buffer) alive.
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
+    inbound: HashMap<MapData, PortKey, PortPolicy>,
+    stats: PerCpuArray<MapData, u64>,
+    links_dir: PathBuf,
+    generation: u128,
     orig_dst: Option<OrigDstMap>,
+    events: Option<RingBuf<MapData>>,
+    /// (name, kernel id) of the programs this instance loaded.
+    program_ids: Vec<(String, u32)>,
+    // Keeps the kernel's run-time statistics for BPF programs switched on while we run.
+    _stats_enabled: Option<std::os::fd::OwnedFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -104,14 +136,10 @@ impl Capture {
         let maps_dir = cfg.bpffs.join("maps");
         let links_dir = cfg.bpffs.join("links");
         for dir in [&cfg.bpffs, &maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(|source| CaptureError::BpffsDir {
-                path: dir.clone(),
-                source,
-            })?;
+            fs::create_dir_all(dir)
+                .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -122,98 +150,215 @@ impl Capture {
         };
 
         let mut config: Array<_, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
+        let (node_ip_family, node_ip) = match cfg.node_ip {
+            Some(ip) => {
+                let a = to_sock_addr(SocketAddr::new(ip, 0));
+                (a.family, a.addr)
+            }
+            None => (0, [0; 4]),
+        };
         let value = Config {
             agent_mark: AGENT_MARK,
             outbound_port: OUTBOUND_PORT,
-            _pad: 0,
+            node_ip_family,
+            node_ip,
         };
         config
             .set(0, value, 0)
-            .map_err(|source| CaptureError::Map {
-                name: map_names::CONFIG,
-                source,
-            })?;
+            .map_err(|source| CaptureError::Map { name: map_names::CONFIG, source })?;
 
         let enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
-        let orig_dst = Some(OrigDstMap {
-            map: take_map(&mut ebpf, map_names::ORIG_DST)?,
-        });
+        let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
+        let stats = take_map(&mut ebpf, map_names::STATS)?;
+        let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
+        let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)? });
 
-        let cgroup = fs::File::open(&cfg.cgroup).map_err(|source| CaptureError::Cgroup {
-            path: cfg.cgroup.clone(),
-            source,
-        })?;
-        let old_links = existing_links(&links_dir);
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
+        let cgroup = fs::File::open(&cfg.cgroup)
+            .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
+        // Only the node-wide links are replaced here; a pod's inbound link is replaced when the
+        // pod is re-enrolled, so enforcement never pauses.
+        let old_links: Vec<PathBuf> = existing_links(&links_dir)
+            .into_iter()
+            .filter(|p| !link_name(p).starts_with(INBOUND_LINK_PREFIX))
+            .collect();
+        let generation =
+            SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
 
-        for name in [prog_names::CONNECT4, prog_names::CONNECT6] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let id = prog
-                .attach(cgroup.as_fd(), LINK_MODE)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|source| CaptureError::Program { name, source })?
-                .try_into()?;
-            pin_link(link, &links_dir.join(format!("{name}_{generation}")))?;
+        // The same steps for each cgroup program; their aya types differ, hence a macro.
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name: &'static str = $name;
+                let err = |source| CaptureError::Program { name, source };
+                let prog: &mut $ty = ebpf
+                    .program_mut(name)
+                    .ok_or(CaptureError::MissingProgram(name))?
+                    .try_into()
+                    .map_err(err)?;
+                prog.load().map_err(err)?;
+                let id = prog.attach(cgroup.as_fd(), LINK_MODE).map_err(err)?;
+                let link: FdLink = prog.take_link(id).map_err(err)?.try_into()?;
+                pin_link(link, &links_dir.join(format!("{name}_{generation}")))?;
+            }};
         }
+        attach_to_cgroup!(CgroupSockAddr, prog_names::CONNECT4);
+        attach_to_cgroup!(CgroupSockAddr, prog_names::CONNECT6);
+        attach_to_cgroup!(SockOps, prog_names::SOCK_OPS);
+
         {
-            let name = prog_names::SOCK_OPS;
-            let prog: &mut SockOps = ebpf
+            let name = prog_names::INBOUND;
+            let prog: &mut SkLookup = ebpf
                 .program_mut(name)
                 .ok_or(CaptureError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| CaptureError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let id = prog
-                .attach(cgroup.as_fd(), LINK_MODE)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|source| CaptureError::Program { name, source })?
-                .try_into()?;
-            pin_link(link, &links_dir.join(format!("{name}_{generation}")))?;
+            prog.load().map_err(|source| CaptureError::Program { name, source })?;
         }
+
+        let program_ids: Vec<(String, u32)> =
+            [prog_names::CONNECT4, prog_names::CONNECT6, prog_names::SOCK_OPS, prog_names::INBOUND]
+                .iter()
+                .filter_map(|n| Some((n.to_string(), ebpf.program(n)?.info().ok()?.id())))
+                .collect();
+        let _stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("BPF run-time statistics unavailable: {e}");
+                None
+            }
+        };
 
         // The new programs are live: retire the previous instance's links.
         for old in old_links {
-            match aya::programs::links::PinnedLink::from_pin(&old) {
-                Ok(pinned) => {
-                    if let Err(e) = pinned.unpin() {
-                        warn!(path = %old.display(), "removing old link pin: {e}");
-                    }
-                }
-                Err(e) => warn!(path = %old.display(), "opening old link pin: {e}"),
-            }
+            remove_link_pin(&old);
             debug!(path = %old.display(), "detached previous link");
         }
         info!(bpffs = %cfg.bpffs.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
             _ebpf: ebpf,
             enrolled,
+            inbound,
+            stats,
+            links_dir,
+            generation,
             orig_dst,
+            events,
+            program_ids,
+            _stats_enabled,
             logger,
         })
+    }
+
+    /// Attaches inbound enforcement to a pod's network namespace, replacing the link an
+    /// earlier agent instance left there (after the new one is live).
+    pub fn attach_inbound(&mut self, netns: &crate::inpod::PodNetns) -> Result<(), CaptureError> {
+        let name = prog_names::INBOUND;
+        let prefix = format!("{INBOUND_LINK_PREFIX}{}_", netns.cookie());
+        let old: Vec<PathBuf> = existing_links(&self.links_dir)
+            .into_iter()
+            .filter(|p| link_name(p).starts_with(&prefix))
+            .collect();
+        let path = self.links_dir.join(format!("{prefix}{}", self.generation));
+        if old.contains(&path) {
+            return Ok(()); // Already attached by this instance.
+        }
+        let prog: &mut SkLookup = self
+            ._ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        let id =
+            prog.attach(netns.file()).map_err(|source| CaptureError::Program { name, source })?;
+        let link: FdLink =
+            prog.take_link(id).map_err(|source| CaptureError::Program { name, source })?.into();
+        pin_link(link, &path)?;
+        for p in old {
+            remove_link_pin(&p);
+        }
+        Ok(())
+    }
+
+    /// Removes a pod's inbound enforcement (the pod left the mesh, or is gone).
+    pub fn detach_inbound(&mut self, netns_cookie: u64) {
+        let prefix = format!("{INBOUND_LINK_PREFIX}{netns_cookie}_");
+        for p in existing_links(&self.links_dir) {
+            if link_name(&p).starts_with(&prefix) {
+                remove_link_pin(&p);
+            }
+        }
+    }
+
+    /// Netns cookies of pods that have an inbound link (possibly from an earlier instance).
+    pub fn inbound_link_cookies(&self) -> Vec<u64> {
+        existing_links(&self.links_dir)
+            .iter()
+            .filter_map(|p| {
+                let n = link_name(p);
+                n.strip_prefix(INBOUND_LINK_PREFIX)?.split('_').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// Replaces the inbound rules of the pod with address `ip`.
+    pub fn set_inbound_rules(
+        &mut self,
+        ip: IpAddr,
+        rules: &[InboundRule],
+    ) -> Result<(), CaptureError> {
+        let base = to_sock_addr(SocketAddr::new(ip, 0));
+        let key = |port: u16| PortKey { addr: base.addr, port, family: base.family };
+        let wanted: Vec<PortKey> = rules.iter().map(|r| key(r.port)).collect();
+        // Write the new rules before removing stale ones, so no port is briefly unprotected.
+        for r in rules {
+            let value =
+                PortPolicy { mode: r.mode.to_raw(), probe: u8::from(r.probe), _pad: [0; 6] };
+            self.inbound
+                .insert(key(r.port), value, 0)
+                .map_err(|source| CaptureError::Map { name: map_names::INBOUND, source })?;
+        }
+        let stale: Vec<PortKey> = self
+            .inbound
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.addr == base.addr && k.family == base.family && !wanted.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.inbound.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Removes the inbound rules of every address not in `keep` (pods gone while the agent
+    /// was down).
+    pub fn retain_inbound_rules(&mut self, keep: &[IpAddr]) {
+        let keep: Vec<SockAddr> =
+            keep.iter().map(|ip| to_sock_addr(SocketAddr::new(*ip, 0))).collect();
+        let stale: Vec<PortKey> = self
+            .inbound
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.iter().any(|a| a.addr == k.addr && a.family == k.family))
+            .collect();
+        for k in stale {
+            let _ = self.inbound.remove(&k);
+        }
+    }
+
+    /// Removes every inbound rule of the pod with address `ip`.
+    pub fn clear_inbound_rules(&mut self, ip: IpAddr) -> Result<(), CaptureError> {
+        self.set_inbound_rules(ip, &[])
+    }
+
+    /// The eBPF programs' own counters.
+    pub fn stats(&self) -> EbpfStats {
+        read_stats(&self.stats)
     }
 
     /// Starts capturing connect()s made in the network namespace with this cookie.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         self.enrolled
             .insert(netns_cookie, PodInfo::default(), 0)
-            .map_err(|source| CaptureError::Map {
-                name: map_names::ENROLLED,
-                source,
-            })
+            .map_err(|source| CaptureError::Map { name: map_names::ENROLLED, source })
     }
 
     /// Stops capturing for this network namespace.
@@ -222,10 +367,7 @@ impl Capture {
             Ok(()) => Ok(()),
             // Already gone: releasing is idempotent.
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(CaptureError::Map {
-                name: map_names::ENROLLED,
-                source,
-            }),
+            Err(source) => Err(CaptureError::Map { name: map_names::ENROLLED, source }),
         }
     }
 
@@ -239,9 +381,77 @@ impl Capture {
         self.orig_dst.take()
     }
 
+    /// (name, kernel id) of the loaded programs, for run-time statistics.
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.program_ids.clone()
+    }
+
+    /// The ring buffer of refusals by the inbound program; the caller polls its fd.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
     /// The aya-log reader; the caller polls its fd and calls `flush`.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
+    }
+}
+
+fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
+    let sum =
+        |i: u32| -> u64 { map.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or_default() };
+    EbpfStats {
+        strict_rejected: sum(stats::STRICT_REJECTED),
+        probe_allowed: sum(stats::PROBE_ALLOWED),
+        captured: sum(stats::CAPTURED),
+    }
+}
+
+/// Run statistics of one program, from the kernel (`kernel.bpf_stats_enabled`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramRuns {
+    pub program: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+/// A second, read-only handle on the programs' counters (for the admin API and metrics).
+pub struct StatsReader {
+    map: PerCpuArray<MapData, u64>,
+    programs: Vec<(String, u32)>,
+}
+
+impl StatsReader {
+    /// Run counts and times of this agent's programs.
+    pub fn programs(&self) -> Vec<ProgramRuns> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|info| {
+                let (name, _) = self.programs.iter().find(|(_, id)| *id == info.id())?;
+                Some(ProgramRuns {
+                    program: name.clone(),
+                    runs: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+
+    pub fn open_pinned(
+        bpffs: &Path,
+        programs: Vec<(String, u32)>,
+    ) -> Result<StatsReader, CaptureError> {
+        let path = bpffs.join("maps").join(map_names::STATS);
+        let data = MapData::from_pin(&path)
+            .map_err(|source| CaptureError::Map { name: map_names::STATS, source })?;
+        let map = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .map_err(|source| CaptureError::Map { name: map_names::STATS, source })?;
+        Ok(StatsReader { map, programs })
+    }
+
+    pub fn read(&self) -> EbpfStats {
+        read_stats(&self.map)
     }
 }
 
@@ -254,25 +464,17 @@ impl OrigDstMap {
     /// Opens the pinned map of a node (used by tests and diagnostics).
     pub fn open_pinned(bpffs: &Path) -> Result<OrigDstMap, CaptureError> {
         let path = bpffs.join("maps").join(map_names::ORIG_DST);
-        let data = MapData::from_pin(&path).map_err(|source| CaptureError::Map {
-            name: map_names::ORIG_DST,
-            source,
-        })?;
-        let map = HashMap::try_from(Map::LruHashMap(data)).map_err(|source| CaptureError::Map {
-            name: map_names::ORIG_DST,
-            source,
-        })?;
+        let data = MapData::from_pin(&path)
+            .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
+        let map = HashMap::try_from(Map::LruHashMap(data))
+            .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
         Ok(OrigDstMap { map })
     }
 
     /// The destination a captured client meant to reach. `client` is the peer address seen
     /// by the in-pod listener of the pod whose netns has `netns_cookie`.
     pub fn lookup(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
-        let key = ConnKey {
-            netns_cookie,
-            client: to_sock_addr(client),
-            _pad: 0,
-        };
+        let key = ConnKey { netns_cookie, client: to_sock_addr(client), _pad: 0 };
         let v = self.map.get(&key, 0).ok()?;
         from_sock_addr(v.dst)
     }
@@ -297,17 +499,31 @@ where
 
 fn pin_link(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     // The pinned link keeps the program attached after this process exits.
-    link.pin(path).map_err(|source| CaptureError::Pin {
-        path: path.to_owned(),
-        source,
-    })?;
+    link.pin(path).map_err(|source| CaptureError::Pin { path: path.to_owned(), source })?;
     Ok(())
 }
 
+/// Pin names of per-pod inbound links: `inbound_<netns cookie>_<generation>`.
+const INBOUND_LINK_PREFIX: &str = "inbound_";
+
+fn link_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn remove_link_pin(p: &Path) {
+    // Unpinning drops the last reference: the kernel detaches the program.
+    match aya::programs::links::PinnedLink::from_pin(p) {
+        Ok(pinned) => {
+            if let Err(e) = pinned.unpin() {
+                warn!(path = %p.display(), "removing link pin: {e}");
+            }
+        }
+        Err(e) => warn!(path = %p.display(), "opening link pin: {e}"),
+    }
+}
+
 fn existing_links(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
 
 /// Makes sure `path` (or the nearest existing ancestor) is on bpffs, mounting the default
@@ -347,9 +563,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), CaptureError> {
             return Ok(());
         }
     }
-    Err(CaptureError::NotBpffs {
-        path: path.to_owned(),
-    })
+    Err(CaptureError::NotBpffs { path: path.to_owned() })
 }
 
 /// Removes every pin of a node (`mtls-agent uninstall`): links first, so capture stops before
@@ -370,6 +584,19 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A refusal by the inbound program: (client, pod address and port).
+pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    if bytes.len() < std::mem::size_of::<mtls_agent_ebpf::RejectEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; RejectEvent is plain data and read unaligned.
+    let e: mtls_agent_ebpf::RejectEvent =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let addr =
+        |a: [u32; 4], port: u16| from_sock_addr(SockAddr { addr: a, port, family: e.family });
+    Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?))
+}
+
 pub fn to_sock_addr(a: SocketAddr) -> SockAddr {
     match a.ip() {
         IpAddr::V4(ip) => SockAddr {
@@ -386,21 +613,14 @@ pub fn to_sock_addr(a: SocketAddr) -> SockAddr {
             for (i, w) in addr.iter_mut().enumerate() {
                 *w = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
             }
-            SockAddr {
-                addr,
-                port: a.port(),
-                family: AF_INET6,
-            }
+            SockAddr { addr, port: a.port(), family: AF_INET6 }
         }
     }
 }
 
 pub fn from_sock_addr(s: SockAddr) -> Option<SocketAddr> {
     match s.family {
-        AF_INET => Some(SocketAddr::new(
-            Ipv4Addr::from(s.addr[0].to_ne_bytes()).into(),
-            s.port,
-        )),
+        AF_INET => Some(SocketAddr::new(Ipv4Addr::from(s.addr[0].to_ne_bytes()).into(), s.port)),
         AF_INET6 => {
             let mut o = [0u8; 16];
             for (i, w) in s.addr.iter().enumerate() {
@@ -425,21 +645,11 @@ mod tests {
         let v6: SocketAddr = "[fd00::1:2]:443".parse().unwrap();
         assert_eq!(from_sock_addr(to_sock_addr(v6)), Some(v6));
         let mapped: SocketAddr = "[::ffff:10.0.0.7]:80".parse().unwrap();
-        assert_eq!(
-            from_sock_addr(to_sock_addr(mapped)),
-            Some("10.0.0.7:80".parse().unwrap())
-        );
+        assert_eq!(from_sock_addr(to_sock_addr(mapped)), Some("10.0.0.7:80".parse().unwrap()));
     }
 
     #[test]
     fn unknown_family_is_rejected() {
-        assert_eq!(
-            from_sock_addr(SockAddr {
-                addr: [0; 4],
-                port: 1,
-                family: 99
-            }),
-            None
-        );
+        assert_eq!(from_sock_addr(SockAddr { addr: [0; 4], port: 1, family: 99 }), None);
     }
 }

@@ -47,31 +47,25 @@ pub struct PodNetns {
 impl PodNetns {
     /// Opens the namespace file and reads its cookie (the key the eBPF programs use).
     pub fn open(path: &Path) -> Result<PodNetns, InpodError> {
-        let file = File::open(path).map_err(|source| InpodError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut ns = PodNetns {
-            path: path.to_owned(),
-            file: Arc::new(file),
-            cookie: 0,
-        };
+        let file = File::open(path)
+            .map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
+        let mut ns = PodNetns { path: path.to_owned(), file: Arc::new(file), cookie: 0 };
         ns.cookie = ns.run(|| {
             let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
             netns_cookie(&s)
         })?;
         let own = Socket::new(Domain::IPV4, Type::STREAM, None)
             .and_then(|s| netns_cookie(&s))
-            .map_err(|source| InpodError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| InpodError::Io { path: path.to_owned(), source })?;
         if own == ns.cookie {
-            return Err(InpodError::HostNetns {
-                path: path.to_owned(),
-            });
+            return Err(InpodError::HostNetns { path: path.to_owned() });
         }
         Ok(ns)
+    }
+
+    /// The namespace file (for attaching per-namespace programs).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn path(&self) -> &Path {
@@ -88,21 +82,12 @@ impl PodNetns {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-                        InpodError::Enter {
-                            path: self.path.clone(),
-                            source,
-                        }
-                    })?;
-                    f().map_err(|source| InpodError::Io {
-                        path: self.path.clone(),
-                        source,
-                    })
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|source| InpodError::Enter { path: self.path.clone(), source })?;
+                    f().map_err(|source| InpodError::Io { path: self.path.clone(), source })
                 })
                 .join()
-                .map_err(|_| InpodError::Panicked {
-                    path: self.path.clone(),
-                })?
+                .map_err(|_| InpodError::Panicked { path: self.path.clone() })?
         })
     }
 

@@ -1,26 +1,32 @@
-use std::io::IsTerminal;
+use std::{io::IsTerminal, sync::Arc};
 
 use clap::Parser;
 use mtls_agent::{
+    admin::{self, SetLogLevel},
     agent::{self, AgentConfig},
     capture,
-    cli::{default_bpffs, CaCommand, Cli, Command, LogFormat},
-    identity,
+    cli::{default_bpffs, CaCommand, Cli, Command, LogFormat, PolicyCommand},
+    cli::{render, Output},
+    identity, policy, workloads,
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    // The filter sits behind a reload handle so the admin API can change the level.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt.with_ansi(std::io::stderr().is_terminal())).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
-    match run(cli) {
+    let set_log_level: SetLogLevel = Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    match run(cli, set_log_level) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mtls-agent: {e:#}");
@@ -29,7 +35,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let cfg = AgentConfig {
@@ -41,15 +47,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ca_dir: args.ca_dir,
                 trust_domain: args.trust_domain,
                 cert_ttl: args.cert_ttl,
+                policies: args.policies,
+                root_namespace: args.root_namespace,
+                node_ip: args.node_ip,
+                metrics: args.metrics,
+                health: args.health,
+                set_log_level: Some(set_log_level),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(agent::run(cfg))
         }
-        Command::Ca {
-            command: CaCommand::Init { dir, trust_domain },
-        } => {
+        Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
             let ca = identity::init_ca(&dir, &trust_domain)?;
             eprintln!(
                 "mtls-agent: wrote a new root CA for trust domain {trust_domain} in {} (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
@@ -57,15 +65,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Policy { command: PolicyCommand::Check { dir, workloads, root_namespace } } => {
+            let text = std::fs::read_to_string(&workloads)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
+            let ws = workloads::WorkloadSet::parse(&text, &workloads)?;
+            let (ps, warnings) = policy::PolicySet::load_dir(&dir)?;
+            let ps = ps.with_root_namespace(&root_namespace);
+            print!("{}", policy::render_report(&ps.report(&ws), &warnings));
+            Ok(())
+        }
+        Command::Check { pod, client } => {
+            if !pod.contains('.') {
+                anyhow::bail!("pod must be NAME.NAMESPACE, got {pod:?}");
+            }
+            let body = admin::client::get(client.admin, &format!("/check?pod={pod}"))?;
+            print_answer(&body, client.output, render::check)
+        }
+        Command::Connections { pod, client } => {
+            let body = admin::client::get(client.admin, "/connections")?;
+            let mut v: serde_json::Value = serde_json::from_str(&body)?;
+            if let (Some(pod), Some(list)) = (pod, v.as_array_mut()) {
+                list.retain(|c| {
+                    c["sourcePod"] == pod.as_str() || c["destinationPod"] == pod.as_str()
+                });
+            }
+            print_answer(&v.to_string(), client.output, render::connections)
+        }
+        Command::Certs { client } => {
+            let body = admin::client::get(client.admin, "/certs")?;
+            print_answer(&body, client.output, render::certs)
+        }
         Command::Uninstall { node, bpffs } => {
             let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));
             capture::unpin_all(&dir)
                 .map_err(|e| anyhow::anyhow!("removing pins under {}: {e}", dir.display()))?;
-            eprintln!(
-                "mtls-agent: removed the pinned programs and maps under {}",
-                dir.display()
-            );
+            eprintln!("mtls-agent: removed the pinned programs and maps under {}", dir.display());
             Ok(())
         }
     }
+}
+
+/// Prints an admin API answer as a table, JSON or YAML.
+fn print_answer(
+    body: &str,
+    output: Output,
+    table: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(body)?;
+    match render::structured(&v, output)? {
+        Some(text) => print!("{text}"),
+        None => print!("{}", table(&v)),
+    }
+    Ok(())
 }

@@ -96,20 +96,11 @@ pub enum WorkloadsError {
     },
     /// The text is not (a single document of) well-formed YAML.
     #[error("{}: invalid YAML: {message}", At(file, *line))]
-    Syntax {
-        file: PathBuf,
-        line: Option<usize>,
-        message: String,
-    },
+    Syntax { file: PathBuf, line: Option<usize>, message: String },
     /// Well-formed YAML that breaks the schema or a consistency rule.
     /// `field` is a path such as `workloads[1].ip` (empty for the whole file).
     #[error("{}: {}{message}", At(file, *line), FieldPrefix(field))]
-    Invalid {
-        file: PathBuf,
-        line: Option<usize>,
-        field: String,
-        message: String,
-    },
+    Invalid { file: PathBuf, line: Option<usize>, field: String, message: String },
 }
 
 impl WorkloadsError {
@@ -164,10 +155,7 @@ impl Service {
     pub fn selects(&self, w: &Workload) -> bool {
         self.namespace == w.namespace
             && !self.selector.is_empty()
-            && self
-                .selector
-                .iter()
-                .all(|(k, v)| w.labels.get(k) == Some(v))
+            && self.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
     }
 }
 
@@ -175,10 +163,8 @@ impl WorkloadSet {
     /// Reads and parses `path`, then checks that every pod of `node` has a
     /// netns that exists on disk.
     pub fn load(path: &Path, node: &str) -> Result<Self, WorkloadsError> {
-        let src = std::fs::read_to_string(path).map_err(|source| WorkloadsError::Read {
-            file: path.to_path_buf(),
-            source,
-        })?;
+        let src = std::fs::read_to_string(path)
+            .map_err(|source| WorkloadsError::Read { file: path.to_path_buf(), source })?;
         let (set, loc) = parse_located(&src, path)?;
         for (i, w) in set.workloads.iter().enumerate() {
             if w.node != node {
@@ -220,9 +206,7 @@ impl WorkloadSet {
 
     /// The pod `name` in `namespace`.
     pub fn find(&self, name: &str, namespace: &str) -> Option<&Workload> {
-        self.workloads
-            .iter()
-            .find(|w| w.name == name && w.namespace == namespace)
+        self.workloads.iter().find(|w| w.name == name && w.namespace == namespace)
     }
 
     /// A service whose `vip` is `ip` and that has port `port`: its ready
@@ -230,14 +214,11 @@ impl WorkloadSet {
     /// selector; an empty selector selects nothing) and the targetPort.
     pub fn resolve_vip(&self, ip: IpAddr, port: u16) -> Option<(Vec<&Workload>, u16)> {
         let ip = ip.to_canonical();
-        self.services
-            .iter()
-            .filter(|s| s.vip == Some(ip))
-            .find_map(|s| {
-                let sp = s.ports.iter().find(|p| p.port == port)?;
-                let endpoints = self.workloads.iter().filter(|w| s.selects(w)).collect();
-                Some((endpoints, sp.target_port))
-            })
+        self.services.iter().filter(|s| s.vip == Some(ip)).find_map(|s| {
+            let sp = s.ports.iter().find(|p| p.port == port)?;
+            let endpoints = self.workloads.iter().filter(|w| s.selects(w)).collect();
+            Some((endpoints, sp.target_port))
+        })
     }
 
     /// Services in `w`'s namespace selecting workload `w` (used later by policy code).
@@ -251,21 +232,14 @@ impl WorkloadSet {
 // the newtypes below so that serde_yaml attaches the exact location to them.
 
 #[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a mapping with optional keys workloads and services"
-)]
+#[serde(deny_unknown_fields, expecting = "a mapping with optional keys workloads and services")]
 struct RawFile {
     workloads: Option<Vec<RawWorkload>>,
     services: Option<Vec<RawService>>,
 }
 
 #[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "camelCase",
-    expecting = "a workload (mapping)"
-)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", expecting = "a workload (mapping)")]
 struct RawWorkload {
     #[serde(deserialize_with = "present")]
     name: Option<Name>,
@@ -282,11 +256,7 @@ struct RawWorkload {
 }
 
 #[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "camelCase",
-    expecting = "a service (mapping)"
-)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", expecting = "a service (mapping)")]
 struct RawService {
     #[serde(deserialize_with = "present")]
     name: Option<Name>,
@@ -486,16 +456,10 @@ fn parse_located<'a>(
 ) -> Result<(WorkloadSet, Locator<'a>), WorkloadsError> {
     // `Option` so that a document that is just `~` also counts as empty.
     let raw = match serde_yaml::from_str::<Option<RawFile>>(src) {
-        Ok(raw) => raw.unwrap_or(RawFile {
-            workloads: None,
-            services: None,
-        }),
+        Ok(raw) => raw.unwrap_or(RawFile { workloads: None, services: None }),
         Err(err) => return Err(serde_error(&err, src, origin)),
     };
-    let loc = Locator {
-        file: origin,
-        index: YamlIndex::parse(src).ok(),
-    };
+    let loc = Locator { file: origin, index: YamlIndex::parse(src).ok() };
     // serde_yaml keeps the last of repeated map keys; a repeated label is
     // almost certainly a mistake.
     if let Some(dup) = loc.index.as_ref().and_then(|idx| idx.duplicate_key(0)) {
@@ -532,19 +496,12 @@ fn convert(raw: RawFile, loc: &Locator<'_>) -> Result<WorkloadSet, WorkloadsErro
         workloads.push(Workload {
             name: required(w.name, loc, &path, "name")?.0,
             namespace: required(w.namespace, loc, &path, "namespace")?.0,
-            service_account: w
-                .service_account
-                .map_or_else(|| "default".to_string(), |n| n.0),
+            service_account: w.service_account.map_or_else(|| "default".to_string(), |n| n.0),
             labels: w.labels.unwrap_or_default(),
             ip: required(w.ip, loc, &path, "ip")?.0,
             node: required(w.node, loc, &path, "node")?.0,
             netns: w.netns.map(|n| n.0),
-            probe_ports: w
-                .probe_ports
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| p.0)
-                .collect(),
+            probe_ports: w.probe_ports.unwrap_or_default().into_iter().map(|p| p.0).collect(),
         });
     }
     let mut services = Vec::new();
@@ -567,10 +524,7 @@ fn convert(raw: RawFile, loc: &Locator<'_>) -> Result<WorkloadSet, WorkloadsErro
                 .collect(),
         });
     }
-    Ok(WorkloadSet {
-        workloads,
-        services,
-    })
+    Ok(WorkloadSet { workloads, services })
 }
 
 /// Cross-entry checks; reports the later of two conflicting entries.
@@ -581,10 +535,7 @@ fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> 
         let path = format!("workloads[{i}]");
         if let Some(&j) = pods.get(&(w.name.as_str(), w.namespace.as_str())) {
             let first = loc.at(&format!("workloads[{j}]"));
-            return Err(loc.error(
-                path,
-                format!("duplicate pod {} (first at {first})", w.key()),
-            ));
+            return Err(loc.error(path, format!("duplicate pod {} (first at {first})", w.key())));
         }
         pods.insert((&w.name, &w.namespace), i);
         if let Some(&j) = ips.get(&w.ip) {
@@ -592,10 +543,7 @@ fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> 
             let other = set.workloads.get(j).map(Workload::key).unwrap_or_default();
             return Err(loc.error(
                 format!("{path}.ip"),
-                format!(
-                    "duplicate IP {} (first used by pod {other} at {first})",
-                    w.ip
-                ),
+                format!("duplicate IP {} (first used by pod {other} at {first})", w.ip),
             ));
         }
         ips.insert(w.ip, i);
@@ -619,10 +567,7 @@ fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> 
             let first = loc.at(&format!("services[{j}]"));
             return Err(loc.error(
                 path,
-                format!(
-                    "duplicate service {}.{} (first at {first})",
-                    s.name, s.namespace
-                ),
+                format!("duplicate service {}.{} (first at {first})", s.name, s.namespace),
             ));
         }
         services.insert((&s.name, &s.namespace), i);
@@ -682,19 +627,13 @@ fn serde_error(err: &serde_yaml::Error, src: &str, file: &Path) -> WorkloadsErro
     // that is the more useful error to show.
     if let Err(syntax) = serde_yaml::from_str::<IgnoredAny>(src) {
         let (line, message) = strip_location(&syntax);
-        return WorkloadsError::Syntax {
-            file: file.to_path_buf(),
-            line,
-            message,
-        };
+        return WorkloadsError::Syntax { file: file.to_path_buf(), line, message };
     }
     let (line, text) = strip_location(err);
     let (path, message) = split_serde_message(&text);
     // serde_yaml points a repeated field at its mapping; find the repeat.
     if message.starts_with("duplicate field `") {
-        let dup = YamlIndex::parse(src)
-            .ok()
-            .and_then(|idx| idx.duplicate_key(0));
+        let dup = YamlIndex::parse(src).ok().and_then(|idx| idx.duplicate_key(0));
         if let Some(dup) = dup {
             return duplicate_key_error(file, dup);
         }
@@ -710,19 +649,11 @@ fn serde_error(err: &serde_yaml::Error, src: &str, file: &Path) -> WorkloadsErro
         (yamlpos::join_key(path, name), message)
     } else if let Some(rest) = message.strip_prefix("missing field `") {
         let name = rest.trim_end_matches('`');
-        (
-            yamlpos::join_key(path, name),
-            "missing required field".to_string(),
-        )
+        (yamlpos::join_key(path, name), "missing required field".to_string())
     } else {
         (path.to_string(), message.to_string())
     };
-    WorkloadsError::Invalid {
-        file: file.to_path_buf(),
-        line,
-        field,
-        message,
-    }
+    WorkloadsError::Invalid { file: file.to_path_buf(), line, field, message }
 }
 
 /// The error's line and its text without the ` at line L column C` part.
@@ -814,10 +745,7 @@ services:
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// A minimal valid pod entry at the given IP.
@@ -849,11 +777,7 @@ services:
                 namespace: "hipster-app".into(),
                 vip: Some(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))),
                 selector: labels(&[("app", "frontend")]),
-                ports: vec![ServicePort {
-                    name: Some("http".into()),
-                    port: 80,
-                    target_port: 8080
-                }],
+                ports: vec![ServicePort { name: Some("http".into()), port: 80, target_port: 8080 }],
             }
         );
         assert_eq!(set.workloads[0].key(), "frontend.hipster-app");
@@ -880,16 +804,8 @@ services:
         assert_eq!(
             set.services[1].ports,
             vec![
-                ServicePort {
-                    name: None,
-                    port: 7070,
-                    target_port: 7070
-                },
-                ServicePort {
-                    name: Some("metrics".into()),
-                    port: 9090,
-                    target_port: 9091
-                },
+                ServicePort { name: None, port: 7070, target_port: 7070 },
+                ServicePort { name: Some("metrics".into()), port: 9090, target_port: 9091 },
             ]
         );
         assert_eq!(set.services[2].vip, None);
@@ -898,14 +814,7 @@ services:
 
     #[test]
     fn empty_files_are_empty_sets() {
-        for src in [
-            "",
-            "\n",
-            "# nothing yet\n",
-            "{}",
-            "~",
-            "workloads:\nservices: []\n",
-        ] {
+        for src in ["", "\n", "# nothing yet\n", "{}", "~", "workloads:\nservices: []\n"] {
             assert_eq!(parse(src).unwrap(), WorkloadSet::default(), "{src:?}");
         }
     }
@@ -952,10 +861,7 @@ services:
         let (eps, target) = set.resolve_vip(vip, 9090).unwrap();
         assert_eq!(eps.len(), 2);
         assert_eq!(target, 9091);
-        assert!(
-            set.resolve_vip(vip, 9091).is_none(),
-            "targetPort is not a service port"
-        );
+        assert!(set.resolve_vip(vip, 9091).is_none(), "targetPort is not a service port");
 
         let (eps, target) = set.resolve_vip("10.96.0.10".parse().unwrap(), 80).unwrap();
         assert_eq!(eps.len(), 1);
@@ -993,17 +899,11 @@ services:
         let e = parse(src).unwrap_err();
         assert!(matches!(e, WorkloadsError::Syntax { .. }), "{e:?}");
         let text = e.to_string();
-        assert!(
-            text.starts_with("workloads.yaml:4: invalid YAML: "),
-            "{text}"
-        );
+        assert!(text.starts_with("workloads.yaml:4: invalid YAML: "), "{text}");
         assert!(!text.contains(" at line 4"), "{text}");
 
         let text = err("workloads:\n- name: a\n   namespace: b\n");
-        assert!(
-            text.starts_with("workloads.yaml:3: invalid YAML: "),
-            "{text}"
-        );
+        assert!(text.starts_with("workloads.yaml:3: invalid YAML: "), "{text}");
         let text = err("workloads: []\n---\nservices: []\n");
         assert!(text.starts_with("workloads.yaml: invalid YAML: "), "{text}");
     }
@@ -1021,11 +921,7 @@ workloads:
              serviceAccount, labels, ip, node, netns, probePorts)"
         );
         let e = WorkloadSet::parse(src, Path::new("/tmp/x/workloads.yaml")).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("/tmp/x/workloads.yaml:3: workloads[0].colour: "),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("/tmp/x/workloads.yaml:3: workloads[0].colour: "), "{e}");
         assert_eq!(
             err("workload: []\n"),
             "workloads.yaml:1: workload: unknown field (expected workloads or services)"
@@ -1090,10 +986,7 @@ workloads:
 
     #[test]
     fn invalid_ips() {
-        let src = format!(
-            "workloads:\n{}- name: b\n  ip: 10.0.0.300\n",
-            pod("a", "10.0.0.1")
-        );
+        let src = format!("workloads:\n{}- name: b\n  ip: 10.0.0.300\n", pod("a", "10.0.0.1"));
         assert_eq!(
             err(&src),
             "workloads.yaml:7: workloads[1].ip: invalid IP address \"10.0.0.300\""
@@ -1182,32 +1075,21 @@ workloads:
             "workloads.yaml:6: workloads[1]: duplicate pod frontend.hipster-app (first at line 2)"
         );
         // Same name in another namespace is a different pod.
-        let src = format!(
-            "workloads:\n{}{}",
-            pod("a", "10.0.0.1"),
-            pod("b", "10.0.0.2")
-        );
+        let src = format!("workloads:\n{}{}", pod("a", "10.0.0.1"), pod("b", "10.0.0.2"));
         assert!(parse(&src).is_ok());
     }
 
     #[test]
     fn duplicate_pod_ips() {
-        let src = format!(
-            "workloads:\n{}{}",
-            pod("a", "fd00::1"),
-            pod("b", "\"fd00:0::1\"")
-        );
+        let src = format!("workloads:\n{}{}", pod("a", "fd00::1"), pod("b", "\"fd00:0::1\""));
         assert_eq!(
             err(&src),
             "workloads.yaml:8: workloads[1].ip: duplicate IP fd00::1 (first used by pod a.ns at \
              line 4)"
         );
         // IPv4 and its mapped IPv6 form are the same address.
-        let src = format!(
-            "workloads:\n{}{}",
-            pod("a", "10.0.0.1"),
-            pod("b", "\"::ffff:10.0.0.1\"")
-        );
+        let src =
+            format!("workloads:\n{}{}", pod("a", "10.0.0.1"), pod("b", "\"::ffff:10.0.0.1\""));
         assert!(err(&src).starts_with("workloads.yaml:8: workloads[1].ip: duplicate IP 10.0.0.1"));
     }
 
@@ -1216,30 +1098,19 @@ workloads:
         let svc = |name: &str, vip: &str| {
             format!("- name: {name}\n  namespace: ns\n  vip: {vip}\n  ports: [{{port: 80}}]\n")
         };
-        let src = format!(
-            "services:\n{}{}",
-            svc("s", "10.96.0.1"),
-            svc("s", "10.96.0.2")
-        );
+        let src = format!("services:\n{}{}", svc("s", "10.96.0.1"), svc("s", "10.96.0.2"));
         assert_eq!(
             err(&src),
             "workloads.yaml:6: services[1]: duplicate service s.ns (first at line 2)"
         );
-        let src = format!(
-            "services:\n{}{}",
-            svc("s", "10.96.0.1"),
-            svc("t", "10.96.0.1")
-        );
+        let src = format!("services:\n{}{}", svc("s", "10.96.0.1"), svc("t", "10.96.0.1"));
         assert_eq!(
             err(&src),
             "workloads.yaml:8: services[1].vip: duplicate VIP 10.96.0.1 (first used by service \
              s.ns at line 4)"
         );
-        let src = format!(
-            "workloads:\n{}services:\n{}",
-            pod("a", "10.0.0.1"),
-            svc("s", "10.0.0.1")
-        );
+        let src =
+            format!("workloads:\n{}services:\n{}", pod("a", "10.0.0.1"), svc("s", "10.0.0.1"));
         assert_eq!(
             err(&src),
             "workloads.yaml:9: services[0].vip: VIP 10.0.0.1 is also the IP of pod a.ns (at line 4)"
@@ -1295,11 +1166,7 @@ workloads:
         }
         // Nesting far beyond serde_yaml's recursion limit.
         inputs.push("[".repeat(5_000));
-        inputs.push(format!(
-            "workloads: {}1{}",
-            "[".repeat(5_000),
-            "]".repeat(5_000)
-        ));
+        inputs.push(format!("workloads: {}1{}", "[".repeat(5_000), "]".repeat(5_000)));
         for src in &inputs {
             if let Err(e) = parse(src) {
                 let _ = e.to_string();
@@ -1340,11 +1207,7 @@ workloads:
             let dir = tempfile::tempdir().unwrap();
             let path = write(
                 dir.path(),
-                &format!(
-                    "workloads:\n{}{}",
-                    pod("a", "10.0.0.1"),
-                    pod("b", "10.0.0.2")
-                ),
+                &format!("workloads:\n{}{}", pod("a", "10.0.0.1"), pod("b", "10.0.0.2")),
             );
             let e = WorkloadSet::load(&path, "n1").unwrap_err();
             assert_eq!(
@@ -1390,18 +1253,13 @@ workloads:
             let path = dir.path().join("missing.yaml");
             let e = WorkloadSet::load(&path, "n1").unwrap_err();
             assert!(matches!(e, WorkloadsError::Read { .. }), "{e:?}");
-            assert!(e
-                .to_string()
-                .starts_with(&format!("{}: cannot read: ", path.display())));
+            assert!(e.to_string().starts_with(&format!("{}: cannot read: ", path.display())));
 
             let path = write(dir.path(), "workloads:\n- name: a\n  ip: 10.0.0.300\n");
             let e = WorkloadSet::load(&path, "n1").unwrap_err();
             assert_eq!(
                 e.to_string(),
-                format!(
-                    "{}:3: workloads[0].ip: invalid IP address \"10.0.0.300\"",
-                    path.display()
-                )
+                format!("{}:3: workloads[0].ip: invalid IP address \"10.0.0.300\"", path.display())
             );
         }
     }

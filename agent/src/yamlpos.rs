@@ -138,11 +138,7 @@ impl YamlIndex {
         let mut best: Option<(usize, usize, String)> = None; // (line, map node, key)
         let mut first_line = 0;
         for id in start..end {
-            let Some(Node {
-                kind: Kind::Map(entries),
-                ..
-            }) = self.nodes.get(id)
-            else {
+            let Some(Node { kind: Kind::Map(entries), .. }) = self.nodes.get(id) else {
                 continue;
             };
             let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -163,11 +159,7 @@ impl YamlIndex {
         let (line, map, key) = best?;
         // Maps inside complex keys have no path; report them at the root.
         let parent = self.path_of(map).unwrap_or_default();
-        Some(DuplicateKey {
-            path: join_key(&parent, &key),
-            line,
-            first_line,
-        })
+        Some(DuplicateKey { path: join_key(&parent, &key), line, first_line })
     }
 
     /// Follows `path` as far as it exists: the line reached and whether the
@@ -348,18 +340,12 @@ impl MarkedEventReceiver for Builder {
             Event::SequenceStart(anchor, _) => {
                 let id = self.add(mark, Kind::Seq(Vec::new()), anchor);
                 self.attach(id, None);
-                self.open.push(Open {
-                    node: id,
-                    pending_key: None,
-                });
+                self.open.push(Open { node: id, pending_key: None });
             }
             Event::MappingStart(anchor, _) => {
                 let id = self.add(mark, Kind::Map(Vec::new()), anchor);
                 self.attach(id, None);
-                self.open.push(Open {
-                    node: id,
-                    pending_key: None,
-                });
+                self.open.push(Open { node: id, pending_key: None });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 self.open.pop();
@@ -372,11 +358,7 @@ impl MarkedEventReceiver for Builder {
 impl Builder {
     fn add(&mut self, mark: Marker, kind: Kind, anchor: usize) -> usize {
         let id = self.index.nodes.len();
-        self.index.nodes.push(Node {
-            line: mark.line(),
-            up: None,
-            kind,
-        });
+        self.index.nodes.push(Node { line: mark.line(), up: None, kind });
         // Anchor id 0 means "no anchor".
         if anchor != 0 {
             self.anchors.insert(anchor, id);
@@ -404,11 +386,7 @@ impl Builder {
                     None
                 }
                 Some((key, key_line)) => {
-                    entries.push(Entry {
-                        key: key.clone(),
-                        key_line,
-                        value: id,
-                    });
+                    entries.push(Entry { key: key.clone(), key_line, value: id });
                     key.map(|k| (parent, Segment::Key(k)))
                 }
             },
@@ -494,10 +472,7 @@ workloads:
     fn quoted_keys_and_block_scalars() {
         let src = "metadata:\n  labels:\n    app.kubernetes.io/name: web\n    \"a\\\"b\": 1\n  note: |\n    x\n    y\n  after: 1\n";
         let idx = YamlIndex::parse(src).unwrap();
-        assert_eq!(
-            idx.line(0, "metadata.labels[\"app.kubernetes.io/name\"]"),
-            Some(3)
-        );
+        assert_eq!(idx.line(0, "metadata.labels[\"app.kubernetes.io/name\"]"), Some(3));
         assert_eq!(idx.line(0, r#"metadata.labels["a\"b"]"#), Some(4));
         assert_eq!(idx.line(0, "metadata.note"), Some(5));
         assert_eq!(idx.line(0, "metadata.after"), Some(8));
@@ -535,11 +510,7 @@ workloads:
         let idx = YamlIndex::parse(src).unwrap();
         assert_eq!(
             idx.duplicate_key(0),
-            Some(DuplicateKey {
-                path: "a.x".into(),
-                line: 4,
-                first_line: 2
-            })
+            Some(DuplicateKey { path: "a.x".into(), line: 4, first_line: 2 })
         );
         let idx = YamlIndex::parse("a: {k: 1}\n---\nl: [{m: 1, m: 2}]\n").unwrap();
         assert_eq!(idx.duplicate_key(0), None);
@@ -558,10 +529,7 @@ workloads:
     #[test]
     fn empty_and_hostile_input() {
         assert_eq!(YamlIndex::parse("").unwrap().documents(), 0);
-        assert_eq!(
-            YamlIndex::parse("# only a comment\n").unwrap().documents(),
-            0
-        );
+        assert_eq!(YamlIndex::parse("# only a comment\n").unwrap().documents(), 0);
         // An empty document still has a (null) root.
         assert!(YamlIndex::parse("---\n").unwrap().line(0, "").is_some());
         // Deep nesting must neither overflow the stack nor panic.

@@ -1,26 +1,30 @@
-//! `cargo xtask demo`: the workshop's hipster-app on this machine. Pods are network namespaces
-//! and cgroups on one node; the agent captures their connections with eBPF and carries them.
+//! `cargo xtask demo`: the hipster-app mTLS workshop on this machine, no cluster. Two nodes, the
+//! hipster-app pods as network namespaces + cgroups, one agent per node, the workshop's STRICT
+//! Policy from `policies/`, traffic shown encrypted, a pod outside the mesh refused, the policy
+//! switched to PERMISSIVE and back, and `mtls-agent check` answering which policy decided.
 //! Everything it builds is removed when it ends, however it ends.
 
 use std::{
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use testbed::{
-    agent::{AgentOptions, AgentProcess, ServiceEntry, WorkloadEntry, WorkloadsFile},
-    e2e_tool_path, PodProcess, Testbed,
+    agent::{agent_bin, AgentProcess, ServiceEntry},
+    mesh::{Mesh, PolicyDir},
 };
 
 const NS: &str = "hipster-app";
-/// (service, port) of the backends the frontend calls, as in the hipster-app.
-const BACKENDS: &[(&str, u16)] = &[
-    ("cartservice", 7070),
-    ("productcatalogservice", 3550),
-    ("currencyservice", 7000),
-    ("redis-cart", 6379),
+/// (pod, node, port) as in the hipster-app.
+const PODS: &[(&str, &str, u16)] = &[
+    ("frontend", "node1", 8080),
+    ("cartservice", "node1", 7070),
+    ("productcatalogservice", "node2", 3550),
+    ("currencyservice", "node2", 7000),
+    ("redis-cart", "node2", 6379),
 ];
 
 fn main() {
@@ -34,192 +38,132 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
+fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
 fn run() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the demo builds network namespaces, cgroups and eBPF programs: run it as root");
     }
-    let tool = e2e_tool_path()?;
-    step("building the node: pods are network namespaces + cgroups, joined by a bridge");
-    let mut bed = Testbed::new("demo")?;
-    bed.add_node("node1")?;
-    let mut file = WorkloadsFile::default();
-    for (i, name) in ["frontend"]
-        .iter()
-        .chain(BACKENDS.iter().map(|(n, _)| n))
-        .enumerate()
-    {
-        let pod = bed.add_pod("node1", name)?;
-        file.workloads.push(WorkloadEntry::of(&pod, NS));
-        println!(
-            "  pod {:<24} {:<14} netns {}",
-            format!("{name}.{NS}"),
-            pod.ip,
-            pod.netns.display()
-        );
-        if i > 0 {
-            let (_, port) = BACKENDS[i - 1];
-            file.services.push(ServiceEntry {
-                name: (*name).into(),
-                namespace: NS.into(),
-                vip: Some(Ipv4Addr::new(10, 96, 0, 10 + i as u8)),
-                selector: vec![("app".into(), (*name).into())],
-                ports: vec![(port, port)],
-            });
-        }
+    step("two nodes; the hipster-app pods are network namespaces + cgroups on a bridge");
+    let mut pods: Vec<(&str, &str)> = PODS.iter().map(|(p, n, _)| (*n, *p)).collect();
+    pods.push(("node1", "outsider"));
+    // Mesh::build starts an echo server on 8080 in every pod; the services map their ports to it.
+    let mut m = Mesh::build("demo", NS, &pods)?;
+    let (workloads, mut file) =
+        m.workloads("workloads", &PODS.iter().map(|p| p.0).collect::<Vec<_>>())?;
+    for (i, (pod, _, port)) in PODS.iter().enumerate().skip(1) {
+        file.services.push(ServiceEntry {
+            name: (*pod).into(),
+            namespace: NS.into(),
+            vip: Some(Ipv4Addr::new(10, 96, 0, 10 + i as u8)),
+            selector: vec![("app".into(), (*pod).into())],
+            ports: vec![(*port, 8080)],
+        });
     }
-    let outsider = bed.add_pod("node1", "outsider")?;
-    println!(
-        "  pod {:<24} {:<14} (not in the mesh: not in workloads.yaml)",
-        "outsider", outsider.ip
-    );
-
-    let mut servers: Vec<PodProcess> = Vec::new();
-    for (name, port) in BACKENDS {
-        let mut cmd = Command::new(&tool);
-        cmd.args([
-            "echo-server",
-            "--listen",
-            &format!("0.0.0.0:{port}"),
-            "--prefix",
-            &format!("{name} says: "),
-        ]);
-        let p = bed.spawn_in_pod(name, cmd)?;
-        p.wait_for_stdout("listening", Duration::from_secs(5))?;
-        servers.push(p);
-    }
-    let workloads = std::env::temp_dir().join(format!("{}-hipster-workloads.yaml", bed.id()));
     file.write(&workloads)?;
-    let _cleanup = RemoveOnDrop(workloads.clone());
-    println!("\nworkloads.yaml:\n{}", indent(&file.render()));
+    for p in m.bed.pods() {
+        let note = if p.name == "outsider" { "  (not in the mesh)" } else { "" };
+        println!("  {:<34} {:<14} {}{note}", format!("{}.{NS}", p.name), p.ip, p.node);
+    }
 
-    step("starting mtls-agent for node1 (eBPF connect4/connect6 + sock_ops on the node's cgroup)");
-    let mut agent = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads))?;
-    println!(
-        "  admin API on {}; programs and maps pinned under {}",
-        agent.admin,
-        agent.bpffs.display()
-    );
+    step("the workshop's policy: policies/hipster-app-mtls.yaml");
+    let policies = PolicyDir::new(m.bed.id())?;
+    let strict = std::fs::read_to_string(policies_dir().join("hipster-app-mtls.yaml"))?;
+    let permissive =
+        std::fs::read_to_string(policies_dir().join("hipster-app-mtls-permissive.yaml"))?;
+    policies.write("hipster-app-mtls.yaml", &strict)?;
+    print!("{}", indent(&strict));
 
-    step("frontend calls every backend by its service VIP");
+    step("mtls-agent on each node: one CA, eBPF capture and enforcement, HBONE over mTLS");
+    let ca = m.ca("ca")?;
+    let dir = policies.0.display().to_string();
+    for node in ["node1", "node2"] {
+        m.start_agent(node, &workloads, &ca, &["--policies", &dir])?;
+        let a = m.agent(node);
+        println!(
+            "  {node}: admin {}, metrics {}, pins under {}",
+            a.admin,
+            a.metrics,
+            a.bpffs.display()
+        );
+    }
+
+    step("frontend calls every backend by its service VIP; the fabric is captured meanwhile");
+    let capture = m.bed.start_capture()?;
+    let canary = "card-number-4111-1111";
     for svc in &file.services {
         let vip = svc.vip.context("demo services have VIPs")?;
         let dst = format!("{vip}:{}", svc.ports[0].0);
-        let reply = client(&bed, &tool, "frontend", &dst, "GET /")?;
-        println!("  frontend -> {:<24} {:<16} {}", svc.name, dst, reply);
+        let (reply, _) = m.client("frontend", &["--connect", &dst, "--message", canary])?;
+        println!("  frontend -> {:<24} {:<17} {}", svc.name, dst, reply);
     }
-    wait_records(&agent, file.services.len())?;
-    print_connections(&agent)?;
-
-    step(
-        "outsider (not enrolled) calls cartservice directly: not captured, the agent has no record",
-    );
-    let cart = format!("{}:7070", bed.pod("cartservice").ip);
-    let before = agent.connections()?.len();
     println!(
-        "  outsider -> {cart}: {}",
-        client(&bed, &tool, "outsider", &cart, "hi")?
+        "  fabric capture: {} frames; the plaintext {canary:?} seen: {}; TLS records seen: {}",
+        capture.frames(),
+        capture.contains(canary.as_bytes()),
+        capture.contains(&[0x17, 0x03, 0x03])
     );
-    println!(
-        "  agent records before/after: {before}/{}",
-        agent.connections()?.len()
-    );
+    drop(capture);
 
-    step("agent killed (SIGKILL): captured pods fail closed, nothing leaves them unprotected");
-    agent.kill()?;
-    let t = Instant::now();
-    let reply = client(&bed, &tool, "frontend", &cart, "while the agent is down")?;
-    println!(
-        "  frontend -> {cart}: {reply} (after {} ms)",
-        t.elapsed().as_millis()
-    );
+    step("mtls-agent check frontend.hipster-app  (is it encrypted, and which policy decided?)");
+    print!("{}", indent(&cli(&m, "node1", &["check", "frontend.hipster-app"])?));
+    step("mtls-agent connections --pod frontend.hipster-app");
+    print!("{}", indent(&cli(&m, "node1", &["connections", "--pod", "frontend.hipster-app"])?));
 
-    step("agent restarted: it reuses the pinned programs and maps, re-enrolls the pods");
-    agent.restart()?;
-    println!(
-        "  frontend -> {cart}: {}",
-        client(&bed, &tool, "frontend", &cart, "back again")?
-    );
-
-    step("done: removing the pods, cgroups, bridge and pins");
-    drop(servers);
-    drop(agent);
-    drop(bed);
-    Ok(())
-}
-
-fn client(
-    bed: &Testbed,
-    tool: &std::path::Path,
-    pod: &str,
-    dst: &str,
-    msg: &str,
-) -> Result<String> {
-    let mut cmd = Command::new(tool);
-    cmd.args([
-        "client",
-        "--connect",
-        dst,
-        "--message",
-        msg,
-        "--timeout-ms",
-        "3000",
-    ]);
-    let out = bed
-        .spawn_in_pod(pod, cmd)?
-        .wait_with_output(Duration::from_secs(10))?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn wait_records(agent: &AgentProcess, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while agent
-        .connections()?
-        .iter()
-        .filter(|c| c["open"] == false)
-        .count()
-        < n
+    step("a pod outside the mesh calls cartservice in plaintext: refused by the kernel (STRICT)");
+    let cart = m.dst("cartservice");
+    let (reply, _) = m.client("outsider", &["--connect", &cart, "--message", "GET /cart"])?;
+    println!("  outsider -> {cart}: {reply}");
+    m.agent("node1").wait_log("rejected: plaintext", Duration::from_secs(2))?;
+    for line in m.agent("node1").log().lines().filter(|l| l.contains("rejected: plaintext")).take(1)
     {
-        if Instant::now() > deadline {
-            bail!("the agent recorded fewer than {n} connections");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        println!("  agent log: {line}");
     }
+
+    step("policy switched to PERMISSIVE (policies/hipster-app-mtls-permissive.yaml), no restart");
+    policies.write("hipster-app-mtls.yaml", &permissive)?;
+    let t = Instant::now();
+    let reply = loop {
+        let (reply, ok) = m.client("outsider", &["--connect", &cart, "--message", "GET /cart"])?;
+        if ok || t.elapsed() > Duration::from_secs(3) {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("  outsider -> {cart}: {reply}  (after {} ms)", t.elapsed().as_millis());
+    print!("{}", indent(&cli(&m, "node1", &["check", "cartservice.hipster-app"])?));
+
+    step("back to STRICT, then node1's agent is killed: still refused, never plaintext");
+    policies.write("hipster-app-mtls.yaml", &strict)?;
+    std::thread::sleep(Duration::from_millis(600));
+    m.agents.get_mut("node1").context("agent")?.kill()?;
+    let (reply, _) = m.client("outsider", &["--connect", &cart, "--message", "GET /cart"])?;
+    println!("  outsider -> {cart}: {reply}");
+    let (reply, _) =
+        m.client("frontend", &["--connect", "10.96.0.11:7070", "--message", "GET /cart"])?;
+    println!("  frontend -> cartservice (agent down): {reply}");
+    m.agents.get_mut("node1").context("agent")?.restart()?;
+    let (reply, _) =
+        m.client("frontend", &["--connect", "10.96.0.11:7070", "--message", "GET /cart"])?;
+    println!("  frontend -> cartservice (agent restarted): {reply}");
+
+    step("done: removing the pods, cgroups, bridge, pins and files");
+    drop(m);
     Ok(())
 }
 
-fn print_connections(agent: &AgentProcess) -> Result<()> {
-    println!("\n  the agent's record (GET /connections):");
-    println!(
-        "  {:<20} {:<16} {:<17} {:<46} {:<11} {:>4} {:>4}",
-        "SOURCE POD", "APP SOCKET", "ORIGINAL DST", "DESTINATION POD", "MODE", "OUT", "IN"
-    );
-    for c in agent.connections()? {
-        println!(
-            "  {:<20} {:<16} {:<17} {:<46} {:<11} {:>4} {:>4}",
-            c["sourcePod"].as_str().unwrap_or("-"),
-            c["source"].as_str().unwrap_or("-"),
-            c["originalDestination"].as_str().unwrap_or("-"),
-            format!(
-                "{} ({})",
-                c["destinationPod"].as_str().unwrap_or("-"),
-                c["destination"].as_str().unwrap_or("-")
-            ),
-            c["mode"].as_str().unwrap_or("-"),
-            c["bytesSent"],
-            c["bytesReceived"],
-        );
+fn cli(m: &Mesh, node: &str, args: &[&str]) -> Result<String> {
+    let a: &AgentProcess = m.agent(node);
+    let out =
+        Command::new(agent_bin()).args(args).args(["--admin", &a.admin.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("mtls-agent {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
-}
-
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

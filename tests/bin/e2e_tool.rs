@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "e2e-tool",
-    about = "TCP helpers for the mtls-agent end-to-end tests"
-)]
+#[command(name = "e2e-tool", about = "TCP helpers for the mtls-agent end-to-end tests")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -91,24 +88,15 @@ impl Failure {
             }
             _ => "other",
         };
-        Failure {
-            kind,
-            detail: format!("{what}: {e}"),
-        }
+        Failure { kind, detail: format!("{what}: {e}") }
     }
 
     fn timeout(what: &str) -> Failure {
-        Failure {
-            kind: "timeout",
-            detail: what.to_owned(),
-        }
+        Failure { kind: "timeout", detail: what.to_owned() }
     }
 
     fn other(detail: String) -> Failure {
-        Failure {
-            kind: "other",
-            detail,
-        }
+        Failure { kind: "other", detail }
     }
 }
 
@@ -117,41 +105,26 @@ type Outcome<T> = Result<T, Failure>;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::EchoServer {
-            listen,
-            prefix,
-            idle_timeout_ms,
-        } => echo_server(&listen, prefix, Duration::from_millis(idle_timeout_ms)),
-        Cmd::Client {
-            connect,
-            message,
-            count,
-            timeout_ms,
-            bind,
-            hold_ms,
-        } => bind.as_deref().map(resolve).transpose().and_then(|bind| {
-            let opts = ClientOptions {
-                count,
-                timeout: Duration::from_millis(timeout_ms),
-                bind,
-                hold: Duration::from_millis(hold_ms),
-            };
-            client(&connect, &message, opts)
-        }),
-        Cmd::Sink {
-            connect,
-            bytes,
-            timeout_ms,
-        } => sink(&connect, bytes, Duration::from_millis(timeout_ms)),
-        Cmd::Hold {
-            connect,
-            seconds,
-            timeout_ms,
-        } => hold(
-            &connect,
-            Duration::from_secs(seconds),
-            Duration::from_millis(timeout_ms),
-        ),
+        Cmd::EchoServer { listen, prefix, idle_timeout_ms } => {
+            echo_server(&listen, prefix, Duration::from_millis(idle_timeout_ms))
+        }
+        Cmd::Client { connect, message, count, timeout_ms, bind, hold_ms } => {
+            bind.as_deref().map(resolve).transpose().and_then(|bind| {
+                let opts = ClientOptions {
+                    count,
+                    timeout: Duration::from_millis(timeout_ms),
+                    bind,
+                    hold: Duration::from_millis(hold_ms),
+                };
+                client(&connect, &message, opts)
+            })
+        }
+        Cmd::Sink { connect, bytes, timeout_ms } => {
+            sink(&connect, bytes, Duration::from_millis(timeout_ms))
+        }
+        Cmd::Hold { connect, seconds, timeout_ms } => {
+            hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -180,9 +153,7 @@ fn resolve(addr: &str) -> Outcome<SocketAddr> {
 fn echo_server(listen: &str, prefix: Option<String>, idle: Duration) -> Outcome<()> {
     let addr = resolve(listen)?;
     let listener = TcpListener::bind(addr).map_err(|e| Failure::io("bind", &e))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Failure::io("local_addr", &e))?;
+    let local = listener.local_addr().map_err(|e| Failure::io("local_addr", &e))?;
     say(&format!("listening {local}"));
     loop {
         match listener.accept() {
@@ -190,13 +161,11 @@ fn echo_server(listen: &str, prefix: Option<String>, idle: Duration) -> Outcome<
                 say(&format!("accepted {peer}"));
                 let prefix = prefix.clone();
                 // One thread per connection; each is bounded by the idle timeout.
-                let spawned = std::thread::Builder::new()
-                    .name("echo".into())
-                    .spawn(move || {
-                        if let Err(e) = echo_connection(conn, prefix.as_deref(), idle) {
-                            eprintln!("echo: {e}");
-                        }
-                    });
+                let spawned = std::thread::Builder::new().name("echo".into()).spawn(move || {
+                    if let Err(e) = echo_connection(conn, prefix.as_deref(), idle) {
+                        eprintln!("echo: {e}");
+                    }
+                });
                 if let Err(e) = spawned {
                     eprintln!("echo: cannot spawn thread: {e}");
                 }
@@ -242,9 +211,7 @@ fn connect(addr: SocketAddr, deadline: Instant) -> Outcome<TcpStream> {
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
+    deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
 }
 
 /// Reads to EOF, never past `deadline`.
@@ -252,9 +219,7 @@ fn read_to_end(stream: &mut TcpStream, deadline: Instant, out: &mut Vec<u8>) -> 
     let mut buf = [0u8; 16 * 1024];
     loop {
         let left = remaining(deadline).ok_or_else(|| Failure::timeout("waiting for reply"))?;
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| Failure::io("set timeout", &e))?;
+        stream.set_read_timeout(Some(left)).map_err(|e| Failure::io("set timeout", &e))?;
         match stream.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => out.extend_from_slice(&buf[..n]),
@@ -266,9 +231,7 @@ fn read_to_end(stream: &mut TcpStream, deadline: Instant, out: &mut Vec<u8>) -> 
 
 fn write_all(stream: &mut TcpStream, data: &[u8], deadline: Instant) -> Outcome<()> {
     let left = remaining(deadline).ok_or_else(|| Failure::timeout("before write"))?;
-    stream
-        .set_write_timeout(Some(left))
-        .map_err(|e| Failure::io("set timeout", &e))?;
+    stream.set_write_timeout(Some(left)).map_err(|e| Failure::io("set timeout", &e))?;
     stream.write_all(data).map_err(|e| Failure::io("write", &e))
 }
 
@@ -283,18 +246,12 @@ struct ClientOptions {
 /// Like `connect`, but from a chosen local address.
 fn connect_from(local: SocketAddr, addr: SocketAddr, deadline: Instant) -> Outcome<TcpStream> {
     let left = remaining(deadline).ok_or_else(|| Failure::timeout("before connect"))?;
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .map_err(|e| Failure::io("socket", &e))?;
-    sock.set_reuse_address(true)
-        .map_err(|e| Failure::io("setsockopt", &e))?;
-    sock.bind(&local.into())
-        .map_err(|e| Failure::io("bind", &e))?;
-    sock.connect_timeout(&addr.into(), left)
-        .map_err(|e| Failure::io("connect", &e))?;
+    let sock =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+            .map_err(|e| Failure::io("socket", &e))?;
+    sock.set_reuse_address(true).map_err(|e| Failure::io("setsockopt", &e))?;
+    sock.bind(&local.into()).map_err(|e| Failure::io("bind", &e))?;
+    sock.connect_timeout(&addr.into(), left).map_err(|e| Failure::io("connect", &e))?;
     let stream: TcpStream = sock.into();
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -310,9 +267,7 @@ fn client(addr: &str, message: &str, opts: ClientOptions) -> Outcome<()> {
         };
         write_all(&mut stream, message.as_bytes(), deadline)?;
         std::thread::sleep(opts.hold);
-        stream
-            .shutdown(Shutdown::Write)
-            .map_err(|e| Failure::io("shutdown", &e))?;
+        stream.shutdown(Shutdown::Write).map_err(|e| Failure::io("shutdown", &e))?;
         let mut reply = Vec::new();
         read_to_end(&mut stream, deadline, &mut reply)?;
         // One line per connection: escape embedded line breaks.
@@ -343,12 +298,9 @@ fn sink(addr: &str, bytes: u64, timeout: Duration) -> Outcome<()> {
         write_all(&mut stream, &chunk[..n], deadline)?;
         sent += n as u64;
     }
-    stream
-        .shutdown(Shutdown::Write)
-        .map_err(|e| Failure::io("shutdown", &e))?;
-    let received = counter
-        .join()
-        .map_err(|_| Failure::other("reader thread panicked".into()))??;
+    stream.shutdown(Shutdown::Write).map_err(|e| Failure::io("shutdown", &e))?;
+    let received =
+        counter.join().map_err(|_| Failure::other("reader thread panicked".into()))??;
     say(&format!("sent {sent} received {received}"));
     Ok(())
 }

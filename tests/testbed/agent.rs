@@ -24,15 +24,11 @@ pub fn agent_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // A test runs from target/<profile>/deps/, a binary (the demo) from target/<profile>/.
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let bin = [
-        dir.join("mtls-agent"),
-        dir.parent()
-            .map(|d| d.join("mtls-agent"))
-            .unwrap_or_default(),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| dir.join("mtls-agent"));
+    let bin =
+        [dir.join("mtls-agent"), dir.parent().map(|d| d.join("mtls-agent")).unwrap_or_default()]
+            .into_iter()
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join("mtls-agent"));
     assert!(
         bin.is_file(),
         "the agent binary {} is missing: build it with `cargo build -p mtls-agent` \
@@ -118,11 +114,8 @@ impl WorkloadsFile {
                 let _ = writeln!(s, "  vip: {vip}");
             }
             let _ = writeln!(s, "  selector: {}", map(&svc.selector));
-            let ports: Vec<String> = svc
-                .ports
-                .iter()
-                .map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}"))
-                .collect();
+            let ports: Vec<String> =
+                svc.ports.iter().map(|(p, t)| format!("{{port: {p}, targetPort: {t}}}")).collect();
             let _ = writeln!(s, "  ports: [{}]", ports.join(", "));
         }
         s
@@ -159,10 +152,7 @@ impl CaDir {
             .context("running mtls-agent ca init")?;
         let ca = CaDir { path };
         if !out.status.success() {
-            bail!(
-                "mtls-agent ca init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("mtls-agent ca init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(ca)
     }
@@ -198,6 +188,8 @@ impl AgentOptions {
 pub struct AgentProcess {
     child: Option<Child>,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
     pub bpffs: PathBuf,
     pub node: String,
     log: Arc<Mutex<String>>,
@@ -210,6 +202,8 @@ impl AgentProcess {
     /// (the node's pods are enrolled by then).
     pub fn start(bed: &Testbed, opts: AgentOptions) -> Result<AgentProcess> {
         let admin: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
+        let metrics: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
+        let health: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let node = bed.node(&opts.node);
         let bpffs = bed.bpffs_dir(&opts.node);
         let own_ca = match opts.ca_dir {
@@ -235,11 +229,17 @@ impl AgentProcess {
             admin.to_string(),
             "--ca-dir".into(),
             ca_dir.display().to_string(),
+            "--metrics".into(),
+            metrics.to_string(),
+            "--health".into(),
+            health.to_string(),
         ];
         cmd.extend(opts.extra_args.iter().cloned());
         let mut agent = AgentProcess {
             child: None,
             admin,
+            metrics,
+            health,
             bpffs,
             node: opts.node.clone(),
             log: Arc::new(Mutex::new(String::new())),
@@ -268,10 +268,7 @@ impl AgentProcess {
         let node = self.node.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("MTLS_TEST_ECHO_AGENT").is_some() {
                     eprintln!("[agent {node}] {line}");
                 }
@@ -296,14 +293,11 @@ impl AgentProcess {
                     bail!("mtls-agent exited early ({status}); log:\n{}", self.log());
                 }
             }
-            if self.get("/healthz").is_ok() {
+            if http(self.health, "GET", "/healthz/ready").is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "mtls-agent not ready after {timeout:?}; log:\n{}",
-                    self.log()
-                );
+                bail!("mtls-agent not ready after {timeout:?}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -327,10 +321,7 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "agent log has no {needle:?} after {timeout:?}; log:\n{}",
-            self.log()
-        )
+        bail!("agent log has no {needle:?} after {timeout:?}; log:\n{}", self.log())
     }
 
     /// SIGKILL, as a crash would.
@@ -369,22 +360,26 @@ impl AgentProcess {
 
     /// GET on the admin API; returns the body of a 200 answer.
     pub fn get(&self, path: &str) -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut buf = Vec::new();
-        s.take(64 << 20).read_to_end(&mut buf)?;
-        let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .context("malformed HTTP answer")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        http(self.admin, "GET", path)
+    }
+
+    /// POST on the admin API; returns the body of a 200 answer.
+    pub fn post(&self, path: &str) -> Result<String> {
+        http(self.admin, "POST", path)
+    }
+
+    /// The Prometheus metrics text.
+    pub fn metrics_text(&self) -> Result<String> {
+        http(self.metrics, "GET", "/metrics")
+    }
+
+    /// The readiness answer: (ready, body).
+    pub fn readiness(&self) -> Result<(bool, String)> {
+        match http(self.health, "GET", "/healthz/ready") {
+            Ok(body) => Ok((true, body)),
+            Err(e) if e.to_string().contains("503") => Ok((false, e.to_string())),
+            Err(e) => Err(e),
         }
-        Ok(body.to_owned())
     }
 
     /// The agent's counters (`/stats`).
@@ -423,6 +418,25 @@ impl AgentProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// One HTTP/1.1 request to a local endpoint; the body of a 200 answer, else an error with the
+/// status line.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.take(64 << 20).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{method} {path}: {} {}", head.lines().next().unwrap_or_default(), body.trim());
+    }
+    Ok(body.to_owned())
 }
 
 impl Drop for AgentProcess {

@@ -88,13 +88,8 @@ impl Capture {
         let ifindex = i32::try_from(bridge_index).context("bridge ifindex out of range")?;
 
         let rcvbuf: libc::c_int = 16 << 20;
-        setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &rcvbuf,
-        )
-        .context("SO_RCVBUFFORCE")?;
+        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf)
+            .context("SO_RCVBUFFORCE")?;
 
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -117,13 +112,8 @@ impl Capture {
         let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
         mreq.mr_ifindex = ifindex;
         mreq.mr_type = libc::PACKET_MR_PROMISC as libc::c_ushort;
-        setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_ADD_MEMBERSHIP,
-            &mreq,
-        )
-        .context("PACKET_MR_PROMISC on bridge")?;
+        setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq)
+            .context("PACKET_MR_PROMISC on bridge")?;
         Ok(fd)
     }
 
@@ -158,11 +148,7 @@ impl Capture {
                 })
                 .context("spawn capture thread")?
         };
-        Ok(Capture {
-            inner,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Capture { inner, stop, thread: Some(thread) })
     }
 
     /// Whether `needle` occurs in any frame captured so far (frames queued in
@@ -231,10 +217,7 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
 
 /// Kernel drop counter since the last call (reading resets it).
 fn read_drops(fd: RawFd) -> u64 {
-    let mut stats = libc::tpacket_stats {
-        tp_packets: 0,
-        tp_drops: 0,
-    };
+    let mut stats = libc::tpacket_stats { tp_packets: 0, tp_drops: 0 };
     let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
     // SAFETY: stats/len describe a valid tpacket_stats buffer.
     let rc = unsafe {

@@ -75,10 +75,7 @@ pub struct CgroupDir {
 impl CgroupDir {
     pub fn create(path: PathBuf) -> Result<CgroupDir> {
         fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
-        Ok(CgroupDir {
-            path,
-            removed: false,
-        })
+        Ok(CgroupDir { path, removed: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -116,9 +113,7 @@ pub fn members(dir: &Path) -> Result<Vec<i32>> {
     };
     text.lines()
         .map(|l| {
-            l.trim()
-                .parse::<i32>()
-                .with_context(|| format!("bad pid {l:?} in {}", file.display()))
+            l.trim().parse::<i32>().with_context(|| format!("bad pid {l:?} in {}", file.display()))
         })
         .collect()
 }

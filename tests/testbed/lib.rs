@@ -30,6 +30,7 @@
 pub mod agent;
 mod capture;
 mod cgroup;
+pub mod mesh;
 mod netlink;
 mod netns;
 mod process;
@@ -96,11 +97,7 @@ pub fn e2e_tool_path() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("current_exe")?;
-    let candidates = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("e2e-tool"));
+    let candidates = exe.ancestors().skip(1).take(2).map(|dir| dir.join("e2e-tool"));
     for candidate in candidates {
         if candidate.is_file() {
             return Ok(candidate);
@@ -152,10 +149,7 @@ pub fn netns_snapshot(netns: &Path) -> Result<NetSnapshot> {
             .addresses()?
             .into_iter()
             .map(|(index, ip, len)| {
-                let name = names
-                    .get(&index)
-                    .cloned()
-                    .unwrap_or_else(|| format!("#{index}"));
+                let name = names.get(&index).cloned().unwrap_or_else(|| format!("#{index}"));
                 (name, ip, len)
             })
             .collect();
@@ -241,9 +235,7 @@ fn validate_name(kind: &str, name: &str) -> Result<()> {
     ensure!(
         !name.is_empty()
             && name.len() <= MAX_NAME
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
         "{kind} name {name:?}: use 1-{MAX_NAME} characters of [a-z0-9-]"
     );
     Ok(())
@@ -402,9 +394,7 @@ impl Testbed {
 
     /// Path of the fabric netns file (where the bridge lives).
     pub fn fabric_netns(&self) -> &Path {
-        self.fabric
-            .as_ref()
-            .map_or_else(|| Path::new(""), |f| f.path())
+        self.fabric.as_ref().map_or_else(|| Path::new(""), |f| f.path())
     }
 
     /// Root of the cgroup v2 hierarchy (from /proc/self/mountinfo).
@@ -414,9 +404,7 @@ impl Testbed {
 
     /// The bed's base cgroup directory (parent of the node cgroups).
     pub fn base_cgroup(&self) -> &Path {
-        self.base_cgroup
-            .as_ref()
-            .map_or_else(|| Path::new(""), |c| c.path())
+        self.base_cgroup.as_ref().map_or_else(|| Path::new(""), |c| c.path())
     }
 
     /// `/sys/fs/bpf/mtls-test-<id>/<node>`: where that node's agent should pin
@@ -432,10 +420,7 @@ impl Testbed {
     /// `<kind><id><suffix>`, checked against the kernel's length limit.
     fn ifname(&self, kind: &str, suffix: &str) -> Result<String> {
         let name = format!("{kind}{}{suffix}", self.id);
-        ensure!(
-            name.len() <= MAX_IFNAME,
-            "interface name {name:?} longer than {MAX_IFNAME}"
-        );
+        ensure!(name.len() <= MAX_IFNAME, "interface name {name:?} longer than {MAX_IFNAME}");
         Ok(name)
     }
 
@@ -448,10 +433,7 @@ impl Testbed {
     }
 
     fn fabric_path(&self) -> Result<PathBuf> {
-        self.fabric
-            .as_ref()
-            .map(|f| f.path().to_owned())
-            .context("test bed has no fabric")
+        self.fabric.as_ref().map(|f| f.path().to_owned()).context("test bed has no fabric")
     }
 
     /// Creates a netns named `<prefix><id>-<role>-<name>` and plugs it into
@@ -488,28 +470,17 @@ impl Testbed {
         ensure!(!self.nodes.contains_key(name), "node {name:?} exists");
         let ip = self.alloc_ip()?;
         let cgroup = CgroupDir::create(self.base_cgroup().join(name))?;
-        let (netns, fabric_veth) = self
-            .plug("node", name, ip)
-            .with_context(|| format!("add node {name}"))?;
+        let (netns, fabric_veth) =
+            self.plug("node", name, ip).with_context(|| format!("add node {name}"))?;
         let node = Node {
             name: name.to_owned(),
             cgroup: cgroup.path().to_owned(),
             netns: netns.path().to_owned(),
             ip,
         };
-        let member = Member {
-            procs: Mutex::new(Vec::new()),
-            netns,
-            cgroup: Some(cgroup),
-            fabric_veth,
-        };
-        self.nodes.insert(
-            name.to_owned(),
-            NodeEntry {
-                node: node.clone(),
-                member,
-            },
-        );
+        let member =
+            Member { procs: Mutex::new(Vec::new()), netns, cgroup: Some(cgroup), fabric_veth };
+        self.nodes.insert(name.to_owned(), NodeEntry { node: node.clone(), member });
         Ok(node)
     }
 
@@ -525,9 +496,8 @@ impl Testbed {
             .with_context(|| format!("add pod {name}: no node {node:?}"))?;
         let ip = self.alloc_ip()?;
         let cgroup = CgroupDir::create(node_cgroup.join(name))?;
-        let (netns, fabric_veth) = self
-            .plug("pod", name, ip)
-            .with_context(|| format!("add pod {name}"))?;
+        let (netns, fabric_veth) =
+            self.plug("pod", name, ip).with_context(|| format!("add pod {name}"))?;
         let pod = Pod {
             name: name.to_owned(),
             node: node.to_owned(),
@@ -535,29 +505,17 @@ impl Testbed {
             netns: netns.path().to_owned(),
             cgroup: cgroup.path().to_owned(),
         };
-        let member = Member {
-            procs: Mutex::new(Vec::new()),
-            netns,
-            cgroup: Some(cgroup),
-            fabric_veth,
-        };
-        self.pods.insert(
-            name.to_owned(),
-            PodEntry {
-                pod: pod.clone(),
-                member,
-            },
-        );
+        let member =
+            Member { procs: Mutex::new(Vec::new()), netns, cgroup: Some(cgroup), fabric_veth };
+        self.pods.insert(name.to_owned(), PodEntry { pod: pod.clone(), member });
         Ok(pod)
     }
 
     /// Kills the pod's processes and deletes its veth, netns and cgroup.
     /// Its IP is not reused by later pods of this bed.
     pub fn remove_pod(&mut self, name: &str) -> Result<()> {
-        let mut entry = self
-            .pods
-            .remove(name)
-            .with_context(|| format!("remove pod: no pod {name:?}"))?;
+        let mut entry =
+            self.pods.remove(name).with_context(|| format!("remove pod: no pod {name:?}"))?;
         let mut errors = Errors::default();
         errors.note(entry.member.teardown());
         // Deleting our end removes the pair now rather than when the kernel
@@ -573,9 +531,7 @@ impl Testbed {
                 }
             })?
         }));
-        errors
-            .into_result()
-            .with_context(|| format!("remove pod {name}"))
+        errors.into_result().with_context(|| format!("remove pod {name}"))
     }
 
     /// The pod called `name`.
@@ -611,15 +567,11 @@ impl Testbed {
     }
 
     fn pod_entry(&self, pod: &str) -> Result<&PodEntry> {
-        self.pods
-            .get(pod)
-            .with_context(|| format!("test bed {}: no pod {pod:?}", self.id))
+        self.pods.get(pod).with_context(|| format!("test bed {}: no pod {pod:?}", self.id))
     }
 
     fn node_entry(&self, node: &str) -> Result<&NodeEntry> {
-        self.nodes
-            .get(node)
-            .with_context(|| format!("test bed {}: no node {node:?}", self.id))
+        self.nodes.get(node).with_context(|| format!("test bed {}: no node {node:?}", self.id))
     }
 
     /// Starts `cmd` in the pod: before exec the child joins the pod's cgroup,
@@ -667,9 +619,7 @@ impl Testbed {
     /// Starts recording every frame on the fabric bridge (see [`Capture`]).
     pub fn start_capture(&self) -> Result<Capture> {
         let bridge_index = self.bridge_index;
-        let fd = netns::run_in(&self.fabric_path()?, move || {
-            Capture::open_here(bridge_index)
-        })??;
+        let fd = netns::run_in(&self.fabric_path()?, move || Capture::open_here(bridge_index))??;
         Capture::start(fd)
     }
 
@@ -698,10 +648,7 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            eprintln!(
-                "testbed {} ({}): cleanup incomplete: {e:#}",
-                self.id, self.test_name
-            );
+            eprintln!("testbed {} ({}): cleanup incomplete: {e:#}", self.id, self.test_name);
         }
     }
 }
@@ -728,11 +675,7 @@ fn kill_netns_members(netns: &Path) -> Result<()> {
     let own = std::process::id();
     for entry in fs::read_dir("/proc").context("read /proc")? {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         if pid as u32 == own {
@@ -774,11 +717,7 @@ fn remove_bed_leftovers(id: &str, cgroup_root: &Path) -> Result<()> {
 pub fn cleanup_stale() -> Result<Vec<String>> {
     let cgroup_root = cgroup::cgroup2_root()?;
     let mut ids = Vec::new();
-    let dirs = [
-        cgroup_root.clone(),
-        PathBuf::from(NETNS_DIR),
-        PathBuf::from(BPFFS_ROOT),
-    ];
+    let dirs = [cgroup_root.clone(), PathBuf::from(NETNS_DIR), PathBuf::from(BPFFS_ROOT)];
     for dir in &dirs {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
@@ -799,8 +738,6 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         let _ = write!(report, "{id} ");
         errors.note(remove_bed_leftovers(id, &cgroup_root));
     }
-    errors
-        .into_result()
-        .with_context(|| format!("cleanup of stale test beds {report}"))?;
+    errors.into_result().with_context(|| format!("cleanup of stale test beds {report}"))?;
     Ok(ids)
 }

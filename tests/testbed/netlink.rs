@@ -41,9 +41,7 @@ impl Rtnl {
     pub fn new() -> Result<Rtnl> {
         let mut socket = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
         socket.bind_auto().context("bind netlink socket")?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .context("connect netlink socket")?;
+        socket.connect(&SocketAddr::new(0, 0)).context("connect netlink socket")?;
         set_recv_timeout(socket.as_raw_fd(), REQUEST_TIMEOUT)?;
         Ok(Rtnl { socket, seq: 0 })
     }
@@ -75,10 +73,8 @@ impl Rtnl {
             if Instant::now() > deadline {
                 bail!("netlink: no complete answer within {REQUEST_TIMEOUT:?}");
             }
-            let (data, _) = self
-                .socket
-                .recv_from_full()
-                .context("netlink receive (timed out or failed)")?;
+            let (data, _) =
+                self.socket.recv_from_full().context("netlink receive (timed out or failed)")?;
             let mut offset = 0;
             while offset < data.len() {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
@@ -108,8 +104,7 @@ impl Rtnl {
     }
 
     fn new_link(&mut self, msg: LinkMessage) -> Result<()> {
-        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-            .map(drop)
+        self.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL).map(drop)
     }
 
     /// Creates a bridge without STP so that ports forward immediately.
@@ -120,16 +115,14 @@ impl Rtnl {
             LinkInfo::Kind(InfoKind::Bridge),
             LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::ForwardDelay(0)])),
         ]));
-        self.new_link(msg)
-            .with_context(|| format!("create bridge {name}"))
+        self.new_link(msg).with_context(|| format!("create bridge {name}"))
     }
 
     /// Creates a veth pair: `name` in this namespace, `peer_name` directly in
     /// the namespace referred to by `peer_netns_fd`.
     pub fn add_veth(&mut self, name: &str, peer_name: &str, peer_netns_fd: RawFd) -> Result<()> {
         let mut peer = LinkMessage::default();
-        peer.attributes
-            .push(LinkAttribute::IfName(peer_name.to_owned()));
+        peer.attributes.push(LinkAttribute::IfName(peer_name.to_owned()));
         peer.attributes.push(LinkAttribute::NetNsFd(peer_netns_fd));
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
@@ -137,8 +130,7 @@ impl Rtnl {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        self.new_link(msg)
-            .with_context(|| format!("create veth {name} <-> {peer_name}"))
+        self.new_link(msg).with_context(|| format!("create veth {name} <-> {peer_name}"))
     }
 
     /// Looks an interface up by name.
@@ -166,16 +158,14 @@ impl Rtnl {
         msg.header.index = index;
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
-        self.set_link(msg)
-            .with_context(|| format!("set interface #{index} up"))
+        self.set_link(msg).with_context(|| format!("set interface #{index} up"))
     }
 
     pub fn set_master(&mut self, index: u32, master: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.attributes.push(LinkAttribute::Controller(master));
-        self.set_link(msg)
-            .with_context(|| format!("enslave interface #{index} to #{master}"))
+        self.set_link(msg).with_context(|| format!("enslave interface #{index} to #{master}"))
     }
 
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
@@ -196,21 +186,15 @@ impl Rtnl {
         msg.header.index = index;
         msg.attributes.push(AddressAttribute::Local(addr));
         msg.attributes.push(AddressAttribute::Address(addr));
-        self.request(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(drop)
-        .with_context(|| format!("add address {addr}/{prefix_len} to interface #{index}"))
+        self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL)
+            .map(drop)
+            .with_context(|| format!("add address {addr}/{prefix_len} to interface #{index}"))
     }
 
     /// All interfaces of this namespace.
     pub fn links(&mut self) -> Result<Vec<LinkSummary>> {
         let replies = self
-            .request(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-            )
+            .request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)
             .context("dump interfaces")?;
         let mut links: Vec<LinkSummary> = replies
             .into_iter()
@@ -220,10 +204,7 @@ impl Rtnl {
                         LinkAttribute::IfName(n) => Some(n.clone()),
                         _ => None,
                     })?;
-                    Some(LinkSummary {
-                        index: link.header.index,
-                        name,
-                    })
+                    Some(LinkSummary { index: link.header.index, name })
                 }
                 _ => None,
             })
@@ -235,10 +216,7 @@ impl Rtnl {
     /// All addresses of this namespace as (interface index, address, prefix).
     pub fn addresses(&mut self) -> Result<Vec<(u32, IpAddr, u8)>> {
         let replies = self
-            .request(
-                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-                NLM_F_DUMP,
-            )
+            .request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)
             .context("dump addresses")?;
         let mut addrs: Vec<(u32, IpAddr, u8)> = replies
             .into_iter()

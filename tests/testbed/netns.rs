@@ -34,10 +34,7 @@ impl NetnsFile {
             .open(&path)
             .with_context(|| format!("create netns file {}", path.display()))?;
         // From here on the guard owns the file, so any failure below removes it.
-        let guard = NetnsFile {
-            path: path.clone(),
-            removed: false,
-        };
+        let guard = NetnsFile { path: path.clone(), removed: false };
         // unshare() on a private thread only moves that thread, never the caller.
         std::thread::scope(|s| {
             s.spawn(|| -> Result<()> {
@@ -96,9 +93,7 @@ pub fn remove_netns_file(path: &Path) -> Result<()> {
 
 /// The namespace inode number behind a namespace file or `/proc/<pid>/ns/net`.
 pub fn ns_inode(path: &Path) -> Result<u64> {
-    Ok(fs::metadata(path)
-        .with_context(|| format!("stat {}", path.display()))?
-        .ino())
+    Ok(fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.ino())
 }
 
 /// Runs `f` on a fresh thread that has entered the network namespace at

@@ -33,36 +33,25 @@ impl ProcShared {
     }
 
     pub(crate) fn try_wait(&self) -> Result<Option<ExitStatus>> {
-        self.child()
-            .try_wait()
-            .with_context(|| format!("waitpid {}", self.pid))
+        self.child().try_wait().with_context(|| format!("waitpid {}", self.pid))
     }
 
     /// SIGKILL (unless already reaped) and reap, bounded by `REAP_TIMEOUT`.
     pub(crate) fn kill_and_reap(&self) -> Result<ExitStatus> {
         let mut child = self.child();
-        if let Some(status) = child
-            .try_wait()
-            .with_context(|| format!("waitpid {}", self.pid))?
-        {
+        if let Some(status) = child.try_wait().with_context(|| format!("waitpid {}", self.pid))? {
             return Ok(status);
         }
-        child
-            .kill()
-            .with_context(|| format!("kill pid {}", self.pid))?;
+        child.kill().with_context(|| format!("kill pid {}", self.pid))?;
         let deadline = Instant::now() + REAP_TIMEOUT;
         loop {
-            if let Some(status) = child
-                .try_wait()
-                .with_context(|| format!("waitpid {}", self.pid))?
+            if let Some(status) =
+                child.try_wait().with_context(|| format!("waitpid {}", self.pid))?
             {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "pid {} not reapable {REAP_TIMEOUT:?} after SIGKILL",
-                    self.pid
-                );
+                bail!("pid {} not reapable {REAP_TIMEOUT:?} after SIGKILL", self.pid);
             }
             std::thread::sleep(POLL_INTERVAL);
         }
@@ -134,11 +123,7 @@ impl Stream {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return;
             };
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -175,18 +160,13 @@ pub(crate) fn spawn(
         File::open(netns).with_context(|| format!("open netns {}", netns.display()))?;
     let cgroup_file = cgroup_procs
         .map(|p| {
-            OpenOptions::new()
-                .write(true)
-                .open(p)
-                .with_context(|| format!("open {}", p.display()))
+            OpenOptions::new().write(true).open(p).with_context(|| format!("open {}", p.display()))
         })
         .transpose()?;
     let netns_fd = netns_file.as_raw_fd();
     let cgroup_fd = cgroup_file.as_ref().map(|f| f.as_raw_fd());
 
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: the closure only calls write(2) and setns(2) on fds that stay
     // open in the parent until spawn() returns; both are async-signal-safe and
     // nothing is allocated.
@@ -204,18 +184,13 @@ pub(crate) fn spawn(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawn {label}: {cmd:?}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("spawn {label}: {cmd:?}"))?;
     drop((netns_file, cgroup_file));
 
     let pid = child.id();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let shared = Arc::new(ProcShared {
-        pid,
-        child: Mutex::new(child),
-    });
+    let shared = Arc::new(ProcShared { pid, child: Mutex::new(child) });
     // Until the handle exists, make sure an error here does not leak the child.
     let streams = (|| -> Result<(Arc<Stream>, Arc<Stream>)> {
         let out = stdout.context("stdout pipe missing")?;
@@ -232,12 +207,7 @@ pub(crate) fn spawn(
             return Err(e);
         }
     };
-    let process = PodProcess {
-        label,
-        shared: Arc::clone(&shared),
-        stdout,
-        stderr,
-    };
+    let process = PodProcess { label, shared: Arc::clone(&shared), stdout, stderr };
     Ok((process, shared))
 }
 
@@ -297,12 +267,8 @@ impl PodProcess {
                     self.stderr()
                 );
             };
-            state = self
-                .stdout
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state =
+                self.stdout.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -330,11 +296,7 @@ impl PodProcess {
         let drain_deadline = deadline.max(Instant::now() + Duration::from_millis(500));
         self.stdout.wait_eof(drain_deadline);
         self.stderr.wait_eof(drain_deadline);
-        Ok(Output {
-            status,
-            stdout: self.stdout.snapshot(),
-            stderr: self.stderr.snapshot(),
-        })
+        Ok(Output { status, stdout: self.stdout.snapshot(), stderr: self.stderr.snapshot() })
     }
 }
 

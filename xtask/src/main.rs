@@ -38,10 +38,7 @@ fn main() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// A cargo command run through rustup's proxy, free of the variables the outer cargo set, so
@@ -75,10 +72,7 @@ fn run(mut c: Command) -> Result<()> {
 }
 
 fn output(c: &mut Command) -> Result<String> {
-    let out = c
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {c:?}"))?;
+    let out = c.stderr(Stdio::inherit()).output().with_context(|| format!("running {c:?}"))?;
     if !out.status.success() {
         bail!("{c:?} failed: {}", out.status);
     }
@@ -138,9 +132,8 @@ fn ensure_bpf_linker() -> Result<()> {
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     // Outside the work tree: the installed linker keeps an rpath into this prefix.
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let home =
+        std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     let prefix = home.join(".cache/mtls-agent/llvm-prefix");
     let plib = prefix.join("lib");
     std::fs::create_dir_all(&plib)?;
@@ -204,15 +197,7 @@ fn test(extra: &[String]) -> Result<()> {
     })?;
     run({
         let mut c = cargo(None);
-        c.args([
-            "clippy",
-            "--quiet",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]);
+        c.args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]);
         c
     })?;
     // The end-to-end tests start the agent binary: build it first.
@@ -231,10 +216,7 @@ fn test(extra: &[String]) -> Result<()> {
 fn run_tests_with_summary(mut c: Command) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let shown = format!("{c:?}");
-    let mut child = c
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {shown}"))?;
+    let mut child = c.stdout(Stdio::piped()).spawn().with_context(|| format!("running {shown}"))?;
     let stdout = child.stdout.take().context("test output")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     for line in BufReader::new(stdout).lines() {
@@ -244,13 +226,7 @@ fn run_tests_with_summary(mut c: Command) -> Result<()> {
             let count = |label: &str| -> u64 {
                 rest.split(';')
                     .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(label)?
-                            .trim()
-                            .rsplit(' ')
-                            .next()?
-                            .parse()
-                            .ok()
+                        part.trim().strip_suffix(label)?.trim().rsplit(' ').next()?.parse().ok()
                     })
                     .unwrap_or(0)
             };

@@ -1,10 +1,16 @@
-//! mtls-agent eBPF programs: outbound capture.
+//! mtls-agent eBPF programs: outbound capture and inbound enforcement.
 //!
 //! `connect4`/`connect6` run when a process in an enrolled pod calls `connect()`: they save the
 //! original destination under the socket's cookie and rewrite the destination to the agent's
 //! in-pod listener. `sock_ops` moves that record, at `TCP_CONNECT_CB` (the local port is known,
 //! the SYN not yet sent), to `ORIG_DST` keyed by (netns cookie, client address, client port) where
 //! the agent finds it on accept, and deletes it when the socket closes.
+//!
+//! `inbound` (sk_lookup, attached to each enrolled pod's network namespace) runs when a new
+//! connection arrives for a pod's IP: a STRICT port refuses plaintext (the client gets a reset)
+//! unless it is the agent's tunnel port, traffic from the pod itself (the agent delivering
+//! tunnelled bytes), or a declared probe port reached from the node's address. It reads only
+//! pinned maps, so it keeps enforcing while the agent is down.
 #![no_std]
 #![no_main]
 
@@ -14,14 +20,15 @@ use aya_ebpf::{
         BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use mtls_agent_ebpf::{
-    Config, ConnKey, OrigDst, PodInfo, SockAddr, AF_INET, AF_INET6, MAX_CONNS, MAX_PODS,
+    stats, Config, ConnKey, OrigDst, PodInfo, PortKey, PortPolicy, RejectEvent, SockAddr, AF_INET,
+    AF_INET6, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -41,6 +48,24 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_CONNS, 0);
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, 0);
+#[map]
+static INBOUND: HashMap<PortKey, PortPolicy> = HashMap::pinned(MAX_INBOUND_RULES, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::LEN, 0);
+/// Refusals for the agent's log; not pinned: while no agent reads, they are only counted.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
 
 /// Returns 1 (allow) always: capture only rewrites, it never blocks a connect().
 #[cgroup_sock_addr(connect4)]
@@ -92,16 +117,10 @@ fn capture4(ctx: &SockAddrContext) -> Option<()> {
         return None;
     }
     let port = u16::from_be(sa.user_port as u16);
-    save(
-        ctx,
-        SockAddr {
-            addr: [ip, 0, 0, 0],
-            port,
-            family: AF_INET,
-        },
-    )?;
+    save(ctx, SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET })?;
     sa.user_ip4 = LOOPBACK_V4;
     sa.user_port = u32::from(cfg.outbound_port.to_be());
+    count(stats::CAPTURED);
     debug!(ctx, "captured connect4 to port {}", port);
     Some(())
 }
@@ -110,45 +129,27 @@ fn capture6(ctx: &SockAddrContext) -> Option<()> {
     let cfg = should_capture(ctx)?;
     // SAFETY: valid for the duration of the program; connect6 may write user_ip6/user_port.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let w = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let port = u16::from_be(sa.user_port as u16);
     let v4_mapped = w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD;
     if v4_mapped {
         if w[3].to_ne_bytes()[0] == 127 {
             return None;
         }
-        save(
-            ctx,
-            SockAddr {
-                addr: [w[3], 0, 0, 0],
-                port,
-                family: AF_INET,
-            },
-        )?;
+        save(ctx, SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET })?;
         sa.user_ip6[3] = LOOPBACK_V4;
     } else {
         if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == LOOPBACK_V6_LAST {
             return None;
         }
-        save(
-            ctx,
-            SockAddr {
-                addr: w,
-                port,
-                family: AF_INET6,
-            },
-        )?;
+        save(ctx, SockAddr { addr: w, port, family: AF_INET6 })?;
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = 0;
         sa.user_ip6[3] = LOOPBACK_V6_LAST;
     }
     sa.user_port = u32::from(cfg.outbound_port.to_be());
+    count(stats::CAPTURED);
     debug!(ctx, "captured connect6 to port {}", port);
     Some(())
 }
@@ -191,34 +192,139 @@ fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let port = ctx.local_port() as u16;
     let client = match ctx.family() as u16 {
-        AF_INET => SockAddr {
-            addr: [ctx.local_ip4(), 0, 0, 0],
-            port,
-            family: AF_INET,
-        },
+        AF_INET => SockAddr { addr: [ctx.local_ip4(), 0, 0, 0], port, family: AF_INET },
         AF_INET6 => {
             let w = ctx.local_ip6();
             if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-                SockAddr {
-                    addr: [w[3], 0, 0, 0],
-                    port,
-                    family: AF_INET,
-                }
+                SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET }
             } else {
-                SockAddr {
-                    addr: w,
-                    port,
-                    family: AF_INET6,
-                }
+                SockAddr { addr: w, port, family: AF_INET6 }
             }
         }
         _ => return None,
     };
-    Some(ConnKey {
-        netns_cookie,
-        client,
+    Some(ConnKey { netns_cookie, client, _pad: 0 })
+}
+
+#[sk_lookup]
+pub fn mtls_inbound(ctx: SkLookupContext) -> u32 {
+    match inbound_verdict(&ctx) {
+        None => SK_PASS,
+        Some(event) => {
+            count(stats::STRICT_REJECTED);
+            // A full buffer loses the log line, never the verdict.
+            let _ = EVENTS.output::<RejectEvent>(&event, 0);
+            SK_DROP
+        }
+    }
+}
+
+/// `None` to let the connection through, or the event describing its refusal.
+#[inline(always)]
+fn inbound_verdict(ctx: &SkLookupContext) -> Option<RejectEvent> {
+    if inbound_allowed(ctx) {
+        return None;
+    }
+    // SAFETY: as in `inbound_allowed`.
+    let l = unsafe { &*ctx.lookup };
+    let v4 = read(&l.family) == u32::from(AF_INET);
+    let (local, remote) = if v4 {
+        ([read(&l.local_ip4), 0, 0, 0], [read(&l.remote_ip4), 0, 0, 0])
+    } else {
+        (
+            [
+                read(&l.local_ip6[0]),
+                read(&l.local_ip6[1]),
+                read(&l.local_ip6[2]),
+                read(&l.local_ip6[3]),
+            ],
+            [
+                read(&l.remote_ip6[0]),
+                read(&l.remote_ip6[1]),
+                read(&l.remote_ip6[2]),
+                read(&l.remote_ip6[3]),
+            ],
+        )
+    };
+    Some(RejectEvent {
+        local,
+        remote,
+        local_port: read(&l.local_port) as u16,
+        // SAFETY: a 2-byte field at a fixed offset of the context.
+        remote_port: u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) }),
+        family: if v4 { AF_INET } else { AF_INET6 },
         _pad: 0,
     })
+}
+
+#[inline(always)]
+fn inbound_allowed(ctx: &SkLookupContext) -> bool {
+    // SAFETY: the kernel hands us a valid bpf_sk_lookup for the duration of the program.
+    let l = unsafe { &*ctx.lookup };
+    if read(&l.protocol) != IPPROTO_TCP {
+        return true;
+    }
+    let port = read(&l.local_port) as u16;
+    if port == INBOUND_PORT {
+        return true;
+    }
+    // Every context field is read once, at its fixed offset: the verifier rejects loads
+    // through a context pointer the compiler has offset (as merging the two families would).
+    let ctx_family = read(&l.family);
+    let local4 = read(&l.local_ip4);
+    let remote4 = read(&l.remote_ip4);
+    let local6 = [
+        read(&l.local_ip6[0]),
+        read(&l.local_ip6[1]),
+        read(&l.local_ip6[2]),
+        read(&l.local_ip6[3]),
+    ];
+    let remote6 = [
+        read(&l.remote_ip6[0]),
+        read(&l.remote_ip6[1]),
+        read(&l.remote_ip6[2]),
+        read(&l.remote_ip6[3]),
+    ];
+    let (family, local, remote) = if ctx_family == u32::from(AF_INET) {
+        (AF_INET, [local4, 0, 0, 0], [remote4, 0, 0, 0])
+    } else if ctx_family == u32::from(AF_INET6) {
+        (AF_INET6, local6, remote6)
+    } else {
+        return true;
+    };
+    let key = PortKey { addr: local, port, family };
+    // SAFETY: read-only lookups; values are plain data.
+    let policy = match unsafe { INBOUND.get(&key) } {
+        Some(p) => *p,
+        None => match unsafe { INBOUND.get(&PortKey { addr: local, port: 0, family }) } {
+            Some(p) => *p,
+            // Not the address of an enrolled pod: not ours to judge.
+            None => return true,
+        },
+    };
+    if policy.mode != MODE_STRICT {
+        return true;
+    }
+    // The pod itself, e.g. the agent handing a tunnelled connection to the app.
+    if remote == local {
+        return true;
+    }
+    if policy.probe == 1 {
+        if let Some(cfg) = CONFIG.get(0) {
+            if cfg.node_ip_family == family && cfg.node_ip == remote {
+                count(stats::PROBE_ALLOWED);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A load the compiler may not merge with others or turn into pointer arithmetic.
+#[inline(always)]
+fn read(field: &u32) -> u32 {
+    // SAFETY: `field` is a valid reference into the program's context.
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 #[cfg(not(test))]

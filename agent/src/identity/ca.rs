@@ -58,10 +58,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError
         let file = dir.join(name);
         // symlink_metadata: a dangling symlink still means someone put a CA file here.
         if file.symlink_metadata().is_ok() {
-            return Err(IdentityError::CaExists {
-                dir: dir.to_path_buf(),
-                file,
-            });
+            return Err(IdentityError::CaExists { dir: dir.to_path_buf(), file });
         }
     }
     fs::create_dir_all(dir).map_err(|e| IdentityError::io(dir, e))?;
@@ -76,10 +73,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError
     name.push(DnType::OrganizationName, trust_domain);
     // A random suffix tells roots apart in logs and lets verifiers see at once that a
     // certificate from another cluster's root is from an unknown CA.
-    name.push(
-        DnType::CommonName,
-        format!("{ROOT_COMMON_NAME} {:08x}", rand::random::<u32>()),
-    );
+    name.push(DnType::CommonName, format!("{ROOT_COMMON_NAME} {:08x}", rand::random::<u32>()));
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -119,18 +113,15 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError
 /// `create_new` makes the no-overwrite promise hold even against a concurrent writer.
 fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
     let io_err = |e| IdentityError::io(path, e);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| match e.kind() {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(
+        |e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => IdentityError::CaExists {
                 dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
                 file: path.to_path_buf(),
             },
             _ => io_err(e),
-        })?;
+        },
+    )?;
     file.write_all(contents).map_err(io_err)?;
     file.sync_all().map_err(io_err)
 }
@@ -209,10 +200,7 @@ impl CaSigner {
                 ))
             }
             Err(e) => {
-                return Err(IdentityError::file(
-                    &cert_path,
-                    format!("bad basicConstraints: {e}"),
-                ))
+                return Err(IdentityError::file(&cert_path, format!("bad basicConstraints: {e}")))
             }
         }
         match ca.key_usage() {
@@ -223,12 +211,7 @@ impl CaSigner {
                 ))
             }
             Ok(_) => {}
-            Err(e) => {
-                return Err(IdentityError::file(
-                    &cert_path,
-                    format!("bad keyUsage: {e}"),
-                ))
-            }
+            Err(e) => return Err(IdentityError::file(&cert_path, format!("bad keyUsage: {e}"))),
         }
         let now = SystemTime::now();
         let ca_not_before = asn1_time(ca.validity().not_before);
@@ -242,18 +225,13 @@ impl CaSigner {
         if ca_not_before > now + CLOCK_SKEW {
             return Err(IdentityError::file(
                 &cert_path,
-                format!(
-                    "not valid before {} (check the clock)",
-                    fmt_time(ca_not_before)
-                ),
+                format!("not valid before {} (check the clock)", fmt_time(ca_not_before)),
             ));
         }
-        let ca_has_ski = ca.extensions().iter().any(|ext| {
-            matches!(
-                ext.parsed_extension(),
-                ParsedExtension::SubjectKeyIdentifier(_)
-            )
-        });
+        let ca_has_ski = ca
+            .extensions()
+            .iter()
+            .any(|ext| matches!(ext.parsed_extension(), ParsedExtension::SubjectKeyIdentifier(_)));
 
         if chain[0].as_ref() != ca_cert.as_ref() {
             return Err(IdentityError::file(
@@ -262,11 +240,8 @@ impl CaSigner {
             ));
         }
         check_chain_reaches_bundle(dir, &chain, &bundle)?;
-        let intermediates: Vec<CertificateDer<'static>> = chain
-            .iter()
-            .filter(|c| !bundle.contains(c))
-            .cloned()
-            .collect();
+        let intermediates: Vec<CertificateDer<'static>> =
+            chain.iter().filter(|c| !bundle.contains(c)).cloned().collect();
 
         let issuer = CertificateParams::from_ca_cert_der(&ca_cert)
             .and_then(|params| params.self_signed(&key))
@@ -314,10 +289,7 @@ impl CaSigner {
     /// Issues a workload certificate for `id`, valid from a minute ago (clock skew) until
     /// `now + ttl`, capped at the CA's own expiry.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
-        let issue_err = |reason: String| IdentityError::Issue {
-            id: id.to_string(),
-            reason,
-        };
+        let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
         if ttl.is_zero() {
             return Err(issue_err("the lifetime must be positive".into()));
         }
@@ -352,10 +324,7 @@ impl CaSigner {
         not_after: SystemTime,
         issued_at: SystemTime,
     ) -> Result<WorkloadCert, IdentityError> {
-        let issue_err = |reason: String| IdentityError::Issue {
-            id: id.to_string(),
-            reason,
-        };
+        let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| issue_err(format!("generating the key: {e}")))?;
 
@@ -365,10 +334,8 @@ impl CaSigner {
         params.is_ca = IsCa::ExplicitNoCa;
         // ECDSA keys sign; keyEncipherment would be meaningless for them.
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(random_serial());
         params.not_before = not_before.into();
         params.not_after = not_after.into();
@@ -417,10 +384,7 @@ impl CaSigner {
     /// individual checks cannot name precisely (a wrong signature in the chain, a subject
     /// rcgen cannot reproduce byte for byte, a broken intermediate).
     fn self_check(&self) -> Result<(), IdentityError> {
-        let ca_err = |reason: String| IdentityError::Ca {
-            dir: self.dir.clone(),
-            reason,
-        };
+        let ca_err = |reason: String| IdentityError::Ca { dir: self.dir.clone(), reason };
         let probe = SpiffeId::new("cluster.local", "mtls-agent", "ca-self-check")?;
         let cert = self.issue(&probe, Duration::from_secs(60))?;
 
@@ -519,10 +483,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError
     }
     for (i, cert) in certs.iter().enumerate() {
         X509Certificate::from_der(cert).map_err(|e| {
-            IdentityError::file(
-                path,
-                format!("certificate #{} is not valid X.509: {e}", i + 1),
-            )
+            IdentityError::file(path, format!("certificate #{} is not valid X.509: {e}", i + 1))
         })?;
     }
     Ok(certs)
@@ -607,10 +568,7 @@ mod tests {
         let dir = tmp.path().join("ca");
         let ca = init_ca(&dir, "cluster.local").unwrap();
 
-        let mode = fs::metadata(dir.join(CA_KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "ca-key.pem must be private");
         let ca_pem = read(&dir.join(CA_CERT_FILE));
         assert_eq!(ca_pem, read(&dir.join(ROOT_CERT_FILE)));
@@ -621,21 +579,13 @@ mod tests {
         assert_eq!(loaded.ca_cert(), ca.ca_cert());
         assert!(loaded.trust_bundle().contains(loaded.ca_cert()));
         // A self-signed root: nothing goes between the leaf and the root.
-        let cert = loaded
-            .issue(
-                &id("spiffe://cluster.local/ns/a/sa/b"),
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let cert =
+            loaded.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(60)).unwrap();
         assert_eq!(cert.chain().len(), 1);
         verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap();
 
         let (_, root) = X509Certificate::from_der(ca.ca_cert()).unwrap();
-        assert!(
-            root.subject().to_string().contains("O=cluster.local"),
-            "{}",
-            root.subject()
-        );
+        assert!(root.subject().to_string().contains("O=cluster.local"), "{}", root.subject());
     }
 
     #[test]
@@ -674,21 +624,15 @@ mod tests {
         let (_tmp, ca) = new_ca("cluster.local");
         let key_path = ca.dir().join(CA_KEY_FILE);
 
-        fs::write(
-            &key_path,
-            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-        )
-        .unwrap();
+        fs::write(&key_path, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+            .unwrap();
         let text = CaSigner::load(ca.dir()).unwrap_err().to_string();
         assert!(text.contains(&key_path.display().to_string()), "{text}");
         assert!(text.contains("not a usable private key"), "{text}");
 
         fs::write(&key_path, "garbage").unwrap();
         let text = CaSigner::load(ca.dir()).unwrap_err().to_string();
-        assert!(
-            text.contains(CA_KEY_FILE) && text.contains("no private key found"),
-            "{text}"
-        );
+        assert!(text.contains(CA_KEY_FILE) && text.contains("no private key found"), "{text}");
     }
 
     #[test]
@@ -698,10 +642,7 @@ mod tests {
         fs::copy(other.dir().join(CA_KEY_FILE), ca.dir().join(CA_KEY_FILE)).unwrap();
         let text = CaSigner::load(ca.dir()).unwrap_err().to_string();
         assert!(text.contains(CA_KEY_FILE), "{text}");
-        assert!(
-            text.contains("does not match the public key of ca-cert.pem"),
-            "{text}"
-        );
+        assert!(text.contains("does not match the public key of ca-cert.pem"), "{text}");
     }
 
     #[test]
@@ -725,21 +666,14 @@ mod tests {
         }
         fs::write(dir.join(CA_KEY_FILE), key.serialize_pem()).unwrap();
         let text = CaSigner::load(dir).unwrap_err().to_string();
-        assert!(
-            text.contains(CA_CERT_FILE) && text.contains("not a CA certificate"),
-            "{text}"
-        );
+        assert!(text.contains(CA_CERT_FILE) && text.contains("not a CA certificate"), "{text}");
     }
 
     #[test]
     fn root_from_another_pki_is_refused() {
         let (_tmp, ca) = new_ca("cluster.local");
         let (_tmp2, other) = new_ca("cluster.local");
-        fs::copy(
-            other.dir().join(ROOT_CERT_FILE),
-            ca.dir().join(ROOT_CERT_FILE),
-        )
-        .unwrap();
+        fs::copy(other.dir().join(ROOT_CERT_FILE), ca.dir().join(ROOT_CERT_FILE)).unwrap();
         let text = CaSigner::load(ca.dir()).unwrap_err().to_string();
         assert!(text.contains(ROOT_CERT_FILE), "{text}");
         assert!(text.contains("which is not in root-cert.pem"), "{text}");
@@ -752,10 +686,7 @@ mod tests {
         let root_pem = write_intermediate_layout(&dir, "Acme");
         fs::write(dir.join(CERT_CHAIN_FILE), root_pem).unwrap();
         let text = CaSigner::load(&dir).unwrap_err().to_string();
-        assert!(
-            text.contains(CERT_CHAIN_FILE) && text.contains("must start with"),
-            "{text}"
-        );
+        assert!(text.contains(CERT_CHAIN_FILE) && text.contains("must start with"), "{text}");
     }
 
     #[test]
@@ -771,14 +702,8 @@ mod tests {
         let chain = read(&dir.join(CA_CERT_FILE));
         fs::write(dir.join(CERT_CHAIN_FILE), chain).unwrap();
         let text = CaSigner::load(&dir).unwrap_err().to_string();
-        assert!(
-            text.contains("do not verify against root-cert.pem"),
-            "{text}"
-        );
-        assert!(
-            text.contains("certificate signed by an unknown CA"),
-            "{text}"
-        );
+        assert!(text.contains("do not verify against root-cert.pem"), "{text}");
+        assert!(text.contains("certificate signed by an unknown CA"), "{text}");
     }
 
     #[test]
@@ -792,15 +717,9 @@ mod tests {
         assert_eq!(cert.serial().len(), 32, "{}", cert.serial());
         assert!(cert.serial().chars().all(|c| c.is_ascii_hexdigit()));
         let skew = before.duration_since(cert.not_before()).unwrap();
-        assert!(
-            skew >= Duration::from_secs(59) && skew <= Duration::from_secs(62),
-            "{skew:?}"
-        );
+        assert!(skew >= Duration::from_secs(59) && skew <= Duration::from_secs(62), "{skew:?}");
         let life = cert.not_after().duration_since(before).unwrap();
-        assert!(
-            life >= Duration::from_secs(3598) && life <= Duration::from_secs(3601),
-            "{life:?}"
-        );
+        assert!(life >= Duration::from_secs(3598) && life <= Duration::from_secs(3601), "{life:?}");
         // Renewal between 40% and 50% of the lifetime from issuance.
         let renew = cert.renew_at().duration_since(before).unwrap();
         assert!(
@@ -827,63 +746,39 @@ mod tests {
         assert!(!bc.value.ca);
         let (_, ca_cert) = X509Certificate::from_der(ca.ca_cert()).unwrap();
         assert_eq!(leaf.issuer().as_raw(), ca_cert.subject().as_raw());
-        assert!(leaf.extensions().iter().any(|e| matches!(
-            e.parsed_extension(),
-            ParsedExtension::AuthorityKeyIdentifier(_)
-        )));
+        assert!(leaf
+            .extensions()
+            .iter()
+            .any(|e| matches!(e.parsed_extension(), ParsedExtension::AuthorityKeyIdentifier(_))));
 
         // Every issuance gets a fresh key and serial.
         let again = ca.issue(&spiffe, Duration::from_secs(3600)).unwrap();
         assert_ne!(again.serial(), cert.serial());
         assert_ne!(
-            X509Certificate::from_der(again.leaf())
-                .unwrap()
-                .1
-                .public_key()
-                .raw,
+            X509Certificate::from_der(again.leaf()).unwrap().1.public_key().raw,
             leaf.public_key().raw
         );
 
         let debug = format!("{cert:?}");
-        assert!(
-            debug.contains("spiffe://cluster.local/ns/shop/sa/cart"),
-            "{debug}"
-        );
-        assert!(
-            !debug.to_lowercase().contains("key"),
-            "Debug must not show the key: {debug}"
-        );
+        assert!(debug.contains("spiffe://cluster.local/ns/shop/sa/cart"), "{debug}");
+        assert!(!debug.to_lowercase().contains("key"), "Debug must not show the key: {debug}");
     }
 
     #[test]
     fn huge_ttl_is_capped_at_the_ca_expiry() {
         let (_tmp, ca) = new_ca("cluster.local");
-        let cert = ca
-            .issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::MAX)
-            .unwrap();
-        let ca_not_after_secs = ca
-            .ca_not_after()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let leaf_secs = cert
-            .not_after()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let cert = ca.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::MAX).unwrap();
+        let ca_not_after_secs =
+            ca.ca_not_after().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let leaf_secs = cert.not_after().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(leaf_secs, ca_not_after_secs);
     }
 
     #[test]
     fn zero_ttl_is_refused() {
         let (_tmp, ca) = new_ca("cluster.local");
-        let err = ca
-            .issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::ZERO)
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("spiffe://cluster.local/ns/a/sa/b"),
-            "{err}"
-        );
+        let err = ca.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("spiffe://cluster.local/ns/a/sa/b"), "{err}");
     }
 
     #[test]
@@ -893,22 +788,15 @@ mod tests {
         write_intermediate_layout(&dir, "Acme");
         let ca = CaSigner::load(&dir).unwrap();
         assert_eq!(ca.trust_bundle().len(), 1);
-        let cert = ca
-            .issue(
-                &id("spiffe://cluster.local/ns/a/sa/b"),
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let cert =
+            ca.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(60)).unwrap();
         // Leaf + intermediate; the root stays out of the handshake.
         assert_eq!(cert.chain().len(), 2);
         assert_eq!(&cert.chain()[1], ca.ca_cert());
         verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap();
         // Without the intermediate the leaf does not verify: it really is below it.
         let err = verify_chain_now(&cert.chain()[..1], ca.trust_bundle()).unwrap_err();
-        assert_eq!(
-            describe_tls_error(&err),
-            "certificate signed by an unknown CA"
-        );
+        assert_eq!(describe_tls_error(&err), "certificate signed by an unknown CA");
     }
 
     #[test]
@@ -925,10 +813,7 @@ mod tests {
             .unwrap();
         assert!(cert.is_expired_at(now));
         let err = verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap_err();
-        assert!(
-            describe_tls_error(&err).starts_with("certificate expired"),
-            "{err}"
-        );
+        assert!(describe_tls_error(&err).starts_with("certificate expired"), "{err}");
     }
 
     /// An Istio-style plug-in CA made with openssl, as operators have it: an RSA root with a
@@ -942,10 +827,7 @@ mod tests {
         }
         let tmp = tempfile::tempdir().unwrap();
         let root_dir = tmp.path();
-        openssl(
-            root_dir,
-            &["genrsa", "-traditional", "-out", "root-key.pem", "2048"],
-        );
+        openssl(root_dir, &["genrsa", "-traditional", "-out", "root-key.pem", "2048"]);
         assert!(read(&root_dir.join("root-key.pem")).contains("BEGIN RSA PRIVATE KEY"));
         openssl(
             root_dir,
@@ -978,10 +860,7 @@ mod tests {
         .unwrap();
 
         for (name, keygen) in [
-            (
-                "ec-sec1",
-                vec!["ecparam", "-name", "prime256v1", "-genkey", "-out"],
-            ),
+            ("ec-sec1", vec!["ecparam", "-name", "prime256v1", "-genkey", "-out"]),
             ("rsa-pkcs1", vec!["genrsa", "-traditional", "-out"]),
         ] {
             let dir = root_dir.join(name);
@@ -1035,28 +914,17 @@ mod tests {
                 ],
             );
             fs::copy(root_dir.join("root-cert.pem"), dir.join("root-cert.pem")).unwrap();
-            let chain = format!(
-                "{}{}",
-                read(&dir.join("ca-cert.pem")),
-                read(&dir.join("root-cert.pem"))
-            );
+            let chain =
+                format!("{}{}", read(&dir.join("ca-cert.pem")), read(&dir.join("root-cert.pem")));
             fs::write(dir.join("cert-chain.pem"), chain).unwrap();
 
             let ca = CaSigner::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
             let cert = ca
-                .issue(
-                    &id("spiffe://cluster.local/ns/default/sa/web"),
-                    Duration::from_secs(600),
-                )
+                .issue(&id("spiffe://cluster.local/ns/default/sa/web"), Duration::from_secs(600))
                 .unwrap();
             assert_eq!(cert.chain().len(), 2);
             fs::write(dir.join("leaf.der"), cert.leaf().as_ref()).unwrap();
-            openssl(
-                &dir,
-                &[
-                    "x509", "-inform", "DER", "-in", "leaf.der", "-out", "leaf.pem",
-                ],
-            );
+            openssl(&dir, &["x509", "-inform", "DER", "-in", "leaf.der", "-out", "leaf.pem"]);
             for purpose in ["sslclient", "sslserver"] {
                 let out = openssl(
                     &dir,
@@ -1079,29 +947,12 @@ mod tests {
         // Our own root passes the strict checks too.
         let (_tmp2, ours) = new_ca("cluster.local");
         let cert = ours
-            .issue(
-                &id("spiffe://cluster.local/ns/default/sa/web"),
-                Duration::from_secs(600),
-            )
+            .issue(&id("spiffe://cluster.local/ns/default/sa/web"), Duration::from_secs(600))
             .unwrap();
         let dir = ours.dir();
         fs::write(dir.join("leaf.der"), cert.leaf().as_ref()).unwrap();
-        openssl(
-            dir,
-            &[
-                "x509", "-inform", "DER", "-in", "leaf.der", "-out", "leaf.pem",
-            ],
-        );
-        let out = openssl(
-            dir,
-            &[
-                "verify",
-                "-x509_strict",
-                "-CAfile",
-                ROOT_CERT_FILE,
-                "leaf.pem",
-            ],
-        );
+        openssl(dir, &["x509", "-inform", "DER", "-in", "leaf.der", "-out", "leaf.pem"]);
+        let out = openssl(dir, &["verify", "-x509_strict", "-CAfile", ROOT_CERT_FILE, "leaf.pem"]);
         assert!(out.contains("leaf.pem: OK"), "{out}");
         let _ = SanType::URI; // (keeps the rcgen import list honest across versions)
     }

@@ -31,14 +31,7 @@ impl WorkloadCert {
         not_after: SystemTime,
         renew_at: SystemTime,
     ) -> Self {
-        Self {
-            certified,
-            spiffe_id,
-            serial,
-            not_before,
-            not_after,
-            renew_at,
-        }
+        Self { certified, spiffe_id, serial, not_before, not_after, renew_at }
     }
 
     /// The certificate chain as sent in the handshake: leaf first, then intermediates
@@ -112,9 +105,7 @@ pub(crate) fn renewal_instant(
     not_after: SystemTime,
     jitter_fraction: f64,
 ) -> SystemTime {
-    let lifetime = not_after
-        .duration_since(issued_at)
-        .unwrap_or(Duration::ZERO);
+    let lifetime = not_after.duration_since(issued_at).unwrap_or(Duration::ZERO);
     let jitter = lifetime.mul_f64(0.1 * jitter_fraction.clamp(0.0, 1.0));
     issued_at + lifetime / 2 - jitter
 }
@@ -129,10 +120,7 @@ pub(crate) fn fmt_time(t: SystemTime) -> String {
 
 /// Seconds since the Unix epoch as RFC 3339 UTC.
 pub(crate) fn fmt_unix(secs: u64) -> String {
-    match i64::try_from(secs)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-    {
+    match i64::try_from(secs).ok().and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok()) {
         Some(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
             t.year(),

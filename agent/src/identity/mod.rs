@@ -73,16 +73,10 @@ pub enum IdentityError {
 
 impl IdentityError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     pub(crate) fn file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::File {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Self::File { path: path.into(), reason: reason.into() }
     }
 }

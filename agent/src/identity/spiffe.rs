@@ -21,10 +21,7 @@ pub struct SpiffeIdError {
 
 impl SpiffeIdError {
     fn new(input: &str, reason: impl Into<String>) -> Self {
-        Self {
-            input: input.to_string(),
-            reason: reason.into(),
-        }
+        Self { input: input.to_string(), reason: reason.into() }
     }
 }
 
@@ -57,10 +54,7 @@ impl SpiffeId {
         validate_segment(service_account, "service account")
             .map_err(|r| SpiffeIdError::new(&text, r))?;
         if text.len() > MAX_ID_LEN {
-            return Err(SpiffeIdError::new(
-                &text,
-                format!("longer than {MAX_ID_LEN} bytes"),
-            ));
+            return Err(SpiffeIdError::new(&text, format!("longer than {MAX_ID_LEN} bytes")));
         }
         Ok(id)
     }
@@ -89,11 +83,7 @@ impl fmt::Debug for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -106,9 +96,7 @@ impl FromStr for SpiffeId {
             return Err(err("longer than 2048 bytes"));
         }
         // The spec normalises the scheme to lower case; anything else is not an id we issued.
-        let rest = s
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| err("must start with spiffe://"))?;
+        let rest = s.strip_prefix(SCHEME).ok_or_else(|| err("must start with spiffe://"))?;
         let (trust_domain, path) = rest
             .split_once('/')
             .ok_or_else(|| err("missing path /ns/<namespace>/sa/<service-account>"))?;
@@ -146,9 +134,7 @@ pub fn validate_trust_domain(trust_domain: &str) -> Result<(), SpiffeIdError> {
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
     {
-        return Err(err(&format!(
-            "{trust_domain:?} contains {bad:?} (allowed: a-z 0-9 . - _)"
-        )));
+        return Err(err(&format!("{trust_domain:?} contains {bad:?} (allowed: a-z 0-9 . - _)")));
     }
     Ok(())
 }
@@ -162,13 +148,10 @@ fn validate_segment(segment: &str, what: &str) -> Result<(), String> {
     if segment == "." || segment == ".." {
         return Err(format!("{what} {segment:?} is a relative path segment"));
     }
-    if let Some(bad) = segment
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    if let Some(bad) =
+        segment.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
     {
-        return Err(format!(
-            "{what} {segment:?} contains {bad:?} (allowed: A-Z a-z 0-9 . - _)"
-        ));
+        return Err(format!("{what} {segment:?} contains {bad:?} (allowed: A-Z a-z 0-9 . - _)"));
     }
     Ok(())
 }
@@ -179,20 +162,12 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "frontend");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/frontend"
-        );
-        assert_eq!(
-            SpiffeId::new("cluster.local", "default", "frontend").unwrap(),
-            id
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/frontend");
+        assert_eq!(SpiffeId::new("cluster.local", "default", "frontend").unwrap(), id);
     }
 
     #[test]
@@ -235,14 +210,9 @@ mod tests {
 
     #[test]
     fn error_names_the_input() {
-        let e = "spiffe://cluster.local/ns/a"
-            .parse::<SpiffeId>()
-            .unwrap_err();
+        let e = "spiffe://cluster.local/ns/a".parse::<SpiffeId>().unwrap_err();
         let text = e.to_string();
         assert!(text.contains("spiffe://cluster.local/ns/a"), "{text}");
-        assert!(
-            text.contains("/ns/<namespace>/sa/<service-account>"),
-            "{text}"
-        );
+        assert!(text.contains("/ns/<namespace>/sa/<service-account>"), "{text}");
     }
 }

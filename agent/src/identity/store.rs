@@ -45,12 +45,7 @@ struct Entry {
 
 impl Entry {
     fn new(cert: Arc<WorkloadCert>) -> Self {
-        Self {
-            cert,
-            retry_at: None,
-            failures: 0,
-            last_error: None,
-        }
+        Self { cert, retry_at: None, failures: 0, last_error: None }
     }
 
     fn next_attempt(&self) -> SystemTime {
@@ -68,9 +63,7 @@ pub struct CertStore {
 
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore")
-            .field("workloads", &self.len())
-            .finish()
+        f.debug_struct("CertStore").field("workloads", &self.len()).finish()
     }
 }
 
@@ -97,8 +90,7 @@ impl CertStore {
         cert: impl Into<Arc<WorkloadCert>>,
     ) -> Arc<WorkloadCert> {
         let cert = cert.into();
-        self.write()
-            .insert(workload.into(), Entry::new(Arc::clone(&cert)));
+        self.write().insert(workload.into(), Entry::new(Arc::clone(&cert)));
         self.changed.notify_one();
         cert
     }
@@ -217,10 +209,7 @@ pub(crate) struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-        }
+        Self { initial: Duration::from_secs(1), max: Duration::from_secs(300) }
     }
 }
 
@@ -256,10 +245,7 @@ pub(crate) async fn run_renewals_with(
             continue;
         }
         let sleep_for = next
-            .map(|at| {
-                at.duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-            })
+            .map(|at| at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
             .unwrap_or(MAX_SLEEP)
             .min(MAX_SLEEP);
         tokio::select! {
@@ -359,10 +345,8 @@ mod tests {
         }
     }
 
-    const FAST: Backoff = Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_millis(400),
-    };
+    const FAST: Backoff =
+        Backoff { initial: Duration::from_millis(100), max: Duration::from_millis(400) };
 
     async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
         tokio::time::timeout(limit, async {
@@ -384,19 +368,13 @@ mod tests {
         assert!(store.is_empty());
         let cert = store.insert(
             WORKLOAD,
-            ca.issue(
-                &id("spiffe://cluster.local/ns/default/sa/web"),
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
+            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), Duration::from_secs(3600))
+                .unwrap(),
         );
         store.insert(
             "db.data",
-            ca.issue(
-                &id("spiffe://cluster.local/ns/data/sa/db"),
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
+            ca.issue(&id("spiffe://cluster.local/ns/data/sa/db"), Duration::from_secs(3600))
+                .unwrap(),
         );
         assert!(Arc::ptr_eq(&store.get(WORKLOAD).unwrap(), &cert));
         assert!(store.get("nope.default").is_none());
@@ -424,10 +402,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let b = Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(5),
-        };
+        let b = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(5) };
         let delays: Vec<u64> = (1..=5).map(|n| b.delay(n).as_secs()).collect();
         assert_eq!(delays, vec![1, 2, 4, 5, 5]);
         assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
@@ -456,9 +431,7 @@ mod tests {
 
         // And again: the driver keeps going with the new certificate's schedule.
         let second = wait_for("a second renewal", Duration::from_secs(5), || {
-            store
-                .get(WORKLOAD)
-                .filter(|c| c.serial() != renewed.serial())
+            store.get(WORKLOAD).filter(|c| c.serial() != renewed.serial())
         })
         .await;
         assert!(second.not_after() >= renewed.not_after());
@@ -473,37 +446,26 @@ mod tests {
         let ttl = Duration::from_secs(2);
         let first = store.insert(
             WORKLOAD,
-            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl)
-                .unwrap(),
+            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl).unwrap(),
         );
         let failing = Arc::new(FlakyIssuer {
             ca: ca.clone(),
             fail_first: u32::MAX,
             attempts: AtomicU32::new(0),
         });
-        let driver = tokio::spawn(run_renewals_with(
-            Arc::clone(&store),
-            failing.clone(),
-            ttl,
-            FAST,
-        ));
+        let driver =
+            tokio::spawn(run_renewals_with(Arc::clone(&store), failing.clone(), ttl, FAST));
 
         wait_for("three failed attempts", Duration::from_secs(5), || {
             (failing.attempts.load(Ordering::SeqCst) >= 3).then_some(())
         })
         .await;
         let current = store.get(WORKLOAD).unwrap();
-        assert!(
-            Arc::ptr_eq(&current, &first),
-            "old certificate was replaced"
-        );
+        assert!(Arc::ptr_eq(&current, &first), "old certificate was replaced");
         let info = &store.list()[0];
         assert!(info.renewal_failures >= 3, "{info:?}");
         assert!(
-            info.last_error
-                .as_deref()
-                .unwrap_or_default()
-                .contains("CA unavailable"),
+            info.last_error.as_deref().unwrap_or_default().contains("CA unavailable"),
             "{info:?}"
         );
         assert!(info.next_renewal > first.renew_at());
@@ -518,25 +480,14 @@ mod tests {
         let ttl = Duration::from_secs(3);
         let first = store.insert(
             WORKLOAD,
-            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl)
-                .unwrap(),
+            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl).unwrap(),
         );
-        let flaky = Arc::new(FlakyIssuer {
-            ca: ca.clone(),
-            fail_first: 2,
-            attempts: AtomicU32::new(0),
-        });
-        let driver = tokio::spawn(run_renewals_with(
-            Arc::clone(&store),
-            flaky.clone(),
-            ttl,
-            FAST,
-        ));
-        let renewed = wait_for(
-            "a renewal after two failures",
-            Duration::from_secs(5),
-            || store.get(WORKLOAD).filter(|c| c.serial() != first.serial()),
-        )
+        let flaky =
+            Arc::new(FlakyIssuer { ca: ca.clone(), fail_first: 2, attempts: AtomicU32::new(0) });
+        let driver = tokio::spawn(run_renewals_with(Arc::clone(&store), flaky.clone(), ttl, FAST));
+        let renewed = wait_for("a renewal after two failures", Duration::from_secs(5), || {
+            store.get(WORKLOAD).filter(|c| c.serial() != first.serial())
+        })
         .await;
         assert_eq!(flaky.attempts.load(Ordering::SeqCst), 3);
         assert!(SystemTime::now() < first.not_after());
@@ -558,8 +509,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let first = store.insert(
             WORKLOAD,
-            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl)
-                .unwrap(),
+            ca.issue(&id("spiffe://cluster.local/ns/default/sa/web"), ttl).unwrap(),
         );
         wait_for("a renewal", Duration::from_secs(5), || {
             store.get(WORKLOAD).filter(|c| c.serial() != first.serial())

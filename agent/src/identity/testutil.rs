@@ -56,18 +56,12 @@ pub(crate) fn write_intermediate_layout(dir: &Path, org: &str) -> String {
     inter_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     inter_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     inter_params.use_authority_key_identifier_extension = true;
-    let inter = inter_params
-        .signed_by(&inter_key, &root, &root_key)
-        .unwrap();
+    let inter = inter_params.signed_by(&inter_key, &root, &root_key).unwrap();
 
     std::fs::write(dir.join(CA_CERT_FILE), inter.pem()).unwrap();
     std::fs::write(dir.join(CA_KEY_FILE), inter_key.serialize_pem()).unwrap();
     std::fs::write(dir.join(ROOT_CERT_FILE), root.pem()).unwrap();
-    std::fs::write(
-        dir.join(CERT_CHAIN_FILE),
-        format!("{}{}", inter.pem(), root.pem()),
-    )
-    .unwrap();
+    std::fs::write(dir.join(CERT_CHAIN_FILE), format!("{}{}", inter.pem(), root.pem())).unwrap();
     root.pem()
 }
 
@@ -93,10 +87,7 @@ pub(crate) async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfi
         let mut tls = acceptor.accept(server_io).await?;
         let (_, conn) = tls.get_ref();
         assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
-        assert_eq!(
-            conn.protocol_version(),
-            Some(rustls::ProtocolVersion::TLSv1_3)
-        );
+        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
         let peer = peer_identity(conn.peer_certificates().unwrap_or_default()).map_err(to_io)?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await?;
@@ -136,16 +127,9 @@ pub(crate) fn openssl_available() -> bool {
 
 /// Runs openssl in `dir`, panicking with its stderr on failure; returns stdout+stderr.
 pub(crate) fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "openssl {args:?} failed: {text}");
     text
 }

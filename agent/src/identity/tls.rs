@@ -79,10 +79,7 @@ impl TrustBundle {
                 ))
             })?;
         }
-        Ok(Self {
-            store: Arc::new(store),
-            certs: certs.into(),
-        })
+        Ok(Self { store: Arc::new(store), certs: certs.into() })
     }
 
     /// The roots, in file order.
@@ -112,9 +109,7 @@ impl TrustBundle {
 
 impl std::fmt::Debug for TrustBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustBundle")
-            .field("roots", &self.certs.len())
-            .finish()
+        f.debug_struct("TrustBundle").field("roots", &self.certs.len()).finish()
     }
 }
 
@@ -140,11 +135,7 @@ pub enum PeerVerifyError {
         expected: Box<SpiffeId>,
     },
     #[error("trust domain {presented} is not {expected} (peer identity {peer})")]
-    WrongTrustDomain {
-        presented: String,
-        expected: String,
-        peer: Box<SpiffeId>,
-    },
+    WrongTrustDomain { presented: String, expected: String, peer: Box<SpiffeId> },
 }
 
 /// Debug prints the message: rustls' Display of `CertificateError::Other` shows its payload
@@ -245,9 +236,8 @@ pub(crate) fn verify_chain_now(
     chain: &[CertificateDer<'_>],
     bundle: &TrustBundle,
 ) -> Result<(), rustls::Error> {
-    let (leaf, intermediates) = chain
-        .split_first()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let (leaf, intermediates) =
+        chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
     verify_server_chain(
         leaf,
         intermediates,
@@ -383,9 +373,7 @@ struct FixedCert(Arc<CertifiedKey>);
 impl std::fmt::Debug for FixedCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // rustls configs are Debug; keep anything key-related out of that output.
-        f.debug_struct("FixedCert")
-            .field("chain_len", &self.0.cert.len())
-            .finish_non_exhaustive()
+        f.debug_struct("FixedCert").field("chain_len", &self.0.cert.len()).finish_non_exhaustive()
     }
 }
 
@@ -427,10 +415,7 @@ pub fn server_config(
     )
     .build()
     .map_err(|e| IdentityError::TrustBundle(e.to_string()))?;
-    let verifier = Arc::new(SpiffeClientVerifier {
-        inner,
-        trust_domain: trust_domain.to_string(),
-    });
+    let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: trust_domain.to_string() });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -509,8 +494,7 @@ pub fn io_error_reason(err: &io::Error) -> &'static str {
 }
 
 fn rustls_error_in(err: &io::Error) -> Option<&rustls::Error> {
-    err.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    err.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 fn classify(err: &rustls::Error) -> (&'static str, String) {
@@ -528,15 +512,11 @@ fn classify(err: &rustls::Error) -> (&'static str, String) {
                 "protocol_version",
                 "peer does not speak TLS 1.3 (mtls-agent accepts nothing older)".into(),
             ),
-            other => (
-                "peer_incompatible",
-                format!("peer is incompatible: {other:?}"),
-            ),
+            other => ("peer_incompatible", format!("peer is incompatible: {other:?}")),
         },
-        E::NoApplicationProtocol => (
-            "alpn",
-            "peer does not offer ALPN h2 (not an HBONE client or server?)".into(),
-        ),
+        E::NoApplicationProtocol => {
+            ("alpn", "peer does not offer ALPN h2 (not an HBONE client or server?)".into())
+        }
         E::InvalidMessage(_) | E::InappropriateMessage { .. } => (
             "not_tls",
             format!("peer did not speak TLS as expected (plaintext to a TLS port?): {err}"),
@@ -559,10 +539,9 @@ fn classify_certificate(err: &CertificateError) -> (&'static str, String) {
                 time.as_secs().saturating_sub(not_after.as_secs())
             ),
         ),
-        C::NotValidYet => (
-            "cert_not_yet_valid",
-            "certificate not valid yet (check the clocks)".into(),
-        ),
+        C::NotValidYet => {
+            ("cert_not_yet_valid", "certificate not valid yet (check the clocks)".into())
+        }
         C::NotValidYetContext { not_before, .. } => (
             "cert_not_yet_valid",
             format!(
@@ -570,16 +549,12 @@ fn classify_certificate(err: &CertificateError) -> (&'static str, String) {
                 fmt_unix(not_before.as_secs())
             ),
         ),
-        C::BadSignature => (
-            "bad_signature",
-            "certificate signature does not verify".into(),
-        ),
+        C::BadSignature => ("bad_signature", "certificate signature does not verify".into()),
         C::BadEncoding => ("bad_certificate", "certificate could not be parsed".into()),
         C::Revoked => ("cert_revoked", "certificate revoked".into()),
-        C::InvalidPurpose | C::InvalidPurposeContext { .. } => (
-            "bad_key_usage",
-            format!("certificate not allowed for this use: {err}"),
-        ),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            ("bad_key_usage", format!("certificate not allowed for this use: {err}"))
+        }
         C::Other(other) => match other.0.downcast_ref::<PeerVerifyError>() {
             Some(peer) => (peer.reason(), peer.to_string()),
             None => ("bad_certificate", format!("certificate rejected: {other}")),
@@ -599,10 +574,9 @@ fn classify_alert(alert: AlertDescription) -> (&'static str, String) {
             "peer_rejected_expired",
             "peer rejected our certificate: certificate expired or not yet valid",
         ),
-        A::CertificateRequired => (
-            "peer_requires_client_cert",
-            "peer requires a client certificate and we sent none",
-        ),
+        A::CertificateRequired => {
+            ("peer_requires_client_cert", "peer requires a client certificate and we sent none")
+        }
         // Our verifiers send this for identity and trust-domain mismatches.
         A::CertificateUnknown => (
             "peer_rejected_identity",
@@ -615,10 +589,9 @@ fn classify_alert(alert: AlertDescription) -> (&'static str, String) {
             "peer_rejected_signature",
             "peer could not verify a signature (certificate or handshake)",
         ),
-        A::ProtocolVersion => (
-            "protocol_version",
-            "peer refused the TLS version (mtls-agent speaks TLS 1.3 only)",
-        ),
+        A::ProtocolVersion => {
+            ("protocol_version", "peer refused the TLS version (mtls-agent speaks TLS 1.3 only)")
+        }
         A::NoApplicationProtocol => ("alpn", "peer refused ALPN h2 (not an HBONE endpoint?)"),
         A::HandshakeFailure => (
             "handshake_failure",
@@ -716,10 +689,7 @@ mod tests {
         )
         .await;
         assert_eq!(err_text(&out.server), "certificate signed by an unknown CA");
-        assert_eq!(
-            io_error_reason(out.server.as_ref().unwrap_err()),
-            "unknown_ca"
-        );
+        assert_eq!(io_error_reason(out.server.as_ref().unwrap_err()), "unknown_ca");
         assert_eq!(
             err_text(&out.client),
             "peer rejected our certificate: certificate signed by an unknown CA"
@@ -750,10 +720,7 @@ mod tests {
         )
         .await;
         assert_eq!(err_text(&out.server), "no client certificate");
-        assert_eq!(
-            err_text(&out.client),
-            "peer requires a client certificate and we sent none"
-        );
+        assert_eq!(err_text(&out.client), "peer requires a client certificate and we sent none");
     }
 
     #[tokio::test]
@@ -771,10 +738,7 @@ mod tests {
             err_text(&out.server),
             "trust domain other.local is not cluster.local (peer identity spiffe://other.local/ns/a/sa/x)"
         );
-        assert_eq!(
-            io_error_reason(out.server.as_ref().unwrap_err()),
-            "wrong_trust_domain"
-        );
+        assert_eq!(io_error_reason(out.server.as_ref().unwrap_err()), "wrong_trust_domain");
         assert!(out.client.is_err());
     }
 
@@ -797,14 +761,8 @@ mod tests {
         )
         .await;
         let text = err_text(&out.server);
-        assert!(
-            text.starts_with("certificate expired (not valid after "),
-            "{text}"
-        );
-        assert_eq!(
-            io_error_reason(out.server.as_ref().unwrap_err()),
-            "cert_expired"
-        );
+        assert!(text.starts_with("certificate expired (not valid after "), "{text}");
+        assert_eq!(io_error_reason(out.server.as_ref().unwrap_err()), "cert_expired");
         assert_eq!(
             err_text(&out.client),
             "peer rejected our certificate: certificate expired or not yet valid"
@@ -903,13 +861,8 @@ mod tests {
         let mut at = 4 + 2 + 32;
         at += 1 + usize::from(hello[at]); // session id
         let suites_len = be16(hello, at);
-        let suites: Vec<usize> = (0..suites_len / 2)
-            .map(|i| be16(hello, at + 2 + 2 * i))
-            .collect();
-        assert!(
-            suites.iter().all(|s| s >> 8 == 0x13),
-            "non-TLS 1.3 suites offered: {suites:x?}"
-        );
+        let suites: Vec<usize> = (0..suites_len / 2).map(|i| be16(hello, at + 2 + 2 * i)).collect();
+        assert!(suites.iter().all(|s| s >> 8 == 0x13), "non-TLS 1.3 suites offered: {suites:x?}");
         at += 2 + suites_len;
         at += 1 + usize::from(hello[at]); // compression methods
         let end = at + 2 + be16(hello, at);
@@ -927,11 +880,7 @@ mod tests {
             }
             at += 4 + len;
         }
-        assert_eq!(
-            versions,
-            Some(vec![0x03, 0x04]),
-            "supported_versions must be TLS 1.3 only"
-        );
+        assert_eq!(versions, Some(vec![0x03, 0x04]), "supported_versions must be TLS 1.3 only");
         assert_eq!(alpn, Some(b"\x02h2".to_vec()));
     }
 
@@ -979,39 +928,21 @@ mod tests {
         let uri = |s: &str| SanType::URI(s.try_into().unwrap());
         let dns = |s: &str| SanType::DnsName(s.try_into().unwrap());
 
-        let ok = make(vec![
-            dns("backend.b.svc"),
-            uri("spiffe://cluster.local/ns/b/sa/y"),
-        ]);
-        assert_eq!(
-            peer_identity(&[ok]).unwrap(),
-            id("spiffe://cluster.local/ns/b/sa/y")
-        );
+        let ok = make(vec![dns("backend.b.svc"), uri("spiffe://cluster.local/ns/b/sa/y")]);
+        assert_eq!(peer_identity(&[ok]).unwrap(), id("spiffe://cluster.local/ns/b/sa/y"));
         let none = make(vec![dns("backend.b.svc")]);
-        assert!(matches!(
-            peer_identity(&[none]),
-            Err(PeerVerifyError::NoSpiffeId)
-        ));
+        assert!(matches!(peer_identity(&[none]), Err(PeerVerifyError::NoSpiffeId)));
         let two = make(vec![
             uri("spiffe://cluster.local/ns/b/sa/y"),
             uri("spiffe://cluster.local/ns/b/sa/z"),
         ]);
-        assert!(matches!(
-            peer_identity(&[two]),
-            Err(PeerVerifyError::MultipleUris(2))
-        ));
+        assert!(matches!(peer_identity(&[two]), Err(PeerVerifyError::MultipleUris(2))));
         let bad = make(vec![uri("spiffe://cluster.local/workload/y")]);
         let err = peer_identity(&[bad]).unwrap_err();
         assert!(err.to_string().contains("not a valid SPIFFE id"), "{err}");
-        assert!(matches!(
-            peer_identity(&[]),
-            Err(PeerVerifyError::NoCertificate)
-        ));
+        assert!(matches!(peer_identity(&[]), Err(PeerVerifyError::NoCertificate)));
         let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
-        assert!(matches!(
-            peer_identity(&[garbage]),
-            Err(PeerVerifyError::BadCertificate(_))
-        ));
+        assert!(matches!(peer_identity(&[garbage]), Err(PeerVerifyError::BadCertificate(_))));
     }
 
     #[test]
@@ -1047,10 +978,8 @@ mod tests {
             "connection closed by the peer during the TLS handshake"
         );
         assert_eq!(io_error_reason(&eof), "peer_closed");
-        let wrapped = io::Error::new(
-            io::ErrorKind::InvalidData,
-            rustls::Error::NoCertificatesPresented,
-        );
+        let wrapped =
+            io::Error::new(io::ErrorKind::InvalidData, rustls::Error::NoCertificatesPresented);
         assert_eq!(describe_io_error(&wrapped), "no client certificate");
     }
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 /// How many closed connections are kept for inspection.
 const HISTORY: usize = 4096;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -45,6 +45,8 @@ pub struct ConnectionRecord {
     pub peer_identity: Option<String>,
     /// TLS version and cipher suite, or `PLAINTEXT`.
     pub tls: String,
+    /// The policy that decided the destination port's mode, in words.
+    pub policy: Option<String>,
     pub started_at: SystemTime,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -53,10 +55,21 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
 }
 
+/// Running totals per (direction, mode), for metrics.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    pub opened: u64,
+    pub closed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     live: BTreeMap<u64, (ConnectionRecord, Instant)>,
     closed: VecDeque<ConnectionRecord>,
+    totals: BTreeMap<(Direction, String), Totals>,
 }
 
 /// Shared table of connections; cheap to clone.
@@ -72,7 +85,9 @@ impl ConnectionTable {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         rec.id = id;
         rec.open = true;
-        self.lock().live.insert(id, (rec, Instant::now()));
+        let mut inner = self.lock();
+        inner.totals.entry((rec.direction.clone(), rec.mode.clone())).or_default().opened += 1;
+        inner.live.insert(id, (rec, Instant::now()));
         id
     }
 
@@ -91,6 +106,10 @@ impl ConnectionTable {
         rec.bytes_received = received;
         rec.duration_ms = Some(started.elapsed().as_millis() as u64);
         rec.error = error;
+        let t = inner.totals.entry((rec.direction.clone(), rec.mode.clone())).or_default();
+        t.closed += 1;
+        t.bytes_sent += sent;
+        t.bytes_received += received;
         if inner.closed.len() == HISTORY {
             inner.closed.pop_front();
         }
@@ -104,6 +123,11 @@ impl ConnectionTable {
         let mut out: Vec<_> = inner.live.values().map(|(r, _)| r.clone()).collect();
         out.extend(inner.closed.iter().cloned());
         out
+    }
+
+    /// Totals per (direction, mode) since the agent started.
+    pub fn totals(&self) -> Vec<(Direction, String, Totals)> {
+        self.lock().totals.iter().map(|((d, m), t)| (d.clone(), m.clone(), *t)).collect()
     }
 
     pub fn live_count(&self) -> usize {
@@ -133,6 +157,7 @@ mod tests {
             local_identity: None,
             peer_identity: None,
             tls: "PLAINTEXT".into(),
+            policy: None,
             started_at: SystemTime::now(),
             bytes_sent: 0,
             bytes_received: 0,
@@ -149,16 +174,10 @@ mod tests {
         assert_eq!(t.live_count(), 1);
         assert!(t.snapshot()[0].open);
         let closed = t.close(id, 5, 7, None).unwrap();
-        assert_eq!(
-            (closed.bytes_sent, closed.bytes_received, closed.open),
-            (5, 7, false)
-        );
+        assert_eq!((closed.bytes_sent, closed.bytes_received, closed.open), (5, 7, false));
         assert_eq!(t.live_count(), 0);
         assert_eq!(t.snapshot().len(), 1);
-        assert!(
-            t.close(id, 0, 0, None).is_none(),
-            "closing twice is a no-op"
-        );
+        assert!(t.close(id, 0, 0, None).is_none(), "closing twice is a no-op");
     }
 
     #[test]

@@ -37,21 +37,11 @@ pub struct InboundContext {
 
 impl InboundContext {
     pub fn new(pod: String, pod_ip: IpAddr, netns: PodNetns, mesh: Arc<Mesh>) -> InboundContext {
-        InboundContext {
-            pod,
-            pod_ip,
-            netns,
-            mesh,
-            tls: Mutex::new(None),
-        }
+        InboundContext { pod, pod_ip, netns, mesh, tls: Mutex::new(None) }
     }
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
-        let cert = self
-            .mesh
-            .certs
-            .get(&self.pod)
-            .ok_or("this pod has no certificate")?;
+        let cert = self.mesh.certs.get(&self.pod).ok_or("this pod has no certificate")?;
         let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((serial, cfg)) = cached.as_ref() {
             if serial == cert.serial() {
@@ -67,18 +57,8 @@ impl InboundContext {
 
 /// Accepts tunnel connections until the listener is dropped (the task is aborted).
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(ctx, stream, peer).await });
-            }
-            Err(e) => {
-                warn!(pod = %ctx.pod, "accept on inbound listener: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let pod = ctx.pod.clone();
+    super::accept_loop(listener, &pod, move |stream, peer| handle(ctx.clone(), stream, peer)).await
 }
 
 async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
@@ -95,16 +75,14 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            stats
-                .inbound_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
+            stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
+            stats.count_failure(format!("tls_inbound:{}", identity::io_error_reason(&e)));
             warn!(pod = %ctx.pod, client = %peer, reason = %identity::describe_io_error(&e), "rejected: TLS handshake failed");
             return;
         }
         Err(_) => {
-            stats
-                .inbound_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
+            stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
+            stats.count_failure("tls_inbound:timeout");
             warn!(pod = %ctx.pod, client = %peer, reason = "handshake timed out", "rejected: TLS handshake failed");
             return;
         }
@@ -114,23 +92,15 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(id) => id.to_string(),
         Err(e) => {
             // The verifier already insisted on one SPIFFE id; this is a belt-and-braces check.
-            stats
-                .inbound_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
+            stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
             warn!(pod = %ctx.pod, client = %peer, "rejected: {e}");
             return;
         }
     };
     let tls_desc = format!(
         "{} {}",
-        session
-            .protocol_version()
-            .map(|v| format!("{v:?}"))
-            .unwrap_or_default(),
-        session
-            .negotiated_cipher_suite()
-            .map(|c| format!("{:?}", c.suite()))
-            .unwrap_or_default()
+        session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+        session.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default()
     );
     stats.inbound_handshakes.fetch_add(1, Ordering::Relaxed);
     debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, "mTLS established");
@@ -156,25 +126,17 @@ async fn open_stream(
     target: SocketAddr,
 ) -> Result<Accepted<TcpStream>, Refusal> {
     let refuse = |reason: String| {
-        ctx.mesh
-            .stats
-            .inbound_refused_streams
-            .fetch_add(1, Ordering::Relaxed);
+        ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
+        ctx.mesh.stats.count_failure("hbone:target_refused");
         warn!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, %target, "rejected: {reason}");
         Refusal::forbidden(reason)
     };
     if target.ip() != ctx.pod_ip {
-        return Err(refuse(format!(
-            "{target} is not an address of pod {}",
-            ctx.pod
-        )));
+        return Err(refuse(format!("{target} is not an address of pod {}", ctx.pod)));
     }
     // The tunnel leads to the app, never back into the agent's own in-pod listeners.
     if target.port() == HBONE_PORT || target.port() == OUTBOUND_PORT {
-        return Err(refuse(format!(
-            "port {} is reserved for the agent",
-            target.port()
-        )));
+        return Err(refuse(format!("port {} is reserved for the agent", target.port())));
     }
     let netns = ctx.netns.clone();
     let socket = tokio::task::spawn_blocking(move || netns.dial_socket(target))
@@ -187,13 +149,12 @@ async fn open_stream(
             warn!(pod = %ctx.pod, client = %peer, %target, "app connection failed: {e}");
             return Err(Refusal::unavailable(format!("connecting to {target}: {e}")));
         }
-        Err(_) => {
-            return Err(Refusal::unavailable(format!(
-                "connecting to {target}: timed out"
-            )))
-        }
+        Err(_) => return Err(Refusal::unavailable(format!("connecting to {target}: timed out"))),
     };
     let ws = ctx.mesh.workloads.borrow().clone();
+    let policy = ws
+        .by_ip(ctx.pod_ip)
+        .map(|w| ctx.mesh.policies.borrow().decide(&ws, w, target.port()).reason);
     let rec = ConnectionRecord {
         id: 0,
         direction: Direction::Inbound,
@@ -203,13 +164,10 @@ async fn open_stream(
         destination: target,
         destination_pod: Some(ctx.pod.clone()),
         mode: "mTLS".into(),
-        local_identity: ctx
-            .mesh
-            .certs
-            .get(&ctx.pod)
-            .map(|c| c.spiffe_id().to_string()),
+        local_identity: ctx.mesh.certs.get(&ctx.pod).map(|c| c.spiffe_id().to_string()),
         peer_identity: Some(peer_id.clone()),
         tls: tls_desc,
+        policy,
         started_at: SystemTime::now(),
         bytes_sent: 0,
         bytes_received: 0,
@@ -223,12 +181,9 @@ async fn open_stream(
     Ok(Accepted::new(upstream).on_close(move |s| {
         let error = s.error.map(|e| e.to_string());
         // As for outbound records: "sent" is source -> destination (peer -> app).
-        if let Some(done) = conns.close(
-            id,
-            s.bytes_to_upstream,
-            s.bytes_from_upstream,
-            error.clone(),
-        ) {
+        if let Some(done) =
+            conns.close(id, s.bytes_to_upstream, s.bytes_from_upstream, error.clone())
+        {
             info!(
                 dst_pod = %pod,
                 src = %peer,

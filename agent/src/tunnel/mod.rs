@@ -26,8 +26,30 @@ use tokio::sync::watch;
 
 use crate::{
     identity::{CertStore, SpiffeId, TrustBundle},
+    policy::PolicySet,
     workloads::WorkloadSet,
 };
+
+/// Accepts connections on one of a pod's listeners until the task is aborted, handling each in
+/// its own task.
+pub(crate) async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, pod: &str, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                // Out of fds or similar: back off instead of spinning.
+                tracing::warn!(pod, "accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 
 /// Pooled HBONE connections are shared per (source identity, destination identity, destination
 /// IP): a stream never rides a connection authenticated as someone else.
@@ -46,6 +68,7 @@ pub struct Mesh {
     pub pool: hbone::Pool<PoolKey>,
     pub conns: ConnectionTable,
     pub workloads: watch::Receiver<Arc<WorkloadSet>>,
+    pub policies: watch::Receiver<Arc<PolicySet>>,
     pub stats: TunnelStats,
 }
 
@@ -62,7 +85,23 @@ pub struct TunnelStats {
     pub inbound_handshakes: AtomicU64,
     pub inbound_handshake_failures: AtomicU64,
     pub inbound_refused_streams: AtomicU64,
+    /// Plaintext refused by a STRICT port in the kernel (and logged by the agent).
+    pub inbound_plaintext_rejected: AtomicU64,
     pub outbound_failures: AtomicU64,
+    /// Failures by reason: `tls:<reason>` for handshakes, `policy:<reason>`, `connect:<reason>`.
+    pub failures: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl TunnelStats {
+    pub fn count_failure(&self, reason: impl Into<String>) {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(reason.into()).or_default() += 1;
+    }
+
+    pub fn failures(&self) -> Vec<(String, u64)> {
+        let m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
 }
 
 /// A snapshot of the counters for the admin API.

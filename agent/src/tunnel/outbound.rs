@@ -28,6 +28,7 @@ use crate::{
     capture::OrigDstMap,
     identity::{self, SpiffeId, WorkloadCert},
     inpod::PodNetns,
+    policy::Mode,
     workloads::WorkloadSet,
 };
 
@@ -67,32 +68,15 @@ pub fn route(ws: &WorkloadSet, orig: SocketAddr, rr: &AtomicUsize) -> Result<Rou
             return Err(RouteError::NoEndpoints { service: orig });
         }
         let pick = endpoints[rr.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-        return Ok(Route {
-            dst: SocketAddr::new(pick.ip, target_port),
-            dst_pod: Some(pick.key()),
-        });
+        return Ok(Route { dst: SocketAddr::new(pick.ip, target_port), dst_pod: Some(pick.key()) });
     }
-    Ok(Route {
-        dst: orig,
-        dst_pod: ws.by_ip(orig.ip()).map(|w| w.key()),
-    })
+    Ok(Route { dst: orig, dst_pod: ws.by_ip(orig.ip()).map(|w| w.key()) })
 }
 
 /// Accepts captured connections until the listener is dropped (the task is aborted).
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(ctx, stream, peer).await });
-            }
-            Err(e) => {
-                // Out of fds or similar: back off instead of spinning.
-                warn!(pod = %ctx.pod, "accept on outbound listener: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let pod = ctx.pod.clone();
+    super::accept_loop(listener, &pod, move |stream, peer| handle(ctx.clone(), stream, peer)).await
 }
 
 /// How a connection is carried.
@@ -119,11 +103,16 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
             return;
         }
     };
-    // Tunnel iff the destination is a workload of the mesh.
-    let carry = match ws
-        .by_ip(route.dst.ip())
-        .and_then(|w| ctx.mesh.identity_of(w))
-    {
+    // Tunnel iff the destination is a workload of the mesh whose mode for this port is not
+    // DISABLE.
+    let ps = ctx.mesh.policies.borrow().clone();
+    let dst_workload = ws.by_ip(route.dst.ip());
+    let decision = dst_workload.map(|w| ps.decide(&ws, w, route.dst.port()));
+    let expected = match (dst_workload, &decision) {
+        (Some(w), Some(d)) if d.mode != Mode::Disable => ctx.mesh.identity_of(w),
+        _ => None,
+    };
+    let carry = match expected {
         Some(expected) => match ctx.mesh.certs.get(&ctx.pod) {
             Some(cert) => Carry::Mtls { cert, expected },
             None => {
@@ -133,6 +122,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         },
         None => Carry::Plaintext,
     };
+    let policy = decision.map(|d| d.reason);
     let (mode, local_identity, peer_identity, tls) = match &carry {
         Carry::Mtls { cert, expected } => (
             "mTLS",
@@ -154,6 +144,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         local_identity,
         peer_identity: peer_identity.clone(),
         tls,
+        policy: policy.clone(),
         started_at: SystemTime::now(),
         bytes_sent: 0,
         bytes_received: 0,
@@ -171,10 +162,8 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     let (sent, received, error) = match result {
         Ok(t) => (t.sent, t.received, t.error),
         Err(e) => {
-            ctx.mesh
-                .stats
-                .outbound_failures
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.mesh.stats.outbound_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.mesh.stats.count_failure(format!("outbound:{}", e.reason()));
             warn!(
                 src_pod = %ctx.pod,
                 original_dst = %orig,
@@ -195,6 +184,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
             dst_pod = route.dst_pod.as_deref().unwrap_or("-"),
             mode,
             peer_identity = peer_identity.as_deref().unwrap_or("-"),
+            policy = policy.as_deref().unwrap_or("-"),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = done.duration_ms.unwrap_or_default(),
@@ -216,14 +206,11 @@ enum OutboundError {
     #[error("creating the upstream socket: {0}")]
     Socket(#[from] crate::inpod::InpodError),
     #[error("connecting to {dst}: {source}")]
-    Connect {
-        dst: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { dst: SocketAddr, source: std::io::Error },
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(SocketAddr),
     #[error("TLS to {dst}: {reason}")]
-    Tls { dst: SocketAddr, reason: String },
+    Tls { dst: SocketAddr, reason: String, code: &'static str },
     #[error("TLS to {0}: handshake timed out")]
     TlsTimeout(SocketAddr),
     #[error("{0}")]
@@ -232,6 +219,28 @@ enum OutboundError {
     Hbone(#[from] hbone::HboneError),
     #[error("in-pod worker: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl OutboundError {
+    /// A short label for metrics.
+    fn reason(&self) -> &'static str {
+        match self {
+            OutboundError::Socket(_) | OutboundError::Join(_) => "internal",
+            OutboundError::Connect { .. } => "connect_failed",
+            OutboundError::ConnectTimeout(_) => "connect_timeout",
+            OutboundError::Tls { code, .. } => code,
+            OutboundError::TlsTimeout(_) => "tls_timeout",
+            OutboundError::Identity(_) => "identity",
+            OutboundError::Hbone(hbone::HboneError::Connect(hbone::ConnectError::Transport(e))) => {
+                match e.downcast_ref::<OutboundError>() {
+                    Some(inner) => inner.reason(),
+                    None => "hbone_connect",
+                }
+            }
+            OutboundError::Hbone(hbone::HboneError::Refused { .. }) => "hbone_refused",
+            OutboundError::Hbone(_) => "hbone",
+        }
+    }
 }
 
 /// A TCP connection to `dst` from inside the pod (marked, so capture leaves it alone).
@@ -257,16 +266,8 @@ async fn relay_plain(
             .await;
     let _ = upstream.shutdown().await;
     Ok(match res {
-        Ok((sent, received)) => Transfer {
-            sent,
-            received,
-            error: None,
-        },
-        Err(e) => Transfer {
-            sent: 0,
-            received: 0,
-            error: Some(e.to_string()),
-        },
+        Ok((sent, received)) => Transfer { sent, received, error: None },
+        Err(e) => Transfer { sent: 0, received: 0, error: Some(e.to_string()) },
     })
 }
 
@@ -277,11 +278,7 @@ async fn relay_mtls(
     cert: Arc<WorkloadCert>,
     expected: SpiffeId,
 ) -> Result<Transfer, OutboundError> {
-    let key = PoolKey {
-        src: cert.spiffe_id().clone(),
-        dst: expected.clone(),
-        dst_ip: dst.ip(),
-    };
+    let key = PoolKey { src: cert.spiffe_id().clone(), dst: expected.clone(), dst_ip: dst.ip() };
     let netns = ctx.netns.clone();
     let trust = ctx.mesh.trust.clone();
     let connect = move || async move {
@@ -300,6 +297,7 @@ async fn relay_mtls(
             Ok(Err(e)) => Err(OutboundError::Tls {
                 dst: addr,
                 reason: identity::describe_io_error(&e),
+                code: identity::io_error_reason(&e),
             }),
             Err(_) => Err(OutboundError::TlsTimeout(addr)),
         }
@@ -341,15 +339,7 @@ services:
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let picks: Vec<_> = (0..4).map(|_| route(&ws, vip, &rr).unwrap()).collect();
         let dsts: Vec<String> = picks.iter().map(|r| r.dst.to_string()).collect();
-        assert_eq!(
-            dsts,
-            [
-                "10.0.0.2:8080",
-                "10.0.0.3:8080",
-                "10.0.0.2:8080",
-                "10.0.0.3:8080"
-            ]
-        );
+        assert_eq!(dsts, ["10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.2:8080", "10.0.0.3:8080"]);
         assert_eq!(picks[0].dst_pod.as_deref(), Some("a.ns"));
     }
 

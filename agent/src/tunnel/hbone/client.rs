@@ -84,15 +84,7 @@ pub(crate) async fn open(
     let (response, send_stream) = send.send_request(req, false)?;
     let response = response.await?;
     if response.status() != StatusCode::OK {
-        return Err(HboneError::Refused {
-            target,
-            status: response.status(),
-        });
+        return Err(HboneError::Refused { target, status: response.status() });
     }
-    Ok(HboneStream::new(
-        send_stream,
-        response.into_body(),
-        target,
-        slot,
-    ))
+    Ok(HboneStream::new(send_stream, response.into_body(), target, slot))
 }

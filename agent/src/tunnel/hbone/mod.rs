@@ -133,16 +133,10 @@ pub enum HboneError {
     H2(#[from] h2::Error),
     /// The peer answered the `CONNECT` with a status other than 200.
     #[error("CONNECT {target} refused with status {status}")]
-    Refused {
-        target: SocketAddr,
-        status: http::StatusCode,
-    },
+    Refused { target: SocketAddr, status: http::StatusCode },
     /// The peer did not answer the `CONNECT` in time.
     #[error("CONNECT {target}: no response within {timeout:?}")]
-    OpenTimeout {
-        target: SocketAddr,
-        timeout: Duration,
-    },
+    OpenTimeout { target: SocketAddr, timeout: Duration },
     /// The address cannot be written as an `:authority` (e.g. an IPv6 scope id).
     #[error("{0} cannot be a CONNECT authority")]
     InvalidTarget(SocketAddr),

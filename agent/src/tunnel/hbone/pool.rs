@@ -88,9 +88,7 @@ pub struct Pool<K> {
 
 impl<K> Clone for Pool<K> {
     fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
+        Self { inner: self.inner.clone() }
     }
 }
 
@@ -186,9 +184,7 @@ where
         let conns = keys.values().flat_map(|e| e.conns.iter());
         let (live, active) = conns
             .filter(|c| !c.shared.closed.load(Ordering::Acquire))
-            .fold((0, 0), |(l, a), c| {
-                (l + 1, a + c.shared.active.load(Ordering::Acquire))
-            });
+            .fold((0, 0), |(l, a), c| (l + 1, a + c.shared.active.load(Ordering::Acquire)));
         PoolStats {
             connections_created: self.inner.connections_created.load(Ordering::Relaxed),
             connect_failures: self.inner.connect_failures.load(Ordering::Relaxed),
@@ -299,21 +295,14 @@ where
     fn step(&self, key: &K) -> Step {
         let mut keys = lock(&self.inner.keys);
         let entry = keys.entry(key.clone()).or_default();
-        entry
-            .conns
-            .retain(|c| !c.shared.closed.load(Ordering::Acquire));
+        entry.conns.retain(|c| !c.shared.closed.load(Ordering::Acquire));
         let cap = self.inner.cfg.max_streams_per_connection.max(1) as usize;
         for c in &entry.conns {
             let limit = cap.min(c.send.current_max_send_streams());
             // Reserved under the map lock, so idle expiry (also under it) never races a reuse.
             if c.shared.active.load(Ordering::Acquire) < limit {
                 c.shared.active.fetch_add(1, Ordering::AcqRel);
-                return Step::Reuse(
-                    c.send.clone(),
-                    StreamSlot {
-                        conn: c.shared.clone(),
-                    },
-                );
+                return Step::Reuse(c.send.clone(), StreamSlot { conn: c.shared.clone() });
             }
         }
         if let Some((_, done)) = &entry.connecting {
@@ -340,12 +329,7 @@ where
     {
         // If this future is dropped mid-attempt the guard clears the marker, then drops the
         // sender, which wakes the waiters so one of them takes over.
-        let mut guard = LeadGuard {
-            inner: &self.inner,
-            key,
-            id,
-            done: Some(done),
-        };
+        let mut guard = LeadGuard { inner: &self.inner, key, id, done: Some(done) };
         let result = establish(&self.inner.cfg.client, connect).await;
 
         let mut keys = lock(&self.inner.keys);
@@ -364,14 +348,9 @@ where
                     idle_since: Mutex::new(Instant::now()),
                     became_idle: Notify::new(),
                 });
-                entry.conns.push(Pooled {
-                    shared: shared.clone(),
-                    send: send.clone(),
-                });
+                entry.conns.push(Pooled { shared: shared.clone(), send: send.clone() });
                 drop(keys);
-                self.inner
-                    .connections_created
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.connections_created.fetch_add(1, Ordering::Relaxed);
                 debug!(conn = id, "HBONE connection established");
                 let cfg = &self.inner.cfg;
                 tokio::spawn(drive(
@@ -438,9 +417,7 @@ where
     C: FnOnce() -> Fut,
     Fut: Future<Output = Result<S, E>>,
 {
-    let io = connect()
-        .await
-        .map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
+    let io = connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
     match tokio::time::timeout(cfg.handshake_timeout, client_builder(cfg).handshake(io)).await {
         Ok(Ok(parts)) => Ok(parts),
         Ok(Err(e)) => Err(ConnectError::Handshake(Arc::new(e))),

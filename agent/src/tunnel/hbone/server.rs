@@ -71,10 +71,7 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: StatusCode, reason: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            status,
-            reason: reason.into(),
-        }
+        Self { status, reason: reason.into() }
     }
 
     /// 403: policy says no (e.g. "not a pod of this node").
@@ -118,10 +115,7 @@ pub struct Accepted<U> {
 
 impl<U> Accepted<U> {
     pub fn new(upstream: U) -> Self {
-        Self {
-            upstream,
-            on_close: None,
-        }
+        Self { upstream, on_close: None }
     }
 
     pub fn on_close(mut self, f: impl FnOnce(RelayStats) + Send + 'static) -> Self {
@@ -279,10 +273,7 @@ async fn serve_stream<H, F, U>(
         answer.as_mut().poll(cx).map(Some)
     })
     .await;
-    let Accepted {
-        mut upstream,
-        on_close,
-    } = match decision {
+    let Accepted { mut upstream, on_close } = match decision {
         None => {
             debug!(%target, "CONNECT abandoned by the client before it was answered");
             return;
@@ -347,10 +338,7 @@ async fn serve_stream<H, F, U>(
 /// The tunnel target of a request: `CONNECT` with `:authority` = `ip:port`.
 fn connect_target(req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
     if req.method() != Method::CONNECT {
-        return Err(Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is served",
-        ));
+        return Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served"));
     }
     let Some(authority) = req.uri().authority() else {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing :authority"));
@@ -361,10 +349,7 @@ fn connect_target(req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
         .parse()
         .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, ":authority is not ip:port"))?;
     if target.port() == 0 {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            ":authority has port 0",
-        ));
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, ":authority has port 0"));
     }
     Ok(target)
 }
@@ -373,8 +358,7 @@ fn refuse(respond: &mut SendResponse<Bytes>, refusal: &Refusal) {
     let mut res = Response::new(());
     *res.status_mut() = refusal.status;
     if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
-        res.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
+        res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
     }
     // Fails only if the client already reset the stream: then nobody is listening.
     if let Err(e) = respond.send_response(res, true) {

@@ -176,10 +176,7 @@ impl AsyncWrite for HboneStream {
                 // Capacity raced away (e.g. a SETTINGS change); poll_capacity registers us.
                 continue;
             }
-            return match this
-                .send
-                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            {
+            return match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
                 Ok(()) => Poll::Ready(Ok(n)),
                 Err(_) => Poll::Ready(Err(this.send_failure(cx))),
             };
@@ -262,11 +259,7 @@ where
         }
     })
     .await;
-    Relayed {
-        from_tunnel: down.amt,
-        to_tunnel: up.amt,
-        error: result.err(),
-    }
+    Relayed { from_tunnel: down.amt, to_tunnel: up.amt, error: result.err() }
 }
 
 /// Tunnel -> other, straight out of the received DATA frames.

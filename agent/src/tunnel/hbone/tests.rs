@@ -81,15 +81,9 @@ where
     let (tx, stats) = mpsc::unbounded_channel();
     let handler = accepting(app, calls.clone(), tx);
     let server = tokio::spawn(async move { serve_connection(server_io, &cfg, handler).await });
-    let (send, _driver) = client_handshake(client_io, &ClientConfig::default())
-        .await
-        .expect("client handshake");
-    Harness {
-        send,
-        calls,
-        stats,
-        _server: server,
-    }
+    let (send, _driver) =
+        client_handshake(client_io, &ClientConfig::default()).await.expect("client handshake");
+    Harness { send, calls, stats, _server: server }
 }
 
 async fn harness(cfg: ServerConfig, app: App) -> Harness {
@@ -121,9 +115,7 @@ async fn connect_round_trip_reports_bytes() {
     });
     let mut h = harness(ServerConfig::default(), app).await;
     for target in ["10.0.2.5:8080", "[fd00::5]:9090"] {
-        let mut s = connect_stream(&mut h.send, addr(target))
-            .await
-            .expect("CONNECT");
+        let mut s = connect_stream(&mut h.send, addr(target)).await.expect("CONNECT");
         assert_eq!(s.target(), addr(target));
         s.write_all(b"hello hbone").await.unwrap();
         let mut buf = [0u8; 11];
@@ -131,20 +123,14 @@ async fn connect_round_trip_reports_bytes() {
         assert_eq!(&buf, b"hello hbone");
         s.shutdown().await.unwrap();
         let mut rest = Vec::new();
-        timeout(LIMIT, s.read_to_end(&mut rest))
-            .await
-            .unwrap()
-            .unwrap();
+        timeout(LIMIT, s.read_to_end(&mut rest)).await.unwrap().unwrap();
         assert!(rest.is_empty());
         let st = next_stats(&mut h).await;
         assert_eq!(st.target, addr(target));
         assert_eq!((st.bytes_to_upstream, st.bytes_from_upstream), (11, 11));
         assert!(st.error.is_none(), "{:?}", st.error);
     }
-    assert_eq!(
-        *seen.lock().unwrap(),
-        vec![addr("10.0.2.5:8080"), addr("[fd00::5]:9090")]
-    );
+    assert_eq!(*seen.lock().unwrap(), vec![addr("10.0.2.5:8080"), addr("[fd00::5]:9090")]);
 }
 
 #[tokio::test]
@@ -165,17 +151,12 @@ async fn client_half_close_still_receives_server_bytes() {
         })
     });
     let mut h = harness(ServerConfig::default(), app).await;
-    let mut s = connect_stream(&mut h.send, addr("10.0.0.9:80"))
-        .await
-        .unwrap();
+    let mut s = connect_stream(&mut h.send, addr("10.0.0.9:80")).await.unwrap();
     s.write_all(b"request").await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(timeout(LIMIT, got_rx).await.unwrap().unwrap(), b"request");
     let mut resp = Vec::new();
-    timeout(LIMIT, s.read_to_end(&mut resp))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(LIMIT, s.read_to_end(&mut resp)).await.unwrap().unwrap();
     assert_eq!(resp, vec![7u8; 300_000]);
     let st = next_stats(&mut h).await;
     assert_eq!((st.bytes_to_upstream, st.bytes_from_upstream), (7, 300_000));
@@ -201,30 +182,20 @@ async fn server_half_close_still_receives_client_bytes() {
         })
     });
     let mut h = harness(ServerConfig::default(), app).await;
-    let mut s = connect_stream(&mut h.send, addr("10.0.0.9:25"))
-        .await
-        .unwrap();
+    let mut s = connect_stream(&mut h.send, addr("10.0.0.9:25")).await.unwrap();
     let mut banner = Vec::new();
-    timeout(LIMIT, s.read_to_end(&mut banner))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(LIMIT, s.read_to_end(&mut banner)).await.unwrap().unwrap();
     assert_eq!(banner, b"banner");
     s.write_all(b"late data after server EOF").await.unwrap();
     s.shutdown().await.unwrap();
-    assert_eq!(
-        timeout(LIMIT, got_rx).await.unwrap().unwrap(),
-        b"late data after server EOF"
-    );
+    assert_eq!(timeout(LIMIT, got_rx).await.unwrap().unwrap(), b"late data after server EOF");
     let st = next_stats(&mut h).await;
     assert_eq!((st.bytes_to_upstream, st.bytes_from_upstream), (26, 6));
     assert!(st.error.is_none());
 }
 
 fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (offset..offset + len as u64)
-        .map(|i| (i % 251) as u8)
-        .collect()
+    (offset..offset + len as u64).map(|i| (i % 251) as u8).collect()
 }
 
 /// Writes `total` pattern bytes and half-closes, while reading the echo and checking it.
@@ -259,18 +230,13 @@ async fn large_transfer_over_tcp_is_exact_both_ways() {
     const TOTAL: u64 = 64 * 1024 * 1024;
     let (c, s) = tcp_pair().await;
     let mut h = harness_over(c, s, ServerConfig::default(), echo_app()).await;
-    let stream = connect_stream(&mut h.send, addr("10.1.1.1:5001"))
-        .await
-        .unwrap();
+    let stream = connect_stream(&mut h.send, addr("10.1.1.1:5001")).await.unwrap();
     let started = std::time::Instant::now();
     timeout(Duration::from_secs(60), pump_and_verify(stream, TOTAL))
         .await
         .expect("64 MiB echo stalled");
     let st = next_stats(&mut h).await;
-    assert_eq!(
-        (st.bytes_to_upstream, st.bytes_from_upstream),
-        (TOTAL, TOTAL)
-    );
+    assert_eq!((st.bytes_to_upstream, st.bytes_from_upstream), (TOTAL, TOTAL));
     assert!(st.error.is_none());
     eprintln!("64 MiB each way in {:?}", started.elapsed());
 }
@@ -323,16 +289,12 @@ async fn refusals_reach_the_client_as_typed_errors() {
     tokio::spawn(async move { serve_connection(s, &ServerConfig::default(), handler).await });
     let (mut send, _d) = client_handshake(c, &ClientConfig::default()).await.unwrap();
 
-    let e = connect_stream(&mut send, addr("10.0.0.1:1"))
-        .await
-        .unwrap_err();
+    let e = connect_stream(&mut send, addr("10.0.0.1:1")).await.unwrap_err();
     assert!(
         matches!(e, HboneError::Refused { status, target } if status == StatusCode::FORBIDDEN && target == addr("10.0.0.1:1")),
         "{e:?}"
     );
-    let e = connect_stream(&mut send, addr("10.0.0.1:2"))
-        .await
-        .unwrap_err();
+    let e = connect_stream(&mut send, addr("10.0.0.1:2")).await.unwrap_err();
     assert_eq!(e.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
     // The connection survives refusals.
     let mut s = connect_stream(&mut send, addr("10.0.0.1:3")).await.unwrap();
@@ -346,9 +308,7 @@ async fn refusals_reach_the_client_as_typed_errors() {
 
 async fn raw_status(send: &mut SendRequest<Bytes>, method: Method, uri: &str) -> StatusCode {
     let req = Request::builder().method(method).uri(uri).body(()).unwrap();
-    futures_util::future::poll_fn(|cx| send.poll_ready(cx))
-        .await
-        .unwrap();
+    futures_util::future::poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
     let (resp, _body) = send.send_request(req, false).unwrap();
     timeout(LIMIT, resp).await.unwrap().unwrap().status()
 }
@@ -365,31 +325,13 @@ async fn bad_requests_are_rejected_without_calling_the_handler() {
         raw_status(send, Method::POST, "http://10.0.0.1:80/x").await,
         StatusCode::METHOD_NOT_ALLOWED
     );
-    assert_eq!(
-        raw_status(send, Method::CONNECT, "example.com:443").await,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        raw_status(send, Method::CONNECT, "10.0.0.1").await,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        raw_status(send, Method::CONNECT, "10.0.0.1:0").await,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        raw_status(send, Method::CONNECT, "10.0.0.1:99999").await,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(raw_status(send, Method::CONNECT, "example.com:443").await, StatusCode::BAD_REQUEST);
+    assert_eq!(raw_status(send, Method::CONNECT, "10.0.0.1").await, StatusCode::BAD_REQUEST);
+    assert_eq!(raw_status(send, Method::CONNECT, "10.0.0.1:0").await, StatusCode::BAD_REQUEST);
+    assert_eq!(raw_status(send, Method::CONNECT, "10.0.0.1:99999").await, StatusCode::BAD_REQUEST);
     // CONNECT without :authority never reaches the handler (h2 resets it as malformed, or 400).
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri("/")
-        .body(())
-        .unwrap();
-    futures_util::future::poll_fn(|cx| h.send.poll_ready(cx))
-        .await
-        .unwrap();
+    let req = Request::builder().method(Method::CONNECT).uri("/").body(()).unwrap();
+    futures_util::future::poll_fn(|cx| h.send.poll_ready(cx)).await.unwrap();
     let (resp, _body) = h.send.send_request(req, false).unwrap();
     match timeout(LIMIT, resp).await.unwrap() {
         Ok(r) => assert_eq!(r.status(), StatusCode::BAD_REQUEST),
@@ -397,9 +339,7 @@ async fn bad_requests_are_rejected_without_calling_the_handler() {
     }
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
     // And a proper one on the same connection still works.
-    let s = connect_stream(&mut h.send, addr("10.0.0.1:80"))
-        .await
-        .unwrap();
+    let s = connect_stream(&mut h.send, addr("10.0.0.1:80")).await.unwrap();
     drop(s);
     assert_eq!(h.calls.load(Ordering::SeqCst), 1);
 }
@@ -420,9 +360,7 @@ async fn client_reset_ends_an_idle_tunnel() {
         })
     });
     let mut h = harness(ServerConfig::default(), app).await;
-    let s = connect_stream(&mut h.send, addr("10.0.0.7:7"))
-        .await
-        .unwrap();
+    let s = connect_stream(&mut h.send, addr("10.0.0.7:7")).await.unwrap();
     // Make sure the server relays before the reset.
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(s);
@@ -456,11 +394,8 @@ async fn abandoned_connect_cancels_the_handler() {
     let (c, s) = duplex(64 * 1024);
     tokio::spawn(async move { serve_connection(s, &ServerConfig::default(), handler).await });
     let (mut send, _d) = client_handshake(c, &ClientConfig::default()).await.unwrap();
-    let r = timeout(
-        Duration::from_millis(100),
-        connect_stream(&mut send, addr("10.0.0.1:80")),
-    )
-    .await;
+    let r =
+        timeout(Duration::from_millis(100), connect_stream(&mut send, addr("10.0.0.1:80"))).await;
     assert!(r.is_err(), "the handler never answers");
     timeout(LIMIT, dropped_rx)
         .await
@@ -470,17 +405,13 @@ async fn abandoned_connect_cancels_the_handler() {
 
 #[tokio::test]
 async fn silent_peer_hits_the_handshake_timeout() {
-    let cfg = ServerConfig {
-        handshake_timeout: Duration::from_millis(100),
-        ..ServerConfig::default()
-    };
+    let cfg =
+        ServerConfig { handshake_timeout: Duration::from_millis(100), ..ServerConfig::default() };
     let handler =
         |_t: SocketAddr| async { Err::<Accepted<DuplexStream>, _>(Refusal::forbidden("x")) };
     // No preface at all.
     let (_c, s) = duplex(1024);
-    let r = timeout(LIMIT, serve_connection(s, &cfg, handler))
-        .await
-        .unwrap();
+    let r = timeout(LIMIT, serve_connection(s, &cfg, handler)).await.unwrap();
     assert!(matches!(r, Err(HboneError::HandshakeTimeout(_))), "{r:?}");
     // A valid HTTP/2 handshake but no request.
     let (c, s) = duplex(64 * 1024);
@@ -504,26 +435,18 @@ async fn graceful_shutdown_lets_open_tunnels_finish() {
         serve_connection_with_shutdown(s, &ServerConfig::default(), handler, stop).await
     });
     let (mut send, _d) = client_handshake(c, &ClientConfig::default()).await.unwrap();
-    let mut s = connect_stream(&mut send, addr("10.0.0.1:80"))
-        .await
-        .unwrap();
+    let mut s = connect_stream(&mut send, addr("10.0.0.1:80")).await.unwrap();
     stop_tx.send(()).unwrap();
     // Once the GOAWAY is in, new tunnels are refused; the open one still works.
     let deadline = tokio::time::Instant::now() + LIMIT;
     while connect_stream(&mut send, addr("10.0.0.1:81")).await.is_ok() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "GOAWAY never took effect"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "GOAWAY never took effect");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     s.write_all(b"still here").await.unwrap();
     s.shutdown().await.unwrap();
     let mut v = Vec::new();
-    timeout(LIMIT, s.read_to_end(&mut v))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(LIMIT, s.read_to_end(&mut v)).await.unwrap().unwrap();
     assert_eq!(v, b"still here");
     drop(s);
     // Skip the tunnels the GOAWAY probe opened and dropped.
@@ -542,38 +465,25 @@ async fn graceful_shutdown_lets_open_tunnels_finish() {
 
 #[tokio::test]
 async fn streams_beyond_max_concurrent_wait_for_a_free_slot() {
-    let cfg = ServerConfig {
-        max_concurrent_streams: 4,
-        ..ServerConfig::default()
-    };
+    let cfg = ServerConfig { max_concurrent_streams: 4, ..ServerConfig::default() };
     let mut h = harness(cfg, echo_app()).await;
     let mut open = Vec::new();
     for i in 0..4 {
         open.push(
-            connect_stream(&mut h.send, addr(&format!("10.0.0.1:{}", 100 + i)))
-                .await
-                .unwrap(),
+            connect_stream(&mut h.send, addr(&format!("10.0.0.1:{}", 100 + i))).await.unwrap(),
         );
     }
     let mut send = h.send.clone();
     let mut fifth =
         tokio::spawn(async move { connect_stream(&mut send, addr("10.0.0.1:200")).await });
-    assert!(
-        timeout(Duration::from_millis(300), &mut fifth)
-            .await
-            .is_err(),
-        "5th stream must wait"
-    );
+    assert!(timeout(Duration::from_millis(300), &mut fifth).await.is_err(), "5th stream must wait");
     assert_eq!(h.calls.load(Ordering::SeqCst), 4);
     let mut first = open.remove(0);
     first.shutdown().await.unwrap();
     let mut v = Vec::new();
     first.read_to_end(&mut v).await.unwrap();
     drop(first);
-    let s = timeout(LIMIT, fifth)
-        .await
-        .expect("5th stream never got a slot")
-        .unwrap();
+    let s = timeout(LIMIT, fifth).await.expect("5th stream never got a slot").unwrap();
     assert!(s.is_ok());
     assert_eq!(h.calls.load(Ordering::SeqCst), 5);
 }
@@ -605,9 +515,7 @@ async fn read_resets<R: AsyncRead + Unpin>(r: &mut R, want: usize) -> Vec<u32> {
         let mut payload = vec![0u8; len];
         r.read_exact(&mut payload).await.unwrap();
         if head[3] == 0x3 {
-            codes.push(u32::from_be_bytes([
-                payload[0], payload[1], payload[2], payload[3],
-            ]));
+            codes.push(u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]));
         }
     }
     codes
@@ -615,10 +523,7 @@ async fn read_resets<R: AsyncRead + Unpin>(r: &mut R, want: usize) -> Vec<u32> {
 
 #[tokio::test]
 async fn hostile_client_ignoring_max_concurrent_streams_is_refused() {
-    let cfg = ServerConfig {
-        max_concurrent_streams: 4,
-        ..ServerConfig::default()
-    };
+    let cfg = ServerConfig { max_concurrent_streams: 4, ..ServerConfig::default() };
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
     // Handlers that never answer keep every accepted stream open.
@@ -634,9 +539,7 @@ async fn hostile_client_ignoring_max_concurrent_streams_is_refused() {
         out.extend(connect_headers(2 * i + 1, "10.0.0.1:80"));
     }
     c.write_all(&out).await.unwrap();
-    let codes = timeout(LIMIT, read_resets(&mut c, 16))
-        .await
-        .expect("no RST_STREAM");
+    let codes = timeout(LIMIT, read_resets(&mut c, 16)).await.expect("no RST_STREAM");
     // REFUSED_STREAM = 0x7.
     assert!(codes.iter().all(|&c| c == 0x7), "{codes:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -645,10 +548,7 @@ async fn hostile_client_ignoring_max_concurrent_streams_is_refused() {
 
 #[tokio::test]
 async fn oversized_headers_are_rejected() {
-    let cfg = ServerConfig {
-        max_header_list_size: 4096,
-        ..ServerConfig::default()
-    };
+    let cfg = ServerConfig { max_header_list_size: 4096, ..ServerConfig::default() };
     let mut h = harness(cfg, echo_app()).await;
     let req = Request::builder()
         .method(Method::CONNECT)
@@ -656,9 +556,7 @@ async fn oversized_headers_are_rejected() {
         .header("x-padding", "a".repeat(8000))
         .body(())
         .unwrap();
-    futures_util::future::poll_fn(|cx| h.send.poll_ready(cx))
-        .await
-        .unwrap();
+    futures_util::future::poll_fn(|cx| h.send.poll_ready(cx)).await.unwrap();
     let (resp, _body) = h.send.send_request(req, false).unwrap();
     match timeout(LIMIT, resp).await.unwrap() {
         Ok(r) => {
@@ -668,9 +566,7 @@ async fn oversized_headers_are_rejected() {
     }
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
     // The connection is still usable.
-    connect_stream(&mut h.send, addr("10.0.0.1:80"))
-        .await
-        .unwrap();
+    connect_stream(&mut h.send, addr("10.0.0.1:80")).await.unwrap();
 }
 
 // ---- pool ---------------------------------------------------------------------------------
@@ -721,18 +617,12 @@ async fn ping_pong(mut s: HboneStream) {
     s.write_all(b"ping").await.unwrap();
     s.shutdown().await.unwrap();
     let mut v = Vec::new();
-    timeout(LIMIT, s.read_to_end(&mut v))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(LIMIT, s.read_to_end(&mut v)).await.unwrap().unwrap();
     assert_eq!(v, b"ping");
 }
 
 fn quick_pool() -> PoolConfig {
-    PoolConfig {
-        keepalive_interval: None,
-        ..PoolConfig::default()
-    }
+    PoolConfig { keepalive_interval: None, ..PoolConfig::default() }
 }
 
 #[tokio::test]
@@ -741,10 +631,7 @@ async fn pool_sequential_streams_share_one_handshake() {
     let peer = Peer::new();
     let target = addr("10.0.3.3:8080");
     for _ in 0..100 {
-        let s = pool
-            .stream(("a", "b", target.ip()), target, peer.connect())
-            .await
-            .unwrap();
+        let s = pool.stream(("a", "b", target.ip()), target, peer.connect()).await.unwrap();
         ping_pong(s).await;
     }
     let st = pool.stats();
@@ -781,10 +668,7 @@ async fn pool_concurrent_streams_share_one_handshake() {
 
 #[tokio::test]
 async fn pool_opens_another_connection_at_the_stream_limit() {
-    let pool = Pool::new(PoolConfig {
-        max_streams_per_connection: 4,
-        ..quick_pool()
-    });
+    let pool = Pool::new(PoolConfig { max_streams_per_connection: 4, ..quick_pool() });
     let peer = Peer::new();
     let target = addr("10.0.3.3:8080");
     let mut held = Vec::new();
@@ -811,10 +695,7 @@ async fn pool_respects_the_servers_stream_limit() {
     let first = pool.stream("k", target, peer.connect()).await.unwrap();
     // By now the server's SETTINGS (2 streams) have arrived.
     let second = pool.stream("k", target, peer.connect()).await.unwrap();
-    let third = timeout(LIMIT, pool.stream("k", target, peer.connect()))
-        .await
-        .unwrap()
-        .unwrap();
+    let third = timeout(LIMIT, pool.stream("k", target, peer.connect())).await.unwrap().unwrap();
     assert_eq!(pool.stats().connections_created, 2);
     for s in [first, second, third] {
         ping_pong(s).await;
@@ -854,10 +735,7 @@ async fn pool_keys_get_their_own_connections() {
 
 #[tokio::test]
 async fn pool_closes_idle_connections_gracefully() {
-    let pool = Pool::new(PoolConfig {
-        idle_timeout: Duration::from_millis(200),
-        ..quick_pool()
-    });
+    let pool = Pool::new(PoolConfig { idle_timeout: Duration::from_millis(200), ..quick_pool() });
     let peer = Peer::new();
     let target = addr("10.0.3.3:8080");
     let s = pool.stream("k", target, peer.connect()).await.unwrap();
@@ -867,10 +745,7 @@ async fn pool_closes_idle_connections_gracefully() {
     ping_pong(s).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     while pool.stats().live_connections != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "idle connection never expired"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "idle connection never expired");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The server saw a clean close (GOAWAY), not an error.
@@ -895,24 +770,18 @@ async fn pool_shares_a_failed_connect_without_caching_it() {
     for _ in 0..10 {
         let pool = pool.clone();
         let connect = failing(attempts.clone());
-        tasks.push(tokio::spawn(async move {
-            pool.stream("k", addr("10.0.0.1:80"), connect).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { pool.stream("k", addr("10.0.0.1:80"), connect).await },
+        ));
     }
     for t in tasks {
         let r = timeout(LIMIT, t).await.unwrap().unwrap();
-        assert!(
-            matches!(r, Err(HboneError::Connect(ConnectError::Transport(_)))),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(HboneError::Connect(ConnectError::Transport(_)))), "{r:?}");
     }
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
     assert_eq!(pool.stats().connect_failures, 1);
     // The next caller tries again.
-    assert!(pool
-        .stream("k", addr("10.0.0.1:80"), failing(attempts.clone()))
-        .await
-        .is_err());
+    assert!(pool.stream("k", addr("10.0.0.1:80"), failing(attempts.clone())).await.is_err());
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     assert_eq!(pool.stats().live_connections, 0);
 }
@@ -926,13 +795,8 @@ async fn pool_survives_a_cancelled_leader() {
     let stuck = || std::future::pending::<io::Result<DuplexStream>>();
     let r = timeout(Duration::from_millis(50), pool.stream("k", target, stuck)).await;
     assert!(r.is_err());
-    ping_pong(
-        timeout(LIMIT, pool.stream("k", target, peer.connect()))
-            .await
-            .unwrap()
-            .unwrap(),
-    )
-    .await;
+    ping_pong(timeout(LIMIT, pool.stream("k", target, peer.connect())).await.unwrap().unwrap())
+        .await;
     assert_eq!(pool.stats().connections_created, 1);
 }
 
@@ -952,21 +816,11 @@ async fn pool_refusal_is_typed_and_keeps_the_connection() {
     };
     for _ in 0..3 {
         calls.fetch_add(1, Ordering::SeqCst);
-        let e = pool
-            .stream("k", addr("10.0.0.1:80"), connect)
-            .await
-            .unwrap_err();
+        let e = pool.stream("k", addr("10.0.0.1:80"), connect).await.unwrap_err();
         assert_eq!(e.status(), Some(StatusCode::FORBIDDEN));
     }
     let st = pool.stats();
-    assert_eq!(
-        (
-            st.connections_created,
-            st.streams_opened,
-            st.live_connections
-        ),
-        (1, 0, 1)
-    );
+    assert_eq!((st.connections_created, st.streams_opened, st.live_connections), (1, 0, 1));
 }
 
 #[tokio::test]
@@ -985,14 +839,9 @@ async fn pool_keepalive_drops_a_silent_peer() {
         Ok::<_, io::Error>(c)
     };
     let started = std::time::Instant::now();
-    let r = timeout(LIMIT, pool.stream("k", addr("10.0.0.1:80"), connect))
-        .await
-        .unwrap();
+    let r = timeout(LIMIT, pool.stream("k", addr("10.0.0.1:80"), connect)).await.unwrap();
     assert!(r.is_err());
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "waited for the open timeout instead"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for the open timeout instead");
     let deadline = tokio::time::Instant::now() + LIMIT;
     while pool.stats().live_connections != 0 {
         assert!(tokio::time::Instant::now() < deadline);
@@ -1033,10 +882,7 @@ async fn pool_moves_off_a_connection_the_server_is_draining() {
     // Until the GOAWAY arrives the old connection may still be used; then a new one must be.
     let deadline = tokio::time::Instant::now() + LIMIT;
     while pool.stats().connections_created < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pool kept the draining connection"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "pool kept the draining connection");
         ping_pong(pool.stream("k", target, connect.clone()).await.unwrap()).await;
     }
     // The tunnel opened before the GOAWAY is unaffected.
@@ -1064,27 +910,20 @@ async fn relay_and_copy_bidirectional_carry_half_closes_from_the_app_side() {
     let mut h = harness(ServerConfig::default(), echo_app()).await;
     for use_relay in [true, false] {
         let (mut app, mut agent_side) = tcp_pair().await;
-        let mut tunnel = connect_stream(&mut h.send, addr("10.0.0.1:80"))
-            .await
-            .unwrap();
+        let mut tunnel = connect_stream(&mut h.send, addr("10.0.0.1:80")).await.unwrap();
         let relayer = tokio::spawn(async move {
             if use_relay {
                 let r = relay(&mut tunnel, &mut agent_side, 16 * 1024).await;
                 assert!(r.error.is_none(), "{:?}", r.error);
                 (r.to_tunnel, r.from_tunnel)
             } else {
-                tokio::io::copy_bidirectional(&mut agent_side, &mut tunnel)
-                    .await
-                    .unwrap()
+                tokio::io::copy_bidirectional(&mut agent_side, &mut tunnel).await.unwrap()
             }
         });
         app.write_all(&pattern(0, 100_000)).await.unwrap();
         app.shutdown().await.unwrap();
         let mut echoed = Vec::new();
-        timeout(LIMIT, app.read_to_end(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
+        timeout(LIMIT, app.read_to_end(&mut echoed)).await.unwrap().unwrap();
         assert_eq!(echoed, pattern(0, 100_000));
         let counts = timeout(LIMIT, relayer).await.unwrap().unwrap();
         assert_eq!(counts, (100_000, 100_000));
@@ -1103,9 +942,7 @@ async fn a_slow_upstream_pushes_back_instead_of_buffering() {
         Box::pin(async {})
     });
     let mut h = harness(cfg, app).await;
-    let mut s = connect_stream(&mut h.send, addr("10.0.0.1:80"))
-        .await
-        .unwrap();
+    let mut s = connect_stream(&mut h.send, addr("10.0.0.1:80")).await.unwrap();
     let chunk = vec![1u8; 16 * 1024];
     let mut written = 0usize;
     while let Ok(n) = timeout(Duration::from_millis(300), s.write(&chunk)).await {
@@ -1113,9 +950,6 @@ async fn a_slow_upstream_pushes_back_instead_of_buffering() {
         assert!(written < 10 * 1024 * 1024, "writes never blocked");
     }
     // Stream window + the upstream pipe's 64 KiB + one relay buffer, nothing more.
-    assert!(
-        written <= 64 * 1024 + 64 * 1024 + 32 * 1024,
-        "{written} bytes accepted"
-    );
+    assert!(written <= 64 * 1024 + 64 * 1024 + 32 * 1024, "{written} bytes accepted");
     drop(hold_rx);
 }

@@ -1,5 +1,7 @@
 //! Command line.
 
+pub mod render;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -27,11 +29,37 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Certificate authority for workload identities (Istio plug-in CA layout).
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Is this pod's traffic encrypted, and which policy decided? Its listeners and outbound
+    /// destinations, like `istioctl experimental auth check`.
+    Check {
+        /// The pod, as NAME.NAMESPACE.
+        pod: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Live and recent connections, with mode, identities and deciding policy.
+    Connections {
+        /// Only connections from or to this pod (NAME.NAMESPACE).
+        #[arg(long)]
+        pod: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The node's workload certificates.
+    Certs {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// mTLS policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Remove a node's pinned programs and maps, so no pod stays captured (fail-closed) after
     /// the agent is removed.
@@ -42,6 +70,40 @@ pub enum Command {
         /// bpffs directory (default /sys/fs/bpf/mtls-agent/<node>).
         #[arg(long)]
         bpffs: Option<PathBuf>,
+    },
+}
+
+/// How the operator commands reach the agent and print.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The agent's admin API.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory and print, per workload and port, the effective mode, the
+    /// deciding policy and every policy that was ignored and why. Exits non-zero on invalid input.
+    Check {
+        /// Policy directory.
+        dir: PathBuf,
+        /// Workloads file to resolve the policies against.
+        #[arg(long)]
+        workloads: PathBuf,
+        /// Root namespace (mesh-wide PeerAuthentication).
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
     },
 }
 
@@ -75,6 +137,12 @@ pub struct RunArgs {
     /// Admin API address (local only).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Prometheus metrics address (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics: SocketAddr,
+    /// Health address (`/healthz/ready`: ready once every pod of the node is enrolled).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health: SocketAddr,
     /// CA directory in Istio's plug-in CA layout (`mtls-agent ca init` makes one). The agent
     /// signs its pods' workload certificates with it and trusts the roots in root-cert.pem.
     #[arg(long)]
@@ -82,6 +150,16 @@ pub struct RunArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Directory of mTLS policies (PeerAuthentication, v1alpha1 Policy/MeshPolicy YAML),
+    /// watched for changes. Without it every pod is PERMISSIVE.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Root namespace: a PeerAuthentication there without a selector is mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+    /// This node's IP: plaintext from it to a pod's probePorts is allowed under STRICT.
+    #[arg(long)]
+    pub node_ip: Option<std::net::IpAddr>,
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90s.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,

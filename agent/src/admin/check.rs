@@ -1,0 +1,190 @@
+//! `/check?pod=NAME.NAMESPACE`: is this pod's traffic encrypted, and which policy decided? The
+//! answer behind `mtls-agent check`, in the shape of `istioctl experimental auth check`: the
+//! pod's listeners (inbound) and the destinations it can reach (outbound).
+
+use serde::Serialize;
+
+use super::AdminState;
+use crate::{
+    policy::{Decision, Mode},
+    tunnel::hbone::HBONE_PORT,
+    workloads::{Workload, WorkloadSet},
+};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckReport {
+    pub pod: String,
+    pub node: String,
+    pub ip: String,
+    /// Whether this agent enrolled the pod (it is on this node and in the mesh).
+    pub enrolled: bool,
+    pub identity: Option<String>,
+    pub certificate_serial: Option<String>,
+    pub certificate_expires: Option<String>,
+    pub listeners: Vec<ListenerRow>,
+    pub outbound: Vec<OutboundRow>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerRow {
+    /// `IP_PORT`, `IP_*` for every port without its own rule; `[0]`/`[1]` for the mTLS and
+    /// plaintext halves of a PERMISSIVE port, as istioctl shows them.
+    pub listener: String,
+    /// The certificate presented (the pod's SPIFFE id) or `none`.
+    pub certificate: String,
+    /// `yes (STRICT)`, `no (PERMISSIVE)`, ...
+    pub mtls: String,
+    pub rbac: String,
+    pub mode: String,
+    /// `namespace/name (level)` of the deciding policy, or `-`.
+    pub decided_by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundRow {
+    /// `service.namespace:port`.
+    pub host_port: String,
+    /// The certificate this pod presents there, or `none` (plaintext).
+    pub certificate: String,
+    /// The SPIFFE ids the server must present, or `none`.
+    pub validate_peer_certificate: String,
+    pub mode: String,
+    pub decided_by: String,
+}
+
+fn decided_by(d: &Decision) -> String {
+    match (&d.decided_by, &d.level) {
+        (Some(p), Some(l)) => format!("{p} ({l})"),
+        (Some(p), None) => p.to_string(),
+        _ => "-".into(),
+    }
+}
+
+/// The report for `pod` (`name.namespace`), or `None` when no such workload exists.
+pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
+    let ws = state.mesh.workloads.borrow().clone();
+    let ps = state.mesh.policies.borrow().clone();
+    let w = ws.workloads.iter().find(|w| w.key() == pod)?;
+    let cert = state.mesh.certs.get(&w.key());
+    let enrolled = w.node == state.node && cert.is_some();
+    let identity = state.mesh.identity_of(w).map(|id| id.to_string());
+    let presented = match (&cert, enrolled) {
+        (Some(c), true) => c.spiffe_id().to_string(),
+        _ => "none".to_owned(),
+    };
+
+    let mut listeners = Vec::new();
+    if enrolled {
+        listeners.push(ListenerRow {
+            listener: format!("{}_{HBONE_PORT}", w.ip),
+            certificate: presented.clone(),
+            mtls: "yes (HBONE tunnel)".into(),
+            rbac: "no (none)".into(),
+            mode: "STRICT".into(),
+            decided_by: "-".into(),
+            reason: "the agent's tunnel port accepts only mutual TLS".into(),
+        });
+    }
+    let (default, ports) = ps.workload_modes(&ws, w);
+    let mut rows: Vec<(String, Decision)> = vec![(format!("{}_*", w.ip), default)];
+    let mut listed: Vec<u16> = ports.iter().map(|(p, _)| *p).collect();
+    rows.extend(ports.into_iter().map(|(p, d)| (format!("{}_{p}", w.ip), d)));
+    // Ports the workload serves through services, and its probe ports, get their own rows.
+    for port in service_target_ports(&ws, w).into_iter().chain(w.probe_ports.iter().copied()) {
+        if !listed.contains(&port) {
+            listed.push(port);
+            rows.push((format!("{}_{port}", w.ip), ps.decide(&ws, w, port)));
+        }
+    }
+    for (listener, d) in rows {
+        let by = decided_by(&d);
+        let (cert, plain) = if enrolled { (presented.as_str(), "none") } else { ("none", "none") };
+        let row = |listener: String, certificate: &str, mtls: String| ListenerRow {
+            listener,
+            certificate: certificate.to_owned(),
+            mtls,
+            rbac: "no (none)".into(),
+            mode: d.mode.to_string(),
+            decided_by: by.clone(),
+            reason: d.reason.clone(),
+        };
+        match (d.mode, enrolled) {
+            (Mode::Strict, true) => listeners.push(row(listener, cert, "yes (STRICT)".into())),
+            (Mode::Permissive, true) => {
+                listeners.push(row(format!("{listener}[0]"), cert, "yes (PERMISSIVE)".into()));
+                listeners.push(row(format!("{listener}[1]"), plain, "no (PERMISSIVE)".into()));
+            }
+            (mode, _) => listeners.push(row(listener, plain, format!("no ({mode})"))),
+        }
+    }
+
+    let mut outbound = Vec::new();
+    for svc in &ws.services {
+        for sp in &svc.ports {
+            let endpoints: Vec<&Workload> = ws
+                .workloads
+                .iter()
+                .filter(|e| e.namespace == svc.namespace && svc.selects(e))
+                .collect();
+            let mut peers: Vec<String> = Vec::new();
+            let mut modes: Vec<String> = Vec::new();
+            let mut deciders: Vec<String> = Vec::new();
+            for e in &endpoints {
+                let d = ps.decide(&ws, e, sp.target_port);
+                let m = d.mode.to_string();
+                if !modes.contains(&m) {
+                    modes.push(m);
+                }
+                let by = decided_by(&d);
+                if !deciders.contains(&by) {
+                    deciders.push(by);
+                }
+                if d.mode != Mode::Disable {
+                    if let Some(id) = state.mesh.identity_of(e).map(|i| i.to_string()) {
+                        if !peers.contains(&id) {
+                            peers.push(id);
+                        }
+                    }
+                }
+            }
+            let tunnelled = enrolled && !peers.is_empty();
+            outbound.push(OutboundRow {
+                host_port: format!("{}.{}:{}", svc.name, svc.namespace, sp.port),
+                certificate: if tunnelled { presented.clone() } else { "none".into() },
+                validate_peer_certificate: if tunnelled { peers.join(",") } else { "none".into() },
+                mode: if endpoints.is_empty() { "no endpoints".into() } else { modes.join(",") },
+                decided_by: if deciders.is_empty() { "-".into() } else { deciders.join(",") },
+            });
+        }
+    }
+
+    let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
+    Some(CheckReport {
+        pod: w.key(),
+        node: w.node.clone(),
+        ip: w.ip.to_string(),
+        enrolled,
+        identity,
+        certificate_serial: cert.as_ref().map(|c| c.serial().to_owned()),
+        certificate_expires: cert.as_ref().map(|c| t(c.not_after())),
+        listeners,
+        outbound,
+    })
+}
+
+/// The target ports through which services reach `w`.
+fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for svc in ws.services_for(w) {
+        for p in &svc.ports {
+            if !ports.contains(&p.target_port) {
+                ports.push(p.target_port);
+            }
+        }
+    }
+    ports
+}

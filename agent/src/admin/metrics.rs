@@ -1,0 +1,185 @@
+//! Prometheus text exposition of the agent's counters (`/metrics`).
+
+use std::fmt::Write as _;
+
+use super::AdminState;
+
+/// Renders every metric in the Prometheus text format (version 0.0.4).
+pub fn render(state: &AdminState) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let node = escape(&state.node);
+    let totals = state.mesh.conns.totals();
+    let by = |f: fn(&crate::tunnel::connections::Totals) -> u64| -> Vec<(String, f64)> {
+        totals
+            .iter()
+            .map(|(d, m, t)| {
+                let d = format!("{d:?}").to_lowercase();
+                (
+                    format!("{{node=\"{node}\",direction=\"{d}\",mode=\"{}\"}}", escape(m)),
+                    f(t) as f64,
+                )
+            })
+            .collect()
+    };
+    family(
+        "mtls_agent_connections_opened_total",
+        "counter",
+        "Connections opened.",
+        &by(|t| t.opened),
+    );
+    family(
+        "mtls_agent_connections_closed_total",
+        "counter",
+        "Connections closed.",
+        &by(|t| t.closed),
+    );
+    family(
+        "mtls_agent_bytes_sent_total",
+        "counter",
+        "Bytes from the connection's source to its destination.",
+        &by(|t| t.bytes_sent),
+    );
+    family(
+        "mtls_agent_bytes_received_total",
+        "counter",
+        "Bytes from the connection's destination back to its source.",
+        &by(|t| t.bytes_received),
+    );
+    family(
+        "mtls_agent_connections_open",
+        "gauge",
+        "Connections open now.",
+        &[(format!("{{node=\"{node}\"}}"), state.mesh.conns.live_count() as f64)],
+    );
+
+    let s = state.mesh.stats();
+    let one = |v: u64| vec![(format!("{{node=\"{node}\"}}"), v as f64)];
+    family(
+        "mtls_agent_tls_handshakes_total",
+        "counter",
+        "Successful TLS handshakes (outbound: new pooled HBONE connections).",
+        &[
+            (format!("{{node=\"{node}\",direction=\"outbound\"}}"), s.outbound_handshakes as f64),
+            (format!("{{node=\"{node}\",direction=\"inbound\"}}"), s.inbound_handshakes as f64),
+        ],
+    );
+    let failures: Vec<(String, f64)> = state
+        .mesh
+        .stats
+        .failures()
+        .into_iter()
+        .map(|(reason, n)| {
+            (format!("{{node=\"{node}\",reason=\"{}\"}}", escape(&reason)), n as f64)
+        })
+        .collect();
+    family(
+        "mtls_agent_rejections_total",
+        "counter",
+        "Connections refused by the agent, by reason (TLS handshake failures, refused tunnel targets, outbound failures).",
+        &failures,
+    );
+    family(
+        "mtls_agent_hbone_streams_total",
+        "counter",
+        "HBONE streams opened by this node's clients.",
+        &one(s.outbound_streams),
+    );
+
+    if let Some(ebpf) = &state.ebpf {
+        let e = ebpf.read();
+        family(
+            "mtls_agent_plaintext_rejected_total",
+            "counter",
+            "Plaintext connections refused by a STRICT port, counted in eBPF.",
+            &one(e.strict_rejected),
+        );
+        family(
+            "mtls_agent_probes_allowed_total",
+            "counter",
+            "Plaintext probes from the node let into STRICT pods, counted in eBPF.",
+            &one(e.probe_allowed),
+        );
+        family(
+            "mtls_agent_captured_total",
+            "counter",
+            "Connections captured by connect4/connect6.",
+            &one(e.captured),
+        );
+        let progs = ebpf.programs();
+        let runs: Vec<(String, f64)> = progs
+            .iter()
+            .map(|p| {
+                (format!("{{node=\"{node}\",program=\"{}\"}}", escape(&p.program)), p.runs as f64)
+            })
+            .collect();
+        let time: Vec<(String, f64)> = progs
+            .iter()
+            .map(|p| {
+                (
+                    format!("{{node=\"{node}\",program=\"{}\"}}", escape(&p.program)),
+                    p.run_time_ns as f64 / 1e9,
+                )
+            })
+            .collect();
+        family(
+            "mtls_agent_ebpf_program_runs_total",
+            "counter",
+            "Runs of each eBPF program (kernel BPF stats).",
+            &runs,
+        );
+        family(
+            "mtls_agent_ebpf_program_run_seconds_total",
+            "counter",
+            "Time spent in each eBPF program (kernel BPF stats).",
+            &time,
+        );
+    }
+
+    let now = std::time::SystemTime::now();
+    let expiry: Vec<(String, f64)> = state
+        .mesh
+        .certs
+        .list()
+        .into_iter()
+        .map(|c| {
+            let left = c.not_after.duration_since(now).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            (
+                format!(
+                    "{{node=\"{node}\",workload=\"{}\",identity=\"{}\"}}",
+                    escape(&c.workload),
+                    escape(&c.identity.to_string())
+                ),
+                left,
+            )
+        })
+        .collect();
+    family(
+        "mtls_agent_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until each workload certificate expires.",
+        &expiry,
+    );
+    out
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,227 @@
+//! Admin HTTP API (local only): what the agent knows and what it is carrying.
+//!
+//! - `GET /connections`: live and recently closed connections (JSON);
+//! - `GET /workloads`: the workloads and services in force (JSON);
+//! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
+//! - `GET /stats`: tunnel counters (handshakes, streams, failures);
+//! - `GET /check?pod=NAME.NAMESPACE`: the pod's listeners and outbound destinations, each with
+//!   its mTLS mode and the policy that decided;
+//! - `GET /healthz`: liveness;
+//! - `POST /logging?level=debug` (any `RUST_LOG`-style filter): change the log level at run time.
+//!
+//! Beside it, on their own addresses: `/metrics` (Prometheus) and `/healthz/ready` (readiness).
+
+pub mod check;
+pub mod client;
+pub mod metrics;
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::{
+    capture::{EbpfStats, StatsReader},
+    tunnel::Mesh,
+};
+
+/// Changes the log filter at run time; returns the error text for a bad filter.
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub node: String,
+    pub mesh: Arc<Mesh>,
+    pub ebpf: Option<Arc<StatsReader>>,
+    pub set_log_level: Option<SetLogLevel>,
+    pub readiness: Readiness,
+}
+
+/// Whether the node is ready: every pod of it enrolled and its certificate issued.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<std::sync::Mutex<(bool, String)>>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool, detail: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (ready, detail);
+    }
+
+    pub fn get(&self) -> (bool, String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// `/stats`: the tunnel's counters and the eBPF programs' own.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Stats {
+    #[serde(flatten)]
+    tunnel: crate::tunnel::StatsSnapshot,
+    ebpf: Option<EbpfStats>,
+}
+
+/// A workload certificate as the admin API shows it (never the key).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertView {
+    workload: String,
+    identity: String,
+    serial: String,
+    not_before: String,
+    not_after: String,
+    next_renewal: String,
+    renewal_failures: u32,
+    last_error: Option<String>,
+}
+
+fn certs(state: &AdminState) -> Vec<CertView> {
+    let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
+    state
+        .mesh
+        .certs
+        .list()
+        .into_iter()
+        .map(|c| CertView {
+            workload: c.workload,
+            identity: c.identity.to_string(),
+            serial: c.serial,
+            not_before: t(c.not_before),
+            not_after: t(c.not_after),
+            next_renewal: t(c.next_renewal),
+            renewal_failures: c.renewal_failures,
+            last_error: c.last_error,
+        })
+        .collect()
+}
+
+/// Serves the admin API.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    serve_with(listener, state, route).await
+}
+
+/// Serves `/metrics`.
+pub async fn serve_metrics(listener: TcpListener, state: AdminState) {
+    serve_with(listener, state, |state, req| match req.uri().path() {
+        "/metrics" => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(metrics::render(state))))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
+    })
+    .await
+}
+
+/// Serves `/healthz/ready`: 200 once the node's pods are enrolled, 503 before.
+pub async fn serve_health(listener: TcpListener, state: AdminState) {
+    serve_with(listener, state, |state, req| match req.uri().path() {
+        "/healthz/ready" => match state.readiness.get() {
+            (true, detail) => text(StatusCode::OK, &format!("ready: {detail}\n")),
+            (false, detail) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {detail}\n"))
+            }
+        },
+        "/healthz/live" | "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz/ready\n"),
+    })
+    .await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    state: AdminState,
+    route: fn(&AdminState, Request<Incoming>) -> Response<Full<Bytes>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req)) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+            {
+                debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/logging" && req.method() == Method::POST {
+        return set_logging(state, req.uri().query().unwrap_or_default());
+    }
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET (and POST /logging)\n");
+    }
+    match req.uri().path() {
+        "/connections" => json(&state.mesh.conns.snapshot()),
+        "/workloads" => json(&**state.mesh.workloads.borrow()),
+        "/certs" => json(&certs(state)),
+        "/stats" => {
+            json(&Stats { tunnel: state.mesh.stats(), ebpf: state.ebpf.as_ref().map(|r| r.read()) })
+        }
+        "/check" => {
+            let pod = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("pod="));
+            match pod.map(|p| (p, check::check(state, p))) {
+                Some((_, Some(report))) => json(&report),
+                Some((p, None)) => text(
+                    StatusCode::NOT_FOUND,
+                    &format!("no workload {p} (expected NAME.NAMESPACE)\n"),
+                ),
+                None => text(StatusCode::BAD_REQUEST, "usage: /check?pod=NAME.NAMESPACE\n"),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /connections, /workloads, /certs, /stats, /check?pod=, /healthz\n",
+        ),
+    }
+}
+
+fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+        return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug\n");
+    };
+    let Some(set) = &state.set_log_level else {
+        return text(StatusCode::NOT_IMPLEMENTED, "log level changes are not available\n");
+    };
+    match set(level) {
+        Ok(()) => {
+            tracing::info!(level, "log level changed");
+            text(StatusCode::OK, &format!("log level: {level}\n"))
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, &format!("invalid level {level:?}: {e}\n")),
+    }
+}
+
+fn json<T: Serialize + ?Sized>(v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(body) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,223 @@
+//! Output of the operator commands (`check`, `connections`, `certs`): tables for people, JSON or
+//! YAML for scripts.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::Output;
+
+/// Renders rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}   ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, header.to_vec());
+    for r in rows {
+        line(&mut out, r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// JSON or YAML of any answer; `None` for table output.
+pub fn structured(v: &Value, o: Output) -> anyhow::Result<Option<String>> {
+    Ok(match o {
+        Output::Table => None,
+        Output::Json => Some(serde_json::to_string_pretty(v)? + "\n"),
+        Output::Yaml => Some(serde_yaml::to_string(v)?),
+    })
+}
+
+/// `mtls-agent check`: the listener and outbound tables, then why each listener is as it is.
+pub fn check(v: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Pod {} ({}) on node {}: {}",
+        s(&v["pod"]),
+        s(&v["ip"]),
+        s(&v["node"]),
+        if v["enrolled"] == true {
+            format!(
+                "in the mesh as {}, certificate {} valid until {}",
+                s(&v["identity"]),
+                s(&v["certificateSerial"]),
+                s(&v["certificateExpires"])
+            )
+        } else {
+            "not enrolled by this agent (other node, or not in the mesh)".to_owned()
+        }
+    );
+    let listeners = v["listeners"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nChecked {} listeners.", listeners.len());
+    let rows: Vec<Vec<String>> = listeners
+        .iter()
+        .map(|l| {
+            vec![
+                s(&l["listener"]),
+                s(&l["certificate"]),
+                s(&l["mtls"]),
+                s(&l["rbac"]),
+                s(&l["decidedBy"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["LISTENER", "CERTIFICATE", "mTLS (MODE)", "RBAC (RULES)", "DECIDED BY"],
+        &rows,
+    ));
+    let outbound = v["outbound"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nChecked {} outbound destinations.", outbound.len());
+    let rows: Vec<Vec<String>> = outbound
+        .iter()
+        .map(|o| {
+            vec![
+                s(&o["hostPort"]),
+                s(&o["certificate"]),
+                s(&o["validatePeerCertificate"]),
+                format!("{} {}", s(&o["mode"]), s(&o["decidedBy"])),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["HOST:PORT", "CERTIFICATE", "VALIDATE PEER CERTIFICATE", "SERVER MODE (DECIDED BY)"],
+        &rows,
+    ));
+    out.push_str("\nWhy:\n");
+    let mut seen = Vec::new();
+    for l in &listeners {
+        let line = format!("  {}: {}", s(&l["listener"]), s(&l["reason"]));
+        if !seen.contains(&line) {
+            let _ = writeln!(out, "{line}");
+            seen.push(line);
+        }
+    }
+    out
+}
+
+/// `mtls-agent connections`.
+pub fn connections(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["direction"]),
+                s(&c["sourcePod"]),
+                s(&c["source"]),
+                s(&c["originalDestination"]),
+                format!("{} {}", s(&c["destinationPod"]), s(&c["destination"])),
+                s(&c["mode"]),
+                s(&c["tls"]),
+                s(&c["peerIdentity"]),
+                format!("{}/{}", s(&c["bytesSent"]), s(&c["bytesReceived"])),
+                if c["open"] == true {
+                    "open".into()
+                } else {
+                    format!("{} ms", s(&c["durationMs"]))
+                },
+                s(&c["policy"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "DIR",
+            "SOURCE POD",
+            "SOURCE",
+            "ORIGINAL DST",
+            "DESTINATION",
+            "MODE",
+            "TLS",
+            "PEER IDENTITY",
+            "BYTES OUT/IN",
+            "AGE",
+            "POLICY",
+        ],
+        &rows,
+    )
+}
+
+/// `mtls-agent certs`.
+pub fn certs(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["workload"]),
+                s(&c["identity"]),
+                s(&c["serial"]),
+                s(&c["notBefore"]),
+                s(&c["notAfter"]),
+                s(&c["nextRenewal"]),
+            ]
+        })
+        .collect();
+    table(&["WORKLOAD", "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_to_the_widest_cell() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["long cell".into(), "x".into()], vec!["s".into(), "y".into()]],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "A           BB");
+        assert_eq!(lines[1], "long cell   x");
+        assert_eq!(lines[2], "s           y");
+    }
+
+    #[test]
+    fn check_renders_listeners_outbound_and_reasons() {
+        let v: Value = serde_json::json!({
+            "pod": "frontend.hipster-app", "ip": "10.0.0.2", "node": "node1", "enrolled": true,
+            "identity": "spiffe://cluster.local/ns/hipster-app/sa/frontend",
+            "certificateSerial": "ab", "certificateExpires": "2026-01-01T00:00:00Z",
+            "listeners": [{"listener": "10.0.0.2_*", "certificate": "spiffe://x", "mtls": "yes (STRICT)",
+                "rbac": "no (none)", "decidedBy": "hipster-app/default (namespace)", "reason": "because"}],
+            "outbound": [{"hostPort": "cart.hipster-app:7070", "certificate": "spiffe://x",
+                "validatePeerCertificate": "spiffe://y", "mode": "STRICT", "decidedBy": "hipster-app/default (namespace)"}]
+        });
+        let text = check(&v);
+        assert!(text.contains("10.0.0.2_*"), "{text}");
+        assert!(text.contains("yes (STRICT)"));
+        assert!(text.contains("cart.hipster-app:7070"));
+        assert!(text.contains("10.0.0.2_*: because"));
+    }
+}
