@@ -43,8 +43,12 @@ impl Mesh {
     /// `pods`: (node, pod). Builds the bed and starts the servers; agents come separately.
     pub fn build(test: &str, namespace: &str, pods: &[(&str, &str)]) -> Result<Mesh> {
         let mut bed = Testbed::new(test)?;
-        let mut nodes: Vec<&str> = pods.iter().map(|(n, _)| *n).collect();
-        nodes.dedup();
+        let mut nodes: Vec<&str> = Vec::new();
+        for (n, _) in pods {
+            if !nodes.contains(n) {
+                nodes.push(n);
+            }
+        }
         for n in nodes {
             bed.add_node(n)?;
         }
