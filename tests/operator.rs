@@ -180,6 +180,34 @@ fn connections_certs_metrics_and_rejection_logs() -> Result<()> {
 
     let (ready, body) = s.agent().readiness()?;
     assert!(ready && body.contains("2 of 2 pods enrolled"), "{body}");
+
+    // The structured forms of the same answers.
+    let certs: serde_json::Value = serde_json::from_str(&s.cli(&["certs", "-o", "json"])?)?;
+    let ids: Vec<&str> =
+        certs.as_array().into_iter().flatten().filter_map(|c| c["identity"].as_str()).collect();
+    assert!(ids.contains(&"spiffe://cluster.local/ns/hipster-app/sa/frontend"), "{certs}");
+    let yaml = s.cli(&["connections", "-o", "yaml"])?;
+    let conns: serde_json::Value = serde_yaml::from_str(&yaml)?;
+    assert!(conns.as_array().is_some_and(|a| a.iter().any(|c| c["mode"] == "mTLS")), "{yaml}");
+
+    // /config_dump: workloads, services, policies, effective modes with deciders, certificates.
+    let dump: serde_json::Value = serde_json::from_str(&s.agent().get("/config_dump")?)?;
+    assert_eq!(dump["node"], "node1");
+    assert_eq!(dump["workloads"]["services"][0]["name"], "cartservice");
+    assert_eq!(dump["policies"].as_array().map(Vec::len), Some(1), "{dump}");
+    let cart = dump["effective"]
+        .as_array()
+        .and_then(|e| e.iter().find(|p| p["pod"] == "cartservice.hipster-app"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(cart["default"]["mode"], "STRICT", "{dump}");
+    assert_eq!(cart["default"]["decidedBy"]["name"], "default", "{dump}");
+    assert_eq!(cart["default"]["level"], "namespace", "{dump}");
+    assert_eq!(dump["certificates"].as_array().map(Vec::len), Some(2));
+    assert!(dump["certificates"][0]["nextRenewal"].is_string());
+    let workloads: serde_json::Value = serde_json::from_str(&s.agent().get("/workloads")?)?;
+    assert_eq!(workloads["workloads"].as_array().map(Vec::len), Some(2));
+    assert_eq!(s.agent().get("/healthz")?.trim(), "ok");
     Ok(())
 }
 

@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{SigSet, Signal};
 use testbed::{
     agent::{agent_bin, AgentProcess, ServiceEntry},
     mesh::{Mesh, PolicyDir},
@@ -27,15 +30,37 @@ const PODS: &[(&str, &str, u16)] = &[
     ("redis-cart", "node2", 6379),
 ];
 
+/// Set when the demo is interrupted (Ctrl-C, SIGTERM): the next step stops, and the guards
+/// remove everything it built.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 fn main() {
+    // Only a waiter thread receives SIGINT/SIGTERM (children start with a clean signal mask), so
+    // an interruption unwinds through the Drop guards instead of killing the process mid-way.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("demo: cannot handle Ctrl-C ({e}); interrupting it may leave pods behind");
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            eprintln!("\n{sig}: stopping the demo and cleaning up");
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        }
+    });
     if let Err(e) = run() {
         eprintln!("demo failed: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn step(title: &str) {
+fn step(title: &str) -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
     println!("\n== {title}");
+    Ok(())
 }
 
 fn policies_dir() -> PathBuf {
@@ -46,7 +71,7 @@ fn run() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the demo builds network namespaces, cgroups and eBPF programs: run it as root");
     }
-    step("two nodes; the hipster-app pods are network namespaces + cgroups on a bridge");
+    step("two nodes; the hipster-app pods are network namespaces + cgroups on a bridge")?;
     let mut pods: Vec<(&str, &str)> = PODS.iter().map(|(p, n, _)| (*n, *p)).collect();
     pods.push(("node1", "outsider"));
     // Mesh::build starts an echo server on 8080 in every pod; the services map their ports to it.
@@ -68,7 +93,7 @@ fn run() -> Result<()> {
         println!("  {:<34} {:<14} {}{note}", format!("{}.{NS}", p.name), p.ip, p.node);
     }
 
-    step("the workshop's policy: policies/hipster-app-mtls.yaml");
+    step("the workshop's policy: policies/hipster-app-mtls.yaml")?;
     let policies = PolicyDir::new(m.bed.id())?;
     let strict = std::fs::read_to_string(policies_dir().join("hipster-app-mtls.yaml"))?;
     let permissive =
@@ -76,7 +101,7 @@ fn run() -> Result<()> {
     policies.write("hipster-app-mtls.yaml", &strict)?;
     print!("{}", indent(&strict));
 
-    step("mtls-agent on each node: one CA, eBPF capture and enforcement, HBONE over mTLS");
+    step("mtls-agent on each node: one CA, eBPF capture and enforcement, HBONE over mTLS")?;
     let ca = m.ca("ca")?;
     let dir = policies.0.display().to_string();
     for node in ["node1", "node2"] {
@@ -90,7 +115,7 @@ fn run() -> Result<()> {
         );
     }
 
-    step("frontend calls every backend by its service VIP; the fabric is captured meanwhile");
+    step("frontend calls every backend by its service VIP; the fabric is captured meanwhile")?;
     let capture = m.bed.start_capture()?;
     let canary = "card-number-4111-1111";
     for svc in &file.services {
@@ -107,12 +132,12 @@ fn run() -> Result<()> {
     );
     drop(capture);
 
-    step("mtls-agent check frontend.hipster-app  (is it encrypted, and which policy decided?)");
+    step("mtls-agent check frontend.hipster-app  (is it encrypted, and which policy decided?)")?;
     print!("{}", indent(&cli(&m, "node1", &["check", "frontend.hipster-app"])?));
-    step("mtls-agent connections --pod frontend.hipster-app");
+    step("mtls-agent connections --pod frontend.hipster-app")?;
     print!("{}", indent(&cli(&m, "node1", &["connections", "--pod", "frontend.hipster-app"])?));
 
-    step("a pod outside the mesh calls cartservice in plaintext: refused by the kernel (STRICT)");
+    step("a pod outside the mesh calls cartservice in plaintext: refused by the kernel (STRICT)")?;
     let cart = m.dst("cartservice");
     let (reply, _) = m.client("outsider", &["--connect", &cart, "--message", "GET /cart"])?;
     println!("  outsider -> {cart}: {reply}");
@@ -122,7 +147,7 @@ fn run() -> Result<()> {
         println!("  agent log: {line}");
     }
 
-    step("policy switched to PERMISSIVE (policies/hipster-app-mtls-permissive.yaml), no restart");
+    step("policy switched to PERMISSIVE (policies/hipster-app-mtls-permissive.yaml), no restart")?;
     policies.write("hipster-app-mtls.yaml", &permissive)?;
     let t = Instant::now();
     let reply = loop {
@@ -135,7 +160,7 @@ fn run() -> Result<()> {
     println!("  outsider -> {cart}: {reply}  (after {} ms)", t.elapsed().as_millis());
     print!("{}", indent(&cli(&m, "node1", &["check", "cartservice.hipster-app"])?));
 
-    step("back to STRICT, then node1's agent is killed: still refused, never plaintext");
+    step("back to STRICT, then node1's agent is killed: still refused, never plaintext")?;
     policies.write("hipster-app-mtls.yaml", &strict)?;
     std::thread::sleep(Duration::from_millis(600));
     m.agents.get_mut("node1").context("agent")?.kill()?;
@@ -149,7 +174,7 @@ fn run() -> Result<()> {
         m.client("frontend", &["--connect", "10.96.0.11:7070", "--message", "GET /cart"])?;
     println!("  frontend -> cartservice (agent restarted): {reply}");
 
-    step("done: removing the pods, cgroups, bridge, pins and files");
+    step("done: removing the pods, cgroups, bridge, pins and files")?;
     drop(m);
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! Admin HTTP API (local only): what the agent knows and what it is carrying.
 //!
+//! - `GET /config_dump`: workloads, services, policies, the effective mode of every pod of this
+//!   node per port with the deciding policy, and the certificates;
 //! - `GET /connections`: live and recently closed connections (JSON);
 //! - `GET /workloads`: the workloads and services in force (JSON);
 //! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
@@ -79,6 +81,62 @@ struct CertView {
     next_renewal: String,
     renewal_failures: u32,
     last_error: Option<String>,
+}
+
+/// `/config_dump`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigDump {
+    node: String,
+    trust_domain: String,
+    workloads: crate::workloads::WorkloadSet,
+    policies: Vec<crate::policy::PolicyRef>,
+    effective: Vec<EffectivePolicy>,
+    certificates: Vec<CertView>,
+}
+
+/// The effective mode of one pod of this node: its default and every port with its own rule.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EffectivePolicy {
+    pod: String,
+    default: crate::policy::Decision,
+    ports: Vec<PortDecision>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PortDecision {
+    port: u16,
+    #[serde(flatten)]
+    decision: crate::policy::Decision,
+}
+
+fn config_dump(state: &AdminState) -> ConfigDump {
+    let ws = state.mesh.workloads.borrow().clone();
+    let ps = state.mesh.policies.borrow().clone();
+    let effective = ws
+        .on_node(&state.node)
+        .map(|w| {
+            let (default, ports) = ps.workload_modes(&ws, w);
+            EffectivePolicy {
+                pod: w.key(),
+                default,
+                ports: ports
+                    .into_iter()
+                    .map(|(port, decision)| PortDecision { port, decision })
+                    .collect(),
+            }
+        })
+        .collect();
+    ConfigDump {
+        node: state.node.clone(),
+        trust_domain: state.mesh.trust_domain.clone(),
+        policies: ps.policies().cloned().collect(),
+        workloads: (*ws).clone(),
+        effective,
+        certificates: certs(state),
+    }
 }
 
 fn certs(state: &AdminState) -> Vec<CertView> {
@@ -164,6 +222,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET (and POST /logging)\n");
     }
     match req.uri().path() {
+        "/config_dump" => json(&config_dump(state)),
         "/connections" => json(&state.mesh.conns.snapshot()),
         "/workloads" => json(&**state.mesh.workloads.borrow()),
         "/certs" => json(&certs(state)),
@@ -189,7 +248,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /connections, /workloads, /certs, /stats, /check?pod=, /healthz\n",
+            "not found: try /config_dump, /connections, /workloads, /certs, /stats, /check?pod=, /healthz\n",
         ),
     }
 }

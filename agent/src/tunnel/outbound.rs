@@ -168,6 +168,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
                 src_pod = %ctx.pod,
                 original_dst = %orig,
                 dst = %route.dst,
+                policy = policy.as_deref().unwrap_or("-"),
                 "rejected: {e}"
             );
             // Tell the app at once, as a refused dial would: a reset, not a hang.
