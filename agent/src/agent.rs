@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub set_log_level: Option<admin::SetLogLevel>,
+    /// How long a stopping agent lets open connections finish.
+    pub drain_timeout: Duration,
 }
 
 /// A pod this agent has enrolled: its namespace and the tasks serving its listeners.
@@ -136,8 +138,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     agent.reconcile(true);
 
-    let admin_listener = TcpListener::bind(cfg.admin)
-        .await
+    let admin_listener = bind_shared(cfg.admin)
         .with_context(|| format!("binding the admin API on {}", cfg.admin))?;
     info!(addr = %admin_listener.local_addr()?, "admin API listening");
     let ebpf = match StatsReader::open_pinned(&cfg.bpffs, program_ids) {
@@ -154,12 +155,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         set_log_level: cfg.set_log_level.clone(),
         readiness: agent.readiness.clone(),
     };
-    let metrics_listener = TcpListener::bind(cfg.metrics)
-        .await
+    let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
-    let health_listener = TcpListener::bind(cfg.health)
-        .await
+    let health_listener = bind_shared(cfg.health)
         .with_context(|| format!("binding the health endpoint on {}", cfg.health))?;
+    let (ready, detail) = agent.readiness.get();
+    if ready {
+        info!(%detail, "node ready");
+    } else {
+        warn!(%detail, "node not ready");
+    }
     tokio::spawn(admin::serve_metrics(metrics_listener, admin_state.clone()));
     tokio::spawn(admin::serve_health(health_listener, admin_state.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state));
@@ -178,11 +183,39 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     agent.reload_policies();
                 }
             }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping (programs stay pinned)"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping (programs stay pinned)"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: handing over (programs stay pinned)"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: handing over (programs stay pinned)"); break; }
         }
     }
+    // Stop accepting: with tcp_migrate_req on in every pod, connections still queued on our
+    // listeners move to a new instance's listeners in the same SO_REUSEPORT group. Then let
+    // the connections we carry finish, bounded.
+    agent.pods.clear();
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+    let live = || agent.mesh.conns.live_count();
+    if live() > 0 {
+        info!(connections = live(), timeout = ?cfg.drain_timeout, "draining open connections");
+    }
+    while live() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if live() > 0 {
+        warn!(connections = live(), "drain timeout: closing the remaining connections");
+    } else {
+        info!("drained; exiting");
+    }
     Ok(())
+}
+
+/// A listener on a node address that a new agent instance can bind too during a handover.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    TcpListener::from_std(s.into())
 }
 
 impl Agent {
@@ -325,6 +358,10 @@ impl Agent {
     fn enroll(&mut self, w: &Workload) -> anyhow::Result<EnrolledPod> {
         let path = w.netns.as_deref().context("no netns for this pod")?;
         let netns = PodNetns::open(path)?;
+        // Queued connections of a closing listener move to the next instance's (handover).
+        if let Err(e) = netns.enable_listener_migration() {
+            warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
+        }
         // The certificate exists before any listener does, so the first connection waits for
         // nothing.
         let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)?;

@@ -91,6 +91,14 @@ impl PodNetns {
         })
     }
 
+    /// Sets `net.ipv4.tcp_migrate_req` in the pod's namespace (Linux 5.14+): when a listener
+    /// closes, connections waiting in its accept queue move to another listener of the same
+    /// `SO_REUSEPORT` group instead of being reset.
+    pub fn enable_listener_migration(&self) -> Result<(), InpodError> {
+        // Net sysctls apply to the namespace of the task that opens the file.
+        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+    }
+
     /// A non-blocking TCP listener bound to `addr` inside the pod. `SO_REUSEPORT` lets a new
     /// agent instance bind next to an old one during a handover.
     pub fn listen(

@@ -53,6 +53,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 metrics: args.metrics,
                 health: args.health,
                 set_log_level: Some(set_log_level),
+                drain_timeout: args.drain_timeout,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(agent::run(cfg))

@@ -51,6 +51,9 @@ enum Cmd {
         /// Keep each connection open this long after sending, before half-closing.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Pause between connections.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Send N bytes, half-close, read to EOF; prints `sent N received M`.
     Sink {
@@ -108,13 +111,14 @@ fn main() -> ExitCode {
         Cmd::EchoServer { listen, prefix, idle_timeout_ms } => {
             echo_server(&listen, prefix, Duration::from_millis(idle_timeout_ms))
         }
-        Cmd::Client { connect, message, count, timeout_ms, bind, hold_ms } => {
+        Cmd::Client { connect, message, count, timeout_ms, bind, hold_ms, interval_ms } => {
             bind.as_deref().map(resolve).transpose().and_then(|bind| {
                 let opts = ClientOptions {
                     count,
                     timeout: Duration::from_millis(timeout_ms),
                     bind,
                     hold: Duration::from_millis(hold_ms),
+                    interval: Duration::from_millis(interval_ms),
                 };
                 client(&connect, &message, opts)
             })
@@ -241,6 +245,7 @@ struct ClientOptions {
     timeout: Duration,
     bind: Option<SocketAddr>,
     hold: Duration,
+    interval: Duration,
 }
 
 /// Like `connect`, but from a chosen local address.
@@ -267,6 +272,9 @@ fn client(addr: &str, message: &str, opts: ClientOptions) -> Outcome<()> {
         };
         write_all(&mut stream, message.as_bytes(), deadline)?;
         std::thread::sleep(opts.hold);
+        if !opts.interval.is_zero() {
+            std::thread::sleep(opts.interval);
+        }
         stream.shutdown(Shutdown::Write).map_err(|e| Failure::io("shutdown", &e))?;
         let mut reply = Vec::new();
         read_to_end(&mut stream, deadline, &mut reply)?;

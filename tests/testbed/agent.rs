@@ -250,7 +250,7 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    fn spawn_child(&mut self) -> Result<()> {
         let mut child = Command::new(agent_bin())
             .args(&self.cmd)
             .env(
@@ -282,6 +282,11 @@ impl AgentProcess {
             }
         });
         self.child = Some(child);
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.spawn_child()?;
         self.wait_ready(Duration::from_secs(20))
     }
 
@@ -347,6 +352,39 @@ impl AgentProcess {
                 child.kill()?;
                 child.wait()?;
                 bail!("mtls-agent ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A rolling update: starts a new instance with the same arguments next to the running one,
+    /// waits until the new one is ready, then SIGTERMs the old one and waits (bounded) for it
+    /// to drain and exit. Returns the old instance's exit status.
+    pub fn handover(&mut self) -> Result<std::process::ExitStatus> {
+        let mut old = self.child.take().context("agent not running")?;
+        let ready_lines = |log: &str| log.matches("node ready").count();
+        let before = ready_lines(&self.log());
+        self.spawn_child()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ready_lines(&self.log()) <= before {
+            if Instant::now() > deadline {
+                let _ = old.kill();
+                let _ = old.wait();
+                bail!("the new agent instance did not become ready; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = old.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                old.kill()?;
+                old.wait()?;
+                bail!("the old agent instance did not exit within 40 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -6,6 +6,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+mod bench;
+mod fuzz;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,8 +28,22 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the demo: the hipster-app pods on this machine, their traffic captured (root).
+    /// Run the demo: the hipster-app workshop on this machine (root).
     Demo,
+    /// Benchmarks: plain TCP vs mtls-agent vs a stunnel pair, same path, one run (root).
+    Bench {
+        /// Extra arguments for the bench program.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets (policy parser, workloads parser, inbound HBONE handling).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -34,16 +51,18 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Bench { args } => bench::run(&args),
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// A cargo command run through rustup's proxy, free of the variables the outer cargo set, so
 /// that `+nightly` and the target dir are honoured.
-fn cargo(toolchain: Option<&str>) -> Command {
+pub(crate) fn cargo(toolchain: Option<&str>) -> Command {
     let mut c = Command::new("cargo");
     if let Some(t) = toolchain {
         c.arg(format!("+{t}"));
@@ -62,7 +81,7 @@ fn cargo(toolchain: Option<&str>) -> Command {
     c
 }
 
-fn run(mut c: Command) -> Result<()> {
+pub(crate) fn run(mut c: Command) -> Result<()> {
     let shown = format!("{c:?}");
     let status = c.status().with_context(|| format!("running {shown}"))?;
     if !status.success() {
@@ -159,7 +178,7 @@ fn ensure_bpf_linker() -> Result<()> {
     run(c)
 }
 
-fn build_ebpf() -> Result<()> {
+pub(crate) fn build_ebpf() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     let mut c = cargo(Some("nightly"));

@@ -160,6 +160,10 @@ pub struct RunArgs {
     /// This node's IP: plaintext from it to a pod's probePorts is allowed under STRICT.
     #[arg(long)]
     pub node_ip: Option<std::net::IpAddr>,
+    /// On SIGTERM, how long open connections may finish before the agent exits (a new instance
+    /// started alongside takes the new ones).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90s.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,
