@@ -64,6 +64,21 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Churn: N threads each open, use and close connections in a loop for S seconds, keeping
+    /// up to N connections open at once; prints `ok X errors Y` (and the first errors).
+    Churn {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        seconds: u64,
+        /// Keep each connection open this long before closing it.
+        #[arg(long, default_value_t = 200)]
+        hold_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Connect and keep the connection open for S seconds; prints `connected` then `held`.
     Hold {
         #[arg(long)]
@@ -126,6 +141,13 @@ fn main() -> ExitCode {
         Cmd::Sink { connect, bytes, timeout_ms } => {
             sink(&connect, bytes, Duration::from_millis(timeout_ms))
         }
+        Cmd::Churn { connect, concurrency, seconds, hold_ms, timeout_ms } => churn(
+            &connect,
+            concurrency,
+            Duration::from_secs(seconds),
+            Duration::from_millis(hold_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Hold { connect, seconds, timeout_ms } => {
             hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
         }
@@ -140,6 +162,67 @@ fn main() -> ExitCode {
 }
 
 /// Prints one line and flushes, so tests waiting on stdout see it at once.
+fn churn(
+    addr: &str,
+    concurrency: usize,
+    run: Duration,
+    hold: Duration,
+    timeout: Duration,
+) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let end = Instant::now() + run;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let msg = format!("churn-{i}");
+                while Instant::now() < end {
+                    let deadline = Instant::now() + timeout + hold;
+                    let one = || -> Outcome<()> {
+                        let mut s = connect(addr, deadline)?;
+                        write_all(&mut s, msg.as_bytes(), deadline)?;
+                        std::thread::sleep(hold);
+                        s.shutdown(Shutdown::Write).map_err(|e| Failure::io("shutdown", &e))?;
+                        let mut reply = Vec::new();
+                        read_to_end(&mut s, deadline, &mut reply)?;
+                        if !reply.ends_with(msg.as_bytes()) {
+                            return Err(Failure::other(format!(
+                                "wrong reply {:?}",
+                                String::from_utf8_lossy(&reply)
+                            )));
+                        }
+                        Ok(())
+                    };
+                    match one() {
+                        Ok(()) => ok += 1,
+                        Err(f) => errors.push(format!("{} {}", f.kind, f.detail)),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    for w in workers {
+        match w.join() {
+            Ok((o, e)) => {
+                ok += o;
+                errors.extend(e);
+            }
+            Err(_) => errors.push("worker panicked".into()),
+        }
+    }
+    say(&format!("ok {ok} errors {}", errors.len()));
+    for e in errors.iter().take(5) {
+        say(&format!("error: {e}"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::other(format!("{} connections failed", errors.len())))
+    }
+}
+
 fn say(line: &str) {
     let mut out = io::stdout().lock();
     // Nothing useful to do if our stdout is gone.

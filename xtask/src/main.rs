@@ -36,6 +36,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Load: 1,000 concurrent connections across 20 pods with churn, release build (root).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the cargo-fuzz targets (policy parser, workloads parser, inbound HBONE handling).
     Fuzz {
         /// Seconds per target.
@@ -52,6 +58,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench { args } => bench::run(&args),
+        Task::Soak { seconds } => soak(seconds),
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
     }
 }
@@ -260,6 +267,29 @@ fn run_tests_with_summary(mut c: Command) -> Result<()> {
         bail!("{shown} failed: {status}");
     }
     Ok(())
+}
+
+fn soak(seconds: u64) -> Result<()> {
+    build_ebpf()?;
+    run({
+        let mut c = cargo(None);
+        c.args(["build", "--quiet", "--release", "--workspace", "--bins"]);
+        c
+    })?;
+    run({
+        let mut c = cargo(None);
+        c.env("MTLS_SOAK_SECONDS", seconds.to_string()).args([
+            "test",
+            "--release",
+            "-p",
+            "mtls-agent-e2e",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ]);
+        c
+    })
 }
 
 fn demo() -> Result<()> {
