@@ -29,6 +29,8 @@ use mtls_agent_ebpf::{
 };
 use tracing::{debug, info, warn};
 
+pub mod probe;
+
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MTLS_AGENT_EBPF_OBJ"));
 
@@ -62,6 +64,8 @@ pub enum CaptureError {
     Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("eBPF link: {0}")]
     Link(#[from] aya::programs::links::LinkError),
+    #[error(transparent)]
+    Kernel(#[from] probe::MissingFeature),
 }
 
 /// Where and how to attach.
@@ -132,6 +136,7 @@ pub struct Capture {
 impl Capture {
     /// Loads the programs, reusing pinned maps of an earlier instance, and attaches them.
     pub fn load(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
+        probe::probe()?;
         ensure_bpffs(&cfg.bpffs)?;
         let maps_dir = cfg.bpffs.join("maps");
         let links_dir = cfg.bpffs.join("links");
