@@ -15,4 +15,5 @@ pub mod inpod;
 pub mod policy;
 pub mod tunnel;
 pub mod workloads;
+pub mod yamlde;
 pub mod yamlpos;

@@ -78,6 +78,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::workloads::{Workload, WorkloadSet};
+use crate::yamlde::{At, FieldPrefix};
 
 pub use report::render_report;
 
@@ -278,30 +279,6 @@ impl PolicyError {
         match self {
             Self::Read { .. } => None,
             Self::Syntax { line, .. } | Self::Invalid { line, .. } => *line,
-        }
-    }
-}
-
-/// `file:line`, or `file` when the line is unknown.
-struct At<'a>(&'a Path, Option<usize>);
-
-impl fmt::Display for At<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.1 {
-            Some(line) => write!(f, "{}:{line}", self.0.display()),
-            None => write!(f, "{}", self.0.display()),
-        }
-    }
-}
-
-struct FieldPrefix<'a>(&'a str);
-
-impl fmt::Display for FieldPrefix<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            write!(f, "{}: ", self.0)
         }
     }
 }

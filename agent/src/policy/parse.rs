@@ -22,6 +22,7 @@ use super::{
     Created, LegacyPolicy, Meta, Mode, PeerAuth, PolicyError, PolicyRef, PolicySet, PortSel,
     Target, Warning,
 };
+use crate::yamlde::{checked_str, present, split_serde_message, strip_location, Name};
 use crate::yamlpos::{self, YamlIndex};
 
 const PA_KIND: &str = "PeerAuthentication";
@@ -228,29 +229,6 @@ impl DocCtx<'_> {
             (path.to_string(), message.to_string(), serde_line.or_else(|| self.line(path)))
         };
         PolicyError::Invalid { file: self.file.to_path_buf(), line, field, message }
-    }
-}
-
-/// The error's line and its text without the ` at line L column C` part.
-fn strip_location(err: &serde_yaml::Error) -> (Option<usize>, String) {
-    let mut text = err.to_string();
-    let Some(loc) = err.location() else {
-        return (None, text);
-    };
-    let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-    if let Some(pos) = text.find(&suffix) {
-        text.replace_range(pos..pos + suffix.len(), "");
-    }
-    (Some(loc.line()), text)
-}
-
-/// Splits serde_yaml's `path: message` (no path at the root). Paths contain
-/// no whitespace while messages start with at least two words. Custom
-/// messages below therefore never start with `word: `.
-fn split_serde_message(text: &str) -> (&str, &str) {
-    match text.split_once(": ") {
-        Some((path, msg)) if !path.is_empty() && !path.contains(char::is_whitespace) => (path, msg),
-        _ => ("", text),
     }
 }
 
@@ -524,17 +502,6 @@ struct RawLegacyMtls {
     allow_tls: Option<bool>,
 }
 
-/// For required fields: without `deserialize_with`, serde would default a
-/// missing `Option` to `None` instead of reporting "missing field". The
-/// `Option` itself catches null, which is reported after conversion.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d)
-}
-
 /// With `#[serde(default)]`: absent is `None`, null is `Some(None)`.
 fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
@@ -542,48 +509,6 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
-}
-
-/// Deserialises a string scalar through `check`, inside the visitor so that
-/// serde_yaml attributes the error to the scalar itself.
-fn checked_str<'de, D, T>(
-    d: D,
-    expecting: &'static str,
-    check: impl FnOnce(&str) -> Result<T, String>,
-) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    struct StrVisitor<F>(&'static str, F);
-
-    impl<T, F: FnOnce(&str) -> Result<T, String>> Visitor<'_> for StrVisitor<F> {
-        type Value = T;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(self.0)
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-            (self.1)(v).map_err(E::custom)
-        }
-    }
-
-    d.deserialize_str(StrVisitor(expecting, check))
-}
-
-/// A non-empty string.
-struct Name(String);
-
-impl<'de> Deserialize<'de> for Name {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        checked_str(d, "a name", |s| {
-            if s.trim().is_empty() {
-                Err("must not be empty".to_string())
-            } else {
-                Ok(Name(s.to_string()))
-            }
-        })
-    }
 }
 
 /// A PeerAuthentication mode; `None` is UNSET.
