@@ -10,8 +10,8 @@ use testbed::{
 };
 
 const NS: &str = "shop";
-/// Connections the client opens, one after another, while the agent is updated.
-const LOOP: usize = 2500;
+/// How long the client loops while the agent is updated three times.
+const LOOP_SECONDS: u64 = 12;
 
 /// One node with a client and a server in the mesh and an outsider, STRICT.
 fn node(test: &str) -> Result<(Mesh, PolicyDir, std::path::PathBuf)> {
@@ -30,31 +30,36 @@ fn node(test: &str) -> Result<(Mesh, PolicyDir, std::path::PathBuf)> {
 fn three_rolling_updates_under_a_connection_loop_without_a_single_failure() -> Result<()> {
     let (mut m, _policies, _) = node("life-rolling")?;
     let dst = m.dst("server");
+    // Two loops of back-to-back connections for a fixed time, longer than the three updates.
     let mut cmd = std::process::Command::new(testbed::e2e_tool!());
     cmd.args([
-        "client",
+        "churn",
         "--connect",
         &dst,
-        "--message",
-        "m",
-        "--count",
-        &LOOP.to_string(),
-        "--interval-ms",
-        "1",
+        "--concurrency",
+        "2",
+        "--seconds",
+        &LOOP_SECONDS.to_string(),
     ]);
+    cmd.args(["--hold-ms", "0"]);
     let mut client = m.bed.spawn_in_pod("client", cmd)?;
-    // Let the loop get going, then update three times while it runs.
-    client.wait_for_stdout("server:m", Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
     for i in 0..3 {
         let status = m.agents.get_mut("node1").context("agent")?.handover()?;
         assert!(status.success(), "update {i}: the old instance exited with {status}");
-        assert!(client.try_wait()?.is_none(), "update {i}: the client loop already stopped");
     }
-    let out = client.wait_with_output(Duration::from_secs(60))?;
+    let updates = started.elapsed();
+    assert!(
+        client.try_wait()?.is_none(),
+        "the updates ({updates:?}) outlasted the client loop; output: {}",
+        client.stdout()
+    );
+    let out = client.wait_with_output(Duration::from_secs(LOOP_SECONDS + 60))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let bad: Vec<&str> = stdout.lines().filter(|l| *l != "server:m").take(5).collect();
-    assert!(out.status.success() && bad.is_empty(), "failures during the updates: {bad:?}");
-    assert_eq!(stdout.lines().count(), LOOP);
+    assert!(out.status.success(), "failures during the updates: {stdout}");
+    let ok: u64 = stdout.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_default();
+    assert!(ok > 100, "the loop made {ok} connections: {stdout}");
     // The last instance still enforces and carries traffic.
     let (out, ok) = m.client("outsider", &["--connect", &dst, "--message", "x"])?;
     assert!(!ok && out.contains("refused"), "{out}");
