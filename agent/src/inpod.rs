@@ -42,6 +42,46 @@ pub struct PodNetns {
     path: PathBuf,
     file: Arc<File>,
     cookie: u64,
+    dialer: Arc<Dialer>,
+}
+
+/// A request to the pod's dialer thread: a socket for this destination.
+type DialJob = (SocketAddr, tokio::sync::oneshot::Sender<io::Result<Socket>>);
+
+/// A thread that lives in the pod's namespace and creates dialing sockets on request, so a new
+/// connection costs a channel round trip rather than a thread. It ends when the last handle on
+/// the namespace is dropped.
+#[derive(Debug)]
+struct Dialer {
+    jobs: std::sync::mpsc::Sender<DialJob>,
+}
+
+impl Dialer {
+    fn start(path: &Path, file: Arc<File>) -> Result<Dialer, InpodError> {
+        let (jobs, rx) = std::sync::mpsc::channel::<DialJob>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let name =
+            format!("dial-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered);
+                if failed {
+                    return;
+                }
+                while let Ok((dst, reply)) = rx.recv() {
+                    let _ = reply.send(agent_socket(dst));
+                }
+            })
+            .map_err(|source| InpodError::Io { path: path.to_owned(), source })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Dialer { jobs }),
+            Ok(Err(source)) => Err(InpodError::Enter { path: path.to_owned(), source }),
+            Err(_) => Err(InpodError::Panicked { path: path.to_owned() }),
+        }
+    }
 }
 
 impl PodNetns {
@@ -49,7 +89,9 @@ impl PodNetns {
     pub fn open(path: &Path) -> Result<PodNetns, InpodError> {
         let file = File::open(path)
             .map_err(|source| InpodError::Open { path: path.to_owned(), source })?;
-        let mut ns = PodNetns { path: path.to_owned(), file: Arc::new(file), cookie: 0 };
+        let file = Arc::new(file);
+        let dialer = Arc::new(Dialer::start(path, file.clone())?);
+        let mut ns = PodNetns { path: path.to_owned(), file, cookie: 0, dialer };
         ns.cookie = ns.run(|| {
             let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
             netns_cookie(&s)
@@ -121,8 +163,14 @@ impl PodNetns {
 
     /// An unconnected TCP socket inside the pod for dialing `dst`, marked so that the capture
     /// programs leave it alone.
-    pub fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
-        let s = self.run(|| agent_socket(dst))?;
+    pub async fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || InpodError::Panicked { path: self.path.clone() };
+        self.dialer.jobs.send((dst, reply)).map_err(|_| gone())?;
+        let s = answer
+            .await
+            .map_err(|_| gone())?
+            .map_err(|source| InpodError::Io { path: self.path.clone(), source })?;
         let std_stream: std::net::TcpStream = s.into();
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }

@@ -138,11 +138,8 @@ async fn open_stream(
     if target.port() == HBONE_PORT || target.port() == OUTBOUND_PORT {
         return Err(refuse(format!("port {} is reserved for the agent", target.port())));
     }
-    let netns = ctx.netns.clone();
-    let socket = tokio::task::spawn_blocking(move || netns.dial_socket(target))
-        .await
-        .map_err(|e| Refusal::unavailable(e.to_string()))?
-        .map_err(|e| Refusal::unavailable(e.to_string()))?;
+    let socket =
+        ctx.netns.dial_socket(target).await.map_err(|e| Refusal::unavailable(e.to_string()))?;
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

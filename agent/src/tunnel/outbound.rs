@@ -220,15 +220,13 @@ enum OutboundError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("HBONE tunnel: {0}")]
     Hbone(#[from] hbone::HboneError),
-    #[error("in-pod worker: {0}")]
-    Join(#[from] tokio::task::JoinError),
 }
 
 impl OutboundError {
     /// A short label for metrics.
     fn reason(&self) -> &'static str {
         match self {
-            OutboundError::Socket(_) | OutboundError::Join(_) => "internal",
+            OutboundError::Socket(_) => "internal",
             OutboundError::Connect { .. } => "connect_failed",
             OutboundError::ConnectTimeout(_) => "connect_timeout",
             OutboundError::Tls { code, .. } => code,
@@ -248,8 +246,7 @@ impl OutboundError {
 
 /// A TCP connection to `dst` from inside the pod (marked, so capture leaves it alone).
 async fn dial_from_pod(netns: &PodNetns, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
-    let netns = netns.clone();
-    let socket = tokio::task::spawn_blocking(move || netns.dial_socket(dst)).await??;
+    let socket = netns.dial_socket(dst).await?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(source)) => Err(OutboundError::Connect { dst, source }),
