@@ -138,7 +138,14 @@ pub struct Config {
     pub node_ip_family: u16,
     /// The node's own address, the source of kubelet probes (network byte order).
     pub node_ip: [u32; 4],
+    /// `CONFIG_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// The programs write their debug lines (aya-log) only when the agent asks: a log line costs
+/// far more than the rest of a program run.
+pub const CONFIG_FLAG_LOG: u32 = 1;
 
 #[cfg(feature = "user")]
 mod user {

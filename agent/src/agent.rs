@@ -97,6 +97,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let certs = Arc::new(CertStore::new());
     let mut capture = Capture::load(&CaptureConfig {
         node_ip: cfg.node_ip,
+        ebpf_log: tracing::enabled!(target: "mtls_agent_ebpf", tracing::Level::DEBUG),
         bpffs: cfg.bpffs.clone(),
         cgroup: cfg.cgroup.clone(),
     })?;

@@ -28,7 +28,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mtls_agent_ebpf::{
     stats, Config, ConnKey, OrigDst, PodInfo, PortKey, PortPolicy, RejectEvent, SockAddr, AF_INET,
-    AF_INET6, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT,
+    AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -42,12 +42,15 @@ const LOOPBACK_V6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Per-CPU LRU lists: no global lock on insert (the common LRU list costs about a microsecond).
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// Socket cookie -> original destination, between connect() and TCP_CONNECT_CB. LRU so a
 /// connect() that fails before TCP_CONNECT_CB cannot leak entries forever.
 #[map]
-static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_CONNS, 0);
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
 #[map]
-static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, 0);
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
 #[map]
 static INBOUND: HashMap<PortKey, PortPolicy> = HashMap::pinned(MAX_INBOUND_RULES, 0);
 #[map]
@@ -117,11 +120,15 @@ fn capture4(ctx: &SockAddrContext) -> Option<()> {
         return None;
     }
     let port = u16::from_be(sa.user_port as u16);
-    save(ctx, SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET })?;
+    // Redirected even if the record fails: the agent then refuses the connection (fail
+    // closed) instead of the app reaching its destination in plaintext.
+    let saved = save(ctx, SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET });
     sa.user_ip4 = LOOPBACK_V4;
     sa.user_port = u32::from(cfg.outbound_port.to_be());
     count(stats::CAPTURED);
-    debug!(ctx, "captured connect4 to port {}", port);
+    if cfg.flags & CONFIG_FLAG_LOG != 0 {
+        debug!(ctx, "captured connect4 to port {} (recorded: {})", port, saved.is_some() as u8);
+    }
     Some(())
 }
 
@@ -136,13 +143,13 @@ fn capture6(ctx: &SockAddrContext) -> Option<()> {
         if w[3].to_ne_bytes()[0] == 127 {
             return None;
         }
-        save(ctx, SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET })?;
+        let _ = save(ctx, SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET });
         sa.user_ip6[3] = LOOPBACK_V4;
     } else {
         if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == LOOPBACK_V6_LAST {
             return None;
         }
-        save(ctx, SockAddr { addr: w, port, family: AF_INET6 })?;
+        let _ = save(ctx, SockAddr { addr: w, port, family: AF_INET6 });
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = 0;
@@ -150,7 +157,9 @@ fn capture6(ctx: &SockAddrContext) -> Option<()> {
     }
     sa.user_port = u32::from(cfg.outbound_port.to_be());
     count(stats::CAPTURED);
-    debug!(ctx, "captured connect6 to port {}", port);
+    if cfg.flags & CONFIG_FLAG_LOG != 0 {
+        debug!(ctx, "captured connect6 to port {}", port);
+    }
     Some(())
 }
 

@@ -77,6 +77,8 @@ pub struct CaptureConfig {
     pub cgroup: PathBuf,
     /// The node's address (source of kubelet probes), if known.
     pub node_ip: Option<IpAddr>,
+    /// Whether the programs write their debug lines (costly: only when debugging).
+    pub ebpf_log: bool,
 }
 
 /// Inbound enforcement mode of a pod port, as the eBPF program applies it.
@@ -167,6 +169,8 @@ impl Capture {
             outbound_port: OUTBOUND_PORT,
             node_ip_family,
             node_ip,
+            flags: if cfg.ebpf_log { mtls_agent_ebpf::CONFIG_FLAG_LOG } else { 0 },
+            _pad: 0,
         };
         config
             .set(0, value, 0)
