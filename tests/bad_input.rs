@@ -756,8 +756,6 @@ impl Bed {
 /// in `mtls_agent_rejections_total` and logged with the client's address. Today these are
 /// refused correctly (the test above) but only a debug line, if anything, records them.
 #[test]
-#[ignore = "agent bug: HTTP/2-level refusals (405, 400, 431, HTTP/2 handshake timeout, \
-            GOAWAY on stream floods) are neither counted nor logged with the client address"]
 fn http2_level_refusals_are_counted_and_logged() -> Result<()> {
     let b = Bed::new("bad-h2-count", None)?;
     let cert = b.cert(TRUST_DOMAIN, "tester", Duration::from_secs(3600))?;

@@ -112,7 +112,22 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         let tls_desc = tls_desc.clone();
         async move { open_stream(ctx, peer, peer_id, tls_desc, target).await }
     };
-    if let Err(e) = hbone::serve_connection(tls, &hbone::ServerConfig::default(), handler).await {
+    // Refusals made by the HBONE layer itself (not CONNECT, bad :authority, oversized headers,
+    // no request in time, floods) are as visible as refused targets.
+    let rctx = ctx.clone();
+    let on_refusal: hbone::OnRefusal = Arc::new(move |reason: &'static str, detail: String| {
+        rctx.mesh.stats.count_failure(reason);
+        warn!(pod = %rctx.pod, client = %peer, reason, "rejected: {detail}");
+    });
+    let done = hbone::serve_connection_with_shutdown(
+        tls,
+        &hbone::ServerConfig::default(),
+        handler,
+        std::future::pending(),
+        on_refusal,
+    )
+    .await;
+    if let Err(e) = done {
         debug!(pod = %ctx.pod, client = %peer, "HBONE connection ended: {e}");
     }
 }

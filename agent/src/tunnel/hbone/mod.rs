@@ -27,7 +27,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 pub use client::{client_builder, client_handshake, connect_stream};
 pub use pool::{Pool, PoolConfig, PoolStats};
 pub use server::{
-    serve_connection, serve_connection_with_shutdown, Accepted, Refusal, RelayStats, ServerConfig,
+    ignore_refusal, serve_connection, serve_connection_with_shutdown, Accepted, OnRefusal, Refusal,
+    RelayStats, ServerConfig,
 };
 pub use stream::{relay, HboneStream, Relayed};
 

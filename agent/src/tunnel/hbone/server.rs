@@ -20,7 +20,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     stream::{relay, HboneStream},
@@ -145,7 +145,9 @@ pub(crate) fn server_builder(cfg: &ServerConfig) -> h2::server::Builder {
         .max_frame_size(cfg.flow.max_frame_size())
         .max_send_buffer_size(cfg.flow.max_send_buffer())
         .max_concurrent_streams(cfg.max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_list_size)
+        // h2 answers larger header lists with 431 on its own, unseen by us: let it accept up to
+        // four times the limit (still bounded) so that `serve_stream` refuses, counts and logs.
+        .max_header_list_size(cfg.max_header_list_size.saturating_mul(4))
         .max_pending_accept_reset_streams(cfg.max_pending_accept_reset_streams)
         .max_local_error_reset_streams(Some(cfg.max_local_error_reset_streams));
     b
@@ -169,7 +171,16 @@ where
     F: Future<Output = Result<Accepted<U>, Refusal>> + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection_with_shutdown(io, cfg, handler, std::future::pending()).await
+    serve_connection_with_shutdown(io, cfg, handler, std::future::pending(), ignore_refusal()).await
+}
+
+/// Told of every refusal the HBONE layer makes without the handler: a short reason label for
+/// metrics (`hbone:...`) and the detail for the log.
+pub type OnRefusal = Arc<dyn Fn(&'static str, String) + Send + Sync>;
+
+/// An [`OnRefusal`] that does nothing.
+pub fn ignore_refusal() -> OnRefusal {
+    Arc::new(|_, _| {})
 }
 
 /// [`serve_connection`] that, once `shutdown` completes, sends GOAWAY: no new tunnels, the open
@@ -179,6 +190,7 @@ pub async fn serve_connection_with_shutdown<S, H, F, U, D>(
     cfg: &ServerConfig,
     handler: H,
     shutdown: D,
+    on_refusal: OnRefusal,
 ) -> Result<(), HboneError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -196,8 +208,19 @@ where
     let mut conn = match tokio::time::timeout_at(deadline, server_builder(cfg).handshake(io)).await
     {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(HboneError::Handshake(e)),
-        Err(_) => return Err(HboneError::HandshakeTimeout(cfg.handshake_timeout)),
+        Ok(Err(e)) => {
+            if !e.is_io() {
+                on_refusal("hbone:handshake", format!("HTTP/2 handshake failed: {e}"));
+            }
+            return Err(HboneError::Handshake(e));
+        }
+        Err(_) => {
+            on_refusal(
+                "hbone:timeout",
+                format!("no HTTP/2 request within {:?}", cfg.handshake_timeout),
+            );
+            return Err(HboneError::HandshakeTimeout(cfg.handshake_timeout));
+        }
     };
     let handler = Arc::new(handler);
     let relay_buf = cfg.relay_buffer_size;
@@ -211,9 +234,24 @@ where
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     first_request_seen = true;
-                    tunnels.spawn(serve_stream(req, respond, handler.clone(), relay_buf));
+                    tunnels.spawn(serve_stream(
+                        req,
+                        respond,
+                        handler.clone(),
+                        relay_buf,
+                        cfg.max_header_list_size,
+                        on_refusal.clone(),
+                    ));
                 }
-                Some(Err(e)) => break Err(HboneError::H2(e)),
+                Some(Err(e)) => {
+                    // A peer that disconnects is not refused; one we cut off (GOAWAY for a
+                    // protocol error or a flood) is.
+                    let ours = e.is_go_away() && !e.is_remote() && e.reason() != Some(h2::Reason::NO_ERROR);
+                    if ours || (!e.is_io() && !e.is_go_away() && !e.is_remote()) {
+                        on_refusal("hbone:protocol", format!("connection closed by the agent: {e}"));
+                    }
+                    break Err(HboneError::H2(e));
+                }
                 None => break Ok(()),
             },
             // Reap finished tunnels so the set stays as small as the open streams.
@@ -223,6 +261,7 @@ where
                 }
             }
             _ = tokio::time::sleep_until(deadline), if !first_request_seen => {
+                on_refusal("hbone:timeout", format!("no HTTP/2 request within {:?}", cfg.handshake_timeout));
                 break Err(HboneError::HandshakeTimeout(cfg.handshake_timeout));
             }
             _ = &mut shutdown, if !shutting_down => {
@@ -247,15 +286,31 @@ async fn serve_stream<H, F, U>(
     mut respond: SendResponse<Bytes>,
     handler: Arc<H>,
     relay_buf: usize,
+    max_header_list_size: u32,
+    on_refusal: OnRefusal,
 ) where
     H: Fn(SocketAddr) -> F,
     F: Future<Output = Result<Accepted<U>, Refusal>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let target = match connect_target(&req) {
+    let size = header_list_size(&req);
+    let checked = if size > max_header_list_size as usize {
+        Err(Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request headers of {size} bytes exceed {max_header_list_size}"),
+        ))
+    } else {
+        connect_target(&req)
+    };
+    let target = match checked {
         Ok(target) => target,
         Err(refusal) => {
-            info!(method = %req.method(), uri = %req.uri(), "HBONE request rejected: {refusal}");
+            let label = match refusal.status {
+                StatusCode::METHOD_NOT_ALLOWED => "hbone:not_connect",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "hbone:headers_too_large",
+                _ => "hbone:bad_request",
+            };
+            on_refusal(label, format!("{} {}: {refusal}", req.method(), req.uri()));
             refuse(&mut respond, &refusal);
             return;
         }
@@ -336,6 +391,13 @@ async fn serve_stream<H, F, U>(
 }
 
 /// The tunnel target of a request: `CONNECT` with `:authority` = `ip:port`.
+/// The header list size as HTTP/2 counts it (RFC 9113 6.5.2: name + value + 32 per field),
+/// pseudo-headers included.
+fn header_list_size(req: &Request<RecvStream>) -> usize {
+    let pseudo = req.method().as_str().len() + req.uri().to_string().len() + 3 * 32;
+    req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum::<usize>() + pseudo
+}
+
 fn connect_target(req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served"));

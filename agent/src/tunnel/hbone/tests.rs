@@ -432,7 +432,8 @@ async fn graceful_shutdown_lets_open_tunnels_finish() {
         let stop = async {
             let _ = stop_rx.await;
         };
-        serve_connection_with_shutdown(s, &ServerConfig::default(), handler, stop).await
+        serve_connection_with_shutdown(s, &ServerConfig::default(), handler, stop, ignore_refusal())
+            .await
     });
     let (mut send, _d) = client_handshake(c, &ClientConfig::default()).await.unwrap();
     let mut s = connect_stream(&mut send, addr("10.0.0.1:80")).await.unwrap();
@@ -868,7 +869,14 @@ async fn pool_moves_off_a_connection_the_server_is_draining() {
                 let stop = async {
                     let _ = stop_rx.await;
                 };
-                serve_connection_with_shutdown(s, &ServerConfig::default(), handler, stop).await
+                serve_connection_with_shutdown(
+                    s,
+                    &ServerConfig::default(),
+                    handler,
+                    stop,
+                    ignore_refusal(),
+                )
+                .await
             });
             Ok::<_, io::Error>(c)
         }
