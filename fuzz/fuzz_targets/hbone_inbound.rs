@@ -1,21 +1,26 @@
 //! The inbound HBONE server (`tunnel::hbone::serve_connection`, what runs behind TLS on
 //! `podIP:15008`) fed the fuzzer's bytes as the client side of a raw HTTP/2 connection.
 //!
-//! The transport is an in-memory duplex; the handler refuses or accepts by the target port's last
-//! digit, accepting with an in-memory echo upstream, so that refusals, accepted tunnels, relays
-//! and handlers cancelled mid-way are all reachable. Time is paused (tokio test-util): the
-//! server's timeouts elapse as soon as nothing else can run, so each input takes bounded time.
+//! The entry point is the one the agent uses, `serve_connection_with_shutdown` with a refusal
+//! callback; inputs of odd length also get a graceful shutdown (GOAWAY) part-way. The transport
+//! is an in-memory duplex; the handler refuses or accepts by the target port's last digit,
+//! accepting with an in-memory echo upstream, so that refusals, accepted tunnels, relays and
+//! handlers cancelled mid-way are all reachable. Time is paused (tokio test-util): the server's
+//! timeouts elapse as soon as nothing else can run, so each input takes bounded time.
 //!
-//! Findings: a panic anywhere (the server, a tunnel task), or a connection that is still being
-//! served a minute (virtual) after the client closed its side.
+//! Findings: a panic anywhere (the server, a tunnel task), a refusal reported without an
+//! `hbone:` metrics label, or a connection that is still being served a minute (virtual) after
+//! the client closed its side.
 
 #![no_main]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
-use mtls_agent::tunnel::hbone::{serve_connection, Accepted, Refusal, ServerConfig};
+use mtls_agent::tunnel::hbone::{
+    serve_connection_with_shutdown, Accepted, OnRefusal, Refusal, ServerConfig,
+};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 
 /// What the client side of the duplex may have in flight before a write waits.
@@ -71,7 +76,25 @@ async fn serve_one(data: &[u8]) {
     let (client, server) = tokio::io::duplex(TRANSPORT_BUFFER);
     // The agent's own limits.
     let cfg = ServerConfig::default();
-    let served = tokio::spawn(async move { serve_connection(server, &cfg, handle).await });
+    // Refusals feed metrics labels: each must be a short `hbone:` reason.
+    let on_refusal: OnRefusal = Arc::new(|reason: &'static str, _detail: String| {
+        assert!(
+            reason.len() > "hbone:".len() && reason.starts_with("hbone:"),
+            "refusal reported with reason {reason:?}"
+        );
+    });
+    // The agent shuts connections down gracefully when it hands over to a new instance.
+    let shut_down = data.len() % 2 == 1;
+    let shutdown = async move {
+        if shut_down {
+            tokio::time::sleep(SETTLE / 2).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::spawn(async move {
+        serve_connection_with_shutdown(server, &cfg, handle, shutdown, on_refusal).await
+    });
 
     let (mut from_server, mut to_server) = tokio::io::split(client);
     // Read everything the server sends, so it never waits on a full transport.

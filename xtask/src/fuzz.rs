@@ -7,7 +7,10 @@
 //! other without the repository's corpus growing. Findings land in `fuzz/artifacts/<target>/`;
 //! reproduce one with `cargo +nightly fuzz run <target> <file>`.
 
-use std::{path::Path, process::Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -48,7 +51,7 @@ pub fn run(seconds: u64, targets: &[String]) -> Result<()> {
         let seeds = fuzz_dir.join("corpus").join(target);
         let work = fuzz_dir.join("target/corpus").join(target);
         std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-        let mut c = crate::cargo(Some("nightly"));
+        let mut c = nightly_cargo();
         // The working corpus first: libFuzzer writes new inputs into the first directory only.
         c.args(["fuzz", "run", target]).arg(&work).arg(&seeds).arg("--").args([
             format!("-max_total_time={seconds}"),
@@ -83,8 +86,26 @@ fn dictionary(fuzz_dir: &Path, target: &str) -> Option<std::path::PathBuf> {
     Some(fuzz_dir.join("dict").join(name)).filter(|p| p.is_file())
 }
 
+/// `cargo +nightly`, without the variables `cargo run` set for xtask itself
+/// (`CARGO_PKG_NAME=xtask`, ...): build scripts such as ring's rerun when they change, so
+/// keeping them would rebuild half the fuzz build each time it alternates with a plain
+/// `cargo +nightly fuzz`.
+fn nightly_cargo() -> Command {
+    let mut c = crate::cargo(Some("nightly"));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(key, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE");
+        if set_by_cargo_run {
+            c.env_remove(key);
+        }
+    }
+    c
+}
+
 fn ensure_cargo_fuzz() -> Result<()> {
-    let works = crate::cargo(Some("nightly"))
+    let works = nightly_cargo()
         .args(["fuzz", "--version"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
