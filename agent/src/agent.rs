@@ -115,6 +115,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         certs: certs.clone(),
         pool: hbone::Pool::new(hbone::PoolConfig::default()),
         conns: ConnectionTable::default(),
+        drain: Default::default(),
         workloads: workloads_rx,
         policies: policies_rx,
         stats: Default::default(),
@@ -190,11 +191,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     // Stop accepting: with tcp_migrate_req on in every pod, connections still queued on our
-    // listeners move to a new instance's listeners in the same SO_REUSEPORT group. Then let
-    // the connections we carry finish, bounded.
+    // listeners move to a new instance's listeners in the same SO_REUSEPORT group. Then tell
+    // peers to open new tunnels elsewhere (GOAWAY) and let every accepted connection finish,
+    // bounded: exiting with one still in flight would cut it off.
     agent.pods.clear();
+    agent.mesh.drain.start();
     let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
-    let live = || agent.mesh.conns.live_count();
+    let live = || agent.mesh.drain.in_flight();
     if live() > 0 {
         info!(connections = live(), timeout = ?cfg.drain_timeout, "draining open connections");
     }

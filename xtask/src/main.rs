@@ -233,7 +233,8 @@ fn test(extra: &[String]) -> Result<()> {
         c
     })?;
     let mut c = cargo(None);
-    c.args(["test", "--workspace"]).args(extra);
+    // Every test binary runs even after a failure, so one run shows all that is broken.
+    c.args(["test", "--workspace", "--no-fail-fast"]).args(extra);
     run_tests_with_summary(c)
 }
 

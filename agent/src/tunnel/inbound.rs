@@ -58,7 +58,11 @@ impl InboundContext {
 /// Accepts tunnel connections until the listener is dropped (the task is aborted).
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
     let pod = ctx.pod.clone();
-    super::accept_loop(listener, &pod, move |stream, peer| handle(ctx.clone(), stream, peer)).await
+    let drain = ctx.mesh.drain.clone();
+    super::accept_loop(listener, &pod, &drain, move |stream, peer| {
+        handle(ctx.clone(), stream, peer)
+    })
+    .await
 }
 
 async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
@@ -123,7 +127,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         tls,
         &hbone::ServerConfig::default(),
         handler,
-        std::future::pending(),
+        ctx.mesh.drain.started(),
         on_refusal,
     )
     .await;

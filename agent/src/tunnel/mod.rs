@@ -15,7 +15,7 @@ pub mod outbound;
 use std::{
     net::IpAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -31,22 +31,80 @@ use crate::{
 };
 
 /// Accepts connections on one of a pod's listeners until the task is aborted, handling each in
-/// its own task.
-pub(crate) async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, pod: &str, handle: F)
-where
+/// its own task, counted by `drain` from the moment it is accepted.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    pod: &str,
+    drain: &Drain,
+    handle: F,
+) where
     F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
+                let task = drain.track();
+                let fut = handle(stream, peer);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(task);
+                });
             }
             Err(e) => {
                 // Out of fds or similar: back off instead of spinning.
                 tracing::warn!(pod, "accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// What a handover waits for: every accepted connection's task, from accept to its last byte
+/// (an inbound HBONE connection counts until its HTTP/2 connection has closed). `start` asks the
+/// long-lived ones to wind down: HBONE servers send GOAWAY so peers open new tunnels elsewhere.
+#[derive(Clone)]
+pub struct Drain {
+    draining: Arc<watch::Sender<bool>>,
+    tasks: Arc<AtomicUsize>,
+}
+
+/// One accepted connection's task; counted while alive.
+pub struct DrainTask(Arc<AtomicUsize>);
+
+impl Drop for DrainTask {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain { draining: Arc::new(watch::channel(false).0), tasks: Arc::default() }
+    }
+}
+
+impl Drain {
+    pub fn track(&self) -> DrainTask {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        DrainTask(self.tasks.clone())
+    }
+
+    /// Tasks accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.load(Ordering::Acquire)
+    }
+
+    pub fn start(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Completes once [`Drain::start`] has been called.
+    pub fn started(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            // Err only if the sender is gone, i.e. the agent is exiting anyway.
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 }
@@ -67,6 +125,7 @@ pub struct Mesh {
     pub certs: Arc<CertStore>,
     pub pool: hbone::Pool<PoolKey>,
     pub conns: ConnectionTable,
+    pub drain: Drain,
     pub workloads: watch::Receiver<Arc<WorkloadSet>>,
     pub policies: watch::Receiver<Arc<PolicySet>>,
     pub stats: TunnelStats,

@@ -78,7 +78,11 @@ pub fn route(ws: &WorkloadSet, orig: SocketAddr, rr: &AtomicUsize) -> Result<Rou
 /// Accepts captured connections until the listener is dropped (the task is aborted).
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
     let pod = ctx.pod.clone();
-    super::accept_loop(listener, &pod, move |stream, peer| handle(ctx.clone(), stream, peer)).await
+    let drain = ctx.mesh.drain.clone();
+    super::accept_loop(listener, &pod, &drain, move |stream, peer| {
+        handle(ctx.clone(), stream, peer)
+    })
+    .await
 }
 
 /// How a connection is carried.
@@ -162,7 +166,14 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst).await,
     };
     let (sent, received, error) = match result {
-        Ok(t) => (t.sent, t.received, t.error),
+        Ok(t) => {
+            if t.error.is_some() {
+                // The tunnel broke midway: a reset tells the app its data may be lost, where a
+                // FIN would pass a truncated reply off as complete.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            }
+            (t.sent, t.received, t.error)
+        }
         Err(e) => {
             ctx.mesh.stats.outbound_failures.fetch_add(1, Ordering::Relaxed);
             ctx.mesh.stats.count_failure(format!("outbound:{}", e.reason()));
@@ -281,7 +292,7 @@ async fn relay_mtls(
     let key = PoolKey { src: cert.spiffe_id().clone(), dst: expected.clone(), dst_ip: dst.ip() };
     let netns = ctx.netns.clone();
     let trust = ctx.mesh.trust.clone();
-    let connect = move || async move {
+    let connect = || async {
         let addr = SocketAddr::new(dst.ip(), HBONE_PORT);
         let tcp = dial_from_pod(&netns, addr).await?;
         let cfg = identity::client_config(&cert, &trust, &expected)?;

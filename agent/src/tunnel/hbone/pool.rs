@@ -200,7 +200,9 @@ where
     /// through `connect` (which returns the transport, normally TLS already done) — unless
     /// another caller is already establishing one for the key, in which case this waits for
     /// that attempt and shares its outcome. A pooled connection that turns out to be dead is
-    /// dropped and the tunnel retried once on a new one.
+    /// dropped and the tunnel retried once on a new one; so is a tunnel the peer refused
+    /// unprocessed because it is draining (GOAWAY or `REFUSED_STREAM`), even on a connection
+    /// made for this call: that happens when the peer's agent is handing over.
     pub async fn stream<S, E, C, Fut>(
         &self,
         key: K,
@@ -210,13 +212,12 @@ where
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
-        C: FnOnce() -> Fut,
+        C: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
     {
-        let mut connect = Some(connect);
         let mut retried = false;
         loop {
-            let (mut send, slot, fresh) = self.checkout(&key, &mut connect).await?;
+            let (mut send, slot, fresh) = self.checkout(&key, &connect).await?;
             let conn = slot.conn.clone();
             let timeout = self.inner.cfg.open_timeout;
             let err = match tokio::time::timeout(timeout, open(&mut send, target, Some(slot))).await
@@ -238,8 +239,9 @@ where
             }
             let refused = h2e.reason() == Some(Reason::REFUSED_STREAM);
             // No byte was sent on a tunnel without a 200, so retrying cannot duplicate data. A
-            // fresh connection that fails is reported: retrying would just hammer the peer.
-            if (conn_dead || refused) && !fresh && !retried {
+            // fresh connection that broke is reported: retrying would just hammer the peer.
+            let draining = refused || h2e.is_go_away();
+            if (draining || (conn_dead && !fresh)) && !retried {
                 debug!(conn = conn.id, %target, "pooled HBONE connection unusable ({h2e}), retrying");
                 retried = true;
                 continue;
@@ -253,26 +255,18 @@ where
     async fn checkout<S, E, C, Fut>(
         &self,
         key: &K,
-        connect: &mut Option<C>,
+        connect: &C,
     ) -> Result<(SendRequest<Bytes>, StreamSlot, bool), HboneError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
-        C: FnOnce() -> Fut,
+        C: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
     {
         loop {
             match self.step(key) {
                 Step::Reuse(send, slot) => return Ok((send, slot, false)),
                 Step::Lead(id, done) => {
-                    let Some(connect) = connect.take() else {
-                        // Unreachable: a call leads at most once (a fresh connection is never
-                        // retried), but fail rather than panic.
-                        return Err(ConnectError::Transport(Arc::new(std::io::Error::other(
-                            "connect function already used",
-                        )))
-                        .into());
-                    };
                     let (send, slot) = self.lead(key, id, done, connect).await?;
                     return Ok((send, slot, true));
                 }
@@ -319,12 +313,12 @@ where
         key: &K,
         id: u64,
         done: watch::Sender<Outcome>,
-        connect: C,
+        connect: &C,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), HboneError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
-        C: FnOnce() -> Fut,
+        C: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
     {
         // If this future is dropped mid-attempt the guard clears the marker, then drops the

@@ -595,9 +595,10 @@ impl Peer {
 
     fn connect(
         &self,
-    ) -> impl FnOnce() -> BoxFuture<'static, io::Result<DuplexStream>> + Send + 'static {
+    ) -> impl Fn() -> BoxFuture<'static, io::Result<DuplexStream>> + Send + 'static {
         let peer = self.clone();
         move || {
+            let peer = peer.clone();
             Box::pin(async move {
                 peer.transports.fetch_add(1, Ordering::SeqCst);
                 // Widens the window in which concurrent callers could stampede.
@@ -761,10 +762,13 @@ async fn pool_shares_a_failed_connect_without_caching_it() {
     let pool: Pool<&str> = Pool::new(quick_pool());
     let attempts = Arc::new(AtomicUsize::new(0));
     let failing = |attempts: Arc<AtomicUsize>| {
-        move || async move {
-            attempts.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Err::<DuplexStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+        move || {
+            let attempts = attempts.clone();
+            async move {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err::<DuplexStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+            }
         }
     };
     let mut tasks = Vec::new();
@@ -834,10 +838,13 @@ async fn pool_keepalive_drops_a_silent_peer() {
     // A peer that accepted the transport and then went silent (e.g. its node rebooted).
     let hole = Arc::new(Mutex::new(None));
     let hole2 = hole.clone();
-    let connect = move || async move {
-        let (c, s) = duplex(1024 * 1024);
-        *hole2.lock().unwrap() = Some(s);
-        Ok::<_, io::Error>(c)
+    let connect = move || {
+        let hole2 = hole2.clone();
+        async move {
+            let (c, s) = duplex(1024 * 1024);
+            *hole2.lock().unwrap() = Some(s);
+            Ok::<_, io::Error>(c)
+        }
     };
     let started = std::time::Instant::now();
     let r = timeout(LIMIT, pool.stream("k", addr("10.0.0.1:80"), connect)).await.unwrap();
@@ -858,27 +865,30 @@ async fn pool_moves_off_a_connection_the_server_is_draining() {
     let connect = {
         let stops = stops.clone();
         let created = created.clone();
-        move || async move {
-            created.fetch_add(1, Ordering::SeqCst);
-            let (c, s) = duplex(64 * 1024);
-            let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            stops.lock().unwrap().push(stop_tx);
-            let (tx, _rx) = mpsc::unbounded_channel();
-            let handler = accepting(echo_app(), Arc::new(AtomicUsize::new(0)), tx);
-            tokio::spawn(async move {
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                serve_connection_with_shutdown(
-                    s,
-                    &ServerConfig::default(),
-                    handler,
-                    stop,
-                    ignore_refusal(),
-                )
-                .await
-            });
-            Ok::<_, io::Error>(c)
+        move || {
+            let (stops, created) = (stops.clone(), created.clone());
+            async move {
+                created.fetch_add(1, Ordering::SeqCst);
+                let (c, s) = duplex(64 * 1024);
+                let (stop_tx, stop_rx) = oneshot::channel::<()>();
+                stops.lock().unwrap().push(stop_tx);
+                let (tx, _rx) = mpsc::unbounded_channel();
+                let handler = accepting(echo_app(), Arc::new(AtomicUsize::new(0)), tx);
+                tokio::spawn(async move {
+                    let stop = async {
+                        let _ = stop_rx.await;
+                    };
+                    serve_connection_with_shutdown(
+                        s,
+                        &ServerConfig::default(),
+                        handler,
+                        stop,
+                        ignore_refusal(),
+                    )
+                    .await
+                });
+                Ok::<_, io::Error>(c)
+            }
         }
     };
     let target = addr("10.0.3.3:8080");
@@ -897,6 +907,41 @@ async fn pool_moves_off_a_connection_the_server_is_draining() {
     ping_pong(held).await;
     assert_eq!(created.load(Ordering::SeqCst), 2);
     assert_eq!(pool.stats().connections_created, 2);
+}
+
+/// A handover on the peer: the pool's brand-new connection lands on the old instance, which
+/// answers with GOAWAY before serving anything. The tunnel must go to a new connection (the
+/// new instance), not fail: nothing was sent on it.
+#[tokio::test]
+async fn a_fresh_connection_that_is_already_going_away_is_retried_once() {
+    let pool = Pool::new(quick_pool());
+    let created = Arc::new(AtomicUsize::new(0));
+    let peer = Peer::new();
+    let connect = {
+        let (created, peer) = (created.clone(), peer.clone());
+        move || {
+            let (created, real) = (created.clone(), peer.connect());
+            Box::pin(async move {
+                if created.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return real().await;
+                }
+                // The old instance: SETTINGS, then GOAWAY(last stream 0): no stream served.
+                let (c, mut s) = duplex(64 * 1024);
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    s.read_exact(&mut preface).await?;
+                    s.write_all(&frame(0x4, 0, 0, &[])).await?;
+                    s.write_all(&frame(0x7, 0, 0, &[0u8; 8])).await?;
+                    let mut sink = Vec::new();
+                    s.read_to_end(&mut sink).await
+                });
+                Ok(c)
+            }) as BoxFuture<'static, io::Result<DuplexStream>>
+        }
+    };
+    let s = timeout(LIMIT, pool.stream("k", addr("10.0.3.3:8080"), connect)).await.unwrap();
+    ping_pong(s.expect("the tunnel should be retried on a second connection")).await;
+    assert_eq!(created.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
