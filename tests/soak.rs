@@ -78,7 +78,13 @@ fn a_thousand_concurrent_connections_with_churn_and_no_leaks() -> Result<()> {
     for (c, run) in clients.iter().zip(runs) {
         let out = run.wait_with_output(Duration::from_secs(seconds + 60))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{c}: {text}");
+        if !out.status.success() {
+            let log = m.agent("node1").log();
+            let notable: Vec<&str> =
+                log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            let shown = &notable[notable.len().saturating_sub(40)..];
+            panic!("{c}: {text}\nthe agent's last warnings:\n{}", shown.join("\n"));
+        }
         total +=
             text.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or_default();
     }

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use mtls_agent_ebpf::AGENT_MARK;
@@ -45,21 +45,64 @@ pub struct PodNetns {
     dialer: Arc<Dialer>,
 }
 
-/// A request to the pod's dialer thread: a socket for this destination.
-type DialJob = (SocketAddr, tokio::sync::oneshot::Sender<io::Result<Socket>>);
+/// A request to the pod's dialer thread.
+enum DialJob {
+    /// A socket for this destination, now.
+    Now(SocketAddr, tokio::sync::oneshot::Sender<io::Result<Socket>>),
+    /// Top up the spare sockets of this address family.
+    Refill(Family),
+}
 
-/// A thread that lives in the pod's namespace and creates dialing sockets on request, so a new
-/// connection costs a channel round trip rather than a thread. It ends when the last handle on
-/// the namespace is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4 = 0,
+    V6 = 1,
+}
+
+impl Family {
+    fn of(addr: SocketAddr) -> Family {
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// Any address of the family: a socket's namespace and family are all that matter before
+    /// `connect`.
+    fn any(self) -> SocketAddr {
+        match self {
+            Family::V4 => SocketAddr::from(([0, 0, 0, 0], 0)),
+            Family::V6 => SocketAddr::from(([0u16; 8], 0)),
+        }
+    }
+}
+
+/// Unconnected sockets made ahead of time per family, so a dial on the hot path takes one
+/// instead of waiting for the dialer thread (a cross-thread round trip per new connection).
+const SPARES: usize = 4;
+
+type Spares = Arc<[Mutex<Vec<Socket>>; 2]>;
+
+/// A thread that lives in the pod's namespace and creates dialing sockets on request and keeps
+/// a few spares ready. It ends when the last handle on the namespace is dropped.
 #[derive(Debug)]
 struct Dialer {
     jobs: std::sync::mpsc::Sender<DialJob>,
+    spares: Spares,
+}
+
+fn lock_spares(m: &Mutex<Vec<Socket>>) -> std::sync::MutexGuard<'_, Vec<Socket>> {
+    // A poisoned list holds plain sockets; still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Dialer {
     fn start(path: &Path, file: Arc<File>) -> Result<Dialer, InpodError> {
         let (jobs, rx) = std::sync::mpsc::channel::<DialJob>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let spares: Spares = Arc::new([Mutex::new(Vec::new()), Mutex::new(Vec::new())]);
+        let thread_spares = spares.clone();
         let name =
             format!("dial-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         std::thread::Builder::new()
@@ -71,13 +114,25 @@ impl Dialer {
                 if failed {
                     return;
                 }
-                while let Ok((dst, reply)) = rx.recv() {
-                    let _ = reply.send(agent_socket(dst));
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        DialJob::Now(dst, reply) => {
+                            let _ = reply.send(agent_socket(dst));
+                        }
+                        DialJob::Refill(family) => {
+                            let list = &thread_spares[family as usize];
+                            while lock_spares(list).len() < SPARES {
+                                // Out of fds or similar: the hot path falls back to `Now`.
+                                let Ok(s) = agent_socket(family.any()) else { break };
+                                lock_spares(list).push(s);
+                            }
+                        }
+                    }
                 }
             })
             .map_err(|source| InpodError::Io { path: path.to_owned(), source })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Dialer { jobs }),
+            Ok(Ok(())) => Ok(Dialer { jobs, spares }),
             Ok(Err(source)) => Err(InpodError::Enter { path: path.to_owned(), source }),
             Err(_) => Err(InpodError::Panicked { path: path.to_owned() }),
         }
@@ -164,13 +219,22 @@ impl PodNetns {
     /// An unconnected TCP socket inside the pod for dialing `dst`, marked so that the capture
     /// programs leave it alone.
     pub async fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let family = Family::of(dst);
         let gone = || InpodError::Panicked { path: self.path.clone() };
-        self.dialer.jobs.send((dst, reply)).map_err(|_| gone())?;
-        let s = answer
-            .await
-            .map_err(|_| gone())?
-            .map_err(|source| InpodError::Io { path: self.path.clone(), source })?;
+        let spare = lock_spares(&self.dialer.spares[family as usize]).pop();
+        // Top up in the background, whether or not there was a spare this time.
+        self.dialer.jobs.send(DialJob::Refill(family)).map_err(|_| gone())?;
+        let s = match spare {
+            Some(s) => s,
+            None => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                self.dialer.jobs.send(DialJob::Now(dst, reply)).map_err(|_| gone())?;
+                answer
+                    .await
+                    .map_err(|_| gone())?
+                    .map_err(|source| InpodError::Io { path: self.path.clone(), source })?
+            }
+        };
         let std_stream: std::net::TcpStream = s.into();
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
@@ -222,6 +286,36 @@ mod tests {
     fn the_agents_own_netns_is_refused() {
         let err = PodNetns::open(Path::new("/proc/self/ns/net")).unwrap_err();
         assert!(matches!(err, InpodError::HostNetns { .. }), "{err}");
+    }
+
+    /// A fresh network namespace held by a parked thread; it goes away with the thread.
+    fn private_netns() -> (PathBuf, std::sync::mpsc::Sender<()>) {
+        let (path_tx, path_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+            let tid = nix::unistd::gettid();
+            let _ = path_tx.send(PathBuf::from(format!("/proc/self/task/{tid}/ns/net")));
+            let _ = stop_rx.recv();
+        });
+        (path_rx.recv().unwrap(), stop_tx)
+    }
+
+    #[tokio::test]
+    async fn dial_sockets_belong_to_the_pod_and_carry_the_agent_mark_spare_or_not() {
+        let (path, _stop) = private_netns();
+        let ns = PodNetns::open(&path).unwrap();
+        // More than the spares, both families: the first of each is made on demand, the
+        // rest come from the spares the dialer keeps.
+        for dst in ["10.0.0.1:80", "[fd00::1]:80"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            for _ in 0..SPARES * 3 {
+                let s = ns.dial_socket(dst).await.unwrap();
+                assert_eq!(netns_cookie(&s).unwrap(), ns.cookie());
+                assert_eq!(socket2::SockRef::from(&s).mark().unwrap(), AGENT_MARK);
+                assert_eq!(s.local_addr().unwrap().is_ipv4(), dst.is_ipv4());
+            }
+        }
     }
 
     #[test]

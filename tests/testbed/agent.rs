@@ -273,8 +273,10 @@ impl AgentProcess {
                     eprintln!("[agent {node}] {line}");
                 }
                 if let Ok(mut l) = log.lock() {
-                    // Bounded: a runaway log cannot eat the test's memory.
-                    if l.len() < 16 << 20 {
+                    // Bounded: a runaway log cannot eat the test's memory. Past the first
+                    // 16 MiB only warnings and errors are kept, up to twice that.
+                    let notable = line.contains("WARN") || line.contains("ERROR");
+                    if l.len() < 16 << 20 || (notable && l.len() < 32 << 20) {
                         l.push_str(&line);
                         l.push('\n');
                     }
