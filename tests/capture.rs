@@ -298,5 +298,8 @@ fn original_destination_map_is_empty_after_a_thousand_connections() -> Result<()
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(map.len(), 0, "every closed connection's entry was deleted");
+    // sock_ops took every connect()'s record of the original destination.
+    let pending = mtls_agent::capture::Capture::pending_len_pinned(&s.agent.bpffs)?;
+    assert_eq!(pending, 0, "connect() records left behind");
     Ok(())
 }

@@ -24,7 +24,9 @@ pub const AF_INET6: u16 = 10;
 pub mod map_names {
     pub const ENROLLED: &str = "ENROLLED";
     pub const CONFIG: &str = "CONFIG";
-    pub const PENDING: &str = "PENDING";
+    /// Socket cookie -> original destination between connect() and TCP_CONNECT_CB (a
+    /// preallocated hash; `PENDING` was an LRU map in earlier versions, hence the new name).
+    pub const PENDING: &str = "PENDING_DST";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const INBOUND: &str = "INBOUND";
     pub const STATS: &str = "STATS";
@@ -111,7 +113,17 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
-/// Value of `ORIG_DST` and `PENDING`: where the application meant to connect.
+/// Value of `PENDING`: the original destination and when connect() recorded it
+/// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC), so the agent can sweep records of connect()s
+/// that failed before TCP_CONNECT_CB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PendingDst {
+    pub orig: OrigDst,
+    pub recorded_ns: u64,
+}
+
+/// Value of `ORIG_DST`: where the application meant to connect.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct OrigDst {
@@ -153,6 +165,7 @@ mod user {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PendingDst {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortKey {}

@@ -31,6 +31,10 @@ use crate::{
 
 /// How often the workloads file is checked for changes (changes apply within 1 s).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// A connect() record older than this was never taken by TCP_CONNECT_CB (which follows within
+/// microseconds): the connect() failed early.
+const PENDING_MAX_AGE: Duration = Duration::from_secs(10);
+const PENDING_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Clone)]
@@ -176,9 +180,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut watcher = Watch::new(&cfg.workloads);
     let mut policy_watch = cfg.policies.as_deref().map(Watch::new);
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if last_sweep.elapsed() >= PENDING_SWEEP_INTERVAL {
+                    last_sweep = tokio::time::Instant::now();
+                    let swept = agent.capture.sweep_pending(PENDING_MAX_AGE);
+                    if swept > 0 {
+                        tracing::debug!(records = swept, "swept original destinations of connect()s that never completed");
+                    }
+                }
                 if watcher.changed() {
                     agent.reload();
                 }

@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -27,8 +27,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mtls_agent_ebpf::{
-    stats, Config, ConnKey, OrigDst, PodInfo, PortKey, PortPolicy, RejectEvent, SockAddr, AF_INET,
-    AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT,
+    stats, Config, ConnKey, OrigDst, PendingDst, PodInfo, PortKey, PortPolicy, RejectEvent,
+    SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES,
+    MAX_PODS, MODE_STRICT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -45,10 +46,12 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Per-CPU LRU lists: no global lock on insert (the common LRU list costs about a microsecond).
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
-/// Socket cookie -> original destination, between connect() and TCP_CONNECT_CB. LRU so a
-/// connect() that fails before TCP_CONNECT_CB cannot leak entries forever.
-#[map]
-static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
+/// Socket cookie -> original destination, between connect() and TCP_CONNECT_CB (microseconds
+/// apart). A preallocated hash rather than an LRU map: on the connect() path an LRU insert
+/// cost most of the program's run time. A connect() that fails before TCP_CONNECT_CB leaves
+/// its record behind; the agent sweeps records older than a few seconds.
+#[map(name = "PENDING_DST")]
+static PENDING: HashMap<u64, PendingDst> = HashMap::pinned(MAX_CONNS, 0);
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
 #[map]
@@ -108,7 +111,9 @@ fn should_capture(ctx: &SockAddrContext) -> Option<&'static Config> {
 fn save(ctx: &SockAddrContext, dst: SockAddr) -> Option<()> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING.insert(&cookie, &OrigDst { dst, _pad: 0 }, 0).ok()
+    // SAFETY: helper without arguments.
+    let recorded_ns = unsafe { bpf_ktime_get_ns() };
+    PENDING.insert(&cookie, &PendingDst { orig: OrigDst { dst, _pad: 0 }, recorded_ns }, 0).ok()
 }
 
 fn capture4(ctx: &SockAddrContext) -> Option<()> {
@@ -185,7 +190,7 @@ fn on_connect(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out before the entry is removed.
-    let orig = *unsafe { PENDING.get(&cookie) }?;
+    let orig = unsafe { PENDING.get(&cookie) }?.orig;
     let _ = PENDING.remove(&cookie);
     let key = conn_key(ctx)?;
     ORIG_DST.insert(&key, &orig, 0).ok()?;

@@ -15,7 +15,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
@@ -24,8 +24,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mtls_agent_ebpf::{
-    map_names, prog_names, stats, Config, ConnKey, OrigDst, PodInfo, PortKey, PortPolicy, SockAddr,
-    AF_INET, AF_INET6, AGENT_MARK, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT, OUTBOUND_PORT,
+    map_names, prog_names, stats, Config, ConnKey, OrigDst, PendingDst, PodInfo, PortKey,
+    PortPolicy, SockAddr, AF_INET, AF_INET6, AGENT_MARK, MODE_DISABLE, MODE_PERMISSIVE,
+    MODE_STRICT, OUTBOUND_PORT,
 };
 use tracing::{debug, info, warn};
 
@@ -127,6 +128,7 @@ pub struct Capture {
     links_dir: PathBuf,
     generation: u128,
     orig_dst: Option<OrigDstMap>,
+    pending: HashMap<MapData, u64, PendingDst>,
     events: Option<RingBuf<MapData>>,
     /// (name, kernel id) of the programs this instance loaded.
     program_ids: Vec<(String, u32)>,
@@ -181,6 +183,7 @@ impl Capture {
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)? });
+        let pending = take_map(&mut ebpf, map_names::PENDING)?;
 
         let cgroup = fs::File::open(&cfg.cgroup)
             .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
@@ -250,6 +253,7 @@ impl Capture {
             links_dir,
             generation,
             orig_dst,
+            pending,
             events,
             program_ids,
             _stats_enabled,
@@ -383,6 +387,38 @@ impl Capture {
     /// Cookies currently enrolled (possibly by an earlier agent instance).
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Deletes `PENDING` records older than `max_age`: left by connect()s that failed before
+    /// TCP_CONNECT_CB (which normally follows within microseconds and takes the record).
+    /// Returns how many went.
+    pub fn sweep_pending(&mut self, max_age: Duration) -> usize {
+        // bpf_ktime_get_ns counts CLOCK_MONOTONIC.
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `now` is a valid out pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+            return 0;
+        }
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let cutoff = now_ns.saturating_sub(max_age.as_nanos() as u64);
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.recorded_ns < cutoff)
+            .map(|(k, _)| k)
+            .collect();
+        stale.iter().filter(|k| self.pending.remove(k).is_ok()).count()
+    }
+
+    /// Records in a node's pinned `PENDING` map (for tests and diagnostics).
+    pub fn pending_len_pinned(bpffs: &Path) -> Result<usize, CaptureError> {
+        let name = map_names::PENDING;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, PendingDst> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     /// The handle for looking up original destinations (shared by the connection tasks).
