@@ -80,7 +80,9 @@ impl Family {
 
 /// Unconnected sockets made ahead of time per family, so a dial on the hot path takes one
 /// instead of waiting for the dialer thread (a cross-thread round trip per new connection).
-const SPARES: usize = 4;
+const SPARES: usize = 8;
+/// The dialer is woken to top up only when this few are left: one wake per several dials.
+const REFILL_AT: usize = SPARES / 2;
 
 type Spares = Arc<[Mutex<Vec<Socket>>; 2]>;
 
@@ -221,9 +223,16 @@ impl PodNetns {
     pub async fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
         let family = Family::of(dst);
         let gone = || InpodError::Panicked { path: self.path.clone() };
-        let spare = lock_spares(&self.dialer.spares[family as usize]).pop();
-        // Top up in the background, whether or not there was a spare this time.
-        self.dialer.jobs.send(DialJob::Refill(family)).map_err(|_| gone())?;
+        let (spare, left) = {
+            let mut list = lock_spares(&self.dialer.spares[family as usize]);
+            let spare = list.pop();
+            (spare, list.len())
+        };
+        // Top up in the background: waking the dialer thread costs a context switch, so only
+        // now and then.
+        if left == REFILL_AT || spare.is_none() {
+            self.dialer.jobs.send(DialJob::Refill(family)).map_err(|_| gone())?;
+        }
         let s = match spare {
             Some(s) => s,
             None => {
@@ -242,11 +251,11 @@ impl PodNetns {
 
 /// A non-blocking TCP socket carrying the agent's mark.
 fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking and close-on-exec from socket() itself: no fcntl calls per dial.
+    let ty = Type::STREAM.nonblocking().cloexec();
+    let s = Socket::new_raw(Domain::for_address(addr), ty, Some(Protocol::TCP))?;
     s.set_mark(AGENT_MARK)?;
-    s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
-    s.set_cloexec(true)?;
     Ok(s)
 }
 

@@ -55,7 +55,16 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 set_log_level: Some(set_log_level),
                 drain_timeout: args.drain_timeout,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = args.worker_threads.map_or(if cpus <= 3 { 1 } else { 2 }, usize::from);
+            let rt = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .enable_all()
+                    .build()?
+            };
             rt.block_on(agent::run(cfg))
         }
         Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
