@@ -122,15 +122,27 @@ pub enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// This node's name: only pods with this `node` are enrolled.
-    #[arg(long)]
+    /// This node's name: only pods with this `node` (Kubernetes: `spec.nodeName`) are enrolled.
+    #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// cgroup v2 directory that holds the node's pods (the capture programs attach here).
     #[arg(long)]
     pub cgroup: PathBuf,
-    /// Local workloads file (pods and services), watched for changes.
+    /// Local workloads file (pods and services), watched for changes. Without it the agent
+    /// runs in Kubernetes mode: pods, services and policies come from the API server.
     #[arg(long)]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
+    /// Kubernetes mode: kubeconfig file for the API server (default: the in-cluster service
+    /// account, else `KUBECONFIG` or ~/.kube/config).
+    #[arg(long, conflicts_with = "workloads")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the cgroup v2 root under which the kubelet's `kubepods` cgroups are;
+    /// a pod's network namespace is found through a process in its cgroup.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Kubernetes mode: the node's /proc (the agent runs with the host's PID namespace).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
@@ -151,8 +163,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Directory of mTLS policies (PeerAuthentication, v1alpha1 Policy/MeshPolicy YAML),
-    /// watched for changes. Without it every pod is PERMISSIVE.
-    #[arg(long)]
+    /// watched for changes. Without it every pod is PERMISSIVE. Only with `--workloads`: in
+    /// Kubernetes mode policies come from the API server.
+    #[arg(long, requires = "workloads")]
     pub policies: Option<PathBuf>,
     /// Root namespace: a PeerAuthentication there without a selector is mesh-wide.
     #[arg(long, default_value = "istio-system")]
