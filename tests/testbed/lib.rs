@@ -28,6 +28,7 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
 mod capture;
 mod cgroup;
 pub mod mesh;

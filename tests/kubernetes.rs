@@ -1,0 +1,1 @@
+//! Kubernetes mode on the test bed (placeholder).
