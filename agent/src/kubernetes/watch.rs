@@ -70,6 +70,18 @@ fn policy_kinds() -> [ApiResource; 4] {
     ]
 }
 
+/// The API groups and resources the watchers read: what the agent's ClusterRole must grant.
+pub fn watched_resources() -> Vec<(String, String)> {
+    let mut v = vec![
+        (String::new(), "pods".to_owned()),
+        (String::new(), "services".to_owned()),
+        ("discovery.k8s.io".to_owned(), "endpointslices".to_owned()),
+    ];
+    v.extend(policy_kinds().into_iter().map(|ar| (ar.group, ar.plural)));
+    v.dedup();
+    v
+}
+
 type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
 /// `None` until the kind's first list is complete.
 type Slot<K> = watch::Receiver<Option<Objects<K>>>;
