@@ -157,7 +157,8 @@ impl ApiServer {
     /// list again.
     pub fn expire(&self, path: &str) {
         let mut st = self.lock();
-        let rv = st.rv + 1;
+        // A list now answers with this version, from which watching works again.
+        let rv = st.rv;
         if let Some(c) = st.collections.get_mut(path) {
             c.expired_before = rv;
             c.log.clear();
