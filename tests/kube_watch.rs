@@ -154,7 +154,7 @@ async fn watch_events_add_change_and_remove() {
     c["metadata"]["labels"]["version"] = json!("v2");
     server.apply(api::PODS, c);
     until(&mut rx, "pod c relabelled", |s| {
-        s.workloads.find("c", "shop").is_some_and(|w| w.labels.get("version").is_some())
+        s.workloads.find("c", "shop").is_some_and(|w| w.labels.contains_key("version"))
     })
     .await;
 
