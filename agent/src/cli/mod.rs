@@ -186,3 +186,40 @@ pub struct RunArgs {
 pub fn default_bpffs(node: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/mtls-agent").join(node)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = ["mtls-agent", "run", "--node", "n1", "--cgroup", "/cg", "--ca-dir", "/ca"];
+        let argv = base.iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_workloads_the_agent_runs_in_kubernetes_mode() {
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.workloads, None);
+        assert_eq!(a.kubeconfig, None);
+        assert_eq!(a.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(a.proc_root, PathBuf::from("/proc"));
+        let a = run_args(&["--kubeconfig", "/k", "--cgroup-root", "/r", "--proc-root", "/p"]);
+        let a = a.unwrap();
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!((a.cgroup_root.to_str(), a.proc_root.to_str()), (Some("/r"), Some("/p")));
+    }
+
+    #[test]
+    fn file_mode_and_kubernetes_mode_flags_do_not_mix() {
+        let e = run_args(&["--policies", "/p"]).unwrap_err();
+        assert!(e.to_string().contains("--workloads"), "{e}");
+        let e = run_args(&["--workloads", "/w", "--kubeconfig", "/k"]).unwrap_err();
+        assert!(e.to_string().contains("--kubeconfig"), "{e}");
+        let a = run_args(&["--workloads", "/w", "--policies", "/p"]).unwrap();
+        assert_eq!(a.policies, Some(PathBuf::from("/p")));
+    }
+}

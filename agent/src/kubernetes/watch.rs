@@ -200,7 +200,11 @@ where
     let task = tokio::spawn(async move {
         let mut cache = Cache::new();
         // The watcher relists by itself after a lost watch; the backoff paces the retries.
-        let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            // Not read, and often the bulk of an object: kept out of the caches.
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let mut events = std::pin::pin!(events);
         while let Some(item) = events.next().await {
             match item {
                 Ok(event) => {
@@ -357,5 +361,59 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
         workloads: WorkloadSet { workloads, services },
         policies: policies.with_root_namespace(root_namespace),
         rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("u-{name}")},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn keys(c: &Cache<Pod>) -> Vec<&str> {
+        c.live.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_state_only_once_complete() {
+        let mut c = Cache::new();
+        assert!(!c.apply(watcher::Event::Init));
+        assert!(!c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1"))));
+        assert!(!c.apply(watcher::Event::InitApply(pod("b", "10.0.0.2"))));
+        assert!(keys(&c).is_empty());
+        assert!(c.apply(watcher::Event::InitDone));
+        assert_eq!(keys(&c), ["ns/a", "ns/b"]);
+        // A relist in progress leaves the last complete state in place.
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        assert_eq!(keys(&c), ["ns/a", "ns/b"]);
+        assert!(c.apply(watcher::Event::InitDone));
+        assert_eq!(keys(&c), ["ns/a"]);
+        assert!(c.apply(watcher::Event::Delete(pod("a", "10.0.0.1"))));
+        assert!(keys(&c).is_empty());
+    }
+
+    #[test]
+    fn a_second_running_pod_with_the_same_ip_is_rejected_by_name() {
+        let objects = |pods: Vec<Pod>| {
+            Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
+        };
+        let state = State {
+            pods: objects(vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.1")]),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        let s = build(&state, "istio-system");
+        let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
+        assert_eq!(keys, ["a.ns"]);
+        assert_eq!(s.rejected, ["Pod ns/b: IP 10.0.0.1 is already pod ns/a's"]);
     }
 }
