@@ -1,5 +1,5 @@
-//! The node agent's main loop: loads capture, enrolls the node's pods from the workloads file,
-//! keeps enrollment in step with the file, and serves the admin API.
+//! The node agent's main loop: loads capture, enrolls the node's pods from the workloads file
+//! or the API server, keeps enrollment in step with it, and serves the admin API.
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +19,7 @@ use crate::{
     capture::{Capture, CaptureConfig, InboundMode, InboundRule, OrigDstMap, StatsReader},
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
+    kubernetes,
     policy::{Mode, PolicySet},
     tunnel::{
         hbone::{self, HBONE_PORT},
@@ -35,20 +36,21 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// microseconds): the connect() failed early.
 const PENDING_MAX_AGE: Duration = Duration::from_secs(10);
 const PENDING_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often enrollment is retried for pods of the node that failed it (Kubernetes mode: a
+/// pod can be running before its processes are visible).
+const ENROLL_RETRY: Duration = Duration::from_secs(2);
 const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Clone)]
 pub struct AgentConfig {
     pub node: String,
     pub cgroup: PathBuf,
-    pub workloads: PathBuf,
+    pub source: Source,
     pub bpffs: PathBuf,
     pub admin: SocketAddr,
     pub ca_dir: PathBuf,
     pub trust_domain: String,
     pub cert_ttl: Duration,
-    /// Policy directory (PeerAuthentication, v1alpha1 Policy); none means PERMISSIVE everywhere.
-    pub policies: Option<PathBuf>,
     pub root_namespace: String,
     /// The node's address, the source of kubelet probes.
     pub node_ip: Option<IpAddr>,
@@ -57,6 +59,32 @@ pub struct AgentConfig {
     pub set_log_level: Option<admin::SetLogLevel>,
     /// How long a stopping agent lets open connections finish.
     pub drain_timeout: Duration,
+}
+
+/// Where pods, services and policies come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// `workloads.yaml` and a policy directory (PeerAuthentication, v1alpha1 Policy; none means
+    /// PERMISSIVE everywhere), both watched.
+    Files { workloads: PathBuf, policies: Option<PathBuf> },
+    /// The API server; pods' namespaces found through their cgroups.
+    Kubernetes(kubernetes::Settings),
+}
+
+impl AgentConfig {
+    fn workloads_file(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Files { workloads, .. } => Some(workloads),
+            Source::Kubernetes(_) => None,
+        }
+    }
+
+    fn policy_dir(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Files { policies, .. } => policies.as_deref(),
+            Source::Kubernetes(_) => None,
+        }
+    }
 }
 
 /// A pod this agent has enrolled: its namespace and the tasks serving its listeners.
@@ -90,12 +118,24 @@ struct Agent {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let initial = WorkloadSet::load(&cfg.workloads, &cfg.node)
-        .with_context(|| format!("loading {}", cfg.workloads.display()))?;
+    let initial = match cfg.workloads_file() {
+        Some(file) => WorkloadSet::load(file, &cfg.node)
+            .with_context(|| format!("loading {}", file.display()))?,
+        // Nothing is enrolled (nor released) before the first full sync.
+        None => WorkloadSet::default(),
+    };
     identity::validate_trust_domain(&cfg.trust_domain)?;
-    let policies = match &cfg.policies {
+    let policies = match cfg.policy_dir() {
         Some(dir) => load_policies(dir, &cfg.root_namespace)?,
         None => PolicySet::empty(),
+    };
+    let feed = match &cfg.source {
+        Source::Kubernetes(k) => {
+            let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
+            info!(node = %cfg.node, "Kubernetes mode: watching the API server");
+            Some(kubernetes::start(client, &cfg.root_namespace))
+        }
+        Source::Files { .. } => None,
     };
     let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
     let certs = Arc::new(CertStore::new());
@@ -142,7 +182,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
     };
-    agent.reconcile(true);
+    if feed.is_none() {
+        agent.reconcile(true);
+    } else {
+        agent.readiness.set(false, "waiting for the first sync with the API server".into());
+    }
 
     let admin_listener = bind_shared(cfg.admin)
         .with_context(|| format!("binding the admin API on {}", cfg.admin))?;
@@ -177,8 +221,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     tokio::spawn(return_freed_memory(agent.mesh.clone()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut watcher = Watch::new(&cfg.workloads);
-    let mut policy_watch = cfg.policies.as_deref().map(Watch::new);
+    let mut watcher = cfg.workloads_file().map(Watch::new);
+    let mut policy_watch = cfg.policy_dir().map(Watch::new);
+    let mut snapshots = feed.as_ref().map(kubernetes::Feed::subscribe);
+    let mut synced = false;
+    let mut next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     let mut last_sweep = tokio::time::Instant::now();
     loop {
@@ -191,12 +238,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         tracing::debug!(records = swept, "swept original destinations of connect()s that never completed");
                     }
                 }
-                if watcher.changed() {
+                if watcher.as_mut().is_some_and(Watch::changed) {
                     agent.reload();
                 }
                 if policy_watch.as_mut().is_some_and(Watch::changed) {
                     agent.reload_policies();
                 }
+                if synced && tokio::time::Instant::now() >= next_retry {
+                    next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
+                    agent.retry_enrollment();
+                }
+            }
+            Some(snapshot) = next_snapshot(&mut snapshots) => {
+                agent.apply_snapshot(&snapshot, !synced);
+                synced = true;
             }
             _ = sigterm.recv() => { info!("SIGTERM: handing over (programs stay pinned)"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: handing over (programs stay pinned)"); break; }
@@ -222,6 +277,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         info!("drained; exiting");
     }
     Ok(())
+}
+
+/// The next complete state from the API server; never resolves in file mode.
+async fn next_snapshot(
+    rx: &mut Option<watch::Receiver<Option<Arc<kubernetes::Snapshot>>>>,
+) -> Option<Arc<kubernetes::Snapshot>> {
+    let Some(rx) = rx else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            // The watchers are gone; keep serving the last state.
+            return std::future::pending().await;
+        }
+        if let Some(s) = rx.borrow_and_update().clone() {
+            return Some(s);
+        }
+    }
 }
 
 /// After a burst of connections, hands the memory they used back to the OS: glibc keeps freed
@@ -251,8 +322,34 @@ fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Agent {
+    /// Takes a complete state from the API server. The first one also releases what a
+    /// previous instance left enrolled for pods that are gone.
+    fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
+        let workloads_changed = **self.workloads_tx.borrow() != s.workloads;
+        let policies_changed = **self.policies_tx.borrow() != s.policies;
+        if !first && !workloads_changed && !policies_changed {
+            return;
+        }
+        if policies_changed {
+            info!(policies = s.policies.len(), "policies changed");
+        }
+        self.workloads_tx.send_replace(Arc::new(s.workloads.clone()));
+        self.policies_tx.send_replace(Arc::new(s.policies.clone()));
+        self.reconcile(first);
+        self.apply_policies();
+    }
+
+    /// Enrolls the node's pods whose enrollment failed before.
+    fn retry_enrollment(&mut self) {
+        let node = self.cfg.node.clone();
+        let ws = self.workloads_tx.borrow().clone();
+        if ws.on_node(&node).any(|w| !self.pods.contains_key(&w.key())) {
+            self.reconcile(false);
+        }
+    }
+
     fn reload_policies(&mut self) {
-        let Some(dir) = self.cfg.policies.clone() else { return };
+        let Some(dir) = self.cfg.policy_dir().map(Path::to_path_buf) else { return };
         match load_policies(&dir, &self.cfg.root_namespace) {
             Ok(ps) => {
                 info!(dir = %dir.display(), policies = ps.len(), "policies changed");
@@ -308,9 +405,10 @@ impl Agent {
     }
 
     fn reload(&mut self) {
-        match WorkloadSet::load(&self.cfg.workloads, &self.cfg.node) {
+        let Some(file) = self.cfg.workloads_file().map(Path::to_path_buf) else { return };
+        match WorkloadSet::load(&file, &self.cfg.node) {
             Ok(ws) => {
-                info!(file = %self.cfg.workloads.display(), "workloads changed");
+                info!(file = %file.display(), "workloads changed");
                 self.workloads_tx.send_replace(Arc::new(ws));
                 self.reconcile(false);
                 self.apply_policies();
@@ -388,8 +486,11 @@ impl Agent {
     }
 
     fn enroll(&mut self, w: &Workload) -> anyhow::Result<EnrolledPod> {
-        let path = w.netns.as_deref().context("no netns for this pod")?;
-        let netns = PodNetns::open(path)?;
+        let netns = match (&w.netns, &w.uid, &self.cfg.source) {
+            (Some(path), _, _) => PodNetns::open(path)?,
+            (None, Some(uid), Source::Kubernetes(k)) => k.cgroups.open_netns(uid)?,
+            _ => anyhow::bail!("no netns for this pod"),
+        };
         // Queued connections of a closing listener move to the next instance's (handover).
         if let Err(e) = netns.enable_listener_migration() {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");

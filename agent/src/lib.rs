@@ -12,6 +12,7 @@ pub mod capture;
 pub mod cli;
 pub mod identity;
 pub mod inpod;
+pub mod kubernetes;
 pub mod policy;
 pub mod tunnel;
 pub mod workloads;

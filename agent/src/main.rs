@@ -3,11 +3,11 @@ use std::{io::IsTerminal, sync::Arc};
 use clap::Parser;
 use mtls_agent::{
     admin::{self, SetLogLevel},
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, Source},
     capture,
     cli::{default_bpffs, CaCommand, Cli, Command, LogFormat, PolicyCommand},
     cli::{render, Output},
-    identity, policy, workloads,
+    identity, kubernetes, policy, workloads,
 };
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
@@ -38,16 +38,22 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
+            let source = match args.workloads {
+                Some(workloads) => Source::Files { workloads, policies: args.policies },
+                None => Source::Kubernetes(kubernetes::Settings {
+                    kubeconfig: args.kubeconfig,
+                    cgroups: kubernetes::PodCgroups::new(args.cgroup_root, args.proc_root),
+                }),
+            };
             let cfg = AgentConfig {
                 bpffs: args.bpffs.unwrap_or_else(|| default_bpffs(&args.node)),
                 node: args.node,
                 cgroup: args.cgroup,
-                workloads: args.workloads,
+                source,
                 admin: args.admin,
                 ca_dir: args.ca_dir,
                 trust_domain: args.trust_domain,
                 cert_ttl: args.cert_ttl,
-                policies: args.policies,
                 root_namespace: args.root_namespace,
                 node_ip: args.node_ip,
                 metrics: args.metrics,

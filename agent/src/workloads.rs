@@ -55,6 +55,10 @@ pub struct Workload {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
     pub probe_ports: Vec<u16>,
+    /// The Pod's `metadata.uid` (Kubernetes mode): finds its netns through its cgroup when
+    /// there is no `netns`, and tells a recreated pod of the same name from the old one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// One port of a service.
@@ -424,6 +428,7 @@ fn convert(raw: RawFile, loc: &Locator<'_>) -> Result<WorkloadSet, WorkloadsErro
             node: required(w.node, loc, &path, "node")?.0,
             netns: w.netns.map(|n| n.0),
             probe_ports: w.probe_ports.unwrap_or_default().into_iter().map(|p| p.0).collect(),
+            uid: None,
         });
     }
     let mut services = Vec::new();
@@ -667,6 +672,7 @@ services:
                 node: "node1".into(),
                 netns: Some(PathBuf::from("/var/run/netns/frontend")),
                 probe_ports: vec![8080],
+                uid: None,
             }
         );
         assert_eq!(

@@ -167,7 +167,8 @@ impl Drop for CaDir {
 /// Options for starting an agent for one node of a test bed.
 pub struct AgentOptions {
     pub node: String,
-    pub workloads: PathBuf,
+    /// `None`: Kubernetes mode (`extra_args` say where the API server is).
+    pub workloads: Option<PathBuf>,
     /// The CA to sign with; `None` makes a fresh one for this agent alone.
     pub ca_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
@@ -177,9 +178,24 @@ impl AgentOptions {
     pub fn new(node: &str, workloads: &Path) -> AgentOptions {
         AgentOptions {
             node: node.into(),
-            workloads: workloads.to_owned(),
+            workloads: Some(workloads.to_owned()),
             ca_dir: None,
             extra_args: vec![],
+        }
+    }
+
+    /// Kubernetes mode: the API server from `kubeconfig`, pods' cgroups under `cgroup_root`.
+    pub fn kubernetes(node: &str, kubeconfig: &Path, cgroup_root: &Path) -> AgentOptions {
+        AgentOptions {
+            node: node.into(),
+            workloads: None,
+            ca_dir: None,
+            extra_args: vec![
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--cgroup-root".into(),
+                cgroup_root.display().to_string(),
+            ],
         }
     }
 }
@@ -221,8 +237,6 @@ impl AgentProcess {
             opts.node.clone(),
             "--cgroup".into(),
             node.cgroup.display().to_string(),
-            "--workloads".into(),
-            opts.workloads.display().to_string(),
             "--bpffs".into(),
             bpffs.display().to_string(),
             "--admin".into(),
@@ -234,6 +248,9 @@ impl AgentProcess {
             "--health".into(),
             health.to_string(),
         ];
+        if let Some(w) = &opts.workloads {
+            cmd.extend(["--workloads".into(), w.display().to_string()]);
+        }
         cmd.extend(opts.extra_args.iter().cloned());
         let mut agent = AgentProcess {
             child: None,

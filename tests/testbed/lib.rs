@@ -28,6 +28,7 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
 mod capture;
 mod cgroup;
 pub mod mesh;
@@ -266,6 +267,9 @@ struct Member {
     procs: Mutex<Vec<Arc<ProcShared>>>,
     netns: NetnsFile,
     cgroup: Option<CgroupDir>,
+    /// Directories made inside `cgroup` for pods placed deeper (the kubelet's layouts), in
+    /// the order they were made.
+    nested: Vec<CgroupDir>,
     /// Our end of the veth, in the fabric netns.
     fabric_veth: String,
 }
@@ -288,6 +292,10 @@ impl Member {
         let mut errors = Errors::default();
         for proc in self.procs().drain(..) {
             errors.note(proc.kill_and_reap());
+        }
+        // Deepest first: each was made after its parent.
+        for mut dir in self.nested.drain(..).rev() {
+            errors.note(dir.remove());
         }
         if let Some(cgroup) = self.cgroup.as_mut() {
             errors.note(cgroup.remove());
@@ -478,8 +486,13 @@ impl Testbed {
             netns: netns.path().to_owned(),
             ip,
         };
-        let member =
-            Member { procs: Mutex::new(Vec::new()), netns, cgroup: Some(cgroup), fabric_veth };
+        let member = Member {
+            procs: Mutex::new(Vec::new()),
+            netns,
+            cgroup: Some(cgroup),
+            nested: Vec::new(),
+            fabric_veth,
+        };
         self.nodes.insert(name.to_owned(), NodeEntry { node: node.clone(), member });
         Ok(node)
     }
@@ -487,15 +500,35 @@ impl Testbed {
     /// Adds a pod on `node`: cgroup `<node cgroup>/<name>` and a pod netns
     /// whose `eth0` gets the next free IP of the subnet.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Result<Pod> {
+        self.add_pod_in_cgroup(node, name, Path::new(name))
+    }
+
+    /// Like [`Testbed::add_pod`], but the pod's processes go to the cgroup `<node cgroup>/<rel>`,
+    /// e.g. the kubelet's `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`.
+    /// Directories missing on the way are made and belong to the node (removed after its pods).
+    pub fn add_pod_in_cgroup(&mut self, node: &str, name: &str, rel: &Path) -> Result<Pod> {
         validate_name("pod", name)?;
         ensure!(!self.pods.contains_key(name), "pod {name:?} exists");
-        let node_cgroup = self
+        ensure!(
+            rel.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+            "pod cgroup {} must be a plain relative path",
+            rel.display()
+        );
+        let node_entry = self
             .nodes
-            .get(node)
-            .map(|n| n.node.cgroup.clone())
+            .get_mut(node)
             .with_context(|| format!("add pod {name}: no node {node:?}"))?;
+        let node_cgroup = node_entry.node.cgroup.clone();
+        let mut dir = node_cgroup.clone();
+        let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+        for c in parents {
+            dir.push(c);
+            if !dir.is_dir() {
+                node_entry.member.nested.push(CgroupDir::create(dir.clone())?);
+            }
+        }
         let ip = self.alloc_ip()?;
-        let cgroup = CgroupDir::create(node_cgroup.join(name))?;
+        let cgroup = CgroupDir::create(node_cgroup.join(rel))?;
         let (netns, fabric_veth) =
             self.plug("pod", name, ip).with_context(|| format!("add pod {name}"))?;
         let pod = Pod {
@@ -505,8 +538,13 @@ impl Testbed {
             netns: netns.path().to_owned(),
             cgroup: cgroup.path().to_owned(),
         };
-        let member =
-            Member { procs: Mutex::new(Vec::new()), netns, cgroup: Some(cgroup), fabric_veth };
+        let member = Member {
+            procs: Mutex::new(Vec::new()),
+            netns,
+            cgroup: Some(cgroup),
+            nested: Vec::new(),
+            fabric_veth,
+        };
         self.pods.insert(name.to_owned(), PodEntry { pod: pod.clone(), member });
         Ok(pod)
     }

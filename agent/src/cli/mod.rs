@@ -122,15 +122,27 @@ pub enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// This node's name: only pods with this `node` are enrolled.
-    #[arg(long)]
+    /// This node's name: only pods with this `node` (Kubernetes: `spec.nodeName`) are enrolled.
+    #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// cgroup v2 directory that holds the node's pods (the capture programs attach here).
     #[arg(long)]
     pub cgroup: PathBuf,
-    /// Local workloads file (pods and services), watched for changes.
+    /// Local workloads file (pods and services), watched for changes. Without it the agent
+    /// runs in Kubernetes mode: pods, services and policies come from the API server.
     #[arg(long)]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
+    /// Kubernetes mode: kubeconfig file for the API server (default: the in-cluster service
+    /// account, else `KUBECONFIG` or ~/.kube/config).
+    #[arg(long, conflicts_with = "workloads")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the cgroup v2 root under which the kubelet's `kubepods` cgroups are;
+    /// a pod's network namespace is found through a process in its cgroup.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Kubernetes mode: the node's /proc (the agent runs with the host's PID namespace).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
@@ -151,8 +163,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Directory of mTLS policies (PeerAuthentication, v1alpha1 Policy/MeshPolicy YAML),
-    /// watched for changes. Without it every pod is PERMISSIVE.
-    #[arg(long)]
+    /// watched for changes. Without it every pod is PERMISSIVE. Only with `--workloads`: in
+    /// Kubernetes mode policies come from the API server.
+    #[arg(long, requires = "workloads")]
     pub policies: Option<PathBuf>,
     /// Root namespace: a PeerAuthentication there without a selector is mesh-wide.
     #[arg(long, default_value = "istio-system")]
@@ -177,4 +190,41 @@ pub struct RunArgs {
 /// The default bpffs directory of a node.
 pub fn default_bpffs(node: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/mtls-agent").join(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = ["mtls-agent", "run", "--node", "n1", "--cgroup", "/cg", "--ca-dir", "/ca"];
+        let argv = base.iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_workloads_the_agent_runs_in_kubernetes_mode() {
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.workloads, None);
+        assert_eq!(a.kubeconfig, None);
+        assert_eq!(a.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(a.proc_root, PathBuf::from("/proc"));
+        let a = run_args(&["--kubeconfig", "/k", "--cgroup-root", "/r", "--proc-root", "/p"]);
+        let a = a.unwrap();
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!((a.cgroup_root.to_str(), a.proc_root.to_str()), (Some("/r"), Some("/p")));
+    }
+
+    #[test]
+    fn file_mode_and_kubernetes_mode_flags_do_not_mix() {
+        let e = run_args(&["--policies", "/p"]).unwrap_err();
+        assert!(e.to_string().contains("--workloads"), "{e}");
+        let e = run_args(&["--workloads", "/w", "--kubeconfig", "/k"]).unwrap_err();
+        assert!(e.to_string().contains("--kubeconfig"), "{e}");
+        let a = run_args(&["--workloads", "/w", "--policies", "/p"]).unwrap();
+        assert_eq!(a.policies, Some(PathBuf::from("/p")));
+    }
 }

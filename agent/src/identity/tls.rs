@@ -32,10 +32,16 @@ use super::IdentityError;
 pub const ALPN_H2: &[u8] = b"h2";
 
 /// The ring provider, built once. aws-lc is never linked: the provider is chosen explicitly
-/// rather than through rustls' process-wide default.
+/// rather than through rustls' process-wide default. Only its TLS 1.3 suites: another crate in
+/// the build (the Kubernetes client) turns on rustls' `tls12` feature, and a ClientHello must
+/// not offer TLS 1.2 suites.
 fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
+    Arc::clone(PROVIDER.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13);
+        Arc::new(p)
+    }))
 }
 
 /// The roots a peer's chain must lead to. Holds several roots during a root rotation.

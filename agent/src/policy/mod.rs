@@ -456,6 +456,29 @@ impl PolicySet {
         Ok((set, warnings))
     }
 
+    /// Builds a set from separate objects, each one document with its own origin (the API
+    /// server's objects): an invalid object is left out and its error returned, and the
+    /// others stay in force.
+    pub fn from_documents<'a>(
+        docs: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    ) -> (PolicySet, Vec<Warning>, Vec<PolicyError>) {
+        let mut builder = parse::Builder::default();
+        let mut errors = Vec::new();
+        for (src, origin) in docs {
+            // Checked alone first, so a rejected object leaves nothing behind in the set.
+            if let Err(e) = parse::Builder::default().add_file(src, origin) {
+                errors.push(e);
+                continue;
+            }
+            if let Err(e) = builder.add_file(src, origin) {
+                errors.push(e);
+            }
+        }
+        let set = builder.finish();
+        let warnings = set.warnings();
+        (set, warnings, errors)
+    }
+
     /// Sets the root namespace (MeshConfig `rootNamespace`): its
     /// PeerAuthentications without selector are mesh-wide.
     pub fn with_root_namespace(mut self, ns: &str) -> Self {

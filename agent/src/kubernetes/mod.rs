@@ -1,0 +1,45 @@
+//! Kubernetes mode: pods, services and policies come from the API server instead of
+//! `workloads.yaml` and the policy directory, and a pod's network namespace is found through
+//! its cgroup.
+
+pub mod convert;
+pub mod netns;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+
+pub use netns::{NetnsError, PodCgroups};
+pub use watch::{start, Feed, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error("no Kubernetes configuration (in-cluster, KUBECONFIG or ~/.kube/config): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Where Kubernetes mode gets its facts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A kubeconfig file; without it, the in-cluster service account (or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    pub cgroups: PodCgroups,
+}
+
+/// A client for the API server: from `kubeconfig` if given, else inferred.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| KubeError::Kubeconfig { path: path.to_owned(), source };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(err)?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

@@ -1,0 +1,419 @@
+//! Watches on the API server and the state built from them.
+//!
+//! One task per kind keeps a cache of that kind's objects. A list (the first, or a relist
+//! after a lost watch or `410 Gone`) is buffered and replaces the cache only once complete,
+//! so a relist never shows a partial or empty cluster and never releases enrolled pods. A
+//! builder task turns the caches into a [`Snapshot`] once every kind has been listed, and
+//! again after each change (debounced).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt::Debug,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service as KubeService},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    core::{ApiResource, DynamicObject},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+use tracing::{debug, error, info, warn};
+
+use super::convert;
+use crate::{
+    policy::PolicySet,
+    workloads::{Workload, WorkloadSet},
+};
+
+/// Changes arriving together (a rollout, a relist) are built into one snapshot.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the agent learns from the API server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Every running, non-host-network pod of the cluster (remote ones give destinations their
+    /// identities) and the services.
+    pub workloads: WorkloadSet,
+    pub policies: PolicySet,
+    /// Objects left out, each named with the reason.
+    pub rejected: Vec<String>,
+}
+
+/// The Istio policy kinds, watched as dynamic objects.
+fn policy_kinds() -> [ApiResource; 4] {
+    let ar = |group: &str, version: &str, kind: &str, plural: &str| ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    [
+        // v1 first: the same object served at both versions counts once, as v1.
+        ar("security.istio.io", "v1", "PeerAuthentication", "peerauthentications"),
+        ar("security.istio.io", "v1beta1", "PeerAuthentication", "peerauthentications"),
+        ar("authentication.istio.io", "v1alpha1", "Policy", "policies"),
+        ar("authentication.istio.io", "v1alpha1", "MeshPolicy", "meshpolicies"),
+    ]
+}
+
+/// The API groups and resources the watchers read: what the agent's ClusterRole must grant.
+pub fn watched_resources() -> Vec<(String, String)> {
+    let mut v = vec![
+        (String::new(), "pods".to_owned()),
+        (String::new(), "services".to_owned()),
+        ("discovery.k8s.io".to_owned(), "endpointslices".to_owned()),
+    ];
+    v.extend(policy_kinds().into_iter().map(|ar| (ar.group, ar.plural)));
+    v.dedup();
+    v
+}
+
+type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
+/// `None` until the kind's first list is complete.
+type Slot<K> = watch::Receiver<Option<Objects<K>>>;
+
+/// The running watchers; dropping it stops them.
+pub struct Feed {
+    rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Feed {
+    /// Snapshots: `None` until every kind has been listed once.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.rx.clone()
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts watching pods, services, EndpointSlices and the policy kinds.
+pub fn start(client: Client, root_namespace: &str) -> Feed {
+    let notify = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
+    tasks.push(t);
+    let (services, t) =
+        spawn_watch(Api::<KubeService>::all(client.clone()), "services", false, &notify);
+    tasks.push(t);
+    let (slices, t) =
+        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", false, &notify);
+    tasks.push(t);
+    let mut policies = Vec::new();
+    for ar in policy_kinds() {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        let what = format!("{}.{}/{}", ar.plural, ar.group, ar.version);
+        // Istio's kinds may not be installed (or the legacy ones no longer served).
+        let (rx, t) = spawn_watch(api, what, true, &notify);
+        tasks.push(t);
+        policies.push((ar, rx));
+    }
+    let (tx, rx) = watch::channel(None);
+    let inputs = Inputs { pods, services, slices, policies };
+    tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root_namespace.to_owned())));
+    Feed { rx, tasks }
+}
+
+/// A kind's objects by `namespace/name`, with a list in progress kept apart.
+struct Cache<K> {
+    live: BTreeMap<String, Arc<K>>,
+    relisting: Option<BTreeMap<String, Arc<K>>>,
+}
+
+impl<K: Resource> Cache<K> {
+    fn new() -> Self {
+        Cache { live: BTreeMap::new(), relisting: None }
+    }
+
+    fn key(o: &K) -> String {
+        format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any())
+    }
+
+    /// Applies an event; true when the complete state changed.
+    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                let key = Self::key(&o);
+                self.relisting.get_or_insert_with(BTreeMap::new).insert(key, Arc::new(o));
+                false
+            }
+            watcher::Event::InitDone => {
+                self.live = self.relisting.take().unwrap_or_default();
+                true
+            }
+            watcher::Event::Apply(o) => {
+                self.live.insert(Self::key(&o), Arc::new(o));
+                true
+            }
+            watcher::Event::Delete(o) => {
+                self.live.remove(&Self::key(&o));
+                true
+            }
+        }
+    }
+}
+
+/// Whether the API server does not serve the kind, or we may not read it.
+fn unavailable(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(r)) => matches!(r.code, 403 | 404),
+        _ => false,
+    }
+}
+
+fn spawn_watch<K>(
+    api: Api<K>,
+    what: impl Into<String>,
+    optional: bool,
+    notify: &Arc<Notify>,
+) -> (Slot<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let what = what.into();
+    let (tx, rx) = watch::channel(None);
+    let notify = notify.clone();
+    let task = tokio::spawn(async move {
+        let mut cache = Cache::new();
+        // The watcher relists by itself after a lost watch; the backoff paces the retries.
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            // Not read, and often the bulk of an object: kept out of the caches.
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let mut events = std::pin::pin!(events);
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(event) => {
+                    if cache.apply(event) {
+                        tx.send_replace(Some(Arc::new(cache.live.clone())));
+                        notify.notify_one();
+                    }
+                }
+                Err(e) if optional && unavailable(&e) => {
+                    if tx.borrow().as_ref().is_none_or(|o| !o.is_empty()) {
+                        info!(resource = %what, "not served or not readable, taken as empty: {e}");
+                        cache.live.clear();
+                        tx.send_replace(Some(Arc::new(BTreeMap::new())));
+                        notify.notify_one();
+                    }
+                }
+                // Keep the last complete state; the watcher retries.
+                Err(e) => warn!(resource = %what, "watch: {e}; retrying"),
+            }
+        }
+    });
+    (rx, task)
+}
+
+struct Inputs {
+    pods: Slot<Pod>,
+    services: Slot<KubeService>,
+    slices: Slot<EndpointSlice>,
+    policies: Vec<(ApiResource, Slot<DynamicObject>)>,
+}
+
+/// Every kind's objects, once each has been listed.
+struct State {
+    pods: Objects<Pod>,
+    services: Objects<KubeService>,
+    slices: Objects<EndpointSlice>,
+    policies: Vec<(ApiResource, Objects<DynamicObject>)>,
+}
+
+impl Inputs {
+    fn state(&self) -> Option<State> {
+        let mut policies = Vec::new();
+        for (ar, rx) in &self.policies {
+            policies.push((ar.clone(), rx.borrow().clone()?));
+        }
+        Some(State {
+            pods: self.pods.borrow().clone()?,
+            services: self.services.borrow().clone()?,
+            slices: self.slices.borrow().clone()?,
+            policies,
+        })
+    }
+}
+
+async fn build_loop(
+    inputs: Inputs,
+    notify: Arc<Notify>,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    root_namespace: String,
+) {
+    let mut reported = HashSet::new();
+    loop {
+        notify.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+        let Some(state) = inputs.state() else { continue };
+        let snapshot = build(&state, &root_namespace);
+        // Each rejection is logged once while it lasts, not on every rebuild.
+        let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
+        for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
+            error!("rejected, left out: {r}");
+        }
+        reported = now;
+        let first = tx.borrow().is_none();
+        if first {
+            info!(
+                pods = snapshot.workloads.workloads.len(),
+                services = snapshot.workloads.services.len(),
+                policies = snapshot.policies.len(),
+                "synced with the API server"
+            );
+        }
+        if tx.borrow().as_deref() != Some(&snapshot) {
+            tx.send_replace(Some(Arc::new(snapshot)));
+        }
+    }
+}
+
+fn build(state: &State, root_namespace: &str) -> Snapshot {
+    let mut rejected = Vec::new();
+    let mut workloads: Vec<Workload> = Vec::new();
+    let mut ips = HashMap::new();
+    for pod in state.pods.values() {
+        match convert::workload(pod) {
+            Ok(Some(w)) => {
+                // Two running pods with one IP: the first (by name) keeps it.
+                if let Some(first) = ips.get(&w.ip) {
+                    rejected.push(format!(
+                        "Pod {}/{}: IP {} is already pod {first}'s",
+                        w.namespace, w.name, w.ip
+                    ));
+                    continue;
+                }
+                ips.insert(w.ip, format!("{}/{}", w.namespace, w.name));
+                workloads.push(w);
+            }
+            Ok(None) => {}
+            Err(e) => rejected.push(e.to_string()),
+        }
+    }
+    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in state.slices.values() {
+        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+            slices.entry((s.namespace().unwrap_or_default(), svc.clone())).or_default().push(s);
+        }
+    }
+    let mut pods_by_ns: HashMap<String, Vec<&Pod>> = HashMap::new();
+    for p in state.pods.values() {
+        pods_by_ns.entry(p.namespace().unwrap_or_default()).or_default().push(p);
+    }
+    let mut services = Vec::new();
+    for svc in state.services.values() {
+        let ns = svc.namespace().unwrap_or_default();
+        let key = (ns.clone(), svc.name_any());
+        let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let pods = pods_by_ns.get(&ns).map(Vec::as_slice).unwrap_or_default();
+        match convert::service(svc, svc_slices, pods) {
+            Ok(s) => services.push(s),
+            Err(e) => rejected.push(e.to_string()),
+        }
+    }
+
+    let mut docs = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (ar, objects) in &state.policies {
+        for (key, obj) in objects.iter() {
+            // PeerAuthentication is listed at v1 and v1beta1: one object, counted once.
+            if !seen.insert((ar.kind.clone(), key.clone())) {
+                continue;
+            }
+            match convert::policy_document(obj, ar) {
+                Ok(doc) => docs.push(doc),
+                Err(e) => rejected.push(e.to_string()),
+            }
+        }
+    }
+    let (policies, warnings, errors) = PolicySet::from_documents(
+        docs.iter().map(|(src, origin)| (src.as_str(), origin.as_path())),
+    );
+    for w in warnings {
+        debug!("{w}");
+    }
+    rejected.extend(errors.iter().map(ToString::to_string));
+    Snapshot {
+        workloads: WorkloadSet { workloads, services },
+        policies: policies.with_root_namespace(root_namespace),
+        rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("u-{name}")},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn keys(c: &Cache<Pod>) -> Vec<&str> {
+        c.live.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_state_only_once_complete() {
+        let mut c = Cache::new();
+        assert!(!c.apply(watcher::Event::Init));
+        assert!(!c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1"))));
+        assert!(!c.apply(watcher::Event::InitApply(pod("b", "10.0.0.2"))));
+        assert!(keys(&c).is_empty());
+        assert!(c.apply(watcher::Event::InitDone));
+        assert_eq!(keys(&c), ["ns/a", "ns/b"]);
+        // A relist in progress leaves the last complete state in place.
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        assert_eq!(keys(&c), ["ns/a", "ns/b"]);
+        assert!(c.apply(watcher::Event::InitDone));
+        assert_eq!(keys(&c), ["ns/a"]);
+        assert!(c.apply(watcher::Event::Delete(pod("a", "10.0.0.1"))));
+        assert!(keys(&c).is_empty());
+    }
+
+    #[test]
+    fn a_second_running_pod_with_the_same_ip_is_rejected_by_name() {
+        let objects = |pods: Vec<Pod>| {
+            Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
+        };
+        let state = State {
+            pods: objects(vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.1")]),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        let s = build(&state, "istio-system");
+        let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
+        assert_eq!(keys, ["a.ns"]);
+        assert_eq!(s.rejected, ["Pod ns/b: IP 10.0.0.1 is already pod ns/a's"]);
+    }
+}

@@ -1,0 +1,311 @@
+//! A scripted stand-in for the Kubernetes API server, for the agent's Kubernetes mode.
+//!
+//! There is no API server on this machine (nor a cluster to reach), so this mock answers the
+//! two requests the agent's watchers make, from state the test sets: a **list** of a
+//! collection (`GET <path>`, one page) and a **watch** (`GET <path>?watch=true&resourceVersion=R`,
+//! newline-delimited JSON events: every change after `R`, then live ones). The test changes
+//! objects ([`ApiServer::apply`], [`ApiServer::delete`]) and breaks watches the ways a real
+//! server does: the stream ends ([`ApiServer::end_watches`]) or the resource version expires
+//! (`410 Gone`, [`ApiServer::expire`]). Lists can be held back ([`ApiServer::hold_lists`]) to
+//! look at the agent in the middle of a relist. Collections not registered with
+//! [`ApiServer::serve`] answer 404, like a kind whose CRD is not installed.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{channel::Channel, BodyExt, Full};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Collection paths of the kinds the agent watches.
+pub const PODS: &str = "/api/v1/pods";
+pub const SERVICES: &str = "/api/v1/services";
+pub const ENDPOINTSLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub const PEERAUTHENTICATIONS_V1: &str = "/apis/security.istio.io/v1/peerauthentications";
+pub const PEERAUTHENTICATIONS_V1BETA1: &str = "/apis/security.istio.io/v1beta1/peerauthentications";
+pub const POLICIES: &str = "/apis/authentication.istio.io/v1alpha1/policies";
+pub const MESHPOLICIES: &str = "/apis/authentication.istio.io/v1alpha1/meshpolicies";
+
+#[derive(Default)]
+struct Collection {
+    objects: BTreeMap<String, Value>,
+    /// (resourceVersion, event type, object) of every change.
+    log: Vec<(u64, &'static str, Value)>,
+    /// Watches from before this version get `410 Gone`.
+    expired_before: u64,
+    lists: usize,
+    watches: Vec<mpsc::UnboundedSender<Bytes>>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    collections: BTreeMap<String, Collection>,
+    hold_lists: bool,
+}
+
+/// The mock server; it stops when dropped.
+pub struct ApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on 127.0.0.1 (an ephemeral port), serving from its own thread.
+    pub fn start() -> Result<ApiServer> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("bind mock API server")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("mock-apiserver".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return eprintln!("mock API server: runtime: {e}"),
+                };
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                    tokio::select! {
+                        _ = accept_loop(listener, shared) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .context("spawn mock API server thread")?;
+        Ok(ApiServer { addr, state, stop: Some(stop), thread: Some(thread) })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig that points at this server (no credentials).
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: {}\n\
+             users:\n- name: mock\n  user: {{}}\ncontexts:\n- name: mock\n  context:\n    \
+             cluster: mock\n    user: mock\ncurrent-context: mock\n",
+            self.url()
+        );
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `path` (an empty collection to start with).
+    pub fn serve(&self, path: &str) {
+        self.lock().collections.entry(path.to_owned()).or_default();
+    }
+
+    /// Creates or replaces an object (by namespace and name) and tells the watches.
+    pub fn apply(&self, path: &str, mut object: Value) {
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let c = st.collections.entry(path.to_owned()).or_default();
+        let key = key_of(&object);
+        let kind =
+            if c.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        c.log.push((rv, kind, object.clone()));
+        c.broadcast(kind, &object);
+    }
+
+    /// Deletes an object and tells the watches; false if there was none.
+    pub fn delete(&self, path: &str, namespace: Option<&str>, name: &str) -> bool {
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let c = st.collections.entry(path.to_owned()).or_default();
+        let key = format!("{}/{name}", namespace.unwrap_or_default());
+        let Some(mut object) = c.objects.remove(&key) else { return false };
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        c.log.push((rv, "DELETED", object.clone()));
+        c.broadcast("DELETED", &object);
+        true
+    }
+
+    /// Ends every open watch of `path` (the client re-watches from its last version).
+    pub fn end_watches(&self, path: &str) {
+        if let Some(c) = self.lock().collections.get_mut(path) {
+            c.watches.clear();
+        }
+    }
+
+    /// Expires every version of `path` seen so far: open watches get a `410 Gone` error event
+    /// and end, and re-watching from an old version fails the same way, so the client must
+    /// list again.
+    pub fn expire(&self, path: &str) {
+        let mut st = self.lock();
+        // A list now answers with this version, from which watching works again.
+        let rv = st.rv;
+        if let Some(c) = st.collections.get_mut(path) {
+            c.expired_before = rv;
+            c.log.clear();
+            for w in c.watches.drain(..) {
+                let _ = w.send(gone());
+            }
+        }
+    }
+
+    /// While held, list requests wait (watches are answered).
+    pub fn hold_lists(&self, hold: bool) {
+        self.lock().hold_lists = hold;
+    }
+
+    /// How many list requests of `path` have been answered or are held.
+    pub fn lists(&self, path: &str) -> usize {
+        self.lock().collections.get(path).map_or(0, |c| c.lists)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Collection {
+    fn broadcast(&mut self, kind: &str, object: &Value) {
+        let line = event(kind, object);
+        self.watches.retain(|w| w.send(line.clone()).is_ok());
+    }
+}
+
+fn key_of(object: &Value) -> String {
+    let meta = &object["metadata"];
+    format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    )
+}
+
+fn event(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn gone() -> Bytes {
+    event(
+        "ERROR",
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "too old resource version", "reason": "Expired", "code": 410}),
+    )
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<Mutex<State>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn full(status: u16, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    r.headers_mut()
+        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    full(
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("the server could not find the requested resource ({path})"),
+               "reason": "NotFound", "code": 404}),
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+        let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut st = lock();
+            let Some(c) = st.collections.get_mut(&path) else { return Ok(not_found(&path)) };
+            if from < c.expired_before {
+                let _ = tx.send(gone());
+            } else {
+                for (rv, kind, object) in &c.log {
+                    if *rv > from {
+                        let _ = tx.send(event(kind, object));
+                    }
+                }
+                c.watches.push(tx);
+            }
+        }
+        let (mut body_tx, body) = Channel::<Bytes, Infallible>::new(16);
+        tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if body_tx.send_data(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = Response::new(body.boxed());
+        r.headers_mut()
+            .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+        return Ok(r);
+    }
+    {
+        let mut st = lock();
+        let Some(c) = st.collections.get_mut(&path) else { return Ok(not_found(&path)) };
+        c.lists += 1;
+    }
+    while lock().hold_lists {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let st = lock();
+    let Some(c) = st.collections.get(&path) else { return Ok(not_found(&path)) };
+    let items: Vec<&Value> = c.objects.values().collect();
+    Ok(full(
+        200,
+        json!({"apiVersion": "v1", "kind": "List",
+               "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+    ))
+}
