@@ -68,6 +68,11 @@ fn a_thousand_concurrent_connections_with_churn_and_no_leaks() -> Result<()> {
             &PER_CLIENT.to_string(),
             "--seconds",
             &seconds.to_string(),
+            // A failure is a refused, reset or wrong reply. A slow one is not: on a machine
+            // busy with other work, 1,000 connections at once may queue for seconds, and
+            // speed is the benchmark's business, not this test's.
+            "--timeout-ms",
+            "30000",
         ]);
         runs.push(m.bed.spawn_in_pod(c, cmd)?);
     }
@@ -76,7 +81,7 @@ fn a_thousand_concurrent_connections_with_churn_and_no_leaks() -> Result<()> {
     let peak_fds = agent_fds(pid);
     let mut total = 0u64;
     for (c, run) in clients.iter().zip(runs) {
-        let out = run.wait_with_output(Duration::from_secs(seconds + 60))?;
+        let out = run.wait_with_output(Duration::from_secs(seconds + 90))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             let log = m.agent("node1").log();
