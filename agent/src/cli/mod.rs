@@ -180,7 +180,7 @@ pub struct RunArgs {
     /// Threads that carry connections. Default: 1 on a node with up to 3 CPUs, else 2. One
     /// thread hands no work between threads (on a 2-CPU machine that saves about a quarter of
     /// the context switches per connection); more add throughput on larger nodes.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "MTLS_AGENT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: Option<u16>,
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90s.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
