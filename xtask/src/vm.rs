@@ -911,7 +911,8 @@ fn judge_suites(lines: &[String], o: &mut Outcome) {
             };
             o.passed += count("passed");
             o.failed += count("failed");
-            o.skipped += count("ignored");
+            // Tests left out here (`--skip`) show as filtered out: they are skipped too.
+            o.skipped += count("ignored") + count("filtered out");
             current_had_result = true;
         } else if let Some(name) =
             line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED"))
@@ -1004,13 +1005,15 @@ mod tests {
         let mut lines = Vec::new();
         for s in SUITES {
             lines.push(format!("VMTEST suite-start {s}"));
-            lines.push("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured".into());
+            lines.push(
+                "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 1 filtered out".into(),
+            );
             lines.push(format!("VMTEST suite-end {s} rc=0"));
         }
         let mut o = outcome();
         judge_suites(&lines, &mut o);
         assert!(o.ok, "{}", o.note);
-        assert_eq!((o.passed, o.failed, o.skipped), (9, 0, 3));
+        assert_eq!((o.passed, o.failed, o.skipped), (9, 0, 6));
 
         lines.truncate(lines.len() - 2);
         lines.push("VMTEST suite-end policy rc=137".into());
