@@ -46,6 +46,7 @@ const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_INET6_CONNECT: u32 = 11;
 const ATTACH_SK_LOOKUP: u32 = 36;
 const HELPER_GET_SOCKET_COOKIE: i32 = 46;
+const HELPER_SOCK_OPS_CB_FLAGS_SET: i32 = 59;
 const HELPER_GET_NETNS_COOKIE: i32 = 122;
 
 /// The requirements, oldest first (the order only matters for ties).
@@ -76,6 +77,11 @@ const REQUIREMENTS: &[Requirement] = &[
             load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, None).is_some()
                 && load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, None).is_some()
         },
+    },
+    Requirement {
+        feature: "bpf_sock_ops_cb_flags_set in sock_ops programs (close callbacks)",
+        min: "4.16",
+        present: || load_prog(PROG_SOCK_OPS, 0, Some(HELPER_SOCK_OPS_CB_FLAGS_SET)).is_some(),
     },
     Requirement {
         feature: "bpf_get_socket_cookie in cgroup sock_addr and sock_ops programs",
@@ -174,8 +180,12 @@ struct Insn {
 const fn insn(code: u8, imm: i32) -> Insn {
     Insn { code, regs: 0, off: 0, imm }
 }
+/// `insn` with destination register `dst`.
+const fn insn_dst(code: u8, dst: u8, imm: i32) -> Insn {
+    Insn { code, regs: dst, off: 0, imm }
+}
 const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
-const MOV64_R0_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
 const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
 
 /// `bpf(cmd, attr, size)`: the new file descriptor, or the errno.
@@ -201,15 +211,17 @@ fn ringbuf_supported() -> bool {
     create_map(MAP_RINGBUF, 0, 0, 4096, 0)
 }
 
-/// Loads `r0 = helper(ctx); r0 = 1; exit` (or only the return), which every program type
-/// used here accepts, and keeps it open.
+/// Loads `r2 = 0; r0 = helper(ctx, 0); r0 = 1; exit` (or only the return), which every
+/// program type used here accepts, and keeps it open.
 fn load_prog(prog_type: u32, expected_attach_type: u32, helper: Option<i32>) -> Option<OwnedFd> {
-    let mut insns = Vec::with_capacity(3);
+    let mut insns = Vec::with_capacity(4);
     if let Some(h) = helper {
-        // r1 holds the context on entry: the helpers probed here take it as their argument.
+        // r1 holds the context on entry: the helpers probed here take it as their first
+        // argument, and at most a number (zero will do) as their second.
+        insns.push(insn_dst(MOV64_IMM, 2, 0));
         insns.push(insn(CALL, h));
     }
-    insns.push(insn(MOV64_R0_IMM, 1));
+    insns.push(insn(MOV64_IMM, 1));
     insns.push(insn(EXIT, 0));
     let license = c"GPL";
     let attr = ProgLoadAttr {
@@ -283,6 +295,11 @@ mod tests {
         }
         // Helper 0 (unspec) exists nowhere: the verifier must refuse it.
         assert!(load_prog(PROG_SOCK_OPS, 0, Some(0)).is_none());
+        // A real helper in a program type that may not call it is refused too (sk_lookup has
+        // no netns cookie): the probe tells helpers apart per program type.
+        assert!(
+            load_prog(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, Some(HELPER_GET_NETNS_COOKIE)).is_none()
+        );
     }
 
     #[test]
