@@ -255,10 +255,14 @@ fn so_netns_cookie() -> bool {
         .is_ok()
 }
 
-/// Checks every requirement. Of the missing ones, the one needing the newest kernel is named.
+/// Checks every requirement. Of the missing ones, the one needing the newest kernel is named
+/// (the others are logged at debug level).
 pub fn probe() -> Result<(), MissingFeature> {
-    let missing = REQUIREMENTS.iter().filter(|r| !(r.present)());
-    let worst = missing.fold(None::<&Requirement>, |worst, r| match worst {
+    let missing: Vec<&Requirement> = REQUIREMENTS.iter().filter(|r| !(r.present)()).collect();
+    for r in &missing {
+        tracing::debug!(feature = r.feature, min = r.min, "kernel feature missing");
+    }
+    let worst = missing.into_iter().fold(None::<&Requirement>, |worst, r| match worst {
         Some(w) if version(w.min) >= version(r.min) => Some(w),
         _ => Some(r),
     });
