@@ -139,35 +139,60 @@ pub fn run_matrix(opts: &Options) -> Result<Vec<Outcome>> {
 
     let mut outcomes = Vec::new();
     for k in &kernels {
-        let tree = apt.fetch_kernel(k, &cache)?;
-        let initrd = work.join(format!("initrd-{}.cpio", k.abi));
-        let modules = kernel_modules(&tree)?;
-        write_kernel_initramfs(&initrd, &base, &modules, &opts.test_args)?;
-        let log = work.join(format!("console-{}.log", k.abi));
-        let mut outcome = boot(k, &tree.vmlinuz, &initrd, &log, opts)?;
-        // Emulation on a shared machine is slow and uneven: a test that failed alone gets one
-        // more chance in a fresh guest; a kernel problem fails the same way again.
-        if !outcome.ok && !outcome.failed_tests.is_empty() {
-            let names = outcome.failed_tests.join(" ");
-            eprintln!("vm-test: Linux {}: retrying once: {names}", k.version);
-            let mut retry_args = vec!["--exact".to_owned()];
-            retry_args.extend(outcome.failed_tests.iter().cloned());
-            write_kernel_initramfs(&initrd, &base, &modules, &retry_args)?;
-            let log = work.join(format!("console-{}-retry.log", k.abi));
-            let retry = boot(k, &tree.vmlinuz, &initrd, &log, opts)?;
-            if retry.ok && retry.passed == outcome.failed_tests.len() as u64 {
-                outcome.passed += retry.passed;
-                outcome.failed = 0;
-                outcome.ok = true;
-                outcome.note = format!("passed on retry: {names}");
-            } else {
-                outcome.note = format!("{}; failed again on retry", outcome.note);
-            }
-        }
+        // A kernel that cannot be set up fails alone; the others still run.
+        let outcome =
+            test_kernel(k, &apt, &cache, &work, &base, opts).unwrap_or_else(|e| Outcome {
+                spec: k.spec.clone(),
+                version: k.version.clone(),
+                boot: None,
+                tests: None,
+                passed: 0,
+                failed: 0,
+                skipped: 0,
+                ok: false,
+                note: format!("{e:#}"),
+                failed_tests: Vec::new(),
+            });
         println!("{}", outcome.line());
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+fn test_kernel(
+    k: &Kernel,
+    apt: &Apt,
+    cache: &Path,
+    work: &Path,
+    base: &Path,
+    opts: &Options,
+) -> Result<Outcome> {
+    let tree = apt.fetch_kernel(k, cache)?;
+    let initrd = work.join(format!("initrd-{}.cpio", k.abi));
+    let modules = kernel_modules(&tree)?;
+    write_kernel_initramfs(&initrd, base, &modules, &opts.test_args)?;
+    let log = work.join(format!("console-{}.log", k.abi));
+    let mut outcome = boot(k, &tree.vmlinuz, &initrd, &log, opts)?;
+    // Emulation on a shared machine is slow and uneven: a test that failed alone gets one more
+    // chance in a fresh guest; a kernel problem fails the same way again.
+    if !outcome.ok && !outcome.failed_tests.is_empty() {
+        let names = outcome.failed_tests.join(" ");
+        eprintln!("vm-test: Linux {}: retrying once: {names}", k.version);
+        let mut retry_args = vec!["--exact".to_owned()];
+        retry_args.extend(outcome.failed_tests.iter().cloned());
+        write_kernel_initramfs(&initrd, base, &modules, &retry_args)?;
+        let log = work.join(format!("console-{}-retry.log", k.abi));
+        let retry = boot(k, &tree.vmlinuz, &initrd, &log, opts)?;
+        if retry.ok && retry.passed == outcome.failed_tests.len() as u64 {
+            outcome.passed += retry.passed;
+            outcome.failed = 0;
+            outcome.ok = true;
+            outcome.note = format!("passed on retry: {names}");
+        } else {
+            outcome.note = format!("{}; failed again on retry", outcome.note);
+        }
+    }
+    Ok(outcome)
 }
 
 /// `cargo xtask vm-test`: the matrix, failing if any kernel failed.
@@ -1060,12 +1085,23 @@ mod tests {
         assert!(o.ok, "{}", o.note);
         assert_eq!((o.passed, o.failed, o.skipped), (9, 0, 6));
 
+        // One test failed: it may be retried.
+        let mut failing = lines.clone();
+        failing.insert(failing.len() - 1, "test renews_certs ... FAILED".into());
+        failing.insert(failing.len() - 1, "test result: FAILED. 0 passed; 1 failed".into());
+        let mut o = outcome();
+        judge_suites(&failing, &mut o);
+        assert!(!o.ok);
+        assert_eq!(o.failed_tests, ["renews_certs"]);
+
+        // A suite killed before its result line: a failure, and nothing to retry.
         lines.truncate(lines.len() - 2);
         lines.push("VMTEST suite-end policy rc=137".into());
         let mut o = outcome();
         judge_suites(&lines, &mut o);
         assert!(!o.ok);
         assert_eq!(o.failed, 1);
+        assert!(o.failed_tests.is_empty());
     }
 
     #[test]
