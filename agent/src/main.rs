@@ -38,6 +38,8 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
+            // Refuse at once, before reading any configuration, on a kernel we cannot serve.
+            capture::probe::probe()?;
             let source = match args.workloads {
                 Some(workloads) => Source::Files { workloads, policies: args.policies },
                 None => Source::Kubernetes(kubernetes::Settings {

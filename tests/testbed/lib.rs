@@ -81,12 +81,15 @@ const _: () = {
     send_sync::<Capture>();
 };
 
-/// Path of the `e2e-tool` binary, for integration tests of this package
-/// (expands `env!("CARGO_BIN_EXE_e2e-tool")` in the calling test crate).
+/// Path of the `e2e-tool` binary, for integration tests of this package: `$E2E_TOOL` if set (the
+/// test binaries run elsewhere, as in `cargo xtask vm-test`'s guests), else the path cargo built
+/// it at (`env!("CARGO_BIN_EXE_e2e-tool")` in the calling test crate).
 #[macro_export]
 macro_rules! e2e_tool {
     () => {
-        ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_e2e-tool"))
+        ::std::env::var_os("E2E_TOOL")
+            .map(::std::path::PathBuf::from)
+            .unwrap_or_else(|| ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_e2e-tool")))
     };
 }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask build-ebpf | test | vm-test | demo | bench | soak | fuzz`.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,7 +8,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod cpio;
 mod fuzz;
+mod vm;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,9 +24,31 @@ struct Cli {
 enum Task {
     /// Build the eBPF object (installs the nightly rust-src component and bpf-linker if missing).
     BuildEbpf,
-    /// Build everything and run the whole test suite (unit and privileged end-to-end; root).
+    /// Build everything and run the whole test suite (unit and privileged end-to-end; root),
+    /// then the kernel matrix (`vm-test`; skipped with --no-vm or MTLS_SKIP_VM=1).
     Test {
+        /// Skip the kernel matrix.
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test`, after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The end-to-end suites (capture, tunnel, policy) under other kernels, in QEMU (root).
+    VmTest {
+        /// Kernels: `6.1`, `6.12` (newest of a series), `6.x` (newest of a major), or a Debian
+        /// ABI name (`6.12.117+deb13`). Default: 5.10 (must be refused), 6.1, 6.12, 6.x, 7.x.
+        kernels: Vec<String>,
+        /// Bound on each guest, seconds.
+        #[arg(long, default_value_t = vm::Options::default().timeout)]
+        timeout: u64,
+        /// Test threads inside each guest.
+        #[arg(long, default_value_t = vm::Options::default().test_threads)]
+        test_threads: u32,
+        /// Refresh the private Debian package lists even if recent.
+        #[arg(long)]
+        refresh: bool,
+        /// Arguments for each test binary in the guest, after `--` (a name filter, --skip).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -55,7 +79,20 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
-        Task::Test { args } => test(&args),
+        Task::Test { no_vm, args } => {
+            let skip_env = std::env::var("MTLS_SKIP_VM").is_ok_and(|v| !v.is_empty() && v != "0");
+            test(&args, no_vm || skip_env)
+        }
+        Task::VmTest { kernels, timeout, test_threads, refresh, args } => {
+            let defaults = vm::Options::default();
+            vm::run_cli(&vm::Options {
+                kernels: if kernels.is_empty() { defaults.kernels } else { kernels },
+                timeout,
+                test_threads,
+                test_args: args,
+                refresh,
+            })
+        }
         Task::Demo => demo(),
         Task::Bench { args } => bench::run(&args),
         Task::Soak { seconds } => soak(seconds),
@@ -214,7 +251,7 @@ pub(crate) fn build_ebpf() -> Result<()> {
     run(c)
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(extra: &[String], no_vm: bool) -> Result<()> {
     build_ebpf()?;
     run({
         let mut c = cargo(None);
@@ -235,12 +272,54 @@ fn test(extra: &[String]) -> Result<()> {
     let mut c = cargo(None);
     // Every test binary runs even after a failure, so one run shows all that is broken.
     c.args(["test", "--workspace", "--no-fail-fast"]).args(extra);
-    run_tests_with_summary(c)
+    let (mut totals, suite) = run_tests_with_summary(c)?;
+    // The kernel matrix runs after the main suite, even if that failed, and adds its counts.
+    let mut vm_failed = Vec::new();
+    if no_vm {
+        println!("vm-test: skipped (--no-vm or MTLS_SKIP_VM)");
+    } else {
+        match vm::run_matrix(&vm::Options::default()) {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    totals.passed += o.passed;
+                    totals.failed += o.failed;
+                    totals.skipped += o.skipped;
+                    if !o.ok {
+                        vm_failed.push(o.spec.clone());
+                        // A kernel that failed without a failed test still counts as one.
+                        totals.failed += u64::from(o.failed == 0);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("vm-test: {e:#}");
+                totals.failed += 1;
+                vm_failed.push("setup".into());
+            }
+        }
+    }
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.skipped
+    );
+    suite?;
+    if !vm_failed.is_empty() {
+        bail!("vm-test failed on {}", vm_failed.join(", "));
+    }
+    Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and ends with one summary line over all test
-/// binaries (`tests: N passed, N failed, N skipped`), so the total is visible at the end.
-fn run_tests_with_summary(mut c: Command) -> Result<()> {
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and counts the results over all test
+/// binaries, for the summary line (`tests: N passed, N failed, N skipped`) printed at the very
+/// end. The second value is the run's own verdict.
+fn run_tests_with_summary(mut c: Command) -> Result<(Totals, Result<()>)> {
     use std::io::{BufRead, BufReader};
     let shown = format!("{c:?}");
     let mut child = c.stdout(Stdio::piped()).spawn().with_context(|| format!("running {shown}"))?;
@@ -263,11 +342,11 @@ fn run_tests_with_summary(mut c: Command) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    let totals = Totals { passed, failed, skipped: ignored };
     if !status.success() {
-        bail!("{shown} failed: {status}");
+        return Ok((totals, Err(anyhow::anyhow!("{shown} failed: {status}"))));
     }
-    Ok(())
+    Ok((totals, Ok(())))
 }
 
 fn soak(seconds: u64) -> Result<()> {
