@@ -4,8 +4,9 @@
 //! (own sources list, lists, state and archive cache; the machine's apt setup is never read or
 //! changed) and cached, so a second run downloads nothing. Each kernel boots under QEMU with
 //! software emulation and a newc initramfs made here: busybox-static (also from Debian), the
-//! kernel's network modules, the statically linked agent, `e2e-tool` and the end-to-end test
-//! binaries. The guest's /init mounts what the test bed needs, runs the suites and powers off;
+//! kernel's network modules, the agent, `e2e-tool` and the end-to-end test binaries exactly as
+//! the main suite built them (debug info stripped), with the C library and loader they link
+//! against, so the matrix compiles nothing of its own. The guest's /init mounts what the test bed needs, runs the suites and powers off;
 //! the serial console is logged and parsed. A kernel the agent cannot serve must be refused with
 //! the agent's one-line explanation.
 
@@ -136,8 +137,8 @@ pub fn run_matrix(opts: &Options) -> Result<Vec<Outcome>> {
     }
     let busybox = apt.fetch_busybox(&cache)?;
     let started = Instant::now();
-    let bins = build_static()?;
-    eprintln!("vm-test: static binaries ready in {:.0} s", started.elapsed().as_secs_f64());
+    let bins = guest_binaries(&work)?;
+    eprintln!("vm-test: guest binaries ready in {:.0} s", started.elapsed().as_secs_f64());
     let base = work.join("base.cpio");
     write_base_initramfs(&base, &busybox, &bins)?;
 
@@ -525,55 +526,92 @@ fn must_refuse(version: &str) -> bool {
 struct Binaries {
     /// (name in the guest, path on the host).
     files: Vec<(String, PathBuf)>,
+    /// Shared libraries and the dynamic loader the binaries need: (path in the guest, path on
+    /// the host). The guest gets them at the paths the binaries ask for.
+    libs: Vec<(String, PathBuf)>,
 }
 
-/// Builds the agent, `e2e-tool` and the suites' test binaries statically linked, in their own
-/// target directory so the normal build is not invalidated.
-fn build_static() -> Result<Binaries> {
+/// The agent, `e2e-tool` and the suites' test binaries as the main suite built them (same
+/// profile and flags, so after `cargo test --workspace` nothing is compiled again), without
+/// their debug info (the initramfs is loaded into guest memory), plus the C library and loader
+/// they link against.
+fn guest_binaries(work: &Path) -> Result<Binaries> {
     crate::build_ebpf()?;
-    let target = "x86_64-unknown-linux-gnu";
-    let configure = |c: &mut Command| {
-        // With an explicit --target the flags apply to the binaries only, not to build
-        // scripts and proc macros (which cannot be static).
-        c.env("RUSTFLAGS", "-C target-feature=+crt-static")
-            // No debug info and no incremental data: smaller binaries (the initramfs is
-            // loaded into guest memory), a faster build from scratch.
-            .env("CARGO_PROFILE_DEV_DEBUG", "0")
-            .env("CARGO_INCREMENTAL", "0")
-            .args(["--target", target, "--target-dir", "target/vm-build"])
-            .args(["--message-format", "json-render-diagnostics"]);
+    let json = |c: &mut Command| {
+        c.args(["--message-format", "json-render-diagnostics"]);
     };
-    let mut files = Vec::new();
+    let mut found = Vec::new();
     let mut c = cargo(None);
     c.args(["build", "--quiet", "-p", "mtls-agent", "--bin", "mtls-agent"]);
     c.args(["-p", "mtls-agent-e2e", "--bin", "e2e-tool"]);
-    configure(&mut c);
+    json(&mut c);
     for exe in executables(c)? {
         let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        files.push((name, exe));
+        found.push((name, exe));
     }
     let mut c = cargo(None);
     c.args(["test", "--quiet", "--no-run", "-p", "mtls-agent-e2e"]);
     for s in SUITES {
         c.args(["--test", s]);
     }
-    configure(&mut c);
+    json(&mut c);
     for exe in executables(c)? {
         let stem = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // Test binaries are `<name>-<hash>`.
         if let Some(s) = SUITES.iter().find(|s| stem.starts_with(&format!("{s}-"))) {
-            files.push((s.to_string(), exe));
+            found.push((s.to_string(), exe));
         }
     }
+    let stripped = work.join("bin");
+    fs::create_dir_all(&stripped)?;
+    let mut files = Vec::new();
+    let mut libs = BTreeMap::new();
     for want in ["mtls-agent", "e2e-tool"].iter().chain(SUITES) {
-        let Some((_, path)) = files.iter().find(|(n, _)| n == want) else {
-            bail!("the static build produced no {want}");
+        let Some((_, path)) = found.iter().find(|(n, _)| n == want) else {
+            bail!("the build produced no {want}");
         };
-        if has_interpreter(path)? {
-            bail!("{} is dynamically linked; the guest has no libc", path.display());
+        let out = stripped.join(want);
+        let status = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(path)
+            .arg(&out)
+            .status()
+            .context("running objcopy (binutils)")?;
+        if !status.success() {
+            bail!("objcopy --strip-debug {} failed: {status}", path.display());
+        }
+        for lib in shared_libraries(path)? {
+            libs.insert(lib.to_string_lossy().into_owned(), lib);
+        }
+        files.push((want.to_string(), out));
+    }
+    Ok(Binaries { files, libs: libs.into_iter().collect() })
+}
+
+/// The shared objects (loader included) an executable loads, by absolute path, as `ldd` lists
+/// them.
+fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(exe).output().context("running ldd")?;
+    if !out.status.success() {
+        bail!("ldd {} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or
+        // `/lib64/ld-linux-x86-64.so.2 (0x...)`; `linux-vdso.so.1 (0x...)` has no file.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
         }
     }
-    Ok(Binaries { files })
+    if libs.is_empty() {
+        bail!("ldd found no loader for {}", exe.display());
+    }
+    Ok(libs)
 }
 
 /// Runs a cargo command with JSON messages; returns the executables it produced.
@@ -593,25 +631,6 @@ fn executables(mut c: Command) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(exes)
-}
-
-/// Whether an ELF file asks for a dynamic loader (a PT_INTERP program header).
-fn has_interpreter(path: &Path) -> Result<bool> {
-    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut head = [0u8; 64];
-    f.read_exact(&mut head)?;
-    if &head[..4] != b"\x7fELF" || head[4] != 2 {
-        bail!("{} is not a 64-bit ELF file", path.display());
-    }
-    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into()?);
-    let phentsize = u16::from_le_bytes(head[0x36..0x38].try_into()?) as usize;
-    let phnum = u16::from_le_bytes(head[0x38..0x3a].try_into()?) as usize;
-    let mut table = vec![0u8; phentsize * phnum];
-    use std::io::{Seek, SeekFrom};
-    f.seek(SeekFrom::Start(phoff))?;
-    f.read_exact(&mut table)?;
-    const PT_INTERP: u32 = 3;
-    Ok(table.chunks(phentsize.max(4)).any(|ph| ph[..4] == PT_INTERP.to_le_bytes()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -804,6 +823,24 @@ fn write_base_initramfs(path: &Path, busybox: &Path, bins: &Binaries) -> Result<
     for (name, path) in &bins.files {
         let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         w.file(&format!("/opt/mtls/{name}"), 0o755, &data)?;
+    }
+    // The C library at the paths the binaries name (symbolic links on the host followed).
+    let mut made: BTreeSet<PathBuf> =
+        ["/", "/bin", "/dev", "/etc", "/lib", "/opt", "/proc", "/run", "/sys", "/tmp", "/var"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+    for (guest, host) in &bins.libs {
+        let guest = Path::new(guest);
+        let mut dir = PathBuf::from("/");
+        for part in guest.parent().into_iter().flat_map(|p| p.iter().skip(1)) {
+            dir.push(part);
+            if made.insert(dir.clone()) {
+                w.dir(&dir.to_string_lossy())?;
+            }
+        }
+        let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+        w.file(&guest.to_string_lossy(), 0o755, &data)?;
     }
     w.finish()?;
     Ok(())
