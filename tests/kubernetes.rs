@@ -23,7 +23,7 @@ use testbed::{
 };
 
 const NS: &str = "shop";
-const PORT: u16 = 8080;
+use testbed::mesh::{echo_server, PORT};
 
 /// A uid in the API server's format (uuid), distinct per pod of a test.
 fn uid(n: u32) -> String {
@@ -101,20 +101,6 @@ fn pod_object(pod: &Pod, uid: &str, node: &str) -> serde_json::Value {
                  "containers": [{"name": "app", "ports": [{"containerPort": PORT}]}]},
         "status": {"phase": "Running", "podIP": pod.ip.to_string()},
     })
-}
-
-fn echo_server(bed: &Testbed, pod: &str) -> Result<PodProcess> {
-    let mut cmd = Command::new(testbed::e2e_tool!());
-    cmd.args([
-        "echo-server",
-        "--listen",
-        &format!("0.0.0.0:{PORT}"),
-        "--prefix",
-        &format!("{pod}:"),
-    ]);
-    let p = bed.spawn_in_pod(pod, cmd)?;
-    p.wait_for_stdout("listening", Duration::from_secs(5))?;
-    Ok(p)
 }
 
 fn client(bed: &Testbed, pod: &str, dst: &Pod, message: &str) -> Result<String> {

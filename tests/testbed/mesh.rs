@@ -20,6 +20,22 @@ pub const PORT: u16 = 8080;
 
 /// Pods on nodes, an echo server in every pod, one agent per node. Unless a test says
 /// otherwise, all agents share one CA and one workloads file.
+/// An echo server on every address of `pod`, port [`PORT`], answering `<pod>:<what it got>`;
+/// returns once it listens.
+pub fn echo_server(bed: &Testbed, pod: &str) -> Result<PodProcess> {
+    let mut cmd = Command::new(e2e_tool_path()?);
+    cmd.args([
+        "echo-server",
+        "--listen",
+        &format!("0.0.0.0:{PORT}"),
+        "--prefix",
+        &format!("{pod}:"),
+    ]);
+    let p = bed.spawn_in_pod(pod, cmd)?;
+    p.wait_for_stdout("listening", Duration::from_secs(5))?;
+    Ok(p)
+}
+
 pub struct Mesh {
     // Drop order: processes and agents before the bed.
     pub servers: HashMap<String, PodProcess>,
@@ -55,17 +71,7 @@ impl Mesh {
         let mut servers = HashMap::new();
         for (node, pod) in pods {
             bed.add_pod(node, pod)?;
-            let mut cmd = Command::new(e2e_tool_path()?);
-            cmd.args([
-                "echo-server",
-                "--listen",
-                &format!("0.0.0.0:{PORT}"),
-                "--prefix",
-                &format!("{pod}:"),
-            ]);
-            let p = bed.spawn_in_pod(pod, cmd)?;
-            p.wait_for_stdout("listening", Duration::from_secs(5))?;
-            servers.insert(pod.to_string(), p);
+            servers.insert(pod.to_string(), echo_server(&bed, pod)?);
         }
         Ok(Mesh {
             servers,

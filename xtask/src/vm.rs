@@ -99,6 +99,25 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A kernel that produced no results (set-up failed): `note` says why.
+    fn failed(spec: &str, version: &str, note: String) -> Outcome {
+        Outcome {
+            spec: spec.to_owned(),
+            version: version.to_owned(),
+            boot: None,
+            tests: None,
+            passed: 0,
+            failed: 0,
+            skipped: 0,
+            ok: false,
+            note,
+            failed_tests: Vec::new(),
+            panicked: false,
+        }
+    }
+}
+
+impl Outcome {
     pub fn line(&self) -> String {
         let secs = |d: Option<Duration>| match d {
             Some(d) => format!("{:.1} s", d.as_secs_f64()),
@@ -145,20 +164,8 @@ pub fn run_matrix(opts: &Options) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
     for k in &kernels {
         // A kernel that cannot be set up fails alone; the others still run.
-        let outcome =
-            test_kernel(k, &apt, &cache, &work, &base, opts).unwrap_or_else(|e| Outcome {
-                spec: k.spec.clone(),
-                version: k.version.clone(),
-                boot: None,
-                tests: None,
-                passed: 0,
-                failed: 0,
-                skipped: 0,
-                ok: false,
-                note: format!("{e:#}"),
-                failed_tests: Vec::new(),
-                panicked: false,
-            });
+        let outcome = test_kernel(k, &apt, &cache, &work, &base, opts)
+            .unwrap_or_else(|e| Outcome::failed(&k.spec, &k.version, format!("{e:#}")));
         println!("{}", outcome.line());
         outcomes.push(outcome);
     }
@@ -1112,19 +1119,7 @@ mod tests {
     }
 
     fn outcome() -> Outcome {
-        Outcome {
-            spec: "6.1".into(),
-            version: "6.1.1".into(),
-            boot: None,
-            tests: None,
-            passed: 0,
-            failed: 0,
-            skipped: 0,
-            ok: false,
-            note: String::new(),
-            failed_tests: Vec::new(),
-            panicked: false,
-        }
+        Outcome::failed("6.1", "6.1.1", String::new())
     }
 
     #[test]
