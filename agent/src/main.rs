@@ -63,8 +63,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 set_log_level: Some(set_log_level),
                 drain_timeout: args.drain_timeout,
             };
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let workers = args.worker_threads.map_or(cpus.min(2), usize::from);
+            let workers = args.worker_threads.map_or(1, usize::from);
             let rt = if workers == 1 {
                 tokio::runtime::Builder::new_current_thread().enable_all().build()?
             } else {

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: plain TCP (A) against mtls-agent (B) against a pair of stunnel4
 //! instances doing mutual TLS (C), pod to pod on the test bed, in one run and on the same path
-//! (issue 6 lists the figures and the targets).
+//! (issue 6 lists the figures and the targets). D, a pair of bare TCP relays (this binary's
+//! `relay`: no TLS, no HTTP/2, a thread per connection) on stunnel's path, is the floor any
+//! proxy in the pods' path stands on: what the two extra user-space hops alone cost here.
 //!
 //! node1 holds the client pod and 99 idle filler pods (100 enrolled pods for the idle RSS
 //! figure); node2 holds the server pod and one fresh peer pod per run (for the first connection
@@ -48,6 +50,11 @@ const ST_IPERF_LOCAL: u16 = 15201;
 const ST_IPERF_REMOTE: u16 = 16201;
 const ST_ECHO_LOCAL: u16 = 17000;
 const ST_ECHO_REMOTE: u16 = 17001;
+/// The bare relays (D), laid out like stunnel.
+const RL_IPERF_LOCAL: u16 = 25201;
+const RL_IPERF_REMOTE: u16 = 26201;
+const RL_ECHO_LOCAL: u16 = 27000;
+const RL_ECHO_REMOTE: u16 = 27001;
 const MSG: usize = 64;
 /// With the client pod, node1 enrolls 100 pods.
 const FILLERS: usize = 99;
@@ -77,13 +84,13 @@ struct Cli {
     /// Where the JSON goes (default: target/bench/latest.json).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Only these systems (for profiling one of them): plain, agent, stunnel.
-    #[arg(long, value_delimiter = ',', default_value = "plain,agent,stunnel")]
+    /// Only these systems (for profiling one of them): plain, agent, stunnel, relay.
+    #[arg(long, value_delimiter = ',', default_value = "plain,agent,stunnel,relay")]
     only: Vec<String>,
     /// Print when each measurement starts (CLOCK_MONOTONIC seconds), for profiling.
     #[arg(long)]
     trace_phases: bool,
-    /// KEY=VALUE set in the agents' environment (experiments, e.g. TOKIO_WORKER_THREADS=1).
+    /// KEY=VALUE set in the agents' environment (experiments, e.g. MTLS_AGENT_WORKER_THREADS=2).
     #[arg(long)]
     agent_env: Vec<String>,
     /// Before each measurement, wait up to this long for other processes to leave the CPUs
@@ -127,6 +134,15 @@ enum Tool {
         count: u64,
         #[arg(long)]
         seconds: f64,
+    },
+    /// Bare TCP relay: each ROUTE is LISTEN=TARGET; every accepted connection is copied both
+    /// ways to a new connection to TARGET by two threads, half-closes passed on.
+    #[command(hide = true)]
+    Relay {
+        #[arg(long = "route", required = true)]
+        routes: Vec<String>,
+        #[arg(long, default_value_t = 3600)]
+        max_seconds: u64,
     },
     /// Opens CONNS connections (one round trip each), reports, keeps them open.
     #[command(hide = true)]
@@ -208,6 +224,74 @@ fn run_tool(tool: Tool) -> Result<()> {
         }
         Tool::Hold { connect, conns, seconds } => {
             hold(connect, conns, Duration::from_secs(seconds))
+        }
+        Tool::Relay { routes, max_seconds } => relay(&routes, Duration::from_secs(max_seconds)),
+    }
+}
+
+fn relay(routes: &[String], lifetime: Duration) -> Result<()> {
+    let live = Arc::new(AtomicUsize::new(0));
+    for r in routes {
+        let (listen, target) =
+            r.split_once('=').with_context(|| format!("--route {r:?}: not LISTEN=TARGET"))?;
+        let target: SocketAddr = target.parse().with_context(|| format!("--route {r:?}"))?;
+        let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+        let live = live.clone();
+        std::thread::spawn(move || loop {
+            let Ok((s, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            if live.load(Ordering::Relaxed) >= MAX_HOLD_THREADS {
+                continue; // dropped: the client sees the connection closed
+            }
+            live.fetch_add(1, Ordering::Relaxed);
+            let live = live.clone();
+            let spawned = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+                let _ = relay_one(s, target);
+                live.fetch_sub(1, Ordering::Relaxed);
+            });
+            if spawned.is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(lifetime);
+    Ok(())
+}
+
+/// One relayed connection: this thread copies client -> target, a second one the way back.
+fn relay_one(client: TcpStream, target: SocketAddr) -> std::io::Result<()> {
+    let upstream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+    for s in [&client, &upstream] {
+        s.set_nodelay(true)?;
+        // Bounds the threads: a peer that vanished silently frees them.
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    }
+    let (mut c_in, mut u_out) = (client.try_clone()?, upstream.try_clone()?);
+    let back = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+        let (mut u_in, mut c_out) = (upstream, client);
+        let r = pump(&mut u_in, &mut c_out);
+        let _ = c_out.shutdown(std::net::Shutdown::Write);
+        r
+    })?;
+    let r = pump(&mut c_in, &mut u_out);
+    let _ = u_out.shutdown(std::net::Shutdown::Write);
+    let _ = back.join();
+    r
+}
+
+/// Copies until EOF through a 64 KiB buffer (std's copy would use 8 KiB).
+fn pump(from: &mut TcpStream, to: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -459,6 +543,7 @@ enum System {
     Plain,
     Agent,
     Stunnel,
+    Relay,
 }
 
 impl System {
@@ -470,13 +555,14 @@ impl System {
             System::Plain => "plain",
             System::Agent => "agent",
             System::Stunnel => "stunnel",
+            System::Relay => "relay",
         }
     }
 }
 
 /// Samples per figure, per system.
 #[derive(Default)]
-struct Samples(BTreeMap<String, [Vec<f64>; 3]>);
+struct Samples(BTreeMap<String, [Vec<f64>; 4]>);
 
 impl Samples {
     fn add(&mut self, figure: &str, sys: System, v: f64) {
@@ -519,6 +605,7 @@ impl Drop for TempDir {
 struct Rig {
     servers: Vec<PodProcess>,
     stunnel: Vec<PodProcess>,
+    relays: Vec<PodProcess>,
     agents: Vec<AgentProcess>,
     policies: Option<PolicyDir>,
     ca: Option<CaDir>,
@@ -545,7 +632,10 @@ fn run_bench(set: Settings, out: Option<PathBuf>, only: &[String]) -> Result<()>
         bail!("the bench builds network namespaces, cgroups and eBPF programs: run it as root");
     }
     for o in only {
-        ensure!(["plain", "agent", "stunnel"].contains(&o.as_str()), "--only: unknown {o:?}");
+        ensure!(
+            ["plain", "agent", "stunnel", "relay"].contains(&o.as_str()),
+            "--only: unknown {o:?}"
+        );
     }
     let wanted = |sys: System| only.iter().any(|o| o == sys.name());
     let exe = std::env::current_exe().context("current_exe")?;
@@ -556,7 +646,7 @@ fn run_bench(set: Settings, out: Option<PathBuf>, only: &[String]) -> Result<()>
             .parent()
             .and_then(Path::parent)
             .context("cannot place target/bench next to the executable")?
-            .join(if only.len() == 3 { "bench/latest.json" } else { "bench/partial.json" }),
+            .join(if only.len() == 4 { "bench/latest.json" } else { "bench/partial.json" }),
     };
     let agent = exe.with_file_name("mtls-agent");
     ensure!(agent.is_file(), "{} is missing: run `cargo xtask bench`", agent.display());
@@ -584,20 +674,28 @@ fn run_bench(set: Settings, out: Option<PathBuf>, only: &[String]) -> Result<()>
     let mut rig = Rig::build(&set, exe, stunnel_bin)?;
     let mut samples = Samples::default();
 
-    if wanted(System::Plain) || wanted(System::Stunnel) {
-        println!("== A (plain TCP) and C (stunnel4 pair), before any agent runs");
+    if wanted(System::Plain) || wanted(System::Stunnel) || wanted(System::Relay) {
+        println!(
+            "== A (plain TCP), C (stunnel4 pair) and D (bare relay pair), before any agent runs"
+        );
     }
     if wanted(System::Stunnel) {
         rig.start_stunnel()?;
     }
+    if wanted(System::Relay) {
+        rig.start_relays()?;
+    }
     for r in 0..set.runs {
-        for sys in [System::Plain, System::Stunnel].into_iter().filter(|s| wanted(*s)) {
+        for sys in
+            [System::Plain, System::Stunnel, System::Relay].into_iter().filter(|s| wanted(*s))
+        {
             check_interrupted()?;
             println!("-- run {}/{}: {}", r + 1, set.runs, sys.name());
             rig.measure(sys, &set, &mut samples)?;
         }
     }
     rig.stunnel.clear();
+    rig.relays.clear();
 
     if wanted(System::Agent) {
         println!("== B (mtls-agent, STRICT)");
@@ -635,6 +733,7 @@ impl Rig {
         let mut rig = Rig {
             servers: vec![],
             stunnel: vec![],
+            relays: vec![],
             agents: vec![],
             policies: None,
             ca: None,
@@ -726,6 +825,7 @@ impl Rig {
                 ((self.server.ip, IPERF_PORT).into(), (self.server.ip, ECHO_PORT).into())
             }
             System::Stunnel => ((lo, ST_IPERF_LOCAL).into(), (lo, ST_ECHO_LOCAL).into()),
+            System::Relay => ((lo, RL_IPERF_LOCAL).into(), (lo, RL_ECHO_LOCAL).into()),
         }
     }
 
@@ -735,6 +835,7 @@ impl Rig {
             System::Plain => vec![],
             System::Agent => self.agents.iter().filter_map(AgentProcess::pid).collect(),
             System::Stunnel => self.stunnel.iter().map(PodProcess::pid).collect(),
+            System::Relay => self.relays.iter().map(PodProcess::pid).collect(),
         }
     }
 
@@ -965,6 +1066,38 @@ impl Rig {
                 wait_listening(&mut p, port)?;
             }
             self.stunnel.push(p);
+        }
+        Ok(())
+    }
+
+    /// D: a bare relay in each pod, on stunnel's path (client loopback -> server pod's
+    /// address -> server loopback).
+    fn start_relays(&mut self) -> Result<()> {
+        let sip = self.server.ip;
+        let lo = Ipv4Addr::LOCALHOST;
+        for (pod, routes) in [
+            (
+                "server",
+                [
+                    format!("{sip}:{RL_IPERF_REMOTE}={lo}:{IPERF_PORT}"),
+                    format!("{sip}:{RL_ECHO_REMOTE}={lo}:{ECHO_PORT}"),
+                ],
+            ),
+            (
+                "client",
+                [
+                    format!("{lo}:{RL_IPERF_LOCAL}={sip}:{RL_IPERF_REMOTE}"),
+                    format!("{lo}:{RL_ECHO_LOCAL}={sip}:{RL_ECHO_REMOTE}"),
+                ],
+            ),
+        ] {
+            let mut args = vec!["relay"];
+            for r in &routes {
+                args.extend(["--route", r]);
+            }
+            let p = self.bed.spawn_in_pod(pod, self.tool(&args))?;
+            p.wait_for_stdout("listening", IO_TIMEOUT)?;
+            self.relays.push(p);
         }
         Ok(())
     }
@@ -1412,15 +1545,25 @@ fn print_table(figures: &[Figure], s: &Samples, runs: usize, elapsed: Duration) 
     println!();
     println!("== results: median of {runs} run(s); {}; {:.0} s", machine(), elapsed.as_secs_f64());
     println!(
-        "{:<30} {:>8} {:>10} {:>10} {:>10} {:>7} {:>7}  {:<12}",
-        "figure", "unit", "plain (A)", "agent (B)", "stunnel (C)", "B/A", "C/A", "target (B)"
+        "{:<30} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7}  {:<12}",
+        "figure",
+        "unit",
+        "plain (A)",
+        "agent (B)",
+        "stunnel (C)",
+        "relay (D)",
+        "B/A",
+        "C/A",
+        "D/A",
+        "target (B)"
     );
     let mut verdicts = BTreeMap::<&str, Vec<&str>>::new();
     for fig in figures {
-        let (a, b, c) = (
+        let (a, b, c, d) = (
             s.median(&fig.key, System::Plain),
             s.median(&fig.key, System::Agent),
             s.median(&fig.key, System::Stunnel),
+            s.median(&fig.key, System::Relay),
         );
         let r = ratio(fig, b, a);
         let (target, v) = verdict(fig, b, r);
@@ -1428,27 +1571,30 @@ fn print_table(figures: &[Figure], s: &Samples, runs: usize, elapsed: Duration) 
             verdicts.entry(v).or_default().push(&fig.label);
         }
         println!(
-            "{:<30} {:>8} {:>10} {:>10} {:>10} {:>7} {:>7}  {:<12} {}",
+            "{:<30} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7}  {:<12} {}",
             fig.label,
             fig.unit,
             fmt_value(a),
             fmt_value(b),
             fmt_value(c),
+            fmt_value(d),
             fmt_ratio(r),
             fmt_ratio(ratio(fig, c, a)),
+            fmt_ratio(ratio(fig, d, a)),
             target,
             v
         );
     }
     println!(
-        "CPU per GB: both agents (B) or both stunnel processes (C), during the 1-stream run. \
+        "CPU per GB: both agents (B), both stunnel processes (C) or both relays (D), during the \
+         1-stream run. \
          eBPF: kernel BPF stats over B's traffic, both nodes. RSS: node1 (100 pods) idle; the \
          larger of the two agents with 1,000 connections."
     );
     for (v, labels) in &verdicts {
         println!("{v}: {}", labels.join(", "));
     }
-    let busiest = [System::Plain, System::Agent, System::Stunnel]
+    let busiest = [System::Plain, System::Agent, System::Stunnel, System::Relay]
         .into_iter()
         .filter_map(|sys| s.0.get("background_load").map(|r| r[sys.index()].clone()))
         .flatten()
@@ -1464,10 +1610,11 @@ fn print_table(figures: &[Figure], s: &Samples, runs: usize, elapsed: Duration) 
 fn to_json(figures: &[Figure], s: &Samples) -> Value {
     let mut doc = serde_json::Map::new();
     for fig in figures {
-        let (a, b, c) = (
+        let (a, b, c, d) = (
             s.median(&fig.key, System::Plain),
             s.median(&fig.key, System::Agent),
             s.median(&fig.key, System::Stunnel),
+            s.median(&fig.key, System::Relay),
         );
         let r = ratio(fig, b, a);
         let (target, v) = verdict(fig, b, r);
@@ -1477,6 +1624,7 @@ fn to_json(figures: &[Figure], s: &Samples) -> Value {
                 "plain": a,
                 "agent": b,
                 "stunnel": c,
+                "relay": d,
                 "ratio": r,
                 "unit": fig.unit,
                 "target": (!target.is_empty()).then_some(target),
@@ -1485,6 +1633,7 @@ fn to_json(figures: &[Figure], s: &Samples) -> Value {
                     "plain": r[System::Plain.index()],
                     "agent": r[System::Agent.index()],
                     "stunnel": r[System::Stunnel.index()],
+                    "relay": r[System::Relay.index()],
                 })),
             }),
         );

@@ -177,10 +177,10 @@ pub struct RunArgs {
     /// started alongside takes the new ones).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: std::time::Duration,
-    /// Threads that carry connections (default: 2, or 1 on a 1-CPU node). One thread hands no
-    /// work between threads (a third fewer context switches per connection on the 2-CPU bench)
-    /// but any slow step, such as issuing a certificate, then delays every connection: on the
-    /// bench the first connection to a new peer took 16 ms instead of 4.
+    /// Threads that carry connections (default 1). One thread hands no work between threads:
+    /// on the 2-CPU bench it took a third of the context switches and of the round-trip time
+    /// off, and moved more bytes, than two (README, Performance). More threads help a node
+    /// whose agent needs more than one CPU for TLS handshakes.
     #[arg(long, env = "MTLS_AGENT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: Option<u16>,
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90s.
