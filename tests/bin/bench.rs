@@ -236,25 +236,7 @@ fn relay(routes: &[String], lifetime: Duration) -> Result<()> {
             r.split_once('=').with_context(|| format!("--route {r:?}: not LISTEN=TARGET"))?;
         let target: SocketAddr = target.parse().with_context(|| format!("--route {r:?}"))?;
         let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-        let live = live.clone();
-        std::thread::spawn(move || loop {
-            let Ok((s, _)) = l.accept() else {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            if live.load(Ordering::Relaxed) >= MAX_HOLD_THREADS {
-                continue; // dropped: the client sees the connection closed
-            }
-            live.fetch_add(1, Ordering::Relaxed);
-            let live = live.clone();
-            let spawned = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
-                let _ = relay_one(s, target);
-                live.fetch_sub(1, Ordering::Relaxed);
-            });
-            if spawned.is_err() {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
+        thread_per_connection(l, live.clone(), move |s| drop(relay_one(s, target)));
     }
     println!("listening");
     let _ = std::io::stdout().flush();
@@ -337,30 +319,40 @@ fn echo_server(listen: &str, hold_listen: Option<&str>, lifetime: Duration) -> R
     }
     if let Some(addr) = hold_listen {
         let h = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-        let live = Arc::new(AtomicUsize::new(0));
-        std::thread::spawn(move || loop {
-            let Ok((s, _)) = h.accept() else {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            if live.load(Ordering::Relaxed) >= MAX_HOLD_THREADS {
-                continue; // dropped: the client sees the connection closed
-            }
-            live.fetch_add(1, Ordering::Relaxed);
-            let live = live.clone();
-            let spawned = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
-                let _ = echo(s);
-                live.fetch_sub(1, Ordering::Relaxed);
-            });
-            if spawned.is_err() {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
+        thread_per_connection(h, Arc::new(AtomicUsize::new(0)), |s| drop(echo(s)));
     }
     println!("listening");
     let _ = std::io::stdout().flush();
     std::thread::sleep(lifetime);
     Ok(())
+}
+
+/// Serves every connection `l` accepts on a thread of its own, at most `MAX_HOLD_THREADS` at
+/// once (counted in `live`); beyond that a connection is closed at once.
+fn thread_per_connection<F>(l: TcpListener, live: Arc<AtomicUsize>, serve: F)
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
+    std::thread::spawn(move || loop {
+        let Ok((s, _)) = l.accept() else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        if live.load(Ordering::Relaxed) >= MAX_HOLD_THREADS {
+            continue; // dropped: the client sees the connection closed
+        }
+        live.fetch_add(1, Ordering::Relaxed);
+        let (done, serve) = (live.clone(), serve.clone());
+        let spawned = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+            serve(s);
+            done.fetch_sub(1, Ordering::Relaxed);
+        });
+        if spawned.is_err() {
+            // The thread never ran: give its slot back.
+            live.fetch_sub(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
 }
 
 fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
