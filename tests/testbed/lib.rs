@@ -278,6 +278,16 @@ struct Member {
 }
 
 impl Member {
+    fn new(netns: NetnsFile, cgroup: CgroupDir, fabric_veth: String) -> Member {
+        Member {
+            procs: Mutex::new(Vec::new()),
+            netns,
+            cgroup: Some(cgroup),
+            nested: Vec::new(),
+            fabric_veth,
+        }
+    }
+
     fn procs(&self) -> MutexGuard<'_, Vec<Arc<ProcShared>>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -489,13 +499,7 @@ impl Testbed {
             netns: netns.path().to_owned(),
             ip,
         };
-        let member = Member {
-            procs: Mutex::new(Vec::new()),
-            netns,
-            cgroup: Some(cgroup),
-            nested: Vec::new(),
-            fabric_veth,
-        };
+        let member = Member::new(netns, cgroup, fabric_veth);
         self.nodes.insert(name.to_owned(), NodeEntry { node: node.clone(), member });
         Ok(node)
     }
@@ -541,13 +545,7 @@ impl Testbed {
             netns: netns.path().to_owned(),
             cgroup: cgroup.path().to_owned(),
         };
-        let member = Member {
-            procs: Mutex::new(Vec::new()),
-            netns,
-            cgroup: Some(cgroup),
-            nested: Vec::new(),
-            fabric_veth,
-        };
+        let member = Member::new(netns, cgroup, fabric_veth);
         self.pods.insert(name.to_owned(), PodEntry { pod: pod.clone(), member });
         Ok(pod)
     }
