@@ -55,6 +55,17 @@ struct Scenario {
 
 impl Scenario {
     fn new(test: &str, pods: &[&str], enrolled: &[&str], servers: &[&str]) -> Result<Scenario> {
+        Scenario::with_log(test, pods, enrolled, servers, None)
+    }
+
+    /// As `new`, with the agent's `RUST_LOG` set to `log_filter`.
+    fn with_log(
+        test: &str,
+        pods: &[&str],
+        enrolled: &[&str],
+        servers: &[&str],
+        log_filter: Option<&str>,
+    ) -> Result<Scenario> {
         let mut bed = Testbed::new(test)?;
         bed.add_node("node1")?;
         for p in pods {
@@ -70,7 +81,9 @@ impl Scenario {
         for s in servers {
             procs.push(echo_server(&bed, s, ECHO_PORT)?);
         }
-        let agent = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads_path))?;
+        let mut opts = AgentOptions::new("node1", &workloads_path);
+        opts.log_filter = log_filter.map(str::to_owned);
+        let agent = AgentProcess::start(&bed, opts)?;
         Ok(Scenario { servers: procs, agent, file, workloads_path, bed })
     }
 
@@ -244,6 +257,32 @@ fn fails_closed_while_the_agent_is_down_and_recovers_after_restart() -> Result<(
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "after"])?;
     assert!(ok && out.trim() == "b:after", "{out}");
     s.agent.wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
+    Ok(())
+}
+
+#[test]
+fn the_ebpf_programs_log_lines_follow_the_log_level_set_at_run_time() -> Result<()> {
+    let s = Scenario::with_log("cap-ebpflog", &["a", "b"], &["a"], &["b"], Some("info"))?;
+    let dst = s.addr("b", ECHO_PORT).to_string();
+    let send = |msg: &str| -> Result<()> {
+        let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", msg])?;
+        assert!(ok && out.trim() == format!("b:{msg}"), "{out}");
+        s.agent.wait_outbound(|c| c["bytesSent"] == msg.len())?;
+        Ok(())
+    };
+    send("quiet")?;
+    assert!(!s.agent.log().contains("captured connect4"), "eBPF lines are off at info");
+
+    s.agent.post("/logging?level=info,mtls_agent_ebpf=debug")?;
+    send("loud-one")?;
+    s.agent.wait_log("captured connect4 to port 8080", Duration::from_secs(2))?;
+
+    s.agent.post("/logging?level=info")?;
+    let lines = |log: String| log.matches("captured connect4").count();
+    let before = lines(s.agent.log());
+    send("quiet-again")?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines(s.agent.log()), before, "eBPF lines are off again at info");
     Ok(())
 }
 

@@ -150,6 +150,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let events = capture.take_events();
     let program_ids = capture.program_ids();
+    let log_switch = capture.log_switch();
     let orig_dst = Arc::new(capture.take_orig_dst().context("ORIG_DST map already taken")?);
     let (workloads_tx, workloads_rx) = watch::channel(Arc::new(initial));
     let (policies_tx, policies_rx) = watch::channel(Arc::new(policies));
@@ -198,11 +199,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             None
         }
     };
+    // A level change reaches the eBPF programs' lines too: they write them only while
+    // `mtls_agent_ebpf` is at debug, because writing them costs every captured connection.
+    let set_log_level = cfg.set_log_level.clone().map(|set| {
+        let log_switch = log_switch.clone();
+        Arc::new(move |level: &str| {
+            set(level)?;
+            let on = tracing::enabled!(target: "mtls_agent_ebpf", tracing::Level::DEBUG);
+            log_switch.set(on).map_err(|e| format!("switching the eBPF programs' log lines: {e}"))
+        }) as admin::SetLogLevel
+    });
     let admin_state = admin::AdminState {
         node: cfg.node.clone(),
         mesh,
         ebpf,
-        set_log_level: cfg.set_log_level.clone(),
+        set_log_level,
         readiness: agent.readiness.clone(),
     };
     let metrics_listener = bind_shared(cfg.metrics)
@@ -357,7 +368,7 @@ impl Agent {
                 self.apply_policies();
             }
             // Keep enforcing the last good set.
-            Err(e) => error!("{e:#}; keeping the previous policies"),
+            Err(e) => error!("{}; keeping the previous policies", crate::error_text(&e)),
         }
     }
 
@@ -367,7 +378,7 @@ impl Agent {
         for key in keys {
             let Some(w) = self.pods.get(&key).map(|p| p.workload.clone()) else { continue };
             if let Err(e) = self.apply_pod_policy(&w) {
-                error!(pod = %key, "applying policy: {e:#}");
+                error!(pod = %key, "applying policy: {}", crate::error_text(&e));
             }
         }
     }
@@ -455,7 +466,7 @@ impl Agent {
                     info!(pod = %key, ip = %w.ip, cookie = pod.netns.cookie(), "enrolled");
                     self.pods.insert(key.clone(), pod);
                 }
-                Err(e) => error!(pod = %key, "enrollment failed: {e:#}"),
+                Err(e) => error!(pod = %key, "enrollment failed: {}", crate::error_text(&e)),
             }
         }
         let enrolled = wanted.keys().filter(|k| self.pods.contains_key(*k)).count();

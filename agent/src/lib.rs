@@ -18,3 +18,34 @@ pub mod tunnel;
 pub mod workloads;
 pub mod yamlde;
 pub mod yamlpos;
+
+/// An error and its causes on one line, each cause once. Most of our errors already name
+/// their source in their own message, so anyhow's `{:#}` would print it twice
+/// ("… (os error 2): … (os error 2)").
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_names_each_cause_once() {
+        let io = || std::io::Error::from_raw_os_error(2);
+        let e = anyhow::Error::new(io()).context(format!("reading /x: {}", io()));
+        assert_eq!(error_text(&e), format!("reading /x: {}", io()));
+        let e = anyhow::Error::new(io()).context("reading /x");
+        assert_eq!(error_text(&e), format!("reading /x: {}", io()));
+        let e = e.context("starting");
+        assert_eq!(error_text(&e), format!("starting: reading /x: {}", io()));
+    }
+}

@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
     match run(cli, set_log_level) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mtls-agent: {e:#}");
+            eprintln!("mtls-agent: {}", mtls_agent::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -172,6 +172,9 @@ pub struct AgentOptions {
     /// The CA to sign with; `None` makes a fresh one for this agent alone.
     pub ca_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// `RUST_LOG` for the agent; `None`: `MTLS_TEST_AGENT_LOG` or debug for the agent and
+    /// its eBPF programs.
+    pub log_filter: Option<String>,
 }
 
 impl AgentOptions {
@@ -181,6 +184,7 @@ impl AgentOptions {
             workloads: Some(workloads.to_owned()),
             ca_dir: None,
             extra_args: vec![],
+            log_filter: None,
         }
     }
 
@@ -196,6 +200,7 @@ impl AgentOptions {
                 "--cgroup-root".into(),
                 cgroup_root.display().to_string(),
             ],
+            log_filter: None,
         }
     }
 }
@@ -210,6 +215,7 @@ pub struct AgentProcess {
     pub node: String,
     log: Arc<Mutex<String>>,
     cmd: Vec<String>,
+    log_filter: String,
     _own_ca: Option<CaDir>,
 }
 
@@ -261,6 +267,10 @@ impl AgentProcess {
             node: opts.node.clone(),
             log: Arc::new(Mutex::new(String::new())),
             cmd,
+            log_filter: opts.log_filter.clone().unwrap_or_else(|| {
+                std::env::var("MTLS_TEST_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,mtls_agent=debug,mtls_agent_ebpf=debug".into())
+            }),
             _own_ca: own_ca,
         };
         agent.spawn()?;
@@ -270,11 +280,7 @@ impl AgentProcess {
     fn spawn_child(&mut self) -> Result<()> {
         let mut child = Command::new(agent_bin())
             .args(&self.cmd)
-            .env(
-                "RUST_LOG",
-                std::env::var("MTLS_TEST_AGENT_LOG")
-                    .unwrap_or_else(|_| "info,mtls_agent=debug,mtls_agent_ebpf=debug".into()),
-            )
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

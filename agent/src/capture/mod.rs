@@ -135,6 +135,34 @@ pub struct Capture {
     // Keeps the kernel's run-time statistics for BPF programs switched on while we run.
     _stats_enabled: Option<std::os::fd::OwnedFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    log_switch: std::sync::Arc<EbpfLogSwitch>,
+}
+
+/// Turns the programs' debug lines on and off at run time (the `CONFIG` log flag), so that
+/// `/logging?level=debug` reaches them as it reaches the agent's own lines.
+pub struct EbpfLogSwitch {
+    config: std::sync::Mutex<Array<MapData, Config>>,
+}
+
+impl EbpfLogSwitch {
+    /// Sets the flag; the programs read it on their next run.
+    pub fn set(&self, on: bool) -> Result<(), CaptureError> {
+        let mut map = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let err = |source| CaptureError::Map { name: map_names::CONFIG, source };
+        let mut c = map.get(&0, 0).map_err(err)?;
+        c.flags = if on {
+            c.flags | mtls_agent_ebpf::CONFIG_FLAG_LOG
+        } else {
+            c.flags & !mtls_agent_ebpf::CONFIG_FLAG_LOG
+        };
+        map.set(0, c, 0).map_err(err)
+    }
+
+    /// Whether the programs currently write their debug lines.
+    pub fn is_on(&self) -> bool {
+        let map = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&0, 0).is_ok_and(|c| c.flags & mtls_agent_ebpf::CONFIG_FLAG_LOG != 0)
+    }
 }
 
 impl Capture {
@@ -258,6 +286,9 @@ impl Capture {
             program_ids,
             _stats_enabled,
             logger,
+            log_switch: std::sync::Arc::new(EbpfLogSwitch {
+                config: std::sync::Mutex::new(config),
+            }),
         })
     }
 
@@ -434,6 +465,11 @@ impl Capture {
     /// The ring buffer of refusals by the inbound program; the caller polls its fd.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The switch for the programs' debug lines.
+    pub fn log_switch(&self) -> std::sync::Arc<EbpfLogSwitch> {
+        self.log_switch.clone()
     }
 
     /// The aya-log reader; the caller polls its fd and calls `flush`.

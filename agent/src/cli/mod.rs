@@ -146,8 +146,9 @@ pub struct RunArgs {
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
-    /// Admin API address (local only).
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// Admin API address: a loopback address only, because the API is unauthenticated and
+    /// shows every pod's connections and changes the log level.
+    #[arg(long, default_value = "127.0.0.1:15000", value_parser = loopback_addr)]
     pub admin: SocketAddr,
     /// Prometheus metrics address (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
@@ -188,9 +189,23 @@ pub struct RunArgs {
     pub cert_ttl: std::time::Duration,
 }
 
-/// The default bpffs directory of a node.
+/// The default bpffs directory of a node. bpffs refuses names with a dot (EPERM), and node
+/// names are DNS names (`ip-10-0-1-2.ec2.internal`), so dots become underscores: a character
+/// no node name has, so two nodes never share a directory.
 pub fn default_bpffs(node: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/mtls-agent").join(node)
+    PathBuf::from("/sys/fs/bpf/mtls-agent").join(node.replace('.', "_"))
+}
+
+/// Parses `--admin`: a socket address on a loopback interface.
+fn loopback_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{e} (expected IP:PORT)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address: the admin API is unauthenticated, so it listens \
+             on 127.0.0.1 or ::1 only (use --metrics and --health for what others may read)"
+        ));
+    }
+    Ok(addr)
 }
 
 #[cfg(test)]
@@ -217,6 +232,25 @@ mod tests {
         let a = a.unwrap();
         assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
         assert_eq!((a.cgroup_root.to_str(), a.proc_root.to_str()), (Some("/r"), Some("/p")));
+    }
+
+    #[test]
+    fn the_admin_api_listens_on_loopback_only() {
+        assert_eq!(run_args(&[]).unwrap().admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(run_args(&["--admin", "[::1]:9"]).unwrap().admin, "[::1]:9".parse().unwrap());
+        for outside in ["0.0.0.0:15000", "10.1.2.3:15000", "[::]:15000"] {
+            let e = run_args(&["--admin", outside]).unwrap_err().to_string();
+            assert!(e.contains("not a loopback address"), "{outside}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_bpffs_directory_has_no_dot_for_dotted_node_names() {
+        assert_eq!(default_bpffs("node1"), PathBuf::from("/sys/fs/bpf/mtls-agent/node1"));
+        assert_eq!(
+            default_bpffs("ip-10-0-1-2.ec2.internal"),
+            PathBuf::from("/sys/fs/bpf/mtls-agent/ip-10-0-1-2_ec2_internal")
+        );
     }
 
     #[test]
