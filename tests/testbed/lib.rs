@@ -749,6 +749,23 @@ fn remove_bed_leftovers(id: &str, cgroup_root: &Path) -> Result<()> {
     errors.into_result()
 }
 
+/// Every cgroup, netns file and bpffs directory made by test beds of process `pid` (their
+/// names carry it), e.g. to check that a program using the test bed cleaned up.
+pub fn footprint_of_process(pid: u32) -> Result<Vec<PathBuf>> {
+    let cgroup_root = cgroup::cgroup2_root()?;
+    let mut found = Vec::new();
+    for dir in [cgroup_root, PathBuf::from(NETNS_DIR), PathBuf::from(BPFFS_ROOT)] {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if creator_pid(&name) == i32::try_from(pid).ok() {
+                found.push(entry.path());
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Removes leftovers of test beds whose creating process is gone (e.g. a run
 /// that was SIGKILLed): their pod processes (in the bed's cgroups or
 /// namespaces), cgroup trees, netns files and bpffs dirs. Beds of live
