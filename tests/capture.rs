@@ -287,14 +287,43 @@ fn the_ebpf_programs_log_lines_follow_the_log_level_set_at_run_time() -> Result<
 }
 
 #[test]
+fn captured_over_ipv6_by_connect6() -> Result<()> {
+    let s = Scenario::new("cap-v6", &["a", "b"], &["a"], &[])?;
+    let mut cmd = Command::new(e2e_tool());
+    cmd.args(["echo-server", "--listen", &format!("[::]:{ECHO_PORT}"), "--prefix", "b6:"]);
+    let server = s.bed.spawn_in_pod("b", cmd)?;
+    server.wait_for_stdout("listening", Duration::from_secs(5))?;
+
+    let dst = SocketAddr::from((s.bed.pod("b").ip6, ECHO_PORT)).to_string();
+    let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "hello-v6-only"])?;
+    assert!(ok, "client failed: {out}");
+    assert_eq!(out.trim(), "b6:hello-v6-only");
+    let rec = s.agent.wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
+    // The app's socket was sent to the agent's IPv6 listener, which dialled the original
+    // destination from the pod (b is outside the mesh: plaintext passthrough).
+    assert!(rec["source"].as_str().unwrap_or_default().starts_with("[::1]:"), "{rec}");
+    assert_eq!(rec["sourcePod"], format!("a.{NS}"));
+    assert_eq!(rec["bytesSent"], "hello-v6-only".len());
+    assert_eq!(rec["bytesReceived"], "b6:hello-v6-only".len());
+    s.agent.wait_log("captured connect6 to port 8080", Duration::from_secs(2))?;
+    Ok(())
+}
+
+#[test]
 fn loopback_traffic_inside_a_pod_is_untouched() -> Result<()> {
     let s = Scenario::new("cap-loop", &["a"], &["a"], &[])?;
-    let mut cmd = Command::new(e2e_tool());
-    cmd.args(["echo-server", "--listen", "127.0.0.1:7000", "--prefix", "local:"]);
-    let server = s.bed.spawn_in_pod("a", cmd)?;
-    server.wait_for_stdout("listening", Duration::from_secs(5))?;
+    let mut servers = Vec::new();
+    for (listen, prefix) in [("127.0.0.1:7000", "local:"), ("[::1]:7001", "local6:")] {
+        let mut cmd = Command::new(e2e_tool());
+        cmd.args(["echo-server", "--listen", listen, "--prefix", prefix]);
+        let server = s.bed.spawn_in_pod("a", cmd)?;
+        server.wait_for_stdout("listening", Duration::from_secs(5))?;
+        servers.push(server);
+    }
     let (out, ok) = client(&s.bed, "a", &["--connect", "127.0.0.1:7000", "--message", "lo"])?;
     assert!(ok && out.trim() == "local:lo", "{out}");
+    let (out, ok) = client(&s.bed, "a", &["--connect", "[::1]:7001", "--message", "lo6"])?;
+    assert!(ok && out.trim() == "local6:lo6", "{out}");
     assert!(s.agent.connections()?.is_empty(), "loopback was not captured");
     Ok(())
 }

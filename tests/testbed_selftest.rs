@@ -115,6 +115,7 @@ fn three_pod_bed(test: &str) -> Result<Testbed> {
 #[test]
 fn pods_echo_by_pod_ip_and_host_is_untouched() -> Result<()> {
     let host_before = testbed::host_snapshot()?;
+    assert!(!host_before.routes.is_empty(), "the host has routes (local ones at least)");
     let bed = three_pod_bed("pods_echo")?;
     let a = bed.pod("a").clone();
     let listen = format!("{}:7000", a.ip);
@@ -139,6 +140,11 @@ fn pods_echo_by_pod_ip_and_host_is_untouched() -> Result<()> {
         snap.addresses.iter().any(|(_, addr, l)| addr.to_string() == ip && *l == len)
     };
     assert!(has(&a.ip.to_string(), 24) && has("127.0.0.1", 8) && has("::1", 128), "{snap:?}");
+    assert!(has(&a.ip6.to_string(), 64), "IPv6 on eth0 too: {snap:?}");
+    // The pod's routes are its on-link subnets; the snapshot sees them.
+    let subnet = a.ip.octets();
+    let v4_net = format!("{}.{}.{}.0", subnet[0], subnet[1], subnet[2]);
+    assert!(snap.routes.iter().any(|r| r.contains(&v4_net)), "{:?}", snap.routes);
     let node_snap = testbed::netns_snapshot(&bed.node("n1").netns)?;
     assert!(node_snap.addresses.iter().any(|(n, ip, _)| n == "eth0" && *ip == bed.node("n1").ip));
 

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -66,6 +66,16 @@ pub const NAME_PREFIX: &str = "mtls-test-";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Prefix length of the test bed subnet.
 pub const PREFIX_LEN: u8 = 24;
+/// Prefix length of the test bed's IPv6 subnet (unique local addresses, see [`ipv6_of`]).
+pub const PREFIX_LEN_V6: u8 = 64;
+
+/// A member's IPv6 address: its IPv4 address in the low 32 bits of `fd00:6d74:6c73::/64`, so
+/// the two stay in step and every member of a bed shares one on-link subnet.
+pub fn ipv6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip.octets();
+    let (hi, lo) = (u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]));
+    Ipv6Addr::new(0xfd00, 0x6d74, 0x6c73, 0, 0, 0, hi, lo)
+}
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME: usize = 15;
 /// Node and pod names end up in file names; keep them short and plain.
@@ -128,6 +138,8 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address on the fabric ([`ipv6_of`] its IPv4 one).
+    pub ip6: Ipv6Addr,
     pub netns: PathBuf,
     pub cgroup: PathBuf,
 }
@@ -139,9 +151,11 @@ pub struct NetSnapshot {
     pub links: Vec<String>,
     /// (interface name, address, prefix length), sorted.
     pub addresses: Vec<(String, IpAddr, u8)>,
+    /// Routes of every table, one line each (destination, gateway, interface, table), sorted.
+    pub routes: Vec<String>,
 }
 
-/// Links and addresses of the namespace at `netns` (a netns file or
+/// Links, addresses and routes of the namespace at `netns` (a netns file or
 /// `/proc/<pid>/ns/net`).
 pub fn netns_snapshot(netns: &Path) -> Result<NetSnapshot> {
     netns::run_in(netns, || -> Result<NetSnapshot> {
@@ -158,9 +172,11 @@ pub fn netns_snapshot(netns: &Path) -> Result<NetSnapshot> {
             })
             .collect();
         addresses.sort();
+        let mut routes = rtnl.routes()?;
+        routes.sort();
         let mut links: Vec<String> = links.into_iter().map(|l| l.name).collect();
         links.sort();
-        Ok(NetSnapshot { links, addresses })
+        Ok(NetSnapshot { links, addresses, routes })
     })?
 }
 
@@ -458,7 +474,7 @@ impl Testbed {
     }
 
     /// Creates a netns named `<prefix><id>-<role>-<name>` and plugs it into
-    /// the fabric as `eth0` with `ip`/24. On error the netns is removed.
+    /// the fabric as `eth0` with `ip`/24 and [`ipv6_of`]`(ip)`/64. On error the netns is removed.
     fn plug(&mut self, role: &str, name: &str, ip: Ipv4Addr) -> Result<(NetnsFile, String)> {
         let netns = NetnsFile::create(&format!("{NAME_PREFIX}{}-{role}-{name}", self.id))?;
         let veth = self.ifname("v", &format!("-{}", base36(self.next_veth)))?;
@@ -480,6 +496,7 @@ impl Testbed {
             rtnl.set_up(lo)?;
             let eth0 = rtnl.link_index("eth0")?;
             rtnl.add_address(eth0, IpAddr::V4(ip), PREFIX_LEN)?;
+            rtnl.add_address(eth0, IpAddr::V6(ipv6_of(ip)), PREFIX_LEN_V6)?;
             rtnl.set_up(eth0)
         })??;
         Ok((netns, veth))
@@ -542,6 +559,7 @@ impl Testbed {
             name: name.to_owned(),
             node: node.to_owned(),
             ip,
+            ip6: ipv6_of(ip),
             netns: netns.path().to_owned(),
             cgroup: cgroup.path().to_owned(),
         };

@@ -14,10 +14,11 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -186,6 +187,10 @@ impl Rtnl {
         msg.header.index = index;
         msg.attributes.push(AddressAttribute::Local(addr));
         msg.attributes.push(AddressAttribute::Address(addr));
+        if addr.is_ipv6() {
+            // Usable at once: no duplicate address detection (the bed allots every address).
+            msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
         self.request(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL)
             .map(drop)
             .with_context(|| format!("add address {addr}/{prefix_len} to interface #{index}"))
@@ -211,6 +216,42 @@ impl Rtnl {
             .collect();
         links.sort();
         Ok(links)
+    }
+
+    /// Every route of every table, as text: destination/prefix, gateway, output interface
+    /// index and table. Routes learned from router advertisements come and go on their own
+    /// and are left out.
+    pub fn routes(&mut self) -> Result<Vec<String>> {
+        let replies = self
+            .request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), NLM_F_DUMP)
+            .context("dump routes")?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(m) if m.header.protocol != RouteProtocol::Ra => {
+                    let (mut dst, mut gw, mut oif, mut table) =
+                        (None, None, None, u32::from(m.header.table));
+                    for attr in &m.attributes {
+                        match attr {
+                            RouteAttribute::Destination(a) => dst = Some(format!("{a:?}")),
+                            RouteAttribute::Gateway(a) => gw = Some(format!("{a:?}")),
+                            RouteAttribute::Oif(i) => oif = Some(*i),
+                            RouteAttribute::Table(t) => table = *t,
+                            _ => {}
+                        }
+                    }
+                    Some(format!(
+                        "{:?} {}/{} via {} dev {} table {table}",
+                        m.header.address_family,
+                        dst.unwrap_or_else(|| "default".into()),
+                        m.header.destination_prefix_length,
+                        gw.unwrap_or_else(|| "-".into()),
+                        oif.map_or_else(|| "-".into(), |i| i.to_string()),
+                    ))
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// All addresses of this namespace as (interface index, address, prefix).
