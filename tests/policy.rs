@@ -101,7 +101,7 @@ const NOW: Duration = Duration::ZERO;
 const WITHIN_1S: Duration = Duration::from_secs(1);
 
 #[test]
-fn strict_permissive_disable_switch_live_for_mesh_and_plaintext_clients() -> Result<()> {
+fn strict_permissive_strict_disable_switch_live_for_mesh_and_plaintext_clients() -> Result<()> {
     let b = PolicyBed::new("pol-modes", NS, &[("ns.yaml", &namespace_pa(NS, "STRICT"))])?;
 
     // STRICT: the mesh client gets through in mTLS; plaintext is refused in the kernel and the
@@ -130,6 +130,15 @@ fn strict_permissive_disable_switch_live_for_mesh_and_plaintext_clients() -> Res
     })?;
     assert_eq!(rec["mode"], "mTLS", "{rec}");
 
+    // Straight back to STRICT: plaintext, accepted a moment ago, is refused again in the kernel.
+    b.policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
+    b.expect("outsider", PORT, false, WITHIN_1S)?;
+    let seen = b.m.accepted("server");
+    let out = b.expect("outsider", PORT, false, NOW)?;
+    assert!(out.contains("refused"), "{out}");
+    assert_eq!(b.m.accepted("server"), seen, "the server never saw the refused connection");
+    assert_eq!(b.expect("client", PORT, true, NOW)?, "server:ping");
+
     // DISABLE: the mesh client sends plaintext; plaintext is accepted.
     b.policies.write("ns.yaml", &namespace_pa(NS, "DISABLE"))?;
     let deadline = Instant::now() + WITHIN_1S;
@@ -153,7 +162,7 @@ fn strict_permissive_disable_switch_live_for_mesh_and_plaintext_clients() -> Res
     }
     assert_eq!(b.expect("outsider", PORT, true, NOW)?, "server:ping");
 
-    // And back to STRICT.
+    // And from DISABLE back to STRICT.
     b.policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
     b.expect("outsider", PORT, false, WITHIN_1S)?;
     assert_eq!(b.expect("client", PORT, true, NOW)?, "server:ping");
@@ -221,6 +230,18 @@ fn the_workshop_v1alpha1_policy_files_apply_as_written() -> Result<()> {
     assert_eq!(b.expect("client", PORT, true, NOW)?, "server:ping");
     b.policies.write("hipster-app-mtls.yaml", &shipped("hipster-app-mtls-permissive.yaml")?)?;
     assert_eq!(b.expect("outsider", PORT, true, WITHIN_1S)?, "server:ping");
+
+    // Mixing APIs: beside the STRICT v1alpha1 Policy, the mesh-wide PERMISSIVE
+    // PeerAuthentication decides (as in Istio), and the agent says so, naming both, once.
+    b.policies.write("hipster-app-mtls.yaml", &shipped("hipster-app-mtls.yaml")?)?;
+    b.expect("outsider", PORT, false, WITHIN_1S)?;
+    b.policies.write("mesh-default.yaml", &shipped("mesh-default.yaml")?)?;
+    assert_eq!(b.expect("outsider", PORT, true, WITHIN_1S)?, "server:ping");
+    let warning = "Policy hipster-app/default (STRICT) is overridden by PeerAuthentication istio-system/default (PERMISSIVE";
+    b.agent().wait_log(warning, Duration::from_secs(2))?;
+    // Several watch polls later, still logged once: only a change logs it again.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(b.agent().log().matches(warning).count(), 1, "{}", b.agent().log());
     Ok(())
 }
 
@@ -270,5 +291,14 @@ fn policy_check_reports_modes_and_deciders_and_fails_on_invalid_input() -> Resul
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.yaml:") && err.contains("portLevelMtls requires selector"), "{err}");
+
+    // A missing directory: the OS error is printed once.
+    std::fs::write(&workloads, "workloads: []\n")?;
+    let out = run(&dir.0.join("missing"))?;
+    let _ = std::fs::remove_file(&workloads);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("missing: cannot read: "), "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! or the API server, keeps enrollment in step with it, and serves the admin API.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::AtomicUsize, Arc},
@@ -20,7 +20,7 @@ use crate::{
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
     kubernetes,
-    policy::{Mode, PolicySet},
+    policy::{Mode, PolicySet, Warning},
     tunnel::{
         hbone::{self, HBONE_PORT},
         inbound::{self, InboundContext},
@@ -114,6 +114,8 @@ struct Agent {
     pods: BTreeMap<String, EnrolledPod>,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
+    /// The policy warnings logged last, so a workload change logs only new ones.
+    policy_warnings: HashSet<Warning>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -182,8 +184,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
+        policy_warnings: HashSet::new(),
     };
     if feed.is_none() {
+        agent.log_policy_warnings(true);
         agent.reconcile(true);
     } else {
         agent.readiness.set(false, "waiting for the first sync with the API server".into());
@@ -346,8 +350,24 @@ impl Agent {
         }
         self.workloads_tx.send_replace(Arc::new(s.workloads.clone()));
         self.policies_tx.send_replace(Arc::new(s.policies.clone()));
+        self.log_policy_warnings(first || policies_changed);
         self.reconcile(first);
         self.apply_policies();
+    }
+
+    /// Logs the policies' warnings against the current workloads: all of them after a
+    /// policy change, else only those that are new (a pod or service came or went).
+    fn log_policy_warnings(&mut self, policies_changed: bool) {
+        let ws = self.workloads_tx.borrow().clone();
+        let ps = self.policies_tx.borrow().clone();
+        let mut now = ps.warnings();
+        now.extend(ps.lint(&ws));
+        for w in &now {
+            if policies_changed || !self.policy_warnings.contains(w) {
+                warn!("{w}");
+            }
+        }
+        self.policy_warnings = now.into_iter().collect();
     }
 
     /// Enrolls the node's pods whose enrollment failed before.
@@ -365,6 +385,7 @@ impl Agent {
             Ok(ps) => {
                 info!(dir = %dir.display(), policies = ps.len(), "policies changed");
                 self.policies_tx.send_replace(Arc::new(ps));
+                self.log_policy_warnings(true);
                 self.apply_policies();
             }
             // Keep enforcing the last good set.
@@ -421,6 +442,7 @@ impl Agent {
             Ok(ws) => {
                 info!(file = %file.display(), "workloads changed");
                 self.workloads_tx.send_replace(Arc::new(ws));
+                self.log_policy_warnings(false);
                 self.reconcile(false);
                 self.apply_policies();
             }
@@ -548,12 +570,9 @@ fn inbound_mode(m: Mode) -> InboundMode {
     }
 }
 
+/// The policies of `dir`; their warnings are logged by [`Agent::log_policy_warnings`].
 fn load_policies(dir: &Path, root_namespace: &str) -> anyhow::Result<PolicySet> {
-    let (ps, warnings) = PolicySet::load_dir(dir)?;
-    for w in warnings {
-        warn!("{}:{}: {}", w.file.display(), w.line, w.message);
-    }
-    Ok(ps.with_root_namespace(root_namespace))
+    Ok(PolicySet::load_dir(dir, root_namespace)?)
 }
 
 /// Detects changes to a file, or to any file of a directory, by name, modification time, size

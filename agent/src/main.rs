@@ -86,9 +86,8 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&workloads)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
             let ws = workloads::WorkloadSet::parse(&text, &workloads)?;
-            let (ps, warnings) = policy::PolicySet::load_dir(&dir)?;
-            let ps = ps.with_root_namespace(&root_namespace);
-            print!("{}", policy::render_report(&ps.report(&ws), &warnings));
+            let ps = policy::PolicySet::load_dir(&dir, &root_namespace)?;
+            print!("{}", policy::render_check(&ps, &ws));
             Ok(())
         }
         Command::Check { pod, client } => {

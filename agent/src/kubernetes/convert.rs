@@ -372,7 +372,7 @@ mod tests {
         .unwrap();
         let (yaml, origin) = policy_document(&obj, &ar).unwrap();
         assert_eq!(origin, PathBuf::from("kubernetes:peerauthentications/ns/default"));
-        let (set, _) = crate::policy::PolicySet::parse(&yaml, &origin).unwrap();
+        let set = crate::policy::PolicySet::parse(&yaml, &origin).unwrap();
         assert_eq!(set.len(), 1);
         assert!(!yaml.contains("managedFields") && !yaml.contains("status"), "{yaml}");
     }

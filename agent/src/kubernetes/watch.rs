@@ -28,7 +28,7 @@ use tokio::{
     sync::{watch, Notify},
     task::JoinHandle,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::convert;
 use crate::{
@@ -350,18 +350,13 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
             }
         }
     }
-    let (policies, warnings, errors) = PolicySet::from_documents(
+    // Warnings are the agent's to log, once per change (`PolicySet::warnings` and `lint`).
+    let (policies, errors) = PolicySet::from_documents(
         docs.iter().map(|(src, origin)| (src.as_str(), origin.as_path())),
+        root_namespace,
     );
-    for w in warnings {
-        debug!("{w}");
-    }
     rejected.extend(errors.iter().map(ToString::to_string));
-    Snapshot {
-        workloads: WorkloadSet { workloads, services },
-        policies: policies.with_root_namespace(root_namespace),
-        rejected,
-    }
+    Snapshot { workloads: WorkloadSet { workloads, services }, policies, rejected }
 }
 
 #[cfg(test)]

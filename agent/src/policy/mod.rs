@@ -19,8 +19,10 @@
 //!     mode per port and requires a selector.
 //!
 //!   Precedence: workload port > workload > namespace > mesh. Within one level
-//!   only the oldest policy counts (`metadata.creationTimestamp`; a policy with
-//!   a timestamp is older than one without; ties by name). A mode of `UNSET`
+//!   only the oldest policy counts (`metadata.creationTimestamp`, ties by
+//!   name). A policy without a timestamp (a file that never went through the
+//!   API server) counts as newer than every timestamped one: applied now, the
+//!   API server would stamp it with the current time. A mode of `UNSET`
 //!   (or no `mtls` at all) inherits from the level above; a port-level `UNSET`
 //!   takes the workload's effective mode.
 //!
@@ -53,7 +55,10 @@
 //! decides if any of its policies matches. Otherwise the mode is PERMISSIVE
 //! ("no policy"). PeerAuthentication is the newer API; letting it win means a
 //! cluster can migrate one namespace at a time by adding PeerAuthentications
-//! next to the old Policies.
+//! next to the old Policies. It also means a mesh-wide PERMISSIVE
+//! PeerAuthentication overrides a namespace's STRICT v1alpha1 Policy, so
+//! [`PolicySet::lint`] warns, naming both, wherever a PeerAuthentication
+//! overrides a v1alpha1 policy that would otherwise decide.
 //!
 //! # Errors and warnings
 //!
@@ -66,6 +71,11 @@
 //! DISABLE, PERMISSIVE or STRICT)`. Loading a directory fails as a whole if any
 //! document is invalid, so the caller can keep its last good set. Unknown
 //! `metadata` fields and `status` are ignored.
+//!
+//! [`PolicySet::warnings`] (skipped documents, ignored fields, root-namespace
+//! selectors, same-level conflicts) is computed from the set, so it always
+//! follows the root namespace in use; [`PolicySet::lint`] adds what needs the
+//! workloads.
 
 mod parse;
 mod report;
@@ -80,7 +90,7 @@ use serde::Serialize;
 use crate::workloads::{Workload, WorkloadSet};
 use crate::yamlde::{At, FieldPrefix};
 
-pub use report::render_report;
+pub use report::{render_check, render_report};
 
 /// The root namespace used unless [`PolicySet::with_root_namespace`] says otherwise.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -249,8 +259,9 @@ fn serialize_ports<S: serde::Serializer>(
 /// Why a policy file or directory was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// A file or the directory could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    /// A file or the directory could not be read. The OS error is the source, not part of
+    /// the message, so an error chain (`{:#}`) names it once.
+    #[error("{}: cannot read", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -411,10 +422,11 @@ impl PolicySet {
     }
 
     /// Loads every `*.yaml` / `*.yml` file directly in `dir`, in file-name
-    /// order. Fails as a whole if any document is invalid or if two documents
-    /// define the same object. The warnings are those of [`warnings`](Self::warnings)
-    /// for the default root namespace.
-    pub fn load_dir(dir: &Path) -> Result<(PolicySet, Vec<Warning>), PolicyError> {
+    /// order, with `root_namespace` as the root namespace. Fails as a whole if
+    /// any document is invalid or if two documents define the same object.
+    /// The warnings are [`warnings`](Self::warnings) (and, against workloads,
+    /// [`lint`](Self::lint)): computed from the set, so always for its root.
+    pub fn load_dir(dir: &Path, root_namespace: &str) -> Result<PolicySet, PolicyError> {
         let read_err = |source| PolicyError::Read { path: dir.to_path_buf(), source };
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_err)? {
@@ -442,26 +454,25 @@ impl PolicySet {
             builder.add_file(&src, path)?;
         }
         tracing::debug!(dir = %dir.display(), files = files.len(), "policies parsed");
-        let set = builder.finish();
-        let warnings = set.warnings();
-        Ok((set, warnings))
+        Ok(builder.finish().with_root_namespace(root_namespace))
     }
 
-    /// Parses the text of one file; `origin` is used in messages.
-    pub fn parse(src: &str, origin: &Path) -> Result<(PolicySet, Vec<Warning>), PolicyError> {
+    /// Parses the text of one file; `origin` is used in messages. The root
+    /// namespace is [`DEFAULT_ROOT_NAMESPACE`] until
+    /// [`with_root_namespace`](Self::with_root_namespace) says otherwise.
+    pub fn parse(src: &str, origin: &Path) -> Result<PolicySet, PolicyError> {
         let mut builder = parse::Builder::default();
         builder.add_file(src, origin)?;
-        let set = builder.finish();
-        let warnings = set.warnings();
-        Ok((set, warnings))
+        Ok(builder.finish())
     }
 
     /// Builds a set from separate objects, each one document with its own origin (the API
-    /// server's objects): an invalid object is left out and its error returned, and the
-    /// others stay in force.
+    /// server's objects), with `root_namespace` as the root namespace: an invalid object is
+    /// left out and its error returned, and the others stay in force.
     pub fn from_documents<'a>(
         docs: impl IntoIterator<Item = (&'a str, &'a Path)>,
-    ) -> (PolicySet, Vec<Warning>, Vec<PolicyError>) {
+        root_namespace: &str,
+    ) -> (PolicySet, Vec<PolicyError>) {
         let mut builder = parse::Builder::default();
         let mut errors = Vec::new();
         for (src, origin) in docs {
@@ -474,9 +485,7 @@ impl PolicySet {
                 errors.push(e);
             }
         }
-        let set = builder.finish();
-        let warnings = set.warnings();
-        (set, warnings, errors)
+        (builder.finish().with_root_namespace(root_namespace), errors)
     }
 
     /// Sets the root namespace (MeshConfig `rootNamespace`): its
@@ -555,7 +564,10 @@ impl PolicySet {
     }
 
     /// Checks the policies against the workloads: v1alpha1 targets naming
-    /// services or service ports that do not exist.
+    /// services or service ports that do not exist (such a target has no
+    /// effect), and v1alpha1 policies that a PeerAuthentication overrides for
+    /// some workload (naming both). Not part of [`warnings`](Self::warnings)
+    /// because the workloads change far more often than the policies.
     pub fn lint(&self, ws: &WorkloadSet) -> Vec<Warning> {
         resolve::lint(self, ws)
     }
@@ -627,7 +639,7 @@ services:
     /// Parses `src` as `policies/test.yaml`, panicking with the error.
     pub fn set(src: &str) -> PolicySet {
         match PolicySet::parse(src, Path::new("policies/test.yaml")) {
-            Ok((set, _)) => set,
+            Ok(set) => set,
             Err(e) => panic!("rejected: {e}\n{src}"),
         }
     }
@@ -635,7 +647,7 @@ services:
     /// The error `src` is rejected with.
     pub fn err(src: &str) -> String {
         match PolicySet::parse(src, Path::new("policies/test.yaml")) {
-            Ok((set, _)) => panic!("accepted: {set:?}\n{src}"),
+            Ok(set) => panic!("accepted: {set:?}\n{src}"),
             Err(e) => e.to_string(),
         }
     }

@@ -997,6 +997,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::policy::testutil::{err, legacy, pa, set};
+    use crate::policy::DEFAULT_ROOT_NAMESPACE;
     use std::path::PathBuf;
 
     /// The workshop's policy, verbatim.
@@ -1025,7 +1026,7 @@ spec:
 
     fn parse_warnings(src: &str) -> Vec<String> {
         match PolicySet::parse(src, Path::new("policies/test.yaml")) {
-            Ok((_, w)) => w.iter().map(ToString::to_string).collect(),
+            Ok(s) => s.warnings().iter().map(ToString::to_string).collect(),
             Err(e) => panic!("rejected: {e}"),
         }
     }
@@ -1443,7 +1444,8 @@ spec: {anything: [goes, {here: 1}]}
 ---
 # only a comment
 ";
-        let (s, w) = PolicySet::parse(src, Path::new("p.yaml")).unwrap();
+        let s = PolicySet::parse(src, Path::new("p.yaml")).unwrap();
+        let w = s.warnings();
         assert!(s.is_empty());
         let w: Vec<String> = w.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -1542,7 +1544,8 @@ spec: {anything: [goes, {here: 1}]}
     #[test]
     fn load_dir_reads_yaml_files_only() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, w) = PolicySet::load_dir(dir.path()).unwrap();
+        let s = PolicySet::load_dir(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap();
+        let w = s.warnings();
         assert!(s.is_empty() && w.is_empty());
 
         std::fs::write(dir.path().join("b-workshop.yaml"), WORKSHOP_STRICT).unwrap();
@@ -1560,7 +1563,8 @@ spec: {anything: [goes, {here: 1}]}
         std::fs::write(dir.path().join(".hidden.yaml"), "not: [yaml").unwrap();
         std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
         std::fs::write(dir.path().join("sub.yaml/x.yaml"), "not: [yaml").unwrap();
-        let (s, w) = PolicySet::load_dir(dir.path()).unwrap();
+        let s = PolicySet::load_dir(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap();
+        let w = s.warnings();
         assert_eq!(s.len(), 2);
         let files: Vec<_> = s.policies().map(|r| r.file.file_name().unwrap().to_owned()).collect();
         assert_eq!(files, ["a-mesh.yml", "b-workshop.yaml"]);
@@ -1573,7 +1577,7 @@ spec: {anything: [goes, {here: 1}]}
             "# a comment\n\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec:\n  mtls:\n    mode: STRCT\n",
         )
         .unwrap();
-        let e = PolicySet::load_dir(dir.path()).unwrap_err();
+        let e = PolicySet::load_dir(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -1585,16 +1589,20 @@ spec: {anything: [goes, {here: 1}]}
 
         // The same object in two files.
         std::fs::write(dir.path().join("e-again.yaml"), WORKSHOP_PERMISSIVE).unwrap();
-        let e = PolicySet::load_dir(dir.path()).unwrap_err().to_string();
+        let e = PolicySet::load_dir(dir.path(), DEFAULT_ROOT_NAMESPACE).unwrap_err().to_string();
         assert!(e.ends_with(&format!(
             "e-again.yaml:4: metadata.name: duplicate Policy hipster-app/default (first defined at {}:1)",
             dir.path().join("b-workshop.yaml").display()
         )), "{e}");
 
         let missing = dir.path().join("nope");
-        let e = PolicySet::load_dir(&missing).unwrap_err();
+        let e = PolicySet::load_dir(&missing, DEFAULT_ROOT_NAMESPACE).unwrap_err();
         assert!(matches!(e, PolicyError::Read { .. }), "{e:?}");
-        assert!(e.to_string().starts_with(&format!("{}: cannot read: ", missing.display())));
+        assert_eq!(e.to_string(), format!("{}: cannot read", missing.display()));
+        // As printed at the edges: the OS error once, from the source chain.
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+        assert!(chain.starts_with(&format!("{}: cannot read: ", missing.display())), "{chain}");
     }
 
     /// Hostile or truncated input is an error or a set, never a panic or a hang.
@@ -1633,7 +1641,7 @@ spec: {anything: [goes, {here: 1}]}
         // Nesting within a skipped document is fine up to a limit, then an error.
         let deep =
             format!("apiVersion: v1\nkind: X\nspec: {}1{}\n", "[".repeat(100), "]".repeat(100));
-        let r = PolicySet::parse(&deep, Path::new("x")).map(|(s, w)| (s.len(), w.len()));
+        let r = PolicySet::parse(&deep, Path::new("x")).map(|s| (s.len(), s.warnings().len()));
         assert_eq!(r.as_ref().ok(), Some(&(0, 1)), "{r:?}");
         let deep =
             format!("apiVersion: v1\nkind: X\nspec: {}1{}\n", "[".repeat(5_000), "]".repeat(5_000));

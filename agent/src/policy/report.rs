@@ -2,7 +2,16 @@
 
 use std::fmt::Write as _;
 
-use super::{Decision, Warning, WorkloadReport};
+use super::{Decision, PolicySet, Warning, WorkloadReport};
+use crate::workloads::WorkloadSet;
+
+/// `policy check`: [`render_report`] for `ws`, with the set's warnings and
+/// then those of [`PolicySet::lint`].
+pub fn render_check(set: &PolicySet, ws: &WorkloadSet) -> String {
+    let mut warnings = set.warnings();
+    warnings.extend(set.lint(ws));
+    render_report(&set.report(ws), &warnings)
+}
 
 /// A table with one row per workload and port (`*` for the default), then
 /// the policies that were ignored and why, then the warnings:
@@ -107,8 +116,8 @@ mod tests {
             + &pa("hipster-app", "fe", None, "  selector: {matchLabels: {app: frontend}}\n  portLevelMtls:\n    15020: {mode: DISABLE}\n")
             + &pa("istio-system", "x", None, "  selector: {matchLabels: {app: frontend}}\n")
             + "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: dr, namespace: hipster-app}\n";
-        let (s, warnings) = PolicySet::parse(&src, Path::new("p.yaml")).unwrap();
-        let out = render_report(&s.report(&ws), &warnings);
+        let s = PolicySet::parse(&src, Path::new("p.yaml")).unwrap();
+        let out = render_check(&s, &ws);
         let expected = "\
 WORKLOAD              PORT   MODE        DECIDED BY
 frontend.hipster-app  *      STRICT      PeerAuthentication hipster-app/default (namespace)
@@ -116,6 +125,7 @@ frontend.hipster-app  15020  DISABLE     PeerAuthentication hipster-app/fe (work
 db.data               *      PERMISSIVE  - (no policy)
 
 ignored:
+  frontend.hipster-app: PeerAuthentication hipster-app/default (p.yaml:2): port 15020: overridden by port 15020 of PeerAuthentication hipster-app/fe
   frontend.hipster-app: PeerAuthentication istio-system/x (p.yaml:20): selector in the root namespace istio-system is ignored
 
 warnings:
@@ -123,6 +133,22 @@ warnings:
   p.yaml:20: PeerAuthentication istio-system/x: selector in the root namespace istio-system is ignored (a root-namespace PeerAuthentication applies mesh-wide and must have no selector)
 ";
         assert_eq!(out, expected);
+    }
+
+    /// `policy check` also shows what needs the workloads to see: a target that matches nothing.
+    #[test]
+    fn check_includes_the_lint() {
+        let ws = WorkloadSet::parse(
+            "workloads: [{name: a, namespace: b, ip: 10.0.0.1, node: n}]\n",
+            Path::new("w.yaml"),
+        )
+        .unwrap();
+        let src = "apiVersion: authentication.istio.io/v1alpha1\nkind: Policy\nmetadata: {name: x, namespace: b}\nspec:\n  targets: [{name: gone}]\n";
+        let out = render_check(&set(src), &ws);
+        assert!(
+            out.ends_with("warnings:\n  policies/test.yaml:5: Policy b/x: target service gone does not exist in namespace b\n"),
+            "{out}"
+        );
     }
 
     #[test]
