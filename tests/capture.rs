@@ -287,6 +287,41 @@ fn the_ebpf_programs_log_lines_follow_the_log_level_set_at_run_time() -> Result<
 }
 
 #[test]
+fn plaintext_accepted_by_an_enrolled_pod_is_recorded_with_its_policy_and_bytes() -> Result<()> {
+    // No policy: PERMISSIVE. `o` is outside the mesh; `a` and `b` are enrolled.
+    let s = Scenario::new("cap-plain", &["a", "b", "o"], &["a", "b"], &["b"])?;
+    let dst = s.addr("b", ECHO_PORT).to_string();
+    let (out, ok) = client(&s.bed, "o", &["--connect", &dst, "--message", "in-the-clear"])?;
+    assert!(ok && out.trim() == "b:in-the-clear", "{out}");
+    let o_ip = s.bed.pod("o").ip.to_string();
+    let plain = |c: &serde_json::Value| c["mode"] == "plaintext";
+    let rec = s.agent.wait_connection(Duration::from_secs(3), |c| plain(c))?;
+    assert_eq!(rec["direction"], "inbound", "{rec}");
+    assert_eq!(rec["destination"], dst.as_str(), "{rec}");
+    assert_eq!(rec["destinationPod"], format!("b.{NS}"), "{rec}");
+    assert!(rec["source"].as_str().unwrap_or_default().starts_with(&format!("{o_ip}:")), "{rec}");
+    assert_eq!(rec["sourcePod"], serde_json::Value::Null, "o is not a workload: {rec}");
+    assert_eq!(rec["tls"], "PLAINTEXT", "{rec}");
+    assert!(rec["policy"].as_str().unwrap_or_default().contains("PERMISSIVE"), "{rec}");
+    // As b's app counts them: the message in, the echo out.
+    assert_eq!(rec["bytesReceived"], "in-the-clear".len(), "{rec}");
+    assert_eq!(rec["bytesSent"], "b:in-the-clear".len(), "{rec}");
+
+    // Traffic the agent carried (a -> b in mTLS, handed to b's app from b's own address) and
+    // loopback inside b are not plaintext on the wire: no record.
+    let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "tunnelled"])?;
+    assert!(ok && out.trim() == "b:tunnelled", "{out}");
+    s.agent.wait_outbound(|c| c["bytesSent"] == "tunnelled".len() && c["mode"] == "mTLS")?;
+    let lo = format!("127.0.0.1:{ECHO_PORT}");
+    let (out, ok) = client(&s.bed, "b", &["--connect", &lo, "--message", "local"])?;
+    assert!(ok && out.trim() == "b:local", "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let plaintext: Vec<_> = s.agent.connections()?.into_iter().filter(plain).collect();
+    assert_eq!(plaintext.len(), 1, "only o's connection was plaintext: {plaintext:#?}");
+    Ok(())
+}
+
+#[test]
 fn captured_over_ipv6_by_connect6() -> Result<()> {
     let s = Scenario::new("cap-v6", &["a", "b"], &["a"], &[])?;
     let mut cmd = Command::new(e2e_tool());
@@ -333,7 +368,14 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
     let mut s = Scenario::new("cap-watch", &["a", "b"], &["b"], &["b"])?;
     let dst = s.addr("b", ECHO_PORT).to_string();
     client(&s.bed, "a", &["--connect", &dst, "--message", "x"])?;
-    assert!(s.agent.connections()?.is_empty(), "a is not enrolled yet");
+    let outbound = |conns: Vec<serde_json::Value>| {
+        conns.iter().filter(|c| c["direction"] == "outbound").count()
+    };
+    assert_eq!(outbound(s.agent.connections()?), 0, "a is not enrolled yet");
+    // b is: the agent sees a's plaintext arrive there.
+    s.agent.wait_connection(Duration::from_secs(3), |c| {
+        c["mode"] == "plaintext" && c["bytesReceived"] == 1
+    })?;
 
     s.file.workloads.push(WorkloadEntry::of(s.bed.pod("a"), NS));
     s.file.write(&s.workloads_path)?;
@@ -346,10 +388,10 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
     s.file.workloads.retain(|w| w.name != "a");
     s.file.write(&s.workloads_path)?;
     s.agent.wait_log("released pod=a.shop", Duration::from_secs(1))?;
-    let before = s.agent.connections()?.len();
+    let before = outbound(s.agent.connections()?);
     let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "z"])?;
     assert!(ok && out.trim() == "b:z", "released pod talks directly: {out}");
-    assert_eq!(s.agent.connections()?.len(), before, "no longer captured");
+    assert_eq!(outbound(s.agent.connections()?), before, "no longer captured");
     Ok(())
 }
 

@@ -31,6 +31,7 @@ pub mod map_names {
     pub const INBOUND: &str = "INBOUND";
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
+    pub const PLAINTEXT_EVENTS: &str = "PLAIN_EVENTS";
 }
 
 /// A plaintext connection attempt refused by a STRICT port (sent on `EVENTS` so the agent can
@@ -45,6 +46,34 @@ pub struct RejectEvent {
     pub family: u16,
     pub _pad: u16,
 }
+
+/// A plaintext connection accepted by an app of an enrolled pod (PERMISSIVE, DISABLE, or a
+/// probe), opened or closed: the agent is not in its path, so the kernel tells it, and the
+/// operator sees unencrypted traffic too. Sent on `PLAINTEXT_EVENTS`. Addresses in network
+/// byte order, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PlaintextEvent {
+    /// Socket cookie: pairs the close with its open.
+    pub cookie: u64,
+    /// At close: bytes the app received, and bytes it sent that the peer acknowledged.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    /// `PLAINTEXT_OPENED` or `PLAINTEXT_CLOSED`.
+    pub kind: u16,
+    /// At close: the TCP state the socket left (`BPF_TCP_*`), which tells whether the byte
+    /// counts include a FIN (the kernel counts sequence space).
+    pub old_state: u16,
+    pub _pad: [u16; 3],
+}
+
+pub const PLAINTEXT_OPENED: u16 = 1;
+pub const PLAINTEXT_CLOSED: u16 = 2;
 
 /// Names of the programs in the object.
 pub mod prog_names {
@@ -171,4 +200,5 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::PortPolicy {}
     unsafe impl aya::Pod for super::RejectEvent {}
+    unsafe impl aya::Pod for super::PlaintextEvent {}
 }

@@ -151,6 +151,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(pump_ebpf_logs(logger));
     }
     let events = capture.take_events();
+    let plaintext_events = capture.take_plaintext_events();
     let program_ids = capture.program_ids();
     let log_switch = capture.log_switch();
     let orig_dst = Arc::new(capture.take_orig_dst().context("ORIG_DST map already taken")?);
@@ -167,6 +168,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         policies: policies_rx,
         stats: Default::default(),
     });
+    if let Some(ring) = plaintext_events {
+        tokio::spawn(track_plaintext(ring, mesh.clone()));
+    }
     if let Some(events) = events {
         tokio::spawn(log_rejections(events, mesh.clone()));
     }
@@ -650,6 +654,101 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 "rejected: plaintext to STRICT port {}",
                 dst.port()
             );
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Most plaintext connections the table follows at once; past it the oldest is forgotten
+/// (its close event was lost, or it outlives the bound), so lost events never grow memory.
+const MAX_PLAINTEXT_TRACKED: usize = 65536;
+
+/// Puts plaintext connections that enrolled pods' apps accepted directly (PERMISSIVE, DISABLE,
+/// probes) in the connection table, from the kernel's reports: the agent is not in their path,
+/// yet the operator asking "is this encrypted?" must see them.
+async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
+    use crate::capture::PlaintextSeen;
+    use crate::tunnel::connections::{ConnectionRecord, Direction};
+    // SAFETY: the ring buffer owns the fd and moves into the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("plaintext connection reports unavailable: {e}");
+            return;
+        }
+    };
+    // Socket cookie -> connection table id, and back (ids grow, so the first is the oldest).
+    let mut ids: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut cookies: BTreeMap<u64, u64> = BTreeMap::new();
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("plaintext connection reports: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match crate::capture::parse_plaintext_event(&item) {
+                Some(PlaintextSeen::Opened { cookie, client, pod }) => {
+                    let ws = mesh.workloads.borrow().clone();
+                    let dst = ws.by_ip(pod.ip());
+                    let decision = dst.map(|w| mesh.policies.borrow().decide(&ws, w, pod.port()));
+                    let id = mesh.conns.open(ConnectionRecord {
+                        id: 0,
+                        direction: Direction::Inbound,
+                        source_pod: ws.by_ip(client.ip()).map(|w| w.key()),
+                        source: client,
+                        original_destination: pod,
+                        destination: pod,
+                        destination_pod: dst.map(|w| w.key()),
+                        mode: "plaintext".into(),
+                        local_identity: None,
+                        peer_identity: None,
+                        tls: "PLAINTEXT".into(),
+                        policy: decision.map(|d| format!("{} ({})", d.reason, d.mode)),
+                        started_at: std::time::SystemTime::now(),
+                        bytes_sent: 0,
+                        bytes_received: 0,
+                        duration_ms: None,
+                        open: true,
+                        error: None,
+                    });
+                    if let Some(stale) = ids.insert(cookie, id) {
+                        cookies.remove(&stale);
+                        mesh.conns.close(stale, 0, 0, Some("no close report (lost)".into()));
+                    }
+                    cookies.insert(id, cookie);
+                    while cookies.len() > MAX_PLAINTEXT_TRACKED {
+                        let Some((old_id, old_cookie)) = cookies.pop_first() else { break };
+                        ids.remove(&old_cookie);
+                        mesh.conns.close(old_id, 0, 0, Some("no close report (lost)".into()));
+                    }
+                }
+                Some(PlaintextSeen::Closed { cookie, bytes_received, bytes_sent }) => {
+                    // A connection opened before this agent started is not in the table.
+                    let Some(id) = ids.remove(&cookie) else { continue };
+                    cookies.remove(&id);
+                    if let Some(rec) = mesh.conns.close(id, bytes_sent, bytes_received, None) {
+                        info!(
+                            direction = "inbound",
+                            src = %rec.source,
+                            dst = %rec.destination,
+                            dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
+                            tls = "PLAINTEXT",
+                            policy = rec.policy.as_deref().unwrap_or("-"),
+                            bytes_in = bytes_received,
+                            bytes_out = bytes_sent,
+                            duration_ms = rec.duration_ms.unwrap_or_default(),
+                            "plaintext connection closed (accepted by the pod's app, not carried by the agent)"
+                        );
+                    }
+                }
+                None => {}
+            }
         }
         guard.clear_ready();
     }

@@ -16,8 +16,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
@@ -27,9 +27,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mtls_agent_ebpf::{
-    stats, Config, ConnKey, OrigDst, PendingDst, PodInfo, PortKey, PortPolicy, RejectEvent,
-    SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS, MAX_INBOUND_RULES,
-    MAX_PODS, MODE_STRICT,
+    stats, Config, ConnKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey, PortPolicy,
+    RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS,
+    MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -61,6 +61,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::LEN, 0);
 /// Refusals for the agent's log; not pinned: while no agent reads, they are only counted.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Plaintext connections accepted by enrolled pods' apps, opened and closed; not pinned, as
+/// `EVENTS`.
+#[map(name = "PLAIN_EVENTS")]
+static PLAINTEXT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -174,10 +178,19 @@ pub fn mtls_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             let _ = on_connect(&ctx);
         }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let _ = on_plaintext_accepted(&ctx);
+        }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                if let Some(key) = conn_key(&ctx) {
-                    let _ = ORIG_DST.remove(&key);
+                // Only two kinds of socket ask for state callbacks: captured app sockets
+                // (connected to the agent's loopback listener) and plaintext accepted by an app.
+                if is_captured(&ctx) {
+                    if let Some(key) = conn_key(&ctx) {
+                        let _ = ORIG_DST.remove(&key);
+                    }
+                } else {
+                    let _ = plaintext_event(&ctx, PLAINTEXT_CLOSED);
                 }
             }
         }
@@ -196,6 +209,109 @@ fn on_connect(ctx: &SockOpsContext) -> Option<()> {
     ORIG_DST.insert(&key, &orig, 0).ok()?;
     // Ask for state callbacks so the entry is deleted when this socket closes.
     ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).ok()
+}
+
+/// Whether this socket is an app's connection redirected to the agent's listener.
+#[inline(always)]
+fn is_captured(ctx: &SockOpsContext) -> bool {
+    // sock_ops gives the remote port in network byte order in the upper half on little-endian
+    // machines: `bpf_ntohl` of the field is the port.
+    if u32::from_be(ctx.remote_port()) as u16 != OUTBOUND_PORT {
+        return false;
+    }
+    match ctx.family() as u16 {
+        AF_INET => ctx.remote_ip4() == LOOPBACK_V4,
+        AF_INET6 => {
+            let w = ctx.remote_ip6();
+            let mapped = w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD && w[3] == LOOPBACK_V4;
+            mapped || (w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == LOOPBACK_V6_LAST)
+        }
+        _ => false,
+    }
+}
+
+/// An app of an enrolled pod accepted a connection that did not come through the agent:
+/// plaintext on the wire (PERMISSIVE, DISABLE, or a probe). Reported, and followed to its close.
+fn on_plaintext_accepted(ctx: &SockOpsContext) -> Option<()> {
+    // SAFETY: helper call with the program's own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of plain data.
+    unsafe { ENROLLED.get(&netns_cookie) }?;
+    let port = ctx.local_port() as u16;
+    if port == INBOUND_PORT || port == OUTBOUND_PORT {
+        return None;
+    }
+    let (local, remote) = addresses(ctx)?;
+    // Traffic inside the pod (loopback, or the agent handing tunnelled bytes to the app from
+    // the pod's own address) never crossed the network.
+    if local == remote || is_loopback(&remote) {
+        return None;
+    }
+    plaintext_event(ctx, PLAINTEXT_OPENED)?;
+    ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).ok()
+}
+
+fn plaintext_event(ctx: &SockOpsContext, kind: u16) -> Option<()> {
+    let (local, remote) = addresses(ctx)?;
+    // SAFETY: helper call with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain fields of the context; the kernel returns 0 for a socket that is not full.
+    let (bytes_received, bytes_sent) =
+        unsafe { ((*ctx.ops).bytes_received, (*ctx.ops).bytes_acked) };
+    let event = PlaintextEvent {
+        cookie,
+        bytes_received,
+        bytes_sent,
+        local,
+        remote,
+        local_port: ctx.local_port() as u16,
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+        family: ctx.family() as u16,
+        kind,
+        old_state: if kind == PLAINTEXT_CLOSED { ctx.arg(0) as u16 } else { 0 },
+        _pad: [0; 3],
+    };
+    // A full buffer loses the report, never the connection.
+    PLAINTEXT_EVENTS.output::<PlaintextEvent>(&event, 0).ok()
+}
+
+/// (local, remote) addresses of the socket, IPv4 in the first word. Not inlined: inlined
+/// copies on several paths get merged by the compiler into one load through a selected
+/// context pointer, which the verifier refuses.
+#[inline(never)]
+fn addresses(ctx: &SockOpsContext) -> Option<([u32; 4], [u32; 4])> {
+    // SAFETY: the kernel hands us a valid bpf_sock_ops for the duration of the program.
+    let o = unsafe { &*ctx.ops };
+    // Each field read once at its fixed offset, as in `inbound_allowed`: the verifier rejects
+    // loads through a context pointer the compiler has offset.
+    let family = read(&o.family) as u16;
+    let local4 = read(&o.local_ip4);
+    let remote4 = read(&o.remote_ip4);
+    let local6 = [
+        read(&o.local_ip6[0]),
+        read(&o.local_ip6[1]),
+        read(&o.local_ip6[2]),
+        read(&o.local_ip6[3]),
+    ];
+    let remote6 = [
+        read(&o.remote_ip6[0]),
+        read(&o.remote_ip6[1]),
+        read(&o.remote_ip6[2]),
+        read(&o.remote_ip6[3]),
+    ];
+    match family {
+        AF_INET => Some(([local4, 0, 0, 0], [remote4, 0, 0, 0])),
+        AF_INET6 => Some((local6, remote6)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn is_loopback(a: &[u32; 4]) -> bool {
+    let v4_loop = |w: u32| u32::from_be(w) >> 24 == 127;
+    (a[1] == 0 && a[2] == 0 && a[3] == 0 && v4_loop(a[0]))
+        || (a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD && v4_loop(a[3]))
+        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK_V6_LAST)
 }
 
 /// The client side of this socket, as the agent's listener sees it (IPv4-mapped addresses

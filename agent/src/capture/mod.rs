@@ -130,6 +130,7 @@ pub struct Capture {
     orig_dst: Option<OrigDstMap>,
     pending: HashMap<MapData, u64, PendingDst>,
     events: Option<RingBuf<MapData>>,
+    plaintext_events: Option<RingBuf<MapData>>,
     /// (name, kernel id) of the programs this instance loaded.
     program_ids: Vec<(String, u32)>,
     // Keeps the kernel's run-time statistics for BPF programs switched on while we run.
@@ -210,6 +211,7 @@ impl Capture {
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
+        let plaintext_events = Some(take_map(&mut ebpf, map_names::PLAINTEXT_EVENTS)?);
         let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)? });
         let pending = take_map(&mut ebpf, map_names::PENDING)?;
 
@@ -283,6 +285,7 @@ impl Capture {
             orig_dst,
             pending,
             events,
+            plaintext_events,
             program_ids,
             _stats_enabled,
             logger,
@@ -465,6 +468,12 @@ impl Capture {
     /// The ring buffer of refusals by the inbound program; the caller polls its fd.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The ring buffer of plaintext connections accepted by enrolled pods' apps, opened and
+    /// closed ([`parse_plaintext_event`]); the caller polls its fd.
+    pub fn take_plaintext_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.plaintext_events.take()
     }
 
     /// The switch for the programs' debug lines.
@@ -678,6 +687,69 @@ pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?))
 }
 
+/// A plaintext connection an enrolled pod's app accepted, as the kernel reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaintextSeen {
+    Opened {
+        cookie: u64,
+        client: SocketAddr,
+        pod: SocketAddr,
+    },
+    /// Bytes as the pod's app counts them: received from the client, sent to it (acknowledged).
+    Closed {
+        cookie: u64,
+        bytes_received: u64,
+        bytes_sent: u64,
+    },
+}
+
+/// Decodes an item of the plaintext ring buffer; IPv4-mapped addresses become IPv4.
+pub fn parse_plaintext_event(bytes: &[u8]) -> Option<PlaintextSeen> {
+    if bytes.len() < std::mem::size_of::<mtls_agent_ebpf::PlaintextEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; PlaintextEvent is plain data and read unaligned.
+    let e: mtls_agent_ebpf::PlaintextEvent =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let addr = |a: [u32; 4], port: u16| {
+        let s = from_sock_addr(SockAddr { addr: a, port, family: e.family })?;
+        Some(SocketAddr::new(s.ip().to_canonical(), s.port()))
+    };
+    match e.kind {
+        mtls_agent_ebpf::PLAINTEXT_OPENED => Some(PlaintextSeen::Opened {
+            cookie: e.cookie,
+            client: addr(e.remote, e.remote_port)?,
+            pod: addr(e.local, e.local_port)?,
+        }),
+        mtls_agent_ebpf::PLAINTEXT_CLOSED => {
+            let (fin_in, fin_out) = fins_counted(e.old_state);
+            Some(PlaintextSeen::Closed {
+                cookie: e.cookie,
+                bytes_received: e.bytes_received.saturating_sub(fin_in.into()),
+                bytes_sent: e.bytes_sent.saturating_sub(fin_out.into()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether the kernel's byte counts of a socket closing from TCP state `old` include the peer's
+/// FIN (received) and our FIN (acknowledged): both take one sequence number. Left out of the
+/// reckoning: a FIN_WAIT2 that timed out (counted as if the FIN came) and a LAST_ACK reset.
+fn fins_counted(old: u16) -> (bool, bool) {
+    // Linux TCP states (include/net/tcp_states.h).
+    const FIN_WAIT2: u16 = 5;
+    const TIME_WAIT: u16 = 6;
+    const CLOSE_WAIT: u16 = 8;
+    const LAST_ACK: u16 = 9;
+    const CLOSING: u16 = 11;
+    match old {
+        FIN_WAIT2 | TIME_WAIT | CLOSING | LAST_ACK => (true, true),
+        CLOSE_WAIT => (true, false),
+        _ => (false, false),
+    }
+}
+
 pub fn to_sock_addr(a: SocketAddr) -> SockAddr {
     match a.ip() {
         IpAddr::V4(ip) => SockAddr {
@@ -716,6 +788,40 @@ pub fn from_sock_addr(s: SockAddr) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_close_reports_payload_bytes_without_fins() {
+        let event = |old_state, received, sent| {
+            let e = mtls_agent_ebpf::PlaintextEvent {
+                cookie: 7,
+                bytes_received: received,
+                bytes_sent: sent,
+                kind: mtls_agent_ebpf::PLAINTEXT_CLOSED,
+                old_state,
+                family: AF_INET,
+                ..Default::default()
+            };
+            // SAFETY: plain data, read as the ring buffer hands it over.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&e as *const mtls_agent_ebpf::PlaintextEvent).cast::<u8>(),
+                    std::mem::size_of_val(&e),
+                )
+            };
+            parse_plaintext_event(bytes)
+        };
+        let closed = |bytes_received, bytes_sent| {
+            Some(PlaintextSeen::Closed { cookie: 7, bytes_received, bytes_sent })
+        };
+        // Both FINs went through (LAST_ACK: the app closed after the client).
+        assert_eq!(event(9, 13, 15), closed(12, 14));
+        // Reset while established: no FIN in the counts.
+        assert_eq!(event(1, 13, 15), closed(13, 15));
+        // The client's FIN came, ours was never acknowledged.
+        assert_eq!(event(8, 13, 15), closed(12, 15));
+        // Short items are ignored, not misread.
+        assert_eq!(parse_plaintext_event(&[0; 8]), None);
+    }
 
     #[test]
     fn sock_addr_round_trips_v4_v6_and_reduces_v4_mapped() {
