@@ -289,7 +289,12 @@ async fn relay_mtls(
     cert: Arc<WorkloadCert>,
     expected: SpiffeId,
 ) -> Result<Transfer, OutboundError> {
-    let key = PoolKey { src: cert.spiffe_id().clone(), dst: expected.clone(), dst_ip: dst.ip() };
+    let key = PoolKey {
+        src_netns: ctx.netns.cookie(),
+        src: cert.spiffe_id().clone(),
+        dst: expected.clone(),
+        dst_ip: dst.ip(),
+    };
     let netns = ctx.netns.clone();
     let trust = ctx.mesh.trust.clone();
     let connect = || async {
