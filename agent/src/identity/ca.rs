@@ -782,6 +782,32 @@ mod tests {
     }
 
     #[test]
+    fn a_root_cert_file_with_two_roots_loads_and_verifies_leaves_from_either() {
+        // Root rotation: this CA's directory also trusts the next root, listed first.
+        let (_tmp, current) = new_ca("cluster.local");
+        let (_tmp2, next) = new_ca("cluster.local");
+        let dir = current.dir().to_path_buf();
+        let both = format!(
+            "{}{}",
+            read(&next.dir().join(ROOT_CERT_FILE)),
+            read(&dir.join(ROOT_CERT_FILE))
+        );
+        fs::write(dir.join(ROOT_CERT_FILE), both).unwrap();
+        let ca = CaSigner::load(&dir).unwrap();
+        assert_eq!(ca.trust_bundle().len(), 2);
+        let leaf_id = id("spiffe://cluster.local/ns/a/sa/b");
+        for issuer in [&ca, &next] {
+            let cert = issuer.issue(&leaf_id, Duration::from_secs(60)).unwrap();
+            verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap();
+        }
+        // Trusting two roots is not trusting everyone.
+        let (_tmp3, stranger) = new_ca("cluster.local");
+        let cert = stranger.issue(&leaf_id, Duration::from_secs(60)).unwrap();
+        let err = verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap_err();
+        assert_eq!(describe_tls_error(&err), "certificate signed by an unknown CA");
+    }
+
+    #[test]
     fn intermediate_layout_issues_leaves_that_chain_to_the_root() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");
