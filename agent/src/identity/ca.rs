@@ -533,11 +533,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+pub(super) fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     let secs = t.timestamp();
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
