@@ -114,7 +114,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         .and_then(identity::serial_and_not_after)
         .map(|(serial, _)| serial)
         .unwrap_or_default();
-    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, peer_serial, "mTLS established");
+    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, peer_serial = %peer_serial, "mTLS established");
 
     let hctx = ctx.clone();
     let handler = move |target: SocketAddr| {
