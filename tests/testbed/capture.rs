@@ -2,6 +2,7 @@
 
 use std::io;
 use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +20,8 @@ const MAX_FRAMES_PER_DRAIN: usize = 100_000;
 
 struct State {
     data: Vec<u8>,
+    /// End offset in `data` of every kept frame.
+    frame_ends: Vec<usize>,
     frames: u64,
     truncated: bool,
     kernel_drops: u64,
@@ -58,6 +61,9 @@ impl Inner {
             let room = CAPTURE_CAP.saturating_sub(st.data.len());
             st.truncated |= n > room;
             st.data.extend_from_slice(&st.scratch[..n.min(room)]);
+            if n.min(room) > 0 {
+                st.frame_ends.push(st.data.len());
+            }
         }
         st.kernel_drops += read_drops(self.fd.as_raw_fd());
         state
@@ -122,6 +128,7 @@ impl Capture {
             fd,
             state: Mutex::new(State {
                 data: Vec::new(),
+                frame_ends: Vec::new(),
                 frames: 0,
                 truncated: false,
                 kernel_drops: 0,
@@ -157,6 +164,19 @@ impl Capture {
     pub fn contains(&self, needle: &[u8]) -> bool {
         let state = self.inner.drain();
         !needle.is_empty() && state.data.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Whether the TCP payload of some captured IPv4 frame from `src` (any port) to `dst`
+    /// contains `needle`: what one flow carried, not just anything on the wire.
+    pub fn tcp_payload_contains(&self, src: Ipv4Addr, dst: SocketAddrV4, needle: &[u8]) -> bool {
+        let state = self.inner.drain();
+        let mut start = 0;
+        state.frame_ends.iter().any(|&end| {
+            let frame = &state.data[start..end];
+            start = end;
+            tcp_payload(frame, src, dst)
+                .is_some_and(|p| !needle.is_empty() && p.windows(needle.len()).any(|w| w == needle))
+        })
     }
 
     /// Number of frames seen so far (including ones past the byte cap).
@@ -195,6 +215,28 @@ impl Drop for Capture {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// The TCP payload of an Ethernet + IPv4 + TCP frame from `src` to `dst`, else `None`.
+fn tcp_payload(frame: &[u8], src: Ipv4Addr, dst: SocketAddrV4) -> Option<&[u8]> {
+    const ETH: usize = 14;
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(ETH..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if ip.get(9)? != &6 || ip.get(12..16)? != src.octets() || ip.get(16..20)? != dst.ip().octets() {
+        return None;
+    }
+    // A GSO super-frame may carry 0 as its total length; then the frame bounds the packet.
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let ip = if total == 0 { ip } else { ip.get(..total.min(ip.len()))? };
+    let tcp = ip.get(ihl..)?;
+    if tcp.get(2..4)? != dst.port().to_be_bytes() {
+        return None;
+    }
+    let data_offset = usize::from(tcp.get(12)? >> 4) * 4;
+    tcp.get(data_offset..)
 }
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {

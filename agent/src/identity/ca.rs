@@ -533,11 +533,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+pub(super) fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     let secs = t.timestamp();
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
@@ -779,6 +779,32 @@ mod tests {
         let (_tmp, ca) = new_ca("cluster.local");
         let err = ca.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("spiffe://cluster.local/ns/a/sa/b"), "{err}");
+    }
+
+    #[test]
+    fn a_root_cert_file_with_two_roots_loads_and_verifies_leaves_from_either() {
+        // Root rotation: this CA's directory also trusts the next root, listed first.
+        let (_tmp, current) = new_ca("cluster.local");
+        let (_tmp2, next) = new_ca("cluster.local");
+        let dir = current.dir().to_path_buf();
+        let both = format!(
+            "{}{}",
+            read(&next.dir().join(ROOT_CERT_FILE)),
+            read(&dir.join(ROOT_CERT_FILE))
+        );
+        fs::write(dir.join(ROOT_CERT_FILE), both).unwrap();
+        let ca = CaSigner::load(&dir).unwrap();
+        assert_eq!(ca.trust_bundle().len(), 2);
+        let leaf_id = id("spiffe://cluster.local/ns/a/sa/b");
+        for issuer in [&ca, &next] {
+            let cert = issuer.issue(&leaf_id, Duration::from_secs(60)).unwrap();
+            verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap();
+        }
+        // Trusting two roots is not trusting everyone.
+        let (_tmp3, stranger) = new_ca("cluster.local");
+        let cert = stranger.issue(&leaf_id, Duration::from_secs(60)).unwrap();
+        let err = verify_chain_now(cert.chain(), ca.trust_bundle()).unwrap_err();
+        assert_eq!(describe_tls_error(&err), "certificate signed by an unknown CA");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::spiffe::SpiffeId;
 
@@ -98,6 +99,13 @@ impl fmt::Debug for WorkloadCert {
     }
 }
 
+/// The serial (lower-case hex, as [`WorkloadCert::serial`]) and end of validity of a DER
+/// certificate, e.g. a peer's leaf after a handshake; `None` if it does not parse.
+pub fn serial_and_not_after(cert: &CertificateDer<'_>) -> Option<(String, SystemTime)> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    Some((super::ca::hex(parsed.raw_serial()), super::ca::asn1_time(parsed.validity().not_after)))
+}
+
 /// The renewal instant for a certificate issued at `issued_at` that expires at `not_after`:
 /// half-life minus `jitter_fraction` (0..=1) of 10% of the lifetime.
 pub(crate) fn renewal_instant(
@@ -148,6 +156,17 @@ mod tests {
         assert_eq!(mid, t0 + Duration::from_secs(45));
         // An already-expired certificate renews immediately rather than panicking.
         assert_eq!(renewal_instant(end, t0, 0.3), end);
+    }
+
+    #[test]
+    fn serial_and_expiry_are_read_back_from_der() {
+        let (_tmp, ca) = super::super::testutil::new_ca("cluster.local");
+        let id = super::super::testutil::id("spiffe://cluster.local/ns/a/sa/b");
+        let cert = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let (serial, not_after) = serial_and_not_after(cert.leaf()).unwrap();
+        assert_eq!(serial, cert.serial());
+        assert_eq!(not_after, cert.not_after());
+        assert_eq!(serial_and_not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use ca::{
     init_ca, CaSigner, CertIssuer, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CLOCK_SKEW,
     ROOT_CERT_FILE,
 };
-pub use cert::WorkloadCert;
+pub use cert::{serial_and_not_after, WorkloadCert};
 pub use spiffe::{validate_trust_domain, SpiffeId, SpiffeIdError};
 pub use store::{run_renewals, CertInfo, CertStore};
 pub use tls::{

@@ -107,7 +107,14 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         session.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default()
     );
     stats.inbound_handshakes.fetch_add(1, Ordering::Relaxed);
-    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, "mTLS established");
+    // The serial shows which of the peer's certificates (before or after a renewal) it used.
+    let peer_serial = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(identity::serial_and_not_after)
+        .map(|(serial, _)| serial)
+        .unwrap_or_default();
+    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, peer_serial = %peer_serial, "mTLS established");
 
     let hctx = ctx.clone();
     let handler = move |target: SocketAddr| {

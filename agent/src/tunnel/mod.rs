@@ -109,10 +109,13 @@ impl Drain {
     }
 }
 
-/// Pooled HBONE connections are shared per (source identity, destination identity, destination
-/// IP): a stream never rides a connection authenticated as someone else.
+/// Pooled HBONE connections are shared per (source pod, source identity, destination identity,
+/// destination IP): a stream never rides a connection authenticated as someone else, nor one
+/// dialled from another pod's namespace (another source IP), even of the same service account.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
+    /// Cookie of the source pod's network namespace, which the connection is dialled from.
+    pub src_netns: u64,
     pub src: SpiffeId,
     pub dst: SpiffeId,
     pub dst_ip: IpAddr,

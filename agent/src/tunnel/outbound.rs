@@ -289,7 +289,12 @@ async fn relay_mtls(
     cert: Arc<WorkloadCert>,
     expected: SpiffeId,
 ) -> Result<Transfer, OutboundError> {
-    let key = PoolKey { src: cert.spiffe_id().clone(), dst: expected.clone(), dst_ip: dst.ip() };
+    let key = PoolKey {
+        src_netns: ctx.netns.cookie(),
+        src: cert.spiffe_id().clone(),
+        dst: expected.clone(),
+        dst_ip: dst.ip(),
+    };
     let netns = ctx.netns.clone();
     let trust = ctx.mesh.trust.clone();
     let connect = || async {
@@ -304,7 +309,17 @@ async fn relay_mtls(
         )
         .await
         {
-            Ok(Ok(tls)) => Ok(tls),
+            Ok(Ok(tls)) => {
+                // The pool stops using the connection once the server's certificate expires.
+                let server_not_after = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(identity::serial_and_not_after)
+                    .map(|(_, not_after)| not_after);
+                Ok((tls, server_not_after))
+            }
             Ok(Err(e)) => Err(OutboundError::Tls {
                 dst: addr,
                 reason: identity::describe_io_error(&e),
@@ -313,7 +328,10 @@ async fn relay_mtls(
             Err(_) => Err(OutboundError::TlsTimeout(addr)),
         }
     };
-    let mut tunnel = ctx.mesh.pool.stream(key, dst, connect).await?;
+    // New tunnels go to connections made with this pod's current certificate only.
+    let credential =
+        hbone::Credential { serial: cert.serial().to_owned(), not_after: cert.not_after() };
+    let mut tunnel = ctx.mesh.pool.stream_as(key, Some(credential), dst, connect).await?;
     debug!(pod = %ctx.pod, %dst, "HBONE stream open");
     let r = hbone::relay(&mut tunnel, client, RELAY_BUFFER).await;
     Ok(Transfer {

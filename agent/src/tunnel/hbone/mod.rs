@@ -25,7 +25,7 @@ mod tests;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use client::{client_builder, client_handshake, connect_stream};
-pub use pool::{Pool, PoolConfig, PoolStats};
+pub use pool::{Credential, Pool, PoolConfig, PoolStats};
 pub use server::{
     ignore_refusal, serve_connection, serve_connection_with_shutdown, Accepted, OnRefusal, Refusal,
     RelayStats, ServerConfig,

@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, PoisonError, Weak,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -63,6 +63,15 @@ impl Default for PoolConfig {
     }
 }
 
+/// The client certificate a connection is opened with (see [`Pool::stream_as`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// Identifies the certificate (its serial).
+    pub serial: String,
+    /// End of the certificate's validity.
+    pub not_after: SystemTime,
+}
+
 /// Counters of a [`Pool`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -72,6 +81,9 @@ pub struct PoolStats {
     pub connect_failures: u64,
     /// Tunnels opened (`CONNECT` answered 200).
     pub streams_opened: u64,
+    /// Connections that stopped taking streams because a certificate of their handshake was
+    /// renewed or expired (they close once their tunnels end).
+    pub connections_retired: u64,
     /// Connections currently in the pool.
     pub live_connections: usize,
     /// Tunnels currently open through pooled connections.
@@ -99,6 +111,7 @@ struct Inner<K> {
     connections_created: AtomicU64,
     connect_failures: AtomicU64,
     streams_opened: AtomicU64,
+    connections_retired: AtomicU64,
 }
 
 type Outcome = Option<Result<(), ConnectError>>;
@@ -126,11 +139,38 @@ struct Pooled {
 /// What a pooled connection's tunnels and its driver task share.
 pub(crate) struct ConnShared {
     id: u64,
+    /// The client certificate of the handshake, if the caller named one.
+    credential: Option<Credential>,
+    /// The earliest end of validity of the certificates of the handshake (either side).
+    expires: Option<SystemTime>,
     active: AtomicUsize,
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
     /// Wakes the driver when the last tunnel ends, to start the idle clock.
     became_idle: Notify,
+}
+
+impl ConnShared {
+    fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|t| now >= t)
+    }
+
+    /// Whether a caller holding `current` may open a stream here: the connection was opened
+    /// with that same certificate and no certificate of its handshake has expired.
+    fn takes_streams_for(&self, current: Option<&Credential>, now: SystemTime) -> bool {
+        !self.expired(now) && self.credential.as_ref() == current
+    }
+
+    /// Whether the connection must take no more streams from anyone: a certificate of its
+    /// handshake expired, or the client's certificate was replaced by a newer one (a caller
+    /// that still holds an older one only skips it).
+    fn is_stale(&self, current: Option<&Credential>, now: SystemTime) -> bool {
+        let superseded = match (&self.credential, current) {
+            (Some(mine), Some(cur)) => mine.serial != cur.serial && cur.not_after > mine.not_after,
+            _ => false,
+        };
+        superseded || self.expired(now)
+    }
 }
 
 /// A reserved stream on a pooled connection, released when the tunnel is dropped.
@@ -171,6 +211,7 @@ where
                 connections_created: AtomicU64::new(0),
                 connect_failures: AtomicU64::new(0),
                 streams_opened: AtomicU64::new(0),
+                connections_retired: AtomicU64::new(0),
             }),
         }
     }
@@ -189,6 +230,7 @@ where
             connections_created: self.inner.connections_created.load(Ordering::Relaxed),
             connect_failures: self.inner.connect_failures.load(Ordering::Relaxed),
             streams_opened: self.inner.streams_opened.load(Ordering::Relaxed),
+            connections_retired: self.inner.connections_retired.load(Ordering::Relaxed),
             live_connections: live,
             active_streams: active,
         }
@@ -215,9 +257,36 @@ where
         C: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
     {
+        let connect = || {
+            let transport = connect();
+            async move { transport.await.map(|io| (io, None)) }
+        };
+        self.stream_as(key, None, target, connect).await
+    }
+
+    /// Like [`Pool::stream`], for connections authenticated with certificates: `credential` is
+    /// the caller's current client certificate, and `connect` also returns the end of validity
+    /// of the server's certificate. A connection takes new tunnels only from callers holding
+    /// the certificate it was opened with, and only until either side's certificate expires;
+    /// once the client's certificate is renewed or one expires it is retired: its open tunnels
+    /// finish undisturbed, then it closes, and new tunnels get a fresh handshake.
+    pub async fn stream_as<S, E, C, Fut>(
+        &self,
+        key: K,
+        credential: Option<Credential>,
+        target: SocketAddr,
+        connect: C,
+    ) -> Result<HboneStream, HboneError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        C: Fn() -> Fut,
+        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
+    {
+        let credential = credential.as_ref();
         let mut retried = false;
         loop {
-            let (mut send, slot, fresh) = self.checkout(&key, &connect).await?;
+            let (mut send, slot, fresh) = self.checkout(&key, credential, &connect).await?;
             let conn = slot.conn.clone();
             let timeout = self.inner.cfg.open_timeout;
             let err = match tokio::time::timeout(timeout, open(&mut send, target, Some(slot))).await
@@ -255,19 +324,20 @@ where
     async fn checkout<S, E, C, Fut>(
         &self,
         key: &K,
+        credential: Option<&Credential>,
         connect: &C,
     ) -> Result<(SendRequest<Bytes>, StreamSlot, bool), HboneError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<S, E>>,
+        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
     {
         loop {
-            match self.step(key) {
+            match self.step(key, credential, SystemTime::now()) {
                 Step::Reuse(send, slot) => return Ok((send, slot, false)),
                 Step::Lead(id, done) => {
-                    let (send, slot) = self.lead(key, id, done, connect).await?;
+                    let (send, slot) = self.lead(key, id, done, credential, connect).await?;
                     return Ok((send, slot, true));
                 }
                 Step::Wait(mut done) => {
@@ -286,12 +356,26 @@ where
         }
     }
 
-    fn step(&self, key: &K) -> Step {
+    fn step(&self, key: &K, credential: Option<&Credential>, now: SystemTime) -> Step {
         let mut keys = lock(&self.inner.keys);
         let entry = keys.entry(key.clone()).or_default();
-        entry.conns.retain(|c| !c.shared.closed.load(Ordering::Acquire));
+        entry.conns.retain(|c| {
+            if c.shared.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            if c.shared.is_stale(credential, now) {
+                // Dropping the pool's handle lets the connection close after its last tunnel.
+                self.inner.connections_retired.fetch_add(1, Ordering::Relaxed);
+                debug!(conn = c.shared.id, "HBONE connection retired: a certificate of its handshake was renewed or expired");
+                return false;
+            }
+            true
+        });
         let cap = self.inner.cfg.max_streams_per_connection.max(1) as usize;
         for c in &entry.conns {
+            if !c.shared.takes_streams_for(credential, now) {
+                continue;
+            }
             let limit = cap.min(c.send.current_max_send_streams());
             // Reserved under the map lock, so idle expiry (also under it) never races a reuse.
             if c.shared.active.load(Ordering::Acquire) < limit {
@@ -313,13 +397,14 @@ where
         key: &K,
         id: u64,
         done: watch::Sender<Outcome>,
+        credential: Option<&Credential>,
         connect: &C,
     ) -> Result<(SendRequest<Bytes>, StreamSlot), HboneError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<S, E>>,
+        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
     {
         // If this future is dropped mid-attempt the guard clears the marker, then drops the
         // sender, which wakes the waiters so one of them takes over.
@@ -333,9 +418,13 @@ where
         }
         let done = guard.done.take();
         match result {
-            Ok((send, conn)) => {
+            Ok((send, conn, server_not_after)) => {
+                let expires =
+                    [credential.map(|c| c.not_after), server_not_after].into_iter().flatten().min();
                 let shared = Arc::new(ConnShared {
                     id,
+                    credential: credential.cloned(),
+                    expires,
                     // The leader's own stream.
                     active: AtomicUsize::new(1),
                     closed: AtomicBool::new(false),
@@ -401,19 +490,24 @@ impl<K: Hash + Eq> Drop for LeadGuard<'_, K> {
     }
 }
 
+/// The HTTP/2 connection, and the end of validity of the server's certificate if `connect`
+/// knows it.
+type Established<S> = (SendRequest<Bytes>, Connection<S, Bytes>, Option<SystemTime>);
+
 async fn establish<S, E, C, Fut>(
     cfg: &ClientConfig,
     connect: C,
-) -> Result<(SendRequest<Bytes>, Connection<S, Bytes>), ConnectError>
+) -> Result<Established<S>, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     C: FnOnce() -> Fut,
-    Fut: Future<Output = Result<S, E>>,
+    Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
 {
-    let io = connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
+    let (io, server_not_after) =
+        connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
     match tokio::time::timeout(cfg.handshake_timeout, client_builder(cfg).handshake(io)).await {
-        Ok(Ok(parts)) => Ok(parts),
+        Ok(Ok((send, conn))) => Ok((send, conn, server_not_after)),
         Ok(Err(e)) => Err(ConnectError::Handshake(Arc::new(e))),
         Err(_) => Err(ConnectError::Timeout(cfg.handshake_timeout)),
     }

@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -755,6 +755,86 @@ async fn pool_closes_idle_connections_gracefully() {
     timeout(LIMIT, server).await.unwrap().unwrap().unwrap();
     ping_pong(pool.stream("k", target, peer.connect()).await.unwrap()).await;
     assert_eq!(pool.stats().connections_created, 2);
+}
+
+/// `peer.connect()` whose server presents a certificate valid until `server_not_after`.
+fn presenting(
+    peer: &Peer,
+    server_not_after: Option<SystemTime>,
+) -> impl Fn() -> BoxFuture<'static, io::Result<(DuplexStream, Option<SystemTime>)>> {
+    let connect = peer.connect();
+    move || {
+        let transport = connect();
+        Box::pin(async move { transport.await.map(|io| (io, server_not_after)) })
+    }
+}
+
+fn credential(serial: &str, valid_for: Duration) -> Option<Credential> {
+    Some(Credential { serial: serial.into(), not_after: SystemTime::now() + valid_for })
+}
+
+#[tokio::test]
+async fn pool_retires_a_connection_once_the_client_certificate_is_renewed() {
+    let pool = Pool::new(quick_pool());
+    let peer = Peer::new();
+    let target = addr("10.0.3.3:8080");
+    let connect = presenting(&peer, None);
+    let old = credential("01", Duration::from_secs(3600));
+    let held = pool.stream_as("k", old.clone(), target, &connect).await.unwrap();
+    ping_pong(pool.stream_as("k", old.clone(), target, &connect).await.unwrap()).await;
+    assert_eq!(pool.stats().connections_created, 1, "same certificate, same connection");
+
+    // Renewed: a newer certificate gets a fresh handshake, and the old connection no more
+    // streams from anyone.
+    let new = credential("02", Duration::from_secs(7200));
+    ping_pong(pool.stream_as("k", new.clone(), target, &connect).await.unwrap()).await;
+    ping_pong(pool.stream_as("k", new.clone(), target, &connect).await.unwrap()).await;
+    let st = pool.stats();
+    assert_eq!((st.connections_created, st.connections_retired), (2, 1));
+    assert_eq!(st.live_connections, 1);
+
+    // The tunnel opened before the renewal still works, and once it ends the retired
+    // connection closes cleanly (GOAWAY, no error).
+    ping_pong(held).await;
+    let first_server = peer.servers.lock().unwrap().remove(0);
+    timeout(LIMIT, first_server).await.unwrap().unwrap().unwrap();
+
+    // A caller still holding the old certificate (it read it just before the renewal) never
+    // rides the connection of the new one, nor retires it.
+    ping_pong(pool.stream_as("k", old, target, &connect).await.unwrap()).await;
+    assert_eq!(pool.stats().connections_created, 3);
+    ping_pong(pool.stream_as("k", new, target, &connect).await.unwrap()).await;
+    let st = pool.stats();
+    assert_eq!((st.connections_created, st.connections_retired), (3, 2));
+}
+
+#[tokio::test]
+async fn pool_stops_using_a_connection_once_either_certificate_expires() {
+    let target = addr("10.0.3.3:8080");
+    let soon = Duration::from_millis(300);
+    let later = Duration::from_secs(3600);
+    // (client certificate lifetime, server certificate lifetime): one of them ends soon.
+    for (client, server) in [(soon, later), (later, soon)] {
+        let pool = Pool::new(quick_pool());
+        let peer = Peer::new();
+        let connect = presenting(&peer, Some(SystemTime::now() + server));
+        let cred = credential("01", client);
+        let held = pool.stream_as("k", cred.clone(), target, &connect).await.unwrap();
+        ping_pong(pool.stream_as("k", cred.clone(), target, &connect).await.unwrap()).await;
+        assert_eq!(pool.stats().connections_created, 1);
+        tokio::time::sleep(soon + Duration::from_millis(100)).await;
+        // The caller's certificate is the same, but a certificate of the handshake expired.
+        let next = presenting(&peer, Some(SystemTime::now() + later));
+        ping_pong(pool.stream_as("k", cred, target, &next).await.unwrap()).await;
+        let st = pool.stats();
+        assert_eq!(
+            (st.connections_created, st.connections_retired),
+            (2, 1),
+            "{client:?} {server:?}"
+        );
+        // Expiry stops new streams; the one already open drains undisturbed.
+        ping_pong(held).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
