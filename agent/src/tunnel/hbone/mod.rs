@@ -30,7 +30,7 @@ pub use server::{
     ignore_refusal, serve_connection, serve_connection_with_shutdown, Accepted, OnRefusal, Refusal,
     RelayStats, ServerConfig,
 };
-pub use stream::{relay, HboneStream, Relayed};
+pub use stream::{relay, relay_counted, HboneStream, LiveBytes, Relayed};
 
 /// The HBONE tunnel port (ztunnel's inbound port).
 pub const HBONE_PORT: u16 = 15008;

@@ -126,6 +126,8 @@ struct Pooled {
 /// What a pooled connection's tunnels and its driver task share.
 pub(crate) struct ConnShared {
     id: u64,
+    /// What the caller said about the transport (e.g. its TLS version and cipher suite).
+    label: Option<Arc<str>>,
     active: AtomicUsize,
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -136,6 +138,12 @@ pub(crate) struct ConnShared {
 /// A reserved stream on a pooled connection, released when the tunnel is dropped.
 pub(crate) struct StreamSlot {
     conn: Arc<ConnShared>,
+}
+
+impl StreamSlot {
+    pub(crate) fn label(&self) -> Option<&str> {
+        self.conn.label.as_deref()
+    }
 }
 
 impl Drop for StreamSlot {
@@ -215,6 +223,27 @@ where
         C: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
     {
+        let unlabelled = || {
+            let transport = connect();
+            async move { transport.await.map(|s| (s, None)) }
+        };
+        self.stream_labelled(key, target, unlabelled).await
+    }
+
+    /// [`Pool::stream`] where `connect` also returns a label for the new connection, which
+    /// every tunnel on it then reports through [`HboneStream::connection_label`].
+    pub async fn stream_labelled<S, E, C, Fut>(
+        &self,
+        key: K,
+        target: SocketAddr,
+        connect: C,
+    ) -> Result<HboneStream, HboneError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        C: Fn() -> Fut,
+        Fut: Future<Output = Result<(S, Option<Arc<str>>), E>>,
+    {
         let mut retried = false;
         loop {
             let (mut send, slot, fresh) = self.checkout(&key, &connect).await?;
@@ -261,7 +290,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<S, E>>,
+        Fut: Future<Output = Result<(S, Option<Arc<str>>), E>>,
     {
         loop {
             match self.step(key) {
@@ -319,7 +348,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<S, E>>,
+        Fut: Future<Output = Result<(S, Option<Arc<str>>), E>>,
     {
         // If this future is dropped mid-attempt the guard clears the marker, then drops the
         // sender, which wakes the waiters so one of them takes over.
@@ -333,9 +362,10 @@ where
         }
         let done = guard.done.take();
         match result {
-            Ok((send, conn)) => {
+            Ok((send, conn, label)) => {
                 let shared = Arc::new(ConnShared {
                     id,
+                    label,
                     // The leader's own stream.
                     active: AtomicUsize::new(1),
                     closed: AtomicBool::new(false),
@@ -401,19 +431,21 @@ impl<K: Hash + Eq> Drop for LeadGuard<'_, K> {
     }
 }
 
+type Established<S> = (SendRequest<Bytes>, Connection<S, Bytes>, Option<Arc<str>>);
+
 async fn establish<S, E, C, Fut>(
     cfg: &ClientConfig,
     connect: C,
-) -> Result<(SendRequest<Bytes>, Connection<S, Bytes>), ConnectError>
+) -> Result<Established<S>, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     C: FnOnce() -> Fut,
-    Fut: Future<Output = Result<S, E>>,
+    Fut: Future<Output = Result<(S, Option<Arc<str>>), E>>,
 {
-    let io = connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
+    let (io, label) = connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
     match tokio::time::timeout(cfg.handshake_timeout, client_builder(cfg).handshake(io)).await {
-        Ok(Ok(parts)) => Ok(parts),
+        Ok(Ok((send, conn))) => Ok((send, conn, label)),
         Ok(Err(e)) => Err(ConnectError::Handshake(Arc::new(e))),
         Err(_) => Err(ConnectError::Timeout(cfg.handshake_timeout)),
     }
