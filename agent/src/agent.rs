@@ -616,7 +616,7 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 src = %client,
                 dst = %dst,
                 dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
-                policy = policy.as_deref().unwrap_or("-"),
+                policy = policy.as_deref().unwrap_or("none: destination not in the workload set"),
                 "rejected: plaintext to STRICT port {}",
                 dst.port()
             );
