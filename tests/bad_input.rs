@@ -192,7 +192,7 @@ impl Bed {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("mtls_agent_rejections_total{{reason=\"{reason}\"}} is {n}, expected {at_least}");
+                bail!("refusals counted under {reason}: {n}, expected {at_least}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -272,18 +272,33 @@ impl Counters {
     }
 }
 
-/// `mtls_agent_rejections_total` by reason.
+/// Refusals by reason: `mtls_agent_rejections_total` under its own reasons (`hbone:...`), and
+/// `mtls_agent_tls_handshake_failures_total` as `tls_<direction>:<reason>`.
 fn rejections(metrics: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("mtls_agent_rejections_total{") else { continue };
+        let (tls, rest) = match (
+            line.strip_prefix("mtls_agent_rejections_total{"),
+            line.strip_prefix("mtls_agent_tls_handshake_failures_total{"),
+        ) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => continue,
+        };
         let Some((labels, value)) = rest.split_once("} ") else { continue };
-        let reason = labels
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("reason=\""))
-            .map(|r| r.trim_end_matches('"').to_owned());
-        if let (Some(reason), Ok(value)) = (reason, value.trim().parse::<f64>()) {
-            out.insert(reason, value as u64);
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\""))
+                .map(|r| r.trim_end_matches('"').to_owned())
+        };
+        let key = match (tls, label("reason"), label("direction")) {
+            (true, Some(reason), Some(direction)) => format!("tls_{direction}:{reason}"),
+            (false, Some(reason), _) => reason,
+            _ => continue,
+        };
+        if let Ok(value) = value.trim().parse::<f64>() {
+            *out.entry(key).or_default() += value as u64;
         }
     }
     out
@@ -478,7 +493,7 @@ fn bad_tls_clients_on_the_tunnel_port_are_refused_counted_and_logged() -> Result
             );
             b.wait_rejections(reason, seen.rejection(reason) + 1)
                 .with_context(|| format!("{what}: not counted"))?;
-            let client = format!("client={local}");
+            let client = format!("src={local}");
             b.wait_log_line(mark, &["rejected: TLS handshake failed", &client, text])
                 .with_context(|| format!("{what}: not logged"))?;
             ensure!(
@@ -499,7 +514,7 @@ fn bad_tls_clients_on_the_tunnel_port_are_refused_counted_and_logged() -> Result
         b.wait_rejections("tls_inbound:timeout", before.rejection("tls_inbound:timeout") + 1)?;
         b.wait_log_line(
             mark,
-            &["rejected: TLS handshake failed", &format!("client={local}"), "timed out"],
+            &["rejected: TLS handshake failed", &format!("src={local}"), "timed out"],
         )?;
         Ok(())
     })?;
@@ -744,7 +759,7 @@ impl Bed {
             std::thread::sleep(Duration::from_millis(20));
         }
         let line = self
-            .wait_log_line(mark, &["rejected", &format!("client={client}")])
+            .wait_log_line(mark, &["rejected", &format!("src={client}")])
             .with_context(|| format!("{what}: no rejection logged for client {client}"))?;
         ensure!(!line.contains(" DEBUG "), "{what}: logged at debug level only: {line}");
         Ok(())

@@ -650,7 +650,7 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 src = %client,
                 dst = %dst,
                 dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
-                policy = policy.as_deref().unwrap_or("-"),
+                policy = policy.as_deref().unwrap_or("none: destination not in the workload set"),
                 "rejected: plaintext to STRICT port {}",
                 dst.port()
             );
@@ -697,7 +697,8 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                     let ws = mesh.workloads.borrow().clone();
                     let dst = ws.by_ip(pod.ip());
                     let decision = dst.map(|w| mesh.policies.borrow().decide(&ws, w, pod.port()));
-                    let id = mesh.conns.open(ConnectionRecord {
+                    // Its bytes are known only at close: the kernel reports them then.
+                    let (id, _) = mesh.conns.open(ConnectionRecord {
                         id: 0,
                         direction: Direction::Inbound,
                         source_pod: ws.by_ip(client.ip()).map(|w| w.key()),
@@ -713,6 +714,7 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                         started_at: std::time::SystemTime::now(),
                         bytes_sent: 0,
                         bytes_received: 0,
+                        age_ms: None,
                         duration_ms: None,
                         open: true,
                         error: None,

@@ -16,9 +16,13 @@ use crate::{
 pub struct CheckReport {
     pub pod: String,
     pub node: String,
+    /// The node of the agent that answered.
+    pub agent_node: String,
     pub ip: String,
     /// Whether this agent enrolled the pod (it is on this node and in the mesh).
     pub enrolled: bool,
+    /// Why the certificate columns cannot be answered here, in words (a pod of another node).
+    pub note: Option<String>,
     pub identity: Option<String>,
     pub certificate_serial: Option<String>,
     pub certificate_expires: Option<String>,
@@ -70,10 +74,14 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     let ps = state.mesh.policies.borrow().clone();
     let w = ws.workloads.iter().find(|w| w.key() == pod)?;
     let cert = state.mesh.certs.get(&w.key());
-    let enrolled = w.node == state.node && cert.is_some();
+    let elsewhere = w.node != state.node;
+    let enrolled = !elsewhere && cert.is_some();
     let identity = state.mesh.identity_of(w).map(|id| id.to_string());
+    // This agent holds no certificate of another node's pod; "none" would read as plaintext.
+    let unknown = format!("unknown (pod on node {})", w.node);
     let presented = match (&cert, enrolled) {
         (Some(c), true) => c.spiffe_id().to_string(),
+        _ if elsewhere => unknown.clone(),
         _ => "none".to_owned(),
     };
 
@@ -102,7 +110,11 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     }
     for (listener, d) in rows {
         let by = decided_by(&d);
-        let (cert, plain) = if enrolled { (presented.as_str(), "none") } else { ("none", "none") };
+        let (cert, plain) = match (enrolled, elsewhere) {
+            (true, _) => (presented.as_str(), "none"),
+            (false, true) => (unknown.as_str(), unknown.as_str()),
+            (false, false) => ("none", "none"),
+        };
         let row = |listener: String, certificate: &str, mtls: String| ListenerRow {
             listener,
             certificate: certificate.to_owned(),
@@ -118,6 +130,11 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
                 listeners.push(row(format!("{listener}[0]"), cert, "yes (PERMISSIVE)".into()));
                 listeners.push(row(format!("{listener}[1]"), plain, "no (PERMISSIVE)".into()));
             }
+            (mode, _) if elsewhere => listeners.push(row(
+                listener,
+                plain,
+                format!("{mode}, enforced by node {}'s agent", w.node),
+            )),
             (mode, _) => listeners.push(row(listener, plain, format!("no ({mode})"))),
         }
     }
@@ -151,7 +168,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
                     }
                 }
             }
-            let tunnelled = enrolled && !peers.is_empty();
+            let tunnelled = (enrolled || elsewhere) && !peers.is_empty();
             outbound.push(OutboundRow {
                 host_port: format!("{}.{}:{}", svc.name, svc.namespace, sp.port),
                 certificate: if tunnelled { presented.clone() } else { "none".into() },
@@ -166,8 +183,19 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     Some(CheckReport {
         pod: w.key(),
         node: w.node.clone(),
+        agent_node: state.node.clone(),
         ip: w.ip.to_string(),
         enrolled,
+        note: elsewhere.then(|| {
+            format!(
+                "{} runs on node {}, not on this agent's node {}: its certificate and listeners \
+                 are with node {}'s agent (mtls-agent check --admin <that agent's admin address>)",
+                w.key(),
+                w.node,
+                state.node,
+                w.node
+            )
+        }),
         identity,
         certificate_serial: cert.as_ref().map(|c| c.serial().to_owned()),
         certificate_expires: cert.as_ref().map(|c| t(c.not_after())),

@@ -70,20 +70,30 @@ pub fn render(state: &AdminState) -> String {
             (format!("{{node=\"{node}\",direction=\"inbound\"}}"), s.inbound_handshakes as f64),
         ],
     );
-    let failures: Vec<(String, f64)> = state
-        .mesh
-        .stats
-        .failures()
-        .into_iter()
-        .map(|(reason, n)| {
-            (format!("{{node=\"{node}\",reason=\"{}\"}}", escape(&reason)), n as f64)
-        })
-        .collect();
+    let by_reason = |counts: &crate::tunnel::ReasonCounts| -> Vec<(String, f64)> {
+        counts
+            .get()
+            .into_iter()
+            .map(|(direction, reason, n)| {
+                let labels = format!(
+                    "{{node=\"{node}\",direction=\"{direction}\",reason=\"{}\"}}",
+                    escape(reason)
+                );
+                (labels, n as f64)
+            })
+            .collect()
+    };
+    family(
+        "mtls_agent_tls_handshake_failures_total",
+        "counter",
+        "Failed TLS handshakes, by direction and reason (not_tls, unknown_ca, no_client_cert, timeout, ...).",
+        &by_reason(&state.mesh.stats.tls_failures),
+    );
     family(
         "mtls_agent_rejections_total",
         "counter",
-        "Connections refused by the agent, by reason (TLS handshake failures, refused tunnel targets, outbound failures).",
-        &failures,
+        "Other connections and tunnels refused by the agent, by direction and reason (hbone:..., connect_failed, no_endpoints, ...).",
+        &by_reason(&state.mesh.stats.rejections),
     );
     family(
         "mtls_agent_hbone_streams_total",
@@ -99,6 +109,15 @@ pub fn render(state: &AdminState) -> String {
             "counter",
             "Plaintext connections refused by a STRICT port, counted in eBPF.",
             &one(e.strict_rejected),
+        );
+        family(
+            "mtls_agent_policy_rejections_total",
+            "counter",
+            "Connections refused because of a policy, by reason (plaintext_to_strict: plaintext to a STRICT port, counted in eBPF).",
+            &[(
+                format!("{{node=\"{node}\",reason=\"plaintext_to_strict\"}}"),
+                e.strict_rejected as f64,
+            )],
         );
         family(
             "mtls_agent_probes_allowed_total",

@@ -70,8 +70,10 @@ pub fn check(v: &Value) -> String {
                 s(&v["certificateSerial"]),
                 s(&v["certificateExpires"])
             )
+        } else if let Some(note) = v["note"].as_str() {
+            format!("NOT ON THIS AGENT'S NODE ({}). {note}", s(&v["agentNode"]))
         } else {
-            "not enrolled by this agent (other node, or not in the mesh)".to_owned()
+            "not enrolled by this agent (not in the mesh, or its enrollment failed)".to_owned()
         }
     );
     let listeners = v["listeners"].as_array().cloned().unwrap_or_default();
@@ -140,9 +142,9 @@ pub fn connections(v: &Value) -> String {
                 s(&c["peerIdentity"]),
                 format!("{}/{}", s(&c["bytesSent"]), s(&c["bytesReceived"])),
                 if c["open"] == true {
-                    "open".into()
+                    format!("{} (open)", duration(&c["ageMs"]))
                 } else {
-                    format!("{} ms", s(&c["durationMs"]))
+                    format!("{} (closed)", duration(&c["durationMs"]))
                 },
                 s(&c["policy"]),
             ]
@@ -164,6 +166,19 @@ pub fn connections(v: &Value) -> String {
         ],
         &rows,
     )
+}
+
+/// Milliseconds as people read them: `850ms`, `12.3s`, `4m05s`, `2h03m`.
+fn duration(ms: &Value) -> String {
+    let Some(ms) = ms.as_u64() else {
+        return "-".into();
+    };
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
 }
 
 /// `mtls-agent certs`.
@@ -201,6 +216,28 @@ mod tests {
         assert_eq!(lines[0], "A           BB");
         assert_eq!(lines[1], "long cell   x");
         assert_eq!(lines[2], "s           y");
+    }
+
+    #[test]
+    fn connections_show_age_and_bytes_of_live_ones() {
+        let v = serde_json::json!([
+            {"direction": "outbound", "open": true, "ageMs": 61_500, "bytesSent": 5, "bytesReceived": 7},
+            {"direction": "inbound", "open": false, "durationMs": 850, "bytesSent": 1, "bytesReceived": 2}
+        ]);
+        let text = connections(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("5/7") && lines[1].contains("1m01s (open)"), "{text}");
+        assert!(lines[2].contains("1/2") && lines[2].contains("850ms (closed)"), "{text}");
+    }
+
+    #[test]
+    fn check_says_when_the_pod_is_on_another_node() {
+        let v = serde_json::json!({"pod": "b.ns", "ip": "10.0.0.3", "node": "node2",
+            "agentNode": "node1", "enrolled": false, "note": "b.ns runs on node node2",
+            "listeners": [], "outbound": []});
+        let text = check(&v);
+        assert!(text.contains("NOT ON THIS AGENT'S NODE (node1)"), "{text}");
+        assert!(text.contains("runs on node node2"), "{text}");
     }
 
     #[test]

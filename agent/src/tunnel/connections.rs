@@ -11,7 +11,9 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+pub use super::hbone::LiveBytes;
 
 /// How many closed connections are kept for inspection.
 const HISTORY: usize = 4096;
@@ -47,9 +49,14 @@ pub struct ConnectionRecord {
     pub tls: String,
     /// The policy that decided the destination port's mode, in words.
     pub policy: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
     pub started_at: SystemTime,
+    /// Source -> destination; counted as the bytes flow, final once closed.
     pub bytes_sent: u64,
+    /// Destination -> source.
     pub bytes_received: u64,
+    /// How long a live connection has been open (snapshots only).
+    pub age_ms: Option<u64>,
     pub duration_ms: Option<u64>,
     pub open: bool,
     pub error: Option<String>,
@@ -65,9 +72,19 @@ pub struct Totals {
     pub bytes_received: u64,
 }
 
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+struct Live {
+    rec: ConnectionRecord,
+    started: Instant,
+    bytes: Arc<LiveBytes>,
+}
+
 #[derive(Default)]
 struct Inner {
-    live: BTreeMap<u64, (ConnectionRecord, Instant)>,
+    live: BTreeMap<u64, Live>,
     closed: VecDeque<ConnectionRecord>,
     totals: BTreeMap<(Direction, String), Totals>,
 }
@@ -80,15 +97,23 @@ pub struct ConnectionTable {
 }
 
 impl ConnectionTable {
-    /// Registers a new live connection and returns its id.
-    pub fn open(&self, mut rec: ConnectionRecord) -> u64 {
+    /// Registers a new live connection; returns its id and the counters its relay adds to.
+    pub fn open(&self, mut rec: ConnectionRecord) -> (u64, Arc<LiveBytes>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         rec.id = id;
         rec.open = true;
+        let bytes = Arc::new(LiveBytes::default());
         let mut inner = self.lock();
         inner.totals.entry((rec.direction.clone(), rec.mode.clone())).or_default().opened += 1;
-        inner.live.insert(id, (rec, Instant::now()));
-        id
+        inner.live.insert(id, Live { rec, started: Instant::now(), bytes: bytes.clone() });
+        (id, bytes)
+    }
+
+    /// Sets what is learnt only once the connection is up (the negotiated TLS parameters).
+    pub fn set_tls(&self, id: u64, tls: &str) {
+        if let Some(live) = self.lock().live.get_mut(&id) {
+            tls.clone_into(&mut live.rec.tls);
+        }
     }
 
     /// Moves a connection to the history with its final counters; returns the final record.
@@ -100,7 +125,7 @@ impl ConnectionTable {
         error: Option<String>,
     ) -> Option<ConnectionRecord> {
         let mut inner = self.lock();
-        let (mut rec, started) = inner.live.remove(&id)?;
+        let Live { mut rec, started, .. } = inner.live.remove(&id)?;
         rec.open = false;
         rec.bytes_sent = sent;
         rec.bytes_received = received;
@@ -120,7 +145,16 @@ impl ConnectionTable {
     /// Live connections first, then closed ones, oldest first within each.
     pub fn snapshot(&self) -> Vec<ConnectionRecord> {
         let inner = self.lock();
-        let mut out: Vec<_> = inner.live.values().map(|(r, _)| r.clone()).collect();
+        let mut out: Vec<_> = inner
+            .live
+            .values()
+            .map(|l| {
+                let mut r = l.rec.clone();
+                (r.bytes_sent, r.bytes_received) = l.bytes.get();
+                r.age_ms = Some(l.started.elapsed().as_millis() as u64);
+                r
+            })
+            .collect();
         out.extend(inner.closed.iter().cloned());
         out
     }
@@ -161,6 +195,7 @@ mod tests {
             started_at: SystemTime::now(),
             bytes_sent: 0,
             bytes_received: 0,
+            age_ms: None,
             duration_ms: None,
             open: false,
             error: None,
@@ -170,9 +205,20 @@ mod tests {
     #[test]
     fn open_then_close_moves_to_history_with_counters() {
         let t = ConnectionTable::default();
-        let id = t.open(rec());
+        let (id, live) = t.open(rec());
         assert_eq!(t.live_count(), 1);
-        assert!(t.snapshot()[0].open);
+        live.sent.fetch_add(3, Ordering::Relaxed);
+        live.received.fetch_add(4, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let snap = &t.snapshot()[0];
+        assert!(snap.open);
+        assert_eq!((snap.bytes_sent, snap.bytes_received), (3, 4), "live bytes are visible");
+        assert!(snap.age_ms.is_some_and(|a| a >= 5), "{snap:?}");
+        let json = serde_json::to_value(snap).unwrap();
+        let started = json["startedAt"].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(started).is_ok(), "{json}");
+        t.set_tls(id, "TLSv1.3 TLS13_AES_256_GCM_SHA384");
+        assert_eq!(t.snapshot()[0].tls, "TLSv1.3 TLS13_AES_256_GCM_SHA384");
         let closed = t.close(id, 5, 7, None).unwrap();
         assert_eq!((closed.bytes_sent, closed.bytes_received, closed.open), (5, 7, false));
         assert_eq!(t.live_count(), 0);
@@ -184,7 +230,7 @@ mod tests {
     fn history_is_bounded() {
         let t = ConnectionTable::default();
         for _ in 0..HISTORY + 10 {
-            let id = t.open(rec());
+            let (id, _) = t.open(rec());
             t.close(id, 0, 0, None);
         }
         let snap = t.snapshot();

@@ -17,12 +17,18 @@ use tracing::{debug, info, warn};
 use super::{
     connections::{ConnectionRecord, Direction},
     hbone::{self, Accepted, Refusal, HBONE_PORT},
-    Mesh,
+    Mesh, INBOUND,
 };
 use crate::{identity, inpod::PodNetns};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `policy=` of refusals that are no policy's decision.
+const BY_TLS: &str =
+    "none: identity check (the tunnel port accepts only mutual TLS from this mesh)";
+const BY_HBONE: &str = "none: HBONE protocol check";
+const BY_TARGET: &str = "none: tunnel target check";
 
 /// What the inbound listener of one pod needs.
 pub struct InboundContext {
@@ -38,6 +44,20 @@ pub struct InboundContext {
 impl InboundContext {
     pub fn new(pod: String, pod_ip: IpAddr, netns: PodNetns, mesh: Arc<Mesh>) -> InboundContext {
         InboundContext { pod, pod_ip, netns, mesh, tls: Mutex::new(None) }
+    }
+
+    /// The pod's tunnel port: the destination of refusals made before a target is known.
+    fn tunnel_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.pod_ip, HBONE_PORT)
+    }
+
+    /// The deciding policy of the pod's `port`, in words.
+    fn policy_for(&self, port: u16) -> String {
+        let ws = self.mesh.workloads.borrow().clone();
+        match ws.by_ip(self.pod_ip) {
+            Some(w) => self.mesh.policies.borrow().decide(&ws, w, port).reason,
+            None => "none: the pod is no longer in the workload set".to_owned(),
+        }
     }
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -67,10 +87,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
 
 async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
     let stats = &ctx.mesh.stats;
+    let dst = ctx.tunnel_addr();
     let cfg = match ctx.server_config() {
         Ok(c) => c,
         Err(e) => {
-            warn!(pod = %ctx.pod, client = %peer, "rejected: {e}");
+            stats.rejections.count(INBOUND, "no_certificate");
+            warn!(src = %peer, %dst, dst_pod = %ctx.pod, policy = BY_TLS, "rejected: {e}");
             return;
         }
     };
@@ -80,14 +102,27 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            stats.count_failure(format!("tls_inbound:{}", identity::io_error_reason(&e)));
-            warn!(pod = %ctx.pod, client = %peer, reason = %identity::describe_io_error(&e), "rejected: TLS handshake failed");
+            stats.tls_failures.count(INBOUND, identity::io_error_reason(&e));
+            warn!(
+                src = %peer,
+                %dst,
+                dst_pod = %ctx.pod,
+                policy = BY_TLS,
+                "rejected: TLS handshake failed: {}",
+                identity::describe_io_error(&e)
+            );
             return;
         }
         Err(_) => {
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            stats.count_failure("tls_inbound:timeout");
-            warn!(pod = %ctx.pod, client = %peer, reason = "handshake timed out", "rejected: TLS handshake failed");
+            stats.tls_failures.count(INBOUND, "timeout");
+            warn!(
+                src = %peer,
+                %dst,
+                dst_pod = %ctx.pod,
+                policy = BY_TLS,
+                "rejected: TLS handshake failed: timed out after {TLS_HANDSHAKE_TIMEOUT:?}"
+            );
             return;
         }
     };
@@ -97,15 +132,12 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => {
             // The verifier already insisted on one SPIFFE id; this is a belt-and-braces check.
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(pod = %ctx.pod, client = %peer, "rejected: {e}");
+            stats.tls_failures.count(INBOUND, "peer_identity");
+            warn!(src = %peer, %dst, dst_pod = %ctx.pod, policy = BY_TLS, "rejected: {e}");
             return;
         }
     };
-    let tls_desc = format!(
-        "{} {}",
-        session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
-        session.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default()
-    );
+    let tls_desc = super::tls_description(session);
     stats.inbound_handshakes.fetch_add(1, Ordering::Relaxed);
     // The serial shows which of the peer's certificates (before or after a renewal) it used.
     let peer_serial = session
@@ -114,7 +146,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         .and_then(identity::serial_and_not_after)
         .map(|(serial, _)| serial)
         .unwrap_or_default();
-    debug!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, peer_serial = %peer_serial, "mTLS established");
+    debug!(pod = %ctx.pod, src = %peer, peer_identity = %peer_id, peer_serial = %peer_serial, "mTLS established");
 
     let hctx = ctx.clone();
     let handler = move |target: SocketAddr| {
@@ -127,8 +159,8 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
     // no request in time, floods) are as visible as refused targets.
     let rctx = ctx.clone();
     let on_refusal: hbone::OnRefusal = Arc::new(move |reason: &'static str, detail: String| {
-        rctx.mesh.stats.count_failure(reason);
-        warn!(pod = %rctx.pod, client = %peer, reason, "rejected: {detail}");
+        rctx.mesh.stats.rejections.count(INBOUND, reason);
+        warn!(src = %peer, %dst, dst_pod = %rctx.pod, policy = BY_HBONE, reason, "rejected: {detail}");
     });
     let done = hbone::serve_connection_with_shutdown(
         tls,
@@ -139,7 +171,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
     )
     .await;
     if let Err(e) = done {
-        debug!(pod = %ctx.pod, client = %peer, "HBONE connection ended: {e}");
+        debug!(pod = %ctx.pod, src = %peer, "HBONE connection ended: {e}");
     }
 }
 
@@ -153,8 +185,15 @@ async fn open_stream(
 ) -> Result<Accepted<TcpStream>, Refusal> {
     let refuse = |reason: String| {
         ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
-        ctx.mesh.stats.count_failure("hbone:target_refused");
-        warn!(pod = %ctx.pod, client = %peer, peer_identity = %peer_id, %target, "rejected: {reason}");
+        ctx.mesh.stats.rejections.count(INBOUND, "hbone:target_refused");
+        warn!(
+            src = %peer,
+            peer_identity = %peer_id,
+            dst = %target,
+            dst_pod = %ctx.pod,
+            policy = BY_TARGET,
+            "rejected: {reason}"
+        );
         Refusal::forbidden(reason)
     };
     if target.ip() != ctx.pod_ip {
@@ -164,20 +203,29 @@ async fn open_stream(
     if target.port() == HBONE_PORT || target.port() == OUTBOUND_PORT {
         return Err(refuse(format!("port {} is reserved for the agent", target.port())));
     }
-    let socket =
-        ctx.netns.dial_socket(target).await.map_err(|e| Refusal::unavailable(e.to_string()))?;
+    let policy = ctx.policy_for(target.port());
+    let unreachable = |reason: String| {
+        ctx.mesh.stats.rejections.count(INBOUND, "app_unreachable");
+        warn!(
+            src = %peer,
+            peer_identity = %peer_id,
+            dst = %target,
+            dst_pod = %ctx.pod,
+            policy = %policy,
+            "rejected: the app does not answer: {reason}"
+        );
+        Refusal::unavailable(reason)
+    };
+    let socket = match ctx.netns.dial_socket(target).await {
+        Ok(s) => s,
+        Err(e) => return Err(unreachable(e.to_string())),
+    };
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(pod = %ctx.pod, client = %peer, %target, "app connection failed: {e}");
-            return Err(Refusal::unavailable(format!("connecting to {target}: {e}")));
-        }
-        Err(_) => return Err(Refusal::unavailable(format!("connecting to {target}: timed out"))),
+        Ok(Err(e)) => return Err(unreachable(format!("connecting to {target}: {e}"))),
+        Err(_) => return Err(unreachable(format!("connecting to {target}: timed out"))),
     };
     let ws = ctx.mesh.workloads.borrow().clone();
-    let policy = ws
-        .by_ip(ctx.pod_ip)
-        .map(|w| ctx.mesh.policies.borrow().decide(&ws, w, target.port()).reason);
     let rec = ConnectionRecord {
         id: 0,
         direction: Direction::Inbound,
@@ -190,20 +238,21 @@ async fn open_stream(
         local_identity: ctx.mesh.certs.get(&ctx.pod).map(|c| c.spiffe_id().to_string()),
         peer_identity: Some(peer_id.clone()),
         tls: tls_desc,
-        policy,
+        policy: Some(policy),
         started_at: SystemTime::now(),
         bytes_sent: 0,
         bytes_received: 0,
+        age_ms: None,
         duration_ms: None,
         open: true,
         error: None,
     };
-    let id = ctx.mesh.conns.open(rec);
+    let (id, live) = ctx.mesh.conns.open(rec);
     let conns = ctx.mesh.conns.clone();
     let pod = ctx.pod.clone();
-    Ok(Accepted::new(upstream).on_close(move |s| {
+    // As for outbound records: "sent" is source -> destination (peer -> app).
+    Ok(Accepted::new(upstream).counting(live).on_close(move |s| {
         let error = s.error.map(|e| e.to_string());
-        // As for outbound records: "sent" is source -> destination (peer -> app).
         if let Some(done) =
             conns.close(id, s.bytes_to_upstream, s.bytes_from_upstream, error.clone())
         {

@@ -141,6 +141,30 @@ impl Mesh {
     }
 }
 
+/// The direction label of a counter.
+pub const INBOUND: &str = "inbound";
+pub const OUTBOUND: &str = "outbound";
+
+/// Counts by (direction, reason). Both are static strings, so the label set stays bounded
+/// whatever the traffic (never an address or a port).
+#[derive(Default)]
+pub struct ReasonCounts(
+    std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+);
+
+impl ReasonCounts {
+    pub fn count(&self, direction: &'static str, reason: &'static str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((direction, reason)).or_default() += 1;
+    }
+
+    /// (direction, reason, count), sorted.
+    pub fn get(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|((d, r), n)| (*d, *r, *n)).collect()
+    }
+}
+
 /// Counters not kept elsewhere (the pool counts client handshakes itself).
 #[derive(Default)]
 pub struct TunnelStats {
@@ -150,19 +174,24 @@ pub struct TunnelStats {
     /// Plaintext refused by a STRICT port in the kernel (and logged by the agent).
     pub inbound_plaintext_rejected: AtomicU64,
     pub outbound_failures: AtomicU64,
-    /// Failures by reason: `tls:<reason>` for handshakes, `policy:<reason>`, `connect:<reason>`.
-    pub failures: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Failed TLS handshakes by direction and reason (`not_tls`, `unknown_ca`, ...).
+    pub tls_failures: ReasonCounts,
+    /// Other refusals by direction and reason: HBONE requests (`hbone:...`), outbound dials.
+    pub rejections: ReasonCounts,
 }
 
-impl TunnelStats {
-    pub fn count_failure(&self, reason: impl Into<String>) {
-        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry(reason.into()).or_default() += 1;
-    }
-
-    pub fn failures(&self) -> Vec<(String, u64)> {
-        let m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+/// The negotiated TLS version and cipher suite, one format for both directions:
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
+pub fn tls_description(s: &rustls::CommonState) -> String {
+    let version = match s.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(v) => format!("{v:?}"),
+        None => "TLS".to_owned(),
+    };
+    match s.negotiated_cipher_suite() {
+        Some(c) => format!("{version} {:?}", c.suite()),
+        None => version,
     }
 }
 

@@ -4,25 +4,27 @@
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
 use rustls_pki_types::ServerName;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
 use super::{
-    connections::{ConnectionRecord, Direction},
+    connections::{ConnectionRecord, Direction, LiveBytes},
     hbone::{self, HBONE_PORT},
-    Mesh, PoolKey,
+    Mesh, PoolKey, OUTBOUND,
 };
 use crate::{
     capture::OrigDstMap,
@@ -32,6 +34,8 @@ use crate::{
     workloads::WorkloadSet,
 };
 
+/// The `tls` of a connection carried as plain TCP.
+const PLAINTEXT: &str = "PLAINTEXT";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per direction and connection: large enough for bulk transfer, small enough that 1,000 open
@@ -95,17 +99,29 @@ enum Carry {
     Plaintext,
 }
 
+/// The `policy=` of refusals that are no policy's decision.
+const BY_CAPTURE: &str = "none: capture check";
+const BY_ROUTING: &str = "none: service routing";
+const BY_IDENTITY: &str = "none: identity check (this pod has no certificate)";
+
 async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAddr) {
     let Some(orig) = ctx.orig_dst.lookup(ctx.netns.cookie(), peer) else {
         // Not a captured connection (someone dialled 15001 directly): nothing to relay to.
-        warn!(pod = %ctx.pod, client = %peer, "rejected: no original destination recorded for this connection");
+        warn!(
+            src = %peer,
+            src_pod = %ctx.pod,
+            dst = "unknown",
+            policy = BY_CAPTURE,
+            "rejected: no original destination recorded for this connection"
+        );
         return;
     };
     let ws = ctx.mesh.workloads.borrow().clone();
     let route = match route(&ws, orig, &ctx.next_endpoint) {
         Ok(r) => r,
         Err(e) => {
-            warn!(pod = %ctx.pod, client = %peer, original_dst = %orig, "rejected: {e}");
+            ctx.mesh.stats.rejections.count(OUTBOUND, "no_endpoints");
+            warn!(src = %peer, src_pod = %ctx.pod, dst = %orig, policy = BY_ROUTING, "rejected: {e}");
             return;
         }
     };
@@ -122,7 +138,15 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         Some(expected) => match ctx.mesh.certs.get(&ctx.pod) {
             Some(cert) => Carry::Mtls { cert, expected },
             None => {
-                warn!(pod = %ctx.pod, dst = %route.dst, "rejected: this pod has no certificate");
+                ctx.mesh.stats.rejections.count(OUTBOUND, "no_certificate");
+                warn!(
+                    src = %peer,
+                    src_pod = %ctx.pod,
+                    original_dst = %orig,
+                    dst = %route.dst,
+                    policy = BY_IDENTITY,
+                    "rejected: this pod has no certificate to tunnel with"
+                );
                 return;
             }
         },
@@ -134,9 +158,10 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
             "mTLS",
             Some(cert.spiffe_id().to_string()),
             Some(expected.to_string()),
-            "TLSv1.3 (HBONE)".to_owned(),
+            // Until the tunnel is up: then the pooled connection's negotiated parameters.
+            "TLS (connecting)".to_owned(),
         ),
-        Carry::Plaintext => ("passthrough", None, None, "PLAINTEXT".to_owned()),
+        Carry::Plaintext => ("passthrough", None, None, PLAINTEXT.to_owned()),
     };
     let rec = ConnectionRecord {
         id: 0,
@@ -154,17 +179,19 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         started_at: SystemTime::now(),
         bytes_sent: 0,
         bytes_received: 0,
+        age_ms: None,
         duration_ms: None,
         open: true,
         error: None,
     };
-    let id = ctx.mesh.conns.open(rec);
+    let (id, live) = ctx.mesh.conns.open(rec);
     let result = match carry {
         Carry::Mtls { cert, expected } => {
-            relay_mtls(&ctx, &mut client, route.dst, cert, expected).await
+            relay_mtls(&ctx, id, &mut client, route.dst, cert, expected, &live).await
         }
-        Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst).await,
+        Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst, &live).await,
     };
+    let policy = policy.as_deref().unwrap_or("none: destination outside the mesh");
     let (sent, received, error) = match result {
         Ok(t) => {
             if t.error.is_some() {
@@ -176,17 +203,26 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         }
         Err(e) => {
             ctx.mesh.stats.outbound_failures.fetch_add(1, Ordering::Relaxed);
-            ctx.mesh.stats.count_failure(format!("outbound:{}", e.reason()));
+            match e.tls_failure() {
+                Some(reason) => ctx.mesh.stats.tls_failures.count(OUTBOUND, reason),
+                None => ctx.mesh.stats.rejections.count(OUTBOUND, e.reason()),
+            }
+            // Tell the app at once, as a refused dial would: a reset, not a hang.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            // The one line for this connection: the rejection replaces the closing line.
+            ctx.mesh.conns.close(id, 0, 0, Some(e.to_string()));
             warn!(
+                src = %peer,
                 src_pod = %ctx.pod,
                 original_dst = %orig,
                 dst = %route.dst,
-                policy = policy.as_deref().unwrap_or("-"),
+                dst_pod = route.dst_pod.as_deref().unwrap_or("-"),
+                mode,
+                peer_identity = peer_identity.as_deref().unwrap_or("-"),
+                policy,
                 "rejected: {e}"
             );
-            // Tell the app at once, as a refused dial would: a reset, not a hang.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            (0, 0, Some(e.to_string()))
+            return;
         }
     };
     if let Some(done) = ctx.mesh.conns.close(id, sent, received, error.clone()) {
@@ -198,7 +234,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
             dst_pod = route.dst_pod.as_deref().unwrap_or("-"),
             mode,
             peer_identity = peer_identity.as_deref().unwrap_or("-"),
-            policy = policy.as_deref().unwrap_or("-"),
+            policy,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = done.duration_ms.unwrap_or_default(),
@@ -234,24 +270,35 @@ enum OutboundError {
 }
 
 impl OutboundError {
+    /// The error of the pool's connection attempt when that is what failed.
+    fn cause(&self) -> &OutboundError {
+        match self {
+            OutboundError::Hbone(hbone::HboneError::Connect(hbone::ConnectError::Transport(e))) => {
+                e.downcast_ref::<OutboundError>().unwrap_or(self)
+            }
+            _ => self,
+        }
+    }
+
     /// A short label for metrics.
     fn reason(&self) -> &'static str {
-        match self {
+        match self.cause() {
             OutboundError::Socket(_) => "internal",
             OutboundError::Connect { .. } => "connect_failed",
             OutboundError::ConnectTimeout(_) => "connect_timeout",
             OutboundError::Tls { code, .. } => code,
-            OutboundError::TlsTimeout(_) => "tls_timeout",
+            OutboundError::TlsTimeout(_) => "timeout",
             OutboundError::Identity(_) => "identity",
-            OutboundError::Hbone(hbone::HboneError::Connect(hbone::ConnectError::Transport(e))) => {
-                match e.downcast_ref::<OutboundError>() {
-                    Some(inner) => inner.reason(),
-                    None => "hbone_connect",
-                }
-            }
+            OutboundError::Hbone(hbone::HboneError::Connect(_)) => "hbone_connect",
             OutboundError::Hbone(hbone::HboneError::Refused { .. }) => "hbone_refused",
             OutboundError::Hbone(_) => "hbone",
         }
+    }
+
+    /// The reason label when the TLS handshake is what failed.
+    fn tls_failure(&self) -> Option<&'static str> {
+        matches!(self.cause(), OutboundError::Tls { .. } | OutboundError::TlsTimeout(_))
+            .then(|| self.reason())
     }
 }
 
@@ -265,29 +312,78 @@ async fn dial_from_pod(netns: &PodNetns, dst: SocketAddr) -> Result<TcpStream, O
     }
 }
 
+/// A stream that adds every byte read from it to a live counter.
+struct CountReads<'a, S> {
+    inner: &'a mut S,
+    n: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountReads<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.n.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn relay_plain(
     ctx: &OutboundContext,
     client: &mut TcpStream,
     dst: SocketAddr,
+    live: &LiveBytes,
 ) -> Result<Transfer, OutboundError> {
     let mut upstream = dial_from_pod(&ctx.netns, dst).await?;
     debug!(pod = %ctx.pod, %dst, "upstream connected (plaintext)");
-    let res =
-        tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER)
-            .await;
+    let res = tokio::io::copy_bidirectional_with_sizes(
+        &mut CountReads { inner: client, n: &live.sent },
+        &mut CountReads { inner: &mut upstream, n: &live.received },
+        RELAY_BUFFER,
+        RELAY_BUFFER,
+    )
+    .await;
     let _ = upstream.shutdown().await;
     Ok(match res {
         Ok((sent, received)) => Transfer { sent, received, error: None },
-        Err(e) => Transfer { sent: 0, received: 0, error: Some(e.to_string()) },
+        // copy_bidirectional has no counts on error; the live ones say what was read.
+        Err(e) => {
+            let (sent, received) = live.get();
+            Transfer { sent, received, error: Some(e.to_string()) }
+        }
     })
 }
 
 async fn relay_mtls(
     ctx: &OutboundContext,
+    id: u64,
     client: &mut TcpStream,
     dst: SocketAddr,
     cert: Arc<WorkloadCert>,
     expected: SpiffeId,
+    live: &LiveBytes,
 ) -> Result<Transfer, OutboundError> {
     let key = PoolKey {
         src_netns: ctx.netns.cookie(),
@@ -318,7 +414,8 @@ async fn relay_mtls(
                     .and_then(|chain| chain.first())
                     .and_then(identity::serial_and_not_after)
                     .map(|(_, not_after)| not_after);
-                Ok((tls, server_not_after))
+                let label: Arc<str> = super::tls_description(tls.get_ref().1).into();
+                Ok((tls, hbone::TransportInfo { server_not_after, label: Some(label) }))
             }
             Ok(Err(e)) => Err(OutboundError::Tls {
                 dst: addr,
@@ -333,7 +430,9 @@ async fn relay_mtls(
         hbone::Credential { serial: cert.serial().to_owned(), not_after: cert.not_after() };
     let mut tunnel = ctx.mesh.pool.stream_as(key, Some(credential), dst, connect).await?;
     debug!(pod = %ctx.pod, %dst, "HBONE stream open");
-    let r = hbone::relay(&mut tunnel, client, RELAY_BUFFER).await;
+    ctx.mesh.conns.set_tls(id, tunnel.connection_label().unwrap_or("TLS"));
+    let r =
+        hbone::relay_counted(&mut tunnel, client, RELAY_BUFFER, &live.received, &live.sent).await;
     Ok(Transfer {
         sent: r.to_tunnel,
         received: r.from_tunnel,

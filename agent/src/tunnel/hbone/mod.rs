@@ -25,12 +25,12 @@ mod tests;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use client::{client_builder, client_handshake, connect_stream};
-pub use pool::{Credential, Pool, PoolConfig, PoolStats};
+pub use pool::{Credential, Pool, PoolConfig, PoolStats, TransportInfo};
 pub use server::{
     ignore_refusal, serve_connection, serve_connection_with_shutdown, Accepted, OnRefusal, Refusal,
     RelayStats, ServerConfig,
 };
-pub use stream::{relay, HboneStream, Relayed};
+pub use stream::{relay, relay_counted, HboneStream, LiveBytes, Relayed};
 
 /// The HBONE tunnel port (ztunnel's inbound port).
 pub const HBONE_PORT: u16 = 15008;

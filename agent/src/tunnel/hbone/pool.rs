@@ -72,6 +72,15 @@ pub struct Credential {
     pub not_after: SystemTime,
 }
 
+/// What `connect` learned about a new transport, kept with the pooled connection.
+#[derive(Debug, Clone, Default)]
+pub struct TransportInfo {
+    /// End of validity of the server's certificate, if known: the connection retires then.
+    pub server_not_after: Option<SystemTime>,
+    /// A description its tunnels report (e.g. TLS version and cipher suite).
+    pub label: Option<Arc<str>>,
+}
+
 /// Counters of a [`Pool`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -143,6 +152,8 @@ pub(crate) struct ConnShared {
     credential: Option<Credential>,
     /// The earliest end of validity of the certificates of the handshake (either side).
     expires: Option<SystemTime>,
+    /// What the caller said about the transport (e.g. its TLS version and cipher suite).
+    label: Option<Arc<str>>,
     active: AtomicUsize,
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -176,6 +187,12 @@ impl ConnShared {
 /// A reserved stream on a pooled connection, released when the tunnel is dropped.
 pub(crate) struct StreamSlot {
     conn: Arc<ConnShared>,
+}
+
+impl StreamSlot {
+    pub(crate) fn label(&self) -> Option<&str> {
+        self.conn.label.as_deref()
+    }
 }
 
 impl Drop for StreamSlot {
@@ -259,17 +276,19 @@ where
     {
         let connect = || {
             let transport = connect();
-            async move { transport.await.map(|io| (io, None)) }
+            async move { transport.await.map(|io| (io, TransportInfo::default())) }
         };
         self.stream_as(key, None, target, connect).await
     }
 
     /// Like [`Pool::stream`], for connections authenticated with certificates: `credential` is
-    /// the caller's current client certificate, and `connect` also returns the end of validity
-    /// of the server's certificate. A connection takes new tunnels only from callers holding
-    /// the certificate it was opened with, and only until either side's certificate expires;
-    /// once the client's certificate is renewed or one expires it is retired: its open tunnels
-    /// finish undisturbed, then it closes, and new tunnels get a fresh handshake.
+    /// the caller's current client certificate, and `connect` also returns what it learned of
+    /// the transport (the end of validity of the server's certificate, a label every tunnel on
+    /// it reports through [`HboneStream::connection_label`]). A connection takes new tunnels
+    /// only from callers holding the certificate it was opened with, and only until either
+    /// side's certificate expires; once the client's certificate is renewed or one expires it
+    /// is retired: its open tunnels finish undisturbed, then it closes, and new tunnels get a
+    /// fresh handshake.
     pub async fn stream_as<S, E, C, Fut>(
         &self,
         key: K,
@@ -281,7 +300,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
+        Fut: Future<Output = Result<(S, TransportInfo), E>>,
     {
         let credential = credential.as_ref();
         let mut retried = false;
@@ -331,7 +350,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
+        Fut: Future<Output = Result<(S, TransportInfo), E>>,
     {
         loop {
             match self.step(key, credential, SystemTime::now()) {
@@ -404,7 +423,7 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         C: Fn() -> Fut,
-        Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
+        Fut: Future<Output = Result<(S, TransportInfo), E>>,
     {
         // If this future is dropped mid-attempt the guard clears the marker, then drops the
         // sender, which wakes the waiters so one of them takes over.
@@ -418,13 +437,16 @@ where
         }
         let done = guard.done.take();
         match result {
-            Ok((send, conn, server_not_after)) => {
-                let expires =
-                    [credential.map(|c| c.not_after), server_not_after].into_iter().flatten().min();
+            Ok((send, conn, info)) => {
+                let expires = [credential.map(|c| c.not_after), info.server_not_after]
+                    .into_iter()
+                    .flatten()
+                    .min();
                 let shared = Arc::new(ConnShared {
                     id,
                     credential: credential.cloned(),
                     expires,
+                    label: info.label,
                     // The leader's own stream.
                     active: AtomicUsize::new(1),
                     closed: AtomicBool::new(false),
@@ -490,9 +512,8 @@ impl<K: Hash + Eq> Drop for LeadGuard<'_, K> {
     }
 }
 
-/// The HTTP/2 connection, and the end of validity of the server's certificate if `connect`
-/// knows it.
-type Established<S> = (SendRequest<Bytes>, Connection<S, Bytes>, Option<SystemTime>);
+/// The HTTP/2 connection, and what `connect` learned of its transport.
+type Established<S> = (SendRequest<Bytes>, Connection<S, Bytes>, TransportInfo);
 
 async fn establish<S, E, C, Fut>(
     cfg: &ClientConfig,
@@ -502,12 +523,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     C: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(S, Option<SystemTime>), E>>,
+    Fut: Future<Output = Result<(S, TransportInfo), E>>,
 {
-    let (io, server_not_after) =
-        connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
+    let (io, info) = connect().await.map_err(|e| ConnectError::Transport(Arc::from(e.into())))?;
     match tokio::time::timeout(cfg.handshake_timeout, client_builder(cfg).handshake(io)).await {
-        Ok(Ok((send, conn))) => Ok((send, conn, server_not_after)),
+        Ok(Ok((send, conn))) => Ok((send, conn, info)),
         Ok(Err(e)) => Err(ConnectError::Handshake(Arc::new(e))),
         Err(_) => Err(ConnectError::Timeout(cfg.handshake_timeout)),
     }

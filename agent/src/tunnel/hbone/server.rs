@@ -23,7 +23,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    stream::{relay, HboneStream},
+    stream::{relay_counted, HboneStream, LiveBytes},
     FlowControl, HboneError,
 };
 
@@ -111,11 +111,18 @@ type OnClose = Box<dyn FnOnce(RelayStats) + Send>;
 pub struct Accepted<U> {
     upstream: U,
     on_close: Option<OnClose>,
+    live: Option<Arc<LiveBytes>>,
 }
 
 impl<U> Accepted<U> {
     pub fn new(upstream: U) -> Self {
-        Self { upstream, on_close: None }
+        Self { upstream, on_close: None, live: None }
+    }
+
+    /// Counts the tunnel's bytes into `live` while it runs (`sent`: client -> upstream).
+    pub fn counting(mut self, live: Arc<LiveBytes>) -> Self {
+        self.live = Some(live);
+        self
     }
 
     pub fn on_close(mut self, f: impl FnOnce(RelayStats) + Send + 'static) -> Self {
@@ -328,7 +335,7 @@ async fn serve_stream<H, F, U>(
         answer.as_mut().poll(cx).map(Some)
     })
     .await;
-    let Accepted { mut upstream, on_close } = match decision {
+    let Accepted { mut upstream, on_close, live } = match decision {
         None => {
             debug!(%target, "CONNECT abandoned by the client before it was answered");
             return;
@@ -361,7 +368,9 @@ async fn serve_stream<H, F, U>(
         }
     };
     let mut tunnel = HboneStream::new(send, recv, target, None);
-    let relayed = relay(&mut tunnel, &mut upstream, relay_buf).await;
+    let uncounted = LiveBytes::default();
+    let c = live.as_deref().unwrap_or(&uncounted);
+    let relayed = relay_counted(&mut tunnel, &mut upstream, relay_buf, &c.sent, &c.received).await;
     let stats = RelayStats {
         target,
         bytes_to_upstream: relayed.from_tunnel,

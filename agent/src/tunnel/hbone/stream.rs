@@ -5,6 +5,7 @@ use std::{
     fmt, io,
     net::SocketAddr,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{ready, Context, Poll},
 };
 
@@ -31,7 +32,7 @@ pub struct HboneStream {
     write_closed: bool,
     target: SocketAddr,
     /// Holds a pooled connection's stream slot until the tunnel is gone.
-    _slot: Option<StreamSlot>,
+    slot: Option<StreamSlot>,
 }
 
 impl fmt::Debug for HboneStream {
@@ -51,20 +52,17 @@ impl HboneStream {
         target: SocketAddr,
         slot: Option<StreamSlot>,
     ) -> Self {
-        Self {
-            send,
-            recv,
-            buf: Bytes::new(),
-            read_eof: false,
-            write_closed: false,
-            target,
-            _slot: slot,
-        }
+        Self { send, recv, buf: Bytes::new(), read_eof: false, write_closed: false, target, slot }
     }
 
     /// The `:authority` of the tunnel: where the server relays to.
     pub fn target(&self) -> SocketAddr {
         self.target
+    }
+
+    /// The label its pooled connection was given ([`super::Pool::stream_labelled`]).
+    pub fn connection_label(&self) -> Option<&str> {
+        self.slot.as_ref().and_then(StreamSlot::label)
     }
 
     /// The error for a failed send: the reset reason if the stream was reset, otherwise a
@@ -214,6 +212,22 @@ pub struct Relayed {
     pub error: Option<io::Error>,
 }
 
+/// Bytes a tunnel has carried so far, added as they flow so that others can watch a live
+/// tunnel: `sent` travels from the side that opened the tunnel towards its target, `received`
+/// back. Plain relaxed atomics: one uncontended add per write, no lock on the data path.
+#[derive(Debug, Default)]
+pub struct LiveBytes {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+impl LiveBytes {
+    /// (sent, received) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
+    }
+}
+
 /// At most this much per direction per poll, so one busy tunnel cannot starve the runtime.
 const YIELD_AFTER: u64 = 1024 * 1024;
 
@@ -224,6 +238,21 @@ const YIELD_AFTER: u64 = 1024 * 1024;
 /// Unlike `tokio::io::copy_bidirectional` it reports byte counts on error too, reads the tunnel
 /// without an intermediate copy, and notices a reset while both directions are idle.
 pub async fn relay<U>(tunnel: &mut HboneStream, other: &mut U, buf_size: usize) -> Relayed
+where
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (from_tunnel, to_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
+    relay_counted(tunnel, other, buf_size, &from_tunnel, &to_tunnel).await
+}
+
+/// [`relay`] that also adds every byte it moves to `from_tunnel` or `to_tunnel` as it goes.
+pub async fn relay_counted<U>(
+    tunnel: &mut HboneStream,
+    other: &mut U,
+    buf_size: usize,
+    from_tunnel: &AtomicU64,
+    to_tunnel: &AtomicU64,
+) -> Relayed
 where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -241,13 +270,13 @@ where
             Poll::Pending => {}
         }
         if !down.done {
-            if let Poll::Ready(r) = down.poll(cx, tunnel, Pin::new(&mut *other)) {
+            if let Poll::Ready(r) = down.poll(cx, tunnel, Pin::new(&mut *other), from_tunnel) {
                 r?;
                 down.done = true;
             }
         }
         if !up.done {
-            if let Poll::Ready(r) = up.poll(cx, Pin::new(&mut *other), tunnel) {
+            if let Poll::Ready(r) = up.poll(cx, Pin::new(&mut *other), tunnel, to_tunnel) {
                 r?;
                 up.done = true;
             }
@@ -277,6 +306,7 @@ impl Down {
         cx: &mut Context<'_>,
         tunnel: &mut HboneStream,
         mut w: Pin<&mut W>,
+        live: &AtomicU64,
     ) -> Poll<io::Result<()>> {
         let mut moved = 0u64;
         while !self.eof {
@@ -300,6 +330,7 @@ impl Down {
             }
             Pin::new(&mut *tunnel).consume(n);
             self.amt += n as u64;
+            live.fetch_add(n as u64, Ordering::Relaxed);
             self.need_flush = true;
             moved += n as u64;
             if moved >= YIELD_AFTER {
@@ -342,6 +373,7 @@ impl Up {
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         tunnel: &mut HboneStream,
+        live: &AtomicU64,
     ) -> Poll<io::Result<()>> {
         let mut moved = 0u64;
         loop {
@@ -361,6 +393,7 @@ impl Up {
                     ready!(Pin::new(&mut *tunnel).poll_write(cx, &self.buf[self.pos..self.cap]))?;
                 self.pos += n;
                 self.amt += n as u64;
+                live.fetch_add(n as u64, Ordering::Relaxed);
                 moved += n as u64;
             }
             if self.eof {

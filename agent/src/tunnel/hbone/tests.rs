@@ -761,11 +761,12 @@ async fn pool_closes_idle_connections_gracefully() {
 fn presenting(
     peer: &Peer,
     server_not_after: Option<SystemTime>,
-) -> impl Fn() -> BoxFuture<'static, io::Result<(DuplexStream, Option<SystemTime>)>> {
+) -> impl Fn() -> BoxFuture<'static, io::Result<(DuplexStream, TransportInfo)>> {
     let connect = peer.connect();
     move || {
         let transport = connect();
-        Box::pin(async move { transport.await.map(|io| (io, server_not_after)) })
+        let info = TransportInfo { server_not_after, label: None };
+        Box::pin(async move { transport.await.map(|io| (io, info)) })
     }
 }
 
