@@ -619,25 +619,7 @@ impl Watch {
 
 /// Logs each plaintext connection the inbound program refused, with the deciding policy.
 async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
-    // SAFETY: the ring buffer owns the fd and moves into the AsyncFd.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("refusal events unavailable: {e}");
-            return;
-        }
-    };
-    loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!("refusal events: {e}");
-                return;
-            }
-        };
-        let ring = guard.get_inner_mut();
+    each_time_readable(events, "refusal events", |ring| {
         while let Some(item) = ring.next() {
             let Some((client, dst)) = crate::capture::parse_reject_event(&item) else { continue };
             let ws = mesh.workloads.borrow().clone();
@@ -655,8 +637,8 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 dst.port()
             );
         }
-        guard.clear_ready();
-    }
+    })
+    .await
 }
 
 /// Most plaintext connections the table follows at once; past it the oldest is forgotten
@@ -669,28 +651,10 @@ const MAX_PLAINTEXT_TRACKED: usize = 65536;
 async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
     use crate::capture::PlaintextSeen;
     use crate::tunnel::connections::{ConnectionRecord, Direction};
-    // SAFETY: the ring buffer owns the fd and moves into the AsyncFd.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("plaintext connection reports unavailable: {e}");
-            return;
-        }
-    };
     // Socket cookie -> connection table id, and back (ids grow, so the first is the oldest).
     let mut ids: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     let mut cookies: BTreeMap<u64, u64> = BTreeMap::new();
-    loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!("plaintext connection reports: {e}");
-                return;
-            }
-        };
-        let ring = guard.get_inner_mut();
+    each_time_readable(ring, "plaintext connection reports", |ring| {
         while let Some(item) = ring.next() {
             match crate::capture::parse_plaintext_event(&item) {
                 Some(PlaintextSeen::Opened { cookie, client, pod }) => {
@@ -752,31 +716,41 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                 None => {}
             }
         }
-        guard.clear_ready();
-    }
+    })
+    .await
 }
 
 /// Forwards eBPF log lines (aya-log) into the agent's log.
 async fn pump_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // SAFETY: the logger owns the fd and moves into the AsyncFd, so the fd stays open for as
-    // long as it is registered.
+    each_time_readable(logger, "eBPF log reader", |l| l.flush()).await
+}
+
+/// Calls `drain` each time the kernel makes `source` readable: the programs' ring buffers and
+/// log reader, which own their fds. Ends with a warning if polling fails.
+async fn each_time_readable<T: std::os::fd::AsRawFd>(
+    source: T,
+    what: &str,
+    mut drain: impl FnMut(&mut T),
+) {
+    // SAFETY: `source` owns the fd and moves into the AsyncFd, so the fd stays open for as long
+    // as it is registered.
     let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        unsafe { AsyncFd::register_with_interest(source, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
-            warn!("eBPF log reader: {e}");
+            warn!("{what}: {e}");
             return;
         }
     };
     loop {
         match fd.readable_mut().await {
             Ok(mut guard) => {
-                guard.get_inner_mut().flush();
+                drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
             Err(e) => {
-                warn!("eBPF log reader: {e}");
+                warn!("{what}: {e}");
                 return;
             }
         }
