@@ -169,6 +169,34 @@ fn check_answers_is_it_encrypted_and_which_policy_decided() -> Result<()> {
     assert!(row.contains("spiffe://cluster.local/ns/hipster-app/sa/frontend"), "{text}");
     assert!(row.contains("spiffe://cluster.local/ns/hipster-app/sa/cartservice"), "{text}");
 
+    // What was seen, beside what the policy says: the frontend's call arrived in mTLS.
+    assert!(text.contains("Observed traffic") && text.contains("none yet"), "{text}");
+    let (out, ok) =
+        s.m.client("frontend", &["--connect", "10.96.0.20:7070", "--message", "seen?"])?;
+    assert!(ok && out == "cartservice:seen?", "{out}");
+    let inbound_seen = |min_plaintext: u64| -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&s.cli(&[
+                "check",
+                "cartservice.hipster-app",
+                "-o",
+                "json",
+            ])?)?;
+            let row = v["observed"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["direction"] == "inbound").cloned());
+            if let Some(row) = row.filter(|r| r["plaintext"].as_u64() >= Some(min_plaintext)) {
+                return Ok(row);
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let row = inbound_seen(0)?;
+    assert_eq!((row["target"].as_str(), row["mtls"].as_u64()), (Some("8080"), Some(1)), "{row}");
+    assert_eq!(row["plaintext"], 0, "{row}");
+
     // PERMISSIVE shows the two halves of each port, as istioctl does.
     s.policies.write("ns.yaml", &namespace_pa(NS, "PERMISSIVE"))?;
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -183,6 +211,16 @@ fn check_answers_is_it_encrypted_and_which_policy_decided() -> Result<()> {
         assert!(Instant::now() < deadline, "{text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // ...and plaintext that then arrives from outside the mesh is seen, and by whom.
+    let dst = format!("{ip}:8080");
+    let (out, ok) = s.m.client("outsider", &["--connect", &dst, "--message", "clear"])?;
+    assert!(ok && out == "cartservice:clear", "{out}");
+    let row = inbound_seen(1)?;
+    let outsider = format!("{}:", s.m.bed.pod("outsider").ip);
+    let peer = row["lastPlaintextPeer"].as_str().unwrap_or_default();
+    assert!(peer.starts_with(&outsider), "{row}");
+    let text = s.cli(&["check", "cartservice.hipster-app"])?;
+    assert!(text.contains("LAST PLAINTEXT PEER") && text.contains(peer), "{text}");
 
     // Machine-readable forms carry the same answer.
     let json: serde_json::Value =

@@ -2,12 +2,17 @@
 //! answer behind `mtls-agent check`, in the shape of `istioctl experimental auth check`: the
 //! pod's listeners (inbound) and the destinations it can reach (outbound).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::AdminState;
 use crate::{
     policy::{Decision, Mode},
-    tunnel::hbone::HBONE_PORT,
+    tunnel::{
+        connections::{ConnectionRecord, Direction},
+        hbone::HBONE_PORT,
+    },
     workloads::{Workload, WorkloadSet},
 };
 
@@ -28,6 +33,69 @@ pub struct CheckReport {
     pub certificate_expires: Option<String>,
     pub listeners: Vec<ListenerRow>,
     pub outbound: Vec<OutboundRow>,
+    /// What this agent saw of the pod's traffic, as opposed to what the policies say.
+    pub observed: Vec<ObservedRow>,
+}
+
+/// Connections of a pod that this agent carried or saw accepted (live ones and its bounded
+/// history of closed ones), for one direction and port: how many were mutual TLS and how many
+/// crossed the network in plaintext.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedRow {
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// Inbound: the pod's port. Outbound: the destination as the app dialled it.
+    pub target: String,
+    pub mtls: u64,
+    pub plaintext: u64,
+    /// Of those, still open.
+    pub open: u64,
+    /// The latest plaintext peer (inbound: its source; outbound: the endpoint), if any.
+    pub last_plaintext_peer: Option<String>,
+}
+
+/// Most outbound destinations listed per pod, busiest first.
+const OBSERVED_OUTBOUND_ROWS: usize = 20;
+
+/// Groups the connection records of `pod` by direction and port or destination.
+fn observed(conns: &[ConnectionRecord], pod: &str) -> Vec<ObservedRow> {
+    let mut rows: BTreeMap<(Direction, String), ObservedRow> = BTreeMap::new();
+    for c in conns {
+        let (target, peer) = match c.direction {
+            Direction::Inbound if c.destination_pod.as_deref() == Some(pod) => {
+                (c.destination.port().to_string(), c.source)
+            }
+            Direction::Outbound if c.source_pod.as_deref() == Some(pod) => {
+                (c.original_destination.to_string(), c.destination)
+            }
+            _ => continue,
+        };
+        let row =
+            rows.entry((c.direction.clone(), target.clone())).or_insert_with(|| ObservedRow {
+                direction: format!("{:?}", c.direction).to_lowercase(),
+                target,
+                mtls: 0,
+                plaintext: 0,
+                open: 0,
+                last_plaintext_peer: None,
+            });
+        if c.mode == "mTLS" {
+            row.mtls += 1;
+        } else {
+            row.plaintext += 1;
+            // Records are oldest first: the last one seen is the latest.
+            row.last_plaintext_peer = Some(peer.to_string());
+        }
+        row.open += u64::from(c.open);
+    }
+    let (mut inbound, mut outbound): (Vec<_>, Vec<_>) =
+        rows.into_values().partition(|r| r.direction == "inbound");
+    inbound.sort_by_key(|r| r.target.parse::<u16>().unwrap_or_default());
+    outbound.sort_by(|a, b| (b.mtls + b.plaintext).cmp(&(a.mtls + a.plaintext)));
+    outbound.truncate(OBSERVED_OUTBOUND_ROWS);
+    inbound.extend(outbound);
+    inbound
 }
 
 #[derive(Debug, Serialize)]
@@ -201,6 +269,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         certificate_expires: cert.as_ref().map(|c| t(c.not_after())),
         listeners,
         outbound,
+        observed: observed(&state.mesh.conns.snapshot(), &w.key()),
     })
 }
 
@@ -215,4 +284,56 @@ fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
         }
     }
     ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(direction: Direction, src: &str, dst: &str, mode: &str, open: bool) -> ConnectionRecord {
+        let addr = |a: &str| a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+        ConnectionRecord {
+            id: 0,
+            direction,
+            source_pod: Some("a.ns".into()),
+            source: addr(src),
+            original_destination: addr(dst),
+            destination: addr(dst),
+            destination_pod: Some("b.ns".into()),
+            mode: mode.into(),
+            local_identity: None,
+            peer_identity: None,
+            tls: String::new(),
+            policy: None,
+            started_at: std::time::SystemTime::UNIX_EPOCH,
+            bytes_sent: 0,
+            bytes_received: 0,
+            age_ms: None,
+            duration_ms: None,
+            open,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn observed_traffic_counts_mtls_and_plaintext_per_port_and_names_the_last_plaintext_peer() {
+        let conns = [
+            rec(Direction::Inbound, "10.0.0.1:4000", "10.0.0.2:8080", "mTLS", false),
+            rec(Direction::Inbound, "10.0.0.9:4001", "10.0.0.2:8080", "plaintext", false),
+            rec(Direction::Inbound, "10.0.0.7:4002", "10.0.0.2:8080", "plaintext", true),
+            rec(Direction::Inbound, "10.0.0.1:4003", "10.0.0.2:9090", "mTLS", true),
+            rec(Direction::Outbound, "127.0.0.1:5000", "10.0.0.3:80", "passthrough", false),
+        ];
+        let b = observed(&conns, "b.ns");
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!((b[0].target.as_str(), b[0].mtls, b[0].plaintext, b[0].open), ("8080", 1, 2, 1));
+        assert_eq!(b[0].last_plaintext_peer.as_deref(), Some("10.0.0.7:4002"));
+        assert_eq!((b[1].target.as_str(), b[1].mtls, b[1].plaintext), ("9090", 1, 0));
+        assert_eq!(b[1].last_plaintext_peer, None);
+        let a = observed(&conns, "a.ns");
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!((a[0].direction.as_str(), a[0].target.as_str()), ("outbound", "10.0.0.3:80"));
+        assert_eq!((a[0].mtls, a[0].plaintext), (0, 1));
+        assert!(observed(&conns, "c.ns").is_empty());
+    }
 }

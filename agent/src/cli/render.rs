@@ -111,6 +111,36 @@ pub fn check(v: &Value) -> String {
         &["HOST:PORT", "CERTIFICATE", "VALIDATE PEER CERTIFICATE", "SERVER MODE (DECIDED BY)"],
         &rows,
     ));
+    let observed = v["observed"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nObserved traffic (live and recent connections this agent saw):");
+    if observed.is_empty() {
+        out.push_str("  none yet\n");
+    } else {
+        let rows: Vec<Vec<String>> = observed
+            .iter()
+            .map(|o| {
+                vec![
+                    s(&o["direction"]),
+                    s(&o["target"]),
+                    s(&o["mtls"]),
+                    s(&o["plaintext"]),
+                    s(&o["open"]),
+                    s(&o["lastPlaintextPeer"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "DIRECTION",
+                "PORT / DESTINATION",
+                "mTLS",
+                "PLAINTEXT",
+                "OPEN",
+                "LAST PLAINTEXT PEER",
+            ],
+            &rows,
+        ));
+    }
     out.push_str("\nWhy:\n");
     let mut seen = Vec::new();
     for l in &listeners {
