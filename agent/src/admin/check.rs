@@ -92,7 +92,7 @@ fn observed(conns: &[ConnectionRecord], pod: &str) -> Vec<ObservedRow> {
     let (mut inbound, mut outbound): (Vec<_>, Vec<_>) =
         rows.into_values().partition(|r| r.direction == "inbound");
     inbound.sort_by_key(|r| r.target.parse::<u16>().unwrap_or_default());
-    outbound.sort_by(|a, b| (b.mtls + b.plaintext).cmp(&(a.mtls + a.plaintext)));
+    outbound.sort_by_key(|r| std::cmp::Reverse(r.mtls + r.plaintext));
     outbound.truncate(OBSERVED_OUTBOUND_ROWS);
     inbound.extend(outbound);
     inbound
