@@ -273,7 +273,8 @@ fn the_ebpf_programs_log_lines_follow_the_log_level_set_at_run_time() -> Result<
     send("quiet")?;
     assert!(!s.agent.log().contains("captured connect4"), "eBPF lines are off at info");
 
-    s.agent.post("/logging?level=info,mtls_agent_ebpf=debug")?;
+    // Percent-encoded, as HTTP clients send a filter with `,` and `=`.
+    s.agent.post("/logging?level=info%2Cmtls_agent_ebpf%3Ddebug")?;
     send("loud-one")?;
     s.agent.wait_log("captured connect4 to port 8080", Duration::from_secs(2))?;
 

@@ -424,7 +424,8 @@ impl Agent {
                 None => rules.push(InboundRule { port, mode: inbound_mode(d.mode), probe: true }),
             }
         }
-        if !w.probe_ports.is_empty() && self.cfg.node_ip.is_none() && default.mode == Mode::Strict {
+        let strict_probe = rules.iter().any(|r| r.probe && r.mode == InboundMode::Strict);
+        if strict_probe && self.cfg.node_ip.is_none() {
             warn!(pod = %w.key(), "probePorts are declared but --node-ip is not set: STRICT refuses the kubelet's probes");
         }
         self.capture.set_inbound_rules(w.ip, &rules)?;

@@ -254,9 +254,14 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
-    let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+    // Percent-decoded: a filter such as `info,mtls_agent_ebpf=debug` arrives encoded from
+    // curl --data-urlencode and most HTTP clients.
+    let level = form_urlencoded::parse(query.as_bytes())
+        .find_map(|(k, v)| (k == "level").then_some(v.into_owned()));
+    let Some(level) = level else {
         return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=debug\n");
     };
+    let level = level.as_str();
     let Some(set) = &state.set_log_level else {
         return text(StatusCode::NOT_IMPLEMENTED, "log level changes are not available\n");
     };
