@@ -60,7 +60,7 @@ impl HboneStream {
         self.target
     }
 
-    /// The label its pooled connection was given ([`super::Pool::stream_labelled`]).
+    /// The label its pooled connection was given ([`super::Pool::stream_as`]).
     pub fn connection_label(&self) -> Option<&str> {
         self.slot.as_ref().and_then(StreamSlot::label)
     }
