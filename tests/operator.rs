@@ -344,8 +344,14 @@ fn connections_certs_metrics_and_rejection_logs() -> Result<()> {
     assert_eq!(cart["default"]["mode"], "STRICT", "{dump}");
     assert_eq!(cart["default"]["decidedBy"]["name"], "default", "{dump}");
     assert_eq!(cart["default"]["level"], "namespace", "{dump}");
+    // The port the service reaches, with its answer, though no policy names it.
+    let port = cart["ports"].as_array().and_then(|p| p.iter().find(|p| p["port"] == 8080));
+    assert_eq!(port.map(|p| p["mode"].clone()), Some("STRICT".into()), "{cart}");
     assert_eq!(dump["certificates"].as_array().map(Vec::len), Some(2));
-    assert!(dump["certificates"][0]["nextRenewal"].is_string());
+    let cert = &dump["certificates"][0];
+    for field in ["identity", "serial", "notBefore", "notAfter", "nextRenewal"] {
+        assert!(cert[field].as_str().is_some_and(|v| !v.is_empty()), "{field}: {cert}");
+    }
     let workloads: serde_json::Value = serde_json::from_str(&s.agent().get("/workloads")?)?;
     assert_eq!(workloads["workloads"].as_array().map(Vec::len), Some(2));
     assert_eq!(s.agent().get("/healthz")?.trim(), "ok");

@@ -274,7 +274,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
 }
 
 /// The target ports through which services reach `w`.
-fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
+pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
     let mut ports = Vec::new();
     for svc in ws.services_for(w) {
         for p in &svc.ports {

@@ -119,14 +119,18 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         .on_node(&state.node)
         .map(|w| {
             let (default, ports) = ps.workload_modes(&ws, w);
-            EffectivePolicy {
-                pod: w.key(),
-                default,
-                ports: ports
-                    .into_iter()
-                    .map(|(port, decision)| PortDecision { port, decision })
-                    .collect(),
+            let mut ports: Vec<PortDecision> =
+                ports.into_iter().map(|(port, decision)| PortDecision { port, decision }).collect();
+            // Every port the workload serves through a service or is probed on gets its answer,
+            // not only those a policy names.
+            let served = check::service_target_ports(&ws, w);
+            for port in served.into_iter().chain(w.probe_ports.iter().copied()) {
+                if !ports.iter().any(|p| p.port == port) {
+                    ports.push(PortDecision { port, decision: ps.decide(&ws, w, port) });
+                }
             }
+            ports.sort_by_key(|p| p.port);
+            EffectivePolicy { pod: w.key(), default, ports }
         })
         .collect();
     ConfigDump {
