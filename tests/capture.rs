@@ -304,9 +304,9 @@ fn plaintext_accepted_by_an_enrolled_pod_is_recorded_with_its_policy_and_bytes()
     assert_eq!(rec["sourcePod"], serde_json::Value::Null, "o is not a workload: {rec}");
     assert_eq!(rec["tls"], "PLAINTEXT", "{rec}");
     assert!(rec["policy"].as_str().unwrap_or_default().contains("PERMISSIVE"), "{rec}");
-    // As b's app counts them: the message in, the echo out.
-    assert_eq!(rec["bytesReceived"], "in-the-clear".len(), "{rec}");
-    assert_eq!(rec["bytesSent"], "b:in-the-clear".len(), "{rec}");
+    // Sent is source -> destination, as in every record: the message in, the echo back.
+    assert_eq!(rec["bytesSent"], "in-the-clear".len(), "{rec}");
+    assert_eq!(rec["bytesReceived"], "b:in-the-clear".len(), "{rec}");
 
     // Traffic the agent carried (a -> b in mTLS, handed to b's app from b's own address) and
     // loopback inside b are not plaintext on the wire: no record.
@@ -375,7 +375,7 @@ fn pods_added_and_removed_in_the_file_are_enrolled_and_released() -> Result<()> 
     assert_eq!(outbound(s.agent.connections()?), 0, "a is not enrolled yet");
     // b is: the agent sees a's plaintext arrive there.
     s.agent.wait_connection(Duration::from_secs(3), |c| {
-        c["mode"] == "plaintext" && c["bytesReceived"] == 1
+        c["mode"] == "plaintext" && c["bytesSent"] == 1
     })?;
 
     s.file.workloads.push(WorkloadEntry::of(s.bed.pod("a"), NS));

@@ -27,14 +27,24 @@ enum Interrupt {
     DemoOnly,
 }
 
-/// The demo process, killed by its PID if the test fails before it ends.
+/// The demo process and its process group (its agents and pods' processes). If the test fails
+/// before the demo ends, the group is interrupted as Ctrl-C would, given time to clean up, then
+/// killed, and what a killed demo left is removed.
 struct Demo(Child);
 
 impl Drop for Demo {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+            let group = Pid::from_raw(self.0.id() as i32);
+            let _ = killpg(group, Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = killpg(group, Signal::SIGKILL);
             let _ = self.0.wait();
+            // The demo's beds name its (now dead) PID: they count as stale.
+            let _ = testbed::cleanup_stale();
         }
     }
 }

@@ -114,8 +114,9 @@ struct Agent {
     pods: BTreeMap<String, EnrolledPod>,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
-    /// The policy warnings logged last, so a workload change logs only new ones.
-    policy_warnings: HashSet<Warning>,
+    /// The policy warnings logged last (file, line, what), so a workload change logs only new
+    /// ones.
+    policy_warnings: HashSet<(PathBuf, usize, String)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -214,7 +215,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Arc::new(move |level: &str| {
             set(level)?;
             let on = tracing::enabled!(target: "mtls_agent_ebpf", tracing::Level::DEBUG);
-            log_switch.set(on).map_err(|e| format!("switching the eBPF programs' log lines: {e}"))
+            // The agent's level has changed by now; a failed switch only leaves the programs'
+            // lines as they were, which is worth a warning, not a refusal.
+            if let Err(e) = log_switch.set(on) {
+                warn!("switching the eBPF programs' log lines: {e}");
+            }
+            Ok(())
         }) as admin::SetLogLevel
     });
     let admin_state = admin::AdminState {
@@ -366,12 +372,18 @@ impl Agent {
         let ps = self.policies_tx.borrow().clone();
         let mut now = ps.warnings();
         now.extend(ps.lint(&ws));
+        // Keyed by the object and the kind of finding, not the whole text: a warning that
+        // lists affected workloads changes with every pod added or removed, yet is not news.
+        let key = |w: &Warning| {
+            let kind: String = w.message.chars().take_while(|c| *c != ':').collect();
+            (w.file.clone(), w.line, kind)
+        };
         for w in &now {
-            if policies_changed || !self.policy_warnings.contains(w) {
+            if policies_changed || !self.policy_warnings.contains(&key(w)) {
                 warn!("{w}");
             }
         }
-        self.policy_warnings = now.into_iter().collect();
+        self.policy_warnings = now.iter().map(key).collect();
     }
 
     /// Enrolls the node's pods whose enrollment failed before.
@@ -387,6 +399,11 @@ impl Agent {
         let Some(dir) = self.cfg.policy_dir().map(Path::to_path_buf) else { return };
         match load_policies(&dir, &self.cfg.root_namespace) {
             Ok(ps) => {
+                // The directory changes for more than policies (editors' temp files, a
+                // ConfigMap's `..data` swap): only a different set is news.
+                if ps == **self.policies_tx.borrow() {
+                    return;
+                }
                 info!(dir = %dir.display(), policies = ps.len(), "policies changed");
                 self.policies_tx.send_replace(Arc::new(ps));
                 self.log_policy_warnings(true);
@@ -671,7 +688,7 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                         original_destination: pod,
                         destination: pod,
                         destination_pod: dst.map(|w| w.key()),
-                        mode: "plaintext".into(),
+                        mode: crate::tunnel::connections::MODE_PLAINTEXT_SEEN.into(),
                         local_identity: None,
                         peer_identity: None,
                         tls: "PLAINTEXT".into(),
@@ -699,7 +716,9 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                     // A connection opened before this agent started is not in the table.
                     let Some(id) = ids.remove(&cookie) else { continue };
                     cookies.remove(&id);
-                    if let Some(rec) = mesh.conns.close(id, bytes_sent, bytes_received, None) {
+                    // As for every record, "sent" travels source -> destination: here the
+                    // client's bytes, which the pod's app received.
+                    if let Some(rec) = mesh.conns.close(id, bytes_received, bytes_sent, None) {
                         info!(
                             direction = "inbound",
                             src = %rec.source,
@@ -707,8 +726,8 @@ async fn track_plaintext(ring: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc
                             dst_pod = rec.destination_pod.as_deref().unwrap_or("-"),
                             tls = "PLAINTEXT",
                             policy = rec.policy.as_deref().unwrap_or("-"),
-                            bytes_in = bytes_received,
-                            bytes_out = bytes_sent,
+                            bytes_sent = rec.bytes_sent,
+                            bytes_received = rec.bytes_received,
                             duration_ms = rec.duration_ms.unwrap_or_default(),
                             "plaintext connection closed (accepted by the pod's app, not carried by the agent)"
                         );

@@ -53,6 +53,8 @@ pub struct ObservedRow {
     pub open: u64,
     /// The latest plaintext peer (inbound: its source; outbound: the endpoint), if any.
     pub last_plaintext_peer: Option<String>,
+    #[serde(skip)]
+    last_plaintext_id: u64,
 }
 
 /// Most outbound destinations listed per pod, busiest first.
@@ -71,6 +73,10 @@ fn observed(conns: &[ConnectionRecord], pod: &str) -> Vec<ObservedRow> {
             }
             _ => continue,
         };
+        // A connection refused before any byte moved was not traffic.
+        if c.error.is_some() && c.bytes_sent == 0 && c.bytes_received == 0 {
+            continue;
+        }
         let row =
             rows.entry((c.direction.clone(), target.clone())).or_insert_with(|| ObservedRow {
                 direction: format!("{:?}", c.direction).to_lowercase(),
@@ -79,13 +85,17 @@ fn observed(conns: &[ConnectionRecord], pod: &str) -> Vec<ObservedRow> {
                 plaintext: 0,
                 open: 0,
                 last_plaintext_peer: None,
+                last_plaintext_id: 0,
             });
         if c.mode == "mTLS" {
             row.mtls += 1;
         } else {
             row.plaintext += 1;
-            // Records are oldest first: the last one seen is the latest.
-            row.last_plaintext_peer = Some(peer.to_string());
+            // Ids grow as connections open: the highest is the latest.
+            if c.id >= row.last_plaintext_id {
+                row.last_plaintext_id = c.id;
+                row.last_plaintext_peer = Some(peer.to_string());
+            }
         }
         row.open += u64::from(c.open);
     }
@@ -257,7 +267,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         note: elsewhere.then(|| {
             format!(
                 "{} runs on node {}, not on this agent's node {}: its certificate and listeners \
-                 are with node {}'s agent (mtls-agent check --admin <that agent's admin address>)",
+                 are with node {}'s agent (run mtls-agent check on that node)",
                 w.key(),
                 w.node,
                 state.node,
@@ -317,12 +327,28 @@ mod tests {
 
     #[test]
     fn observed_traffic_counts_mtls_and_plaintext_per_port_and_names_the_last_plaintext_peer() {
+        let with_id = |id, r: ConnectionRecord| ConnectionRecord { id, ..r };
+        let refused = ConnectionRecord {
+            error: Some("refused".into()),
+            ..rec(Direction::Inbound, "10.0.0.5:4009", "10.0.0.2:8080", "plaintext", false)
+        };
+        // As a snapshot lists them: live ones (the newest) first.
         let conns = [
-            rec(Direction::Inbound, "10.0.0.1:4000", "10.0.0.2:8080", "mTLS", false),
-            rec(Direction::Inbound, "10.0.0.9:4001", "10.0.0.2:8080", "plaintext", false),
-            rec(Direction::Inbound, "10.0.0.7:4002", "10.0.0.2:8080", "plaintext", true),
-            rec(Direction::Inbound, "10.0.0.1:4003", "10.0.0.2:9090", "mTLS", true),
-            rec(Direction::Outbound, "127.0.0.1:5000", "10.0.0.3:80", "passthrough", false),
+            with_id(
+                3,
+                rec(Direction::Inbound, "10.0.0.7:4002", "10.0.0.2:8080", "plaintext", true),
+            ),
+            with_id(4, rec(Direction::Inbound, "10.0.0.1:4003", "10.0.0.2:9090", "mTLS", true)),
+            with_id(1, rec(Direction::Inbound, "10.0.0.1:4000", "10.0.0.2:8080", "mTLS", false)),
+            with_id(
+                2,
+                rec(Direction::Inbound, "10.0.0.9:4001", "10.0.0.2:8080", "plaintext", false),
+            ),
+            with_id(
+                5,
+                rec(Direction::Outbound, "127.0.0.1:5000", "10.0.0.3:80", "passthrough", false),
+            ),
+            with_id(6, refused),
         ];
         let b = observed(&conns, "b.ns");
         assert_eq!(b.len(), 2, "{b:?}");

@@ -734,8 +734,11 @@ pub fn parse_plaintext_event(bytes: &[u8]) -> Option<PlaintextSeen> {
 }
 
 /// Whether the kernel's byte counts of a socket closing from TCP state `old` include the peer's
-/// FIN (received) and our FIN (acknowledged): both take one sequence number. Left out of the
-/// reckoning: a FIN_WAIT2 that timed out (counted as if the FIN came) and a LAST_ACK reset.
+/// FIN (received) and our FIN (acknowledged): both take one sequence number. FIN_WAIT2 is left
+/// at once when the app closed first and the peer acknowledged our FIN, before the peer's own
+/// FIN arrives (the usual end of a server that closes first, e.g. an HTTP probe); only when that
+/// FIN came in the same segment as the acknowledgement is the received count one high. A
+/// LAST_ACK reset is one low.
 fn fins_counted(old: u16) -> (bool, bool) {
     // Linux TCP states (include/net/tcp_states.h).
     const FIN_WAIT2: u16 = 5;
@@ -744,7 +747,8 @@ fn fins_counted(old: u16) -> (bool, bool) {
     const LAST_ACK: u16 = 9;
     const CLOSING: u16 = 11;
     match old {
-        FIN_WAIT2 | TIME_WAIT | CLOSING | LAST_ACK => (true, true),
+        FIN_WAIT2 => (false, true),
+        TIME_WAIT | CLOSING | LAST_ACK => (true, true),
         CLOSE_WAIT => (true, false),
         _ => (false, false),
     }
@@ -815,6 +819,8 @@ mod tests {
         };
         // Both FINs went through (LAST_ACK: the app closed after the client).
         assert_eq!(event(9, 13, 15), closed(12, 14));
+        // The app closed first; the peer acknowledged our FIN but has not sent its own.
+        assert_eq!(event(5, 13, 15), closed(13, 14));
         // Reset while established: no FIN in the counts.
         assert_eq!(event(1, 13, 15), closed(13, 15));
         // The client's FIN came, ours was never acknowledged.

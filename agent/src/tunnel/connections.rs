@@ -17,6 +17,12 @@ pub use super::hbone::LiveBytes;
 
 /// How many closed connections are kept for inspection.
 const HISTORY: usize = 4096;
+/// How many closed plaintext connections that the kernel reported (accepted by a pod's app, not
+/// carried by the agent) are kept, apart: frequent probes must not push the agent's own
+/// connections out of the history.
+const PLAINTEXT_HISTORY: usize = 1024;
+/// The mode of those records.
+pub const MODE_PLAINTEXT_SEEN: &str = "plaintext";
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +92,7 @@ struct Live {
 struct Inner {
     live: BTreeMap<u64, Live>,
     closed: VecDeque<ConnectionRecord>,
+    closed_plaintext: VecDeque<ConnectionRecord>,
     totals: BTreeMap<(Direction, String), Totals>,
 }
 
@@ -135,14 +142,19 @@ impl ConnectionTable {
         t.closed += 1;
         t.bytes_sent += sent;
         t.bytes_received += received;
-        if inner.closed.len() == HISTORY {
-            inner.closed.pop_front();
+        let (history, limit) = if rec.mode == MODE_PLAINTEXT_SEEN {
+            (&mut inner.closed_plaintext, PLAINTEXT_HISTORY)
+        } else {
+            (&mut inner.closed, HISTORY)
+        };
+        if history.len() == limit {
+            history.pop_front();
         }
-        inner.closed.push_back(rec.clone());
+        history.push_back(rec.clone());
         Some(rec)
     }
 
-    /// Live connections first, then closed ones, oldest first within each.
+    /// Live connections first, then closed ones, each in the order they were opened.
     pub fn snapshot(&self) -> Vec<ConnectionRecord> {
         let inner = self.lock();
         let mut out: Vec<_> = inner
@@ -155,7 +167,11 @@ impl ConnectionTable {
                 r
             })
             .collect();
+        let first_closed = out.len();
         out.extend(inner.closed.iter().cloned());
+        out.extend(inner.closed_plaintext.iter().cloned());
+        // Ids grow as connections open.
+        out[first_closed..].sort_by_key(|r| r.id);
         out
     }
 
@@ -236,5 +252,20 @@ mod tests {
         let snap = t.snapshot();
         assert_eq!(snap.len(), HISTORY);
         assert_eq!(snap[0].id, 11, "oldest entries are dropped first");
+    }
+
+    #[test]
+    fn reported_plaintext_has_its_own_history_and_cannot_push_tunnels_out() {
+        let t = ConnectionTable::default();
+        let (tunnel, _) = t.open(rec());
+        t.close(tunnel, 1, 1, None);
+        for _ in 0..HISTORY + 10 {
+            let (id, _) = t.open(ConnectionRecord { mode: MODE_PLAINTEXT_SEEN.into(), ..rec() });
+            t.close(id, 0, 0, None);
+        }
+        let snap = t.snapshot();
+        assert_eq!(snap.len(), 1 + PLAINTEXT_HISTORY);
+        assert_eq!(snap[0].id, tunnel, "kept, and first: closed records are in opening order");
+        assert!(snap.windows(2).all(|w| w[0].id < w[1].id));
     }
 }
