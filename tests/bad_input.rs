@@ -1125,10 +1125,10 @@ spec:
     b.wait_log_line(mark, &["zz-bad.yaml", "keeping the previous policies"])?;
     b.strict_in_force("after-junk-policy")?;
 
-    // Fixed: the directory loads again, and is what it was.
+    // Fixed: the directory loads again, and is what it was (so nothing changes).
     let mark = b.log_mark();
     std::fs::remove_file(b.policy_dir()?.0.join("zz-bad.yaml"))?;
-    b.wait_log_line(mark, &["policies changed"])?;
+    b.wait_log_line(mark, &["policies valid again, and unchanged"])?;
     b.strict_in_force("policies-fixed")?;
 
     // Workloads. The text the agent started with (as the test bed renders it).

@@ -181,9 +181,11 @@ fn a_hundred_connections_between_two_pods_cost_at_most_two_handshakes() -> Resul
 
 #[test]
 fn certificates_renew_under_traffic_without_breaking_open_connections() -> Result<()> {
-    // Renewal at 2.4-3 s, expiry at 6 s: a connection made after a1's renewal and before the
+    // Renewal at 4.8-6 s, expiry at 12 s: a connection made after a1's renewal and before the
     // first certificates expire must not ride the pooled one made with a1's first certificate.
-    let m = two_nodes("tun-renew", &["--cert-ttl", "6s"])?;
+    // (Room enough for an emulated kernel, where starting a process takes a good part of a
+    // second.)
+    let m = two_nodes("tun-renew", &["--cert-ttl", "12s"])?;
     let serial_of = |agent: &AgentProcess, pod: &str| -> Result<String> {
         let certs = agent.certs()?;
         let c = certs.iter().find(|c| c["workload"] == pod).cloned().unwrap_or_default();
@@ -206,25 +208,29 @@ fn certificates_renew_under_traffic_without_breaking_open_connections() -> Resul
     assert!(!first.is_empty());
     // A connection held open across the renewal; its pooled connection stays busy meanwhile.
     let mut cmd = Command::new(e2e_tool());
-    cmd.args(["client", "--connect", &m.dst("b"), "--message", "long", "--hold-ms", "4500"]);
+    cmd.args(["client", "--connect", &m.dst("b"), "--message", "long", "--hold-ms", "9000"]);
     let long = m.bed.spawn_in_pod("a1", cmd)?;
     // Meanwhile, short connections keep flowing; once a1's certificate is renewed, one more
     // connection from a1 gets its own handshake with the renewed certificate.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut short = 0;
     let mut renewed = None;
+    // Whether a1 had a pooled connection made with its first certificate when the renewal was
+    // seen (on a slow machine the held connection may only start after the renewal).
+    let mut pooled_with_first = false;
     while Instant::now() < deadline {
         let (out, ok) = m.client("a2", &["--connect", &m.dst("b"), "--message", "s"])?;
         assert!(ok && out == "b:s", "short connection {short} failed: {out}");
         short += 1;
         let current = serial_of(m.agent("node1"), "a1.shop")?;
         if renewed.is_none() && current != first {
+            pooled_with_first = server_saw(&first);
             let before = handshakes(&m)?;
             let (out, ok) = m.client("a1", &["--connect", &m.dst("b"), "--message", "after"])?;
             assert!(ok && out == "b:after", "{out}");
             let after = handshakes(&m)?;
             assert!(
-                after.0 > before.0 && after.1 > before.1,
+                !pooled_with_first || (after.0 > before.0 && after.1 > before.1),
                 "no new handshake after the renewal: {before:?} -> {after:?}"
             );
             renewed = Some(current);
@@ -232,7 +238,7 @@ fn certificates_renew_under_traffic_without_breaking_open_connections() -> Resul
         std::thread::sleep(Duration::from_millis(200));
     }
     let renewed = renewed.expect("a1's certificate was renewed");
-    let out = long.wait_with_output(Duration::from_secs(10))?;
+    let out = long.wait_with_output(Duration::from_secs(15))?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b:long");
     // The server verified the renewed certificate (the log is read by a thread: bounded wait).
@@ -241,7 +247,10 @@ fn certificates_renew_under_traffic_without_breaking_open_connections() -> Resul
         assert!(Instant::now() < saw_by, "node2 never verified a1's renewed certificate {renewed}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(server_saw(&first), "node2 logged the first certificate's handshake too");
+    assert!(
+        pooled_with_first,
+        "the held connection had not been made with a1's first certificate by its renewal"
+    );
     // Several connections overlapped the renewal (each one starts a process in the pod, which
     // takes a good part of a second on a slow or emulated machine).
     assert!(short >= 3, "only {short} short connections during the renewal window");

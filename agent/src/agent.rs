@@ -117,6 +117,8 @@ struct Agent {
     /// The policy warnings logged last (file, line, what), so a workload change logs only new
     /// ones.
     policy_warnings: HashSet<(PathBuf, usize, String)>,
+    /// The last reload of the policy directory failed (its last good set is in force).
+    policies_broken: bool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -190,6 +192,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
+        policies_broken: false,
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -399,9 +402,13 @@ impl Agent {
         let Some(dir) = self.cfg.policy_dir().map(Path::to_path_buf) else { return };
         match load_policies(&dir, &self.cfg.root_namespace) {
             Ok(ps) => {
+                let was_broken = std::mem::take(&mut self.policies_broken);
                 // The directory changes for more than policies (editors' temp files, a
                 // ConfigMap's `..data` swap): only a different set is news.
                 if ps == **self.policies_tx.borrow() {
+                    if was_broken {
+                        info!(dir = %dir.display(), "policies valid again, and unchanged");
+                    }
                     return;
                 }
                 info!(dir = %dir.display(), policies = ps.len(), "policies changed");
@@ -410,7 +417,10 @@ impl Agent {
                 self.apply_policies();
             }
             // Keep enforcing the last good set.
-            Err(e) => error!("{}; keeping the previous policies", crate::error_text(&e)),
+            Err(e) => {
+                self.policies_broken = true;
+                error!("{}; keeping the previous policies", crate::error_text(&e));
+            }
         }
     }
 
