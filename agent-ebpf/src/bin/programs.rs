@@ -189,8 +189,8 @@ pub fn mtls_sock_ops(ctx: SockOpsContext) -> u32 {
                     if let Some(key) = conn_key(&ctx) {
                         let _ = ORIG_DST.remove(&key);
                     }
-                } else {
-                    let _ = plaintext_event(&ctx, PLAINTEXT_CLOSED);
+                } else if let Some((local, remote)) = addresses(&ctx) {
+                    let _ = plaintext_event(&ctx, PLAINTEXT_CLOSED, local, remote);
                 }
             }
         }
@@ -247,12 +247,16 @@ fn on_plaintext_accepted(ctx: &SockOpsContext) -> Option<()> {
     if local == remote || is_loopback(&remote) {
         return None;
     }
-    plaintext_event(ctx, PLAINTEXT_OPENED)?;
+    plaintext_event(ctx, PLAINTEXT_OPENED, local, remote)?;
     ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).ok()
 }
 
-fn plaintext_event(ctx: &SockOpsContext, kind: u16) -> Option<()> {
-    let (local, remote) = addresses(ctx)?;
+fn plaintext_event(
+    ctx: &SockOpsContext,
+    kind: u16,
+    local: [u32; 4],
+    remote: [u32; 4],
+) -> Option<()> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain fields of the context; the kernel returns 0 for a socket that is not full.
@@ -287,18 +291,8 @@ fn addresses(ctx: &SockOpsContext) -> Option<([u32; 4], [u32; 4])> {
     let family = read(&o.family) as u16;
     let local4 = read(&o.local_ip4);
     let remote4 = read(&o.remote_ip4);
-    let local6 = [
-        read(&o.local_ip6[0]),
-        read(&o.local_ip6[1]),
-        read(&o.local_ip6[2]),
-        read(&o.local_ip6[3]),
-    ];
-    let remote6 = [
-        read(&o.remote_ip6[0]),
-        read(&o.remote_ip6[1]),
-        read(&o.remote_ip6[2]),
-        read(&o.remote_ip6[3]),
-    ];
+    let local6 = read4(&o.local_ip6);
+    let remote6 = read4(&o.remote_ip6);
     match family {
         AF_INET => Some(([local4, 0, 0, 0], [remote4, 0, 0, 0])),
         AF_INET6 => Some((local6, remote6)),
@@ -361,20 +355,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Option<RejectEvent> {
     let (local, remote) = if v4 {
         ([read(&l.local_ip4), 0, 0, 0], [read(&l.remote_ip4), 0, 0, 0])
     } else {
-        (
-            [
-                read(&l.local_ip6[0]),
-                read(&l.local_ip6[1]),
-                read(&l.local_ip6[2]),
-                read(&l.local_ip6[3]),
-            ],
-            [
-                read(&l.remote_ip6[0]),
-                read(&l.remote_ip6[1]),
-                read(&l.remote_ip6[2]),
-                read(&l.remote_ip6[3]),
-            ],
-        )
+        (read4(&l.local_ip6), read4(&l.remote_ip6))
     };
     Some(RejectEvent {
         local,
@@ -403,18 +384,8 @@ fn inbound_allowed(ctx: &SkLookupContext) -> bool {
     let ctx_family = read(&l.family);
     let local4 = read(&l.local_ip4);
     let remote4 = read(&l.remote_ip4);
-    let local6 = [
-        read(&l.local_ip6[0]),
-        read(&l.local_ip6[1]),
-        read(&l.local_ip6[2]),
-        read(&l.local_ip6[3]),
-    ];
-    let remote6 = [
-        read(&l.remote_ip6[0]),
-        read(&l.remote_ip6[1]),
-        read(&l.remote_ip6[2]),
-        read(&l.remote_ip6[3]),
-    ];
+    let local6 = read4(&l.local_ip6);
+    let remote6 = read4(&l.remote_ip6);
     let (family, local, remote) = if ctx_family == u32::from(AF_INET) {
         (AF_INET, [local4, 0, 0, 0], [remote4, 0, 0, 0])
     } else if ctx_family == u32::from(AF_INET6) {
@@ -448,6 +419,12 @@ fn inbound_allowed(ctx: &SkLookupContext) -> bool {
         }
     }
     false
+}
+
+/// [`read`] of each word of an IPv6 address field.
+#[inline(always)]
+fn read4(words: &[u32; 4]) -> [u32; 4] {
+    [read(&words[0]), read(&words[1]), read(&words[2]), read(&words[3])]
 }
 
 /// A load the compiler may not merge with others or turn into pointer arithmetic.

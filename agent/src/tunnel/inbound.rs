@@ -183,17 +183,21 @@ async fn open_stream(
     tls_desc: String,
     target: SocketAddr,
 ) -> Result<Accepted<TcpStream>, Refusal> {
-    let refuse = |reason: String| {
-        ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
-        ctx.mesh.stats.rejections.count(INBOUND, "hbone:target_refused");
+    // The one line for a refused tunnel request.
+    let log_refusal = |policy: &dyn std::fmt::Display, what: std::fmt::Arguments<'_>| {
         warn!(
             src = %peer,
             peer_identity = %peer_id,
             dst = %target,
             dst_pod = %ctx.pod,
-            policy = BY_TARGET,
-            "rejected: {reason}"
+            policy = %policy,
+            "rejected: {what}"
         );
+    };
+    let refuse = |reason: String| {
+        ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
+        ctx.mesh.stats.rejections.count(INBOUND, "hbone:target_refused");
+        log_refusal(&BY_TARGET, format_args!("{reason}"));
         Refusal::forbidden(reason)
     };
     if target.ip() != ctx.pod_ip {
@@ -206,14 +210,7 @@ async fn open_stream(
     let policy = ctx.policy_for(target.port());
     let unreachable = |reason: String| {
         ctx.mesh.stats.rejections.count(INBOUND, "app_unreachable");
-        warn!(
-            src = %peer,
-            peer_identity = %peer_id,
-            dst = %target,
-            dst_pod = %ctx.pod,
-            policy = %policy,
-            "rejected: the app does not answer: {reason}"
-        );
+        log_refusal(&policy, format_args!("the app does not answer: {reason}"));
         Refusal::unavailable(reason)
     };
     let socket = match ctx.netns.dial_socket(target).await {
