@@ -8,8 +8,9 @@
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the agent's inbound HBONE listener on every enrolled pod's IP.
 pub const INBOUND_PORT: u16 = 15008;
-/// `SO_MARK` carried by every socket the agent opens, so the programs never capture it.
-pub const AGENT_MARK: u32 = 0x4d54_4c53; // "MTLS"
+/// Entries of `AGENT_CGROUPS`: the cgroups of running agent instances (two during a rolling
+/// update), plus room for ids left by instances that crashed (evicted, oldest first).
+pub const MAX_AGENT_INSTANCES: u32 = 64;
 
 /// Maximum enrolled pods per node (`ENROLLED` map size).
 pub const MAX_PODS: u32 = 4096;
@@ -24,6 +25,8 @@ pub const AF_INET6: u16 = 10;
 pub mod map_names {
     pub const ENROLLED: &str = "ENROLLED";
     pub const CONFIG: &str = "CONFIG";
+    /// cgroup v2 id -> 1, for each running agent instance.
+    pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
     /// Socket cookie -> original destination between connect() and TCP_CONNECT_CB (a
     /// preallocated hash; `PENDING` was an LRU map in earlier versions, hence the new name).
     pub const PENDING: &str = "PENDING_DST";
@@ -173,7 +176,8 @@ pub struct PodInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Config {
-    pub agent_mark: u32,
+    /// Unused (was the agent's socket mark); kept so the layout of the pinned map stays.
+    pub _unused: u32,
     pub outbound_port: u16,
     /// Family of `node_ip` (0 when unknown: no probe exemption).
     pub node_ip_family: u16,

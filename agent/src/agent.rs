@@ -261,6 +261,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 if last_sweep.elapsed() >= PENDING_SWEEP_INTERVAL {
                     last_sweep = tokio::time::Instant::now();
+                    agent.capture.refresh_own_cgroup();
                     let swept = agent.capture.sweep_pending(PENDING_MAX_AGE);
                     if swept > 0 {
                         tracing::debug!(records = swept, "swept original destinations of connect()s that never completed");
@@ -304,6 +305,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     } else {
         info!("drained; exiting");
     }
+    agent.capture.forget_own_cgroup();
     Ok(())
 }
 

@@ -15,7 +15,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mtls_agent_ebpf::AGENT_MARK;
 use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -218,8 +217,8 @@ impl PodNetns {
         })
     }
 
-    /// An unconnected TCP socket inside the pod for dialing `dst`, marked so that the capture
-    /// programs leave it alone.
+    /// An unconnected TCP socket inside the pod for dialing `dst` (the capture programs leave
+    /// it alone: it is connected by a task in the agent's cgroup).
     pub async fn dial_socket(&self, dst: SocketAddr) -> Result<tokio::net::TcpSocket, InpodError> {
         let family = Family::of(dst);
         let gone = || InpodError::Panicked { path: self.path.clone() };
@@ -249,12 +248,12 @@ impl PodNetns {
     }
 }
 
-/// A non-blocking TCP socket carrying the agent's mark.
+/// A non-blocking TCP socket. No mark: the capture programs know the agent's sockets by the
+/// agent's cgroup (`AGENT_CGROUPS`), which an app cannot forge.
 fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
     // Non-blocking and close-on-exec from socket() itself: no fcntl calls per dial.
     let ty = Type::STREAM.nonblocking().cloexec();
     let s = Socket::new_raw(Domain::for_address(addr), ty, Some(Protocol::TCP))?;
-    s.set_mark(AGENT_MARK)?;
     s.set_nodelay(true)?;
     Ok(s)
 }
@@ -311,7 +310,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dial_sockets_belong_to_the_pod_and_carry_the_agent_mark_spare_or_not() {
+    async fn dial_sockets_belong_to_the_pod_spare_or_not() {
         let (path, _stop) = private_netns();
         let ns = PodNetns::open(&path).unwrap();
         // More than the spares, both families: the first of each is made on demand, the
@@ -321,7 +320,6 @@ mod tests {
             for _ in 0..SPARES * 3 {
                 let s = ns.dial_socket(dst).await.unwrap();
                 assert_eq!(netns_cookie(&s).unwrap(), ns.cookie());
-                assert_eq!(socket2::SockRef::from(&s).mark().unwrap(), AGENT_MARK);
                 assert_eq!(s.local_addr().unwrap().is_ipv4(), dst.is_ipv4());
             }
         }

@@ -1,7 +1,7 @@
 //! e2e-tool: the small TCP programs the end-to-end tests run inside pods.
 //!
 //! * `echo-server --listen ADDR [--prefix STR] [--idle-timeout-ms MS]`
-//! * `client --connect ADDR --message STR [--count N] [--timeout-ms MS]`
+//! * `client --connect ADDR --message STR [--count N] [--timeout-ms MS] [--mark N]`
 //! * `sink --connect ADDR --bytes N [--timeout-ms MS]`
 //! * `hold --connect ADDR --seconds S [--timeout-ms MS]`
 //!
@@ -54,6 +54,10 @@ enum Cmd {
         /// Pause between connections.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// `SO_MARK` to set on each socket before connecting (needs `CAP_NET_RAW` or
+        /// `CAP_NET_ADMIN`), e.g. `0x4d544c53`.
+        #[arg(long, value_parser = parse_u32)]
+        mark: Option<u32>,
     },
     /// Send N bytes, half-close, read to EOF; prints `sent N received M`.
     Sink {
@@ -126,7 +130,7 @@ fn main() -> ExitCode {
         Cmd::EchoServer { listen, prefix, idle_timeout_ms } => {
             echo_server(&listen, prefix, Duration::from_millis(idle_timeout_ms))
         }
-        Cmd::Client { connect, message, count, timeout_ms, bind, hold_ms, interval_ms } => {
+        Cmd::Client { connect, message, count, timeout_ms, bind, hold_ms, interval_ms, mark } => {
             bind.as_deref().map(resolve).transpose().and_then(|bind| {
                 let opts = ClientOptions {
                     count,
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
                     bind,
                     hold: Duration::from_millis(hold_ms),
                     interval: Duration::from_millis(interval_ms),
+                    mark,
                 };
                 client(&connect, &message, opts)
             })
@@ -329,16 +334,36 @@ struct ClientOptions {
     bind: Option<SocketAddr>,
     hold: Duration,
     interval: Duration,
+    mark: Option<u32>,
 }
 
-/// Like `connect`, but from a chosen local address.
-fn connect_from(local: SocketAddr, addr: SocketAddr, deadline: Instant) -> Outcome<TcpStream> {
+/// `0x`-prefixed hex or decimal.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Like `connect`, but from a chosen local address and/or with a socket mark.
+fn connect_with(
+    local: Option<SocketAddr>,
+    mark: Option<u32>,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Outcome<TcpStream> {
     let left = remaining(deadline).ok_or_else(|| Failure::timeout("before connect"))?;
     let sock =
         socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
             .map_err(|e| Failure::io("socket", &e))?;
-    sock.set_reuse_address(true).map_err(|e| Failure::io("setsockopt", &e))?;
-    sock.bind(&local.into()).map_err(|e| Failure::io("bind", &e))?;
+    if let Some(m) = mark {
+        sock.set_mark(m).map_err(|e| Failure::io("setsockopt SO_MARK", &e))?;
+    }
+    if let Some(local) = local {
+        sock.set_reuse_address(true).map_err(|e| Failure::io("setsockopt", &e))?;
+        sock.bind(&local.into()).map_err(|e| Failure::io("bind", &e))?;
+    }
     sock.connect_timeout(&addr.into(), left).map_err(|e| Failure::io("connect", &e))?;
     let stream: TcpStream = sock.into();
     let _ = stream.set_nodelay(true);
@@ -349,9 +374,9 @@ fn client(addr: &str, message: &str, opts: ClientOptions) -> Outcome<()> {
     let addr = resolve(addr)?;
     for _ in 0..opts.count {
         let deadline = Instant::now() + opts.timeout + opts.hold;
-        let mut stream = match opts.bind {
-            Some(local) => connect_from(local, addr, deadline)?,
-            None => connect(addr, deadline)?,
+        let mut stream = match (opts.bind, opts.mark) {
+            (None, None) => connect(addr, deadline)?,
+            (local, mark) => connect_with(local, mark, addr, deadline)?,
         };
         write_all(&mut stream, message.as_bytes(), deadline)?;
         std::thread::sleep(opts.hold);

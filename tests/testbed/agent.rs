@@ -175,6 +175,10 @@ pub struct AgentOptions {
     /// `RUST_LOG` for the agent; `None`: `MTLS_TEST_AGENT_LOG` or debug for the agent and
     /// its eBPF programs.
     pub log_filter: Option<String>,
+    /// A cgroup v2 directory to run the agent in (made here, removed when the agent
+    /// process is dropped), e.g. one under the node's pods cgroup as the agent's own pod is in
+    /// Kubernetes. `None`: the test's own cgroup.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -185,6 +189,7 @@ impl AgentOptions {
             ca_dir: None,
             extra_args: vec![],
             log_filter: None,
+            cgroup: None,
         }
     }
 
@@ -201,6 +206,7 @@ impl AgentOptions {
                 cgroup_root.display().to_string(),
             ],
             log_filter: None,
+            cgroup: None,
         }
     }
 }
@@ -216,6 +222,8 @@ pub struct AgentProcess {
     log: Arc<Mutex<String>>,
     cmd: Vec<String>,
     log_filter: String,
+    /// The cgroup the agent runs in, when the test chose one; removed after the agent.
+    cgroup: Option<crate::cgroup::CgroupDir>,
     _own_ca: Option<CaDir>,
 }
 
@@ -258,6 +266,7 @@ impl AgentProcess {
             cmd.extend(["--workloads".into(), w.display().to_string()]);
         }
         cmd.extend(opts.extra_args.iter().cloned());
+        let cgroup = opts.cgroup.clone().map(crate::cgroup::CgroupDir::create).transpose()?;
         let mut agent = AgentProcess {
             child: None,
             admin,
@@ -271,6 +280,7 @@ impl AgentProcess {
                 std::env::var("MTLS_TEST_AGENT_LOG")
                     .unwrap_or_else(|_| "info,mtls_agent=debug,mtls_agent_ebpf=debug".into())
             }),
+            cgroup,
             _own_ca: own_ca,
         };
         agent.spawn()?;
@@ -278,7 +288,34 @@ impl AgentProcess {
     }
 
     fn spawn_child(&mut self) -> Result<()> {
-        let mut child = Command::new(agent_bin())
+        let mut command = Command::new(agent_bin());
+        // Opened before fork: the child may only make raw syscalls.
+        let procs = match &self.cgroup {
+            Some(c) => {
+                let path = c.path().join("cgroup.procs");
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("open {}", path.display()))?;
+                Some(f)
+            }
+            None => None,
+        };
+        if let Some(f) = &procs {
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            let fd = f.as_raw_fd();
+            // SAFETY: only write(2) on an fd that stays open in the parent until spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    // "0" moves the writing process itself, before it runs the agent.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .args(&self.cmd)
             .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
@@ -286,6 +323,7 @@ impl AgentProcess {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting mtls-agent")?;
+        drop(procs);
         let stderr = child.stderr.take().context("agent stderr")?;
         let log = self.log.clone();
         let node = self.node.clone();
@@ -507,6 +545,11 @@ impl Drop for AgentProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(mut c) = self.cgroup.take() {
+            if let Err(e) = c.remove() {
+                eprintln!("testbed: removing the agent's cgroup: {e:#}");
+            }
         }
         // The pins outlive the agent on purpose; a test bed removes its bpffs directory itself.
     }

@@ -30,7 +30,7 @@
 pub mod agent;
 pub mod apiserver;
 mod capture;
-mod cgroup;
+pub(crate) mod cgroup;
 pub mod mesh;
 mod netlink;
 mod netns;

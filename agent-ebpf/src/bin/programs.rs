@@ -19,7 +19,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -28,8 +30,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mtls_agent_ebpf::{
     stats, Config, ConnKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey, PortPolicy,
-    RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS,
-    MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
+    RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_AGENT_INSTANCES,
+    MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PLAINTEXT_CLOSED,
+    PLAINTEXT_OPENED,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -43,6 +46,12 @@ const LOOPBACK_V6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// cgroup v2 ids of the running agent instances (two during a rolling update): their own
+/// connect()s, made inside pods' namespaces, are never captured. A task cannot forge the cgroup
+/// it runs in, unlike a socket mark. LRU-bounded: a crashed instance's id stays until evicted,
+/// and matches nothing meanwhile (cgroup ids are never reused).
+#[map]
+static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_INSTANCES, 0);
 /// Per-CPU LRU lists: no global lock on insert (the common LRU list costs about a microsecond).
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
@@ -99,15 +108,18 @@ fn should_capture(ctx: &SockAddrContext) -> Option<&'static Config> {
         return None;
     }
     let cfg = CONFIG.get(0)?;
-    // SAFETY: `sk` is always set for cgroup sock_addr programs.
-    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == cfg.agent_mark {
-        return None;
-    }
     // SAFETY: helper call with the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only presence check.
+    // SAFETY: read-only presence check. First, so sockets of pods not enrolled pay nothing more.
     unsafe { ENROLLED.get(&netns) }?;
+    // The agent's own sockets in the pod's namespace: told apart by the cgroup of the task
+    // calling connect(), which an app cannot choose.
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only presence check.
+    if unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some() {
+        return None;
+    }
     Some(cfg)
 }
 

@@ -25,12 +25,13 @@ use aya::{
 };
 use mtls_agent_ebpf::{
     map_names, prog_names, stats, Config, ConnKey, OrigDst, PendingDst, PodInfo, PortKey,
-    PortPolicy, SockAddr, AF_INET, AF_INET6, AGENT_MARK, MODE_DISABLE, MODE_PERMISSIVE,
-    MODE_STRICT, OUTBOUND_PORT,
+    PortPolicy, SockAddr, AF_INET, AF_INET6, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT,
+    OUTBOUND_PORT,
 };
 use tracing::{debug, info, warn};
 
 pub mod probe;
+pub mod self_cgroup;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MTLS_AGENT_EBPF_OBJ"));
@@ -67,6 +68,8 @@ pub enum CaptureError {
     Link(#[from] aya::programs::links::LinkError),
     #[error(transparent)]
     Kernel(#[from] probe::MissingFeature),
+    #[error("the agent's own cgroup: {0}")]
+    SelfCgroup(#[from] self_cgroup::SelfCgroupError),
 }
 
 /// Where and how to attach.
@@ -123,6 +126,9 @@ pub struct Capture {
     // Keeps the programs' file descriptors (and aya-log's buffer) alive.
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
+    agent_cgroups: HashMap<MapData, u64, u32>,
+    /// This instance's cgroup v2 directory and id (its connect()s are never captured).
+    own_cgroup: (PathBuf, u64),
     inbound: HashMap<MapData, PortKey, PortPolicy>,
     stats: PerCpuArray<MapData, u64>,
     links_dir: PathBuf,
@@ -196,7 +202,7 @@ impl Capture {
             None => (0, [0; 4]),
         };
         let value = Config {
-            agent_mark: AGENT_MARK,
+            _unused: 0,
             outbound_port: OUTBOUND_PORT,
             node_ip_family,
             node_ip,
@@ -208,6 +214,15 @@ impl Capture {
             .map_err(|source| CaptureError::Map { name: map_names::CONFIG, source })?;
 
         let enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
+        // Before any program is attached: from then on this instance's connect()s inside pods'
+        // namespaces must already be recognised as its own.
+        let own_cgroup = self_cgroup::own_cgroup()?;
+        let mut agent_cgroups: HashMap<MapData, u64, u32> =
+            take_map(&mut ebpf, map_names::AGENT_CGROUPS)?;
+        agent_cgroups
+            .insert(own_cgroup.1, 1, 0)
+            .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
+        info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
@@ -278,6 +293,8 @@ impl Capture {
         Ok(Capture {
             _ebpf: ebpf,
             enrolled,
+            agent_cgroups,
+            own_cgroup,
             inbound,
             stats,
             links_dir,
@@ -399,6 +416,34 @@ impl Capture {
     /// The eBPF programs' own counters.
     pub fn stats(&self) -> EbpfStats {
         read_stats(&self.stats)
+    }
+
+    /// Writes this instance's cgroup id again (cheap; guards against eviction from the LRU map
+    /// by ids that crashed instances left behind).
+    pub fn refresh_own_cgroup(&mut self) {
+        if let Err(e) = self.agent_cgroups.insert(self.own_cgroup.1, 1, 0) {
+            warn!("refreshing the agent's cgroup id in {}: {e}", map_names::AGENT_CGROUPS);
+        }
+    }
+
+    /// On a clean exit: forgets this instance's cgroup id, unless another process still runs in
+    /// that cgroup (a second instance started there, as during a rolling update on one host).
+    pub fn forget_own_cgroup(&mut self) {
+        let (dir, id) = &self.own_cgroup;
+        let me = std::process::id().to_string();
+        let others = fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|t| t.lines().any(|l| l.trim() != me))
+            .unwrap_or(true);
+        if others {
+            debug!(cgroup = %dir.display(), "other processes share the agent's cgroup: its id stays");
+            return;
+        }
+        match self.agent_cgroups.remove(id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => {
+                warn!("removing the agent's cgroup id from {}: {e}", map_names::AGENT_CGROUPS)
+            }
+        }
     }
 
     /// Starts capturing connect()s made in the network namespace with this cookie.

@@ -47,6 +47,7 @@ const ATTACH_INET6_CONNECT: u32 = 11;
 const ATTACH_SK_LOOKUP: u32 = 36;
 const HELPER_GET_SOCKET_COOKIE: i32 = 46;
 const HELPER_SOCK_OPS_CB_FLAGS_SET: i32 = 59;
+const HELPER_GET_CURRENT_CGROUP_ID: i32 = 80;
 const HELPER_GET_NETNS_COOKIE: i32 = 122;
 
 /// The requirements, oldest first (the order only matters for ties).
@@ -98,6 +99,18 @@ const REQUIREMENTS: &[Requirement] = &[
         present: || {
             load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_NETNS_COOKIE))
                 .is_some()
+        },
+    },
+    Requirement {
+        feature: "bpf_get_current_cgroup_id in cgroup sock_addr programs (the agent's own sockets)",
+        min: "5.7",
+        present: || {
+            load_prog(
+                PROG_CGROUP_SOCK_ADDR,
+                ATTACH_INET4_CONNECT,
+                Some(HELPER_GET_CURRENT_CGROUP_ID),
+            )
+            .is_some()
         },
     },
     Requirement {

@@ -1,0 +1,144 @@
+//! End-to-end, as an attacker would try it: a tenant cannot opt out of capture, cannot break
+//! capture for the node's other pods. Runs as root.
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+
+use anyhow::Result;
+use testbed::{
+    agent::{AgentOptions, AgentProcess, WorkloadEntry, WorkloadsFile},
+    PodProcess, Testbed,
+};
+
+fn e2e_tool() -> PathBuf {
+    testbed::e2e_tool!()
+}
+
+const NS: &str = "shop";
+const ECHO_PORT: u16 = 8080;
+/// The mark the agent's own sockets used to carry (and the programs skipped) before issue 14.
+const OLD_AGENT_MARK: &str = "0x4d544c53";
+
+/// One node, the named pods, echo servers in `servers`, and an agent enrolling `enrolled`
+/// that runs, as in Kubernetes, in a cgroup of its own under the node's pods cgroup.
+struct Scenario {
+    // Field order matters for drop: processes and agent go before the bed.
+    _servers: Vec<PodProcess>,
+    agent: AgentProcess,
+    workloads_path: PathBuf,
+    bed: Testbed,
+}
+
+impl Scenario {
+    fn new(test: &str, pods: &[&str], enrolled: &[&str], servers: &[&str]) -> Result<Scenario> {
+        let mut bed = Testbed::new(test)?;
+        let node = bed.add_node("node1")?;
+        for p in pods {
+            bed.add_pod("node1", p)?;
+        }
+        let mut file = WorkloadsFile::default();
+        for p in enrolled {
+            file.workloads.push(WorkloadEntry::of(bed.pod(p), NS));
+        }
+        let workloads_path = std::env::temp_dir().join(format!("{}-workloads.yaml", bed.id()));
+        file.write(&workloads_path)?;
+        let mut procs = Vec::new();
+        for s in servers {
+            procs.push(echo_server(&bed, s)?);
+        }
+        let mut opts = AgentOptions::new("node1", &workloads_path);
+        opts.cgroup = Some(node.cgroup.join("mtls-agent-pod"));
+        let agent = AgentProcess::start(&bed, opts)?;
+        Ok(Scenario { _servers: procs, agent, workloads_path, bed })
+    }
+
+    fn addr(&self, pod: &str, port: u16) -> SocketAddr {
+        (self.bed.pod(pod).ip, port).into()
+    }
+
+    /// Waits for a closed outbound (captured) connection record matching `pred`.
+    fn wait_outbound(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        self.agent
+            .wait_connection(Duration::from_secs(5), |c| c["direction"] == "outbound" && pred(c))
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.workloads_path);
+    }
+}
+
+fn echo_server(bed: &Testbed, pod: &str) -> Result<PodProcess> {
+    let mut cmd = Command::new(e2e_tool());
+    cmd.args([
+        "echo-server",
+        "--listen",
+        &format!("0.0.0.0:{ECHO_PORT}"),
+        "--prefix",
+        &format!("{pod}:"),
+    ]);
+    let p = bed.spawn_in_pod(pod, cmd)?;
+    p.wait_for_stdout("listening", Duration::from_secs(5))?;
+    Ok(p)
+}
+
+/// Runs `cmd` in `pod` to its end (bounded); its stdout and success.
+fn run_in_pod(bed: &Testbed, pod: &str, cmd: Command) -> Result<(String, bool)> {
+    let p = bed.spawn_in_pod(pod, cmd)?;
+    let out = p.wait_with_output(Duration::from_secs(60))?;
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((text, out.status.success()))
+}
+
+/// The e2e client as an unprivileged container app: uid/gid 65534, no groups, and of all
+/// capabilities only `CAP_NET_RAW` (the container runtimes' default set has it).
+fn unprivileged_client(args: &[&str]) -> Command {
+    let mut cmd = Command::new("/usr/bin/setpriv");
+    cmd.args([
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--inh-caps",
+        "+net_raw",
+        "--ambient-caps",
+        "+net_raw",
+    ]);
+    cmd.arg(e2e_tool()).arg("client").args(args);
+    cmd
+}
+
+/// Issue 14, item 3: the mark the agent once skipped is no way out. An app with only
+/// `CAP_NET_RAW` sets it on its socket and connects to a pod outside the mesh: the connection
+/// still goes through the agent, exactly like the same app's unmarked one. The agent runs in a
+/// cgroup under the node's pods cgroup (where its own pod is in Kubernetes), so the agent's own
+/// upstream dials inside the pod's namespace are seen by the programs too, and must not be
+/// captured again: the echo coming back proves they were not.
+#[test]
+fn a_marked_socket_of_an_app_with_cap_net_raw_is_still_captured() -> Result<()> {
+    let s = Scenario::new("sc-mark", &["a", "b"], &["a"], &["b"])?;
+    let dst = s.addr("b", ECHO_PORT).to_string();
+    for (message, mark) in
+        [("unmarked", None), ("marked-with-the-agents-mark", Some(OLD_AGENT_MARK))]
+    {
+        let mut args = vec!["--connect", dst.as_str(), "--message", message];
+        if let Some(m) = mark {
+            args.extend(["--mark", m]);
+        }
+        let (out, ok) = run_in_pod(&s.bed, "a", unprivileged_client(&args))?;
+        assert!(ok, "{message}: client failed: {out}");
+        assert_eq!(out.trim(), format!("b:{message}"), "{message}");
+        let rec = s.wait_outbound(|c| {
+            c["originalDestination"] == dst.as_str() && c["bytesSent"] == message.len()
+        })?;
+        assert_eq!(rec["sourcePod"], format!("a.{NS}"), "{message}: {rec}");
+        // The agent saw the app's loopback side: captured, not a direct connection.
+        assert!(rec["source"].as_str().unwrap_or_default().starts_with("127.0.0.1:"), "{rec}");
+    }
+    Ok(())
+}
