@@ -17,19 +17,32 @@ pub const MAX_PODS: u32 = 4096;
 /// Maximum in-flight captured connections per node (`ORIG_DST`, `PENDING` sizes).
 pub const MAX_CONNS: u32 = 65536;
 
+/// Most `PENDING` records one pod may hold at once. A record lives from connect() to
+/// `TCP_CONNECT_CB`, inside that one syscall, so a pod holds about one per thread that is in
+/// connect() right now; only connect()s that fail before the SYN, on sockets still open, leave
+/// records for longer (until `sock_release`). 512 is far above any real pod's concurrent
+/// connect()s, and 128 pods would all have to flood at once to fill the node's 65,536. Over the
+/// quota a connect() is still redirected, without a record, so the agent refuses it: that pod's
+/// own connection fails closed, nobody else's. The check and the increment are not one atomic
+/// step, so a pod may exceed the quota by at most one record per CPU.
+pub const PENDING_QUOTA: u32 = 512;
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
 /// Names of the maps (also their pin names in bpffs).
 pub mod map_names {
-    pub const ENROLLED: &str = "ENROLLED";
+    /// Netns cookie -> [`super::PodInfo`] (`ENROLLED` held a `PodInfo` without the pending
+    /// count in earlier versions, hence the new name).
+    pub const ENROLLED: &str = "ENROLLED_PODS";
     pub const CONFIG: &str = "CONFIG";
     /// cgroup v2 id -> 1, for each running agent instance.
     pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
     /// Socket cookie -> original destination between connect() and TCP_CONNECT_CB (a
-    /// preallocated hash; `PENDING` was an LRU map in earlier versions, hence the new name).
-    pub const PENDING: &str = "PENDING_DST";
+    /// preallocated hash; earlier versions had an LRU `PENDING`, then `PENDING_DST` whose
+    /// values carried a timestamp instead of the pod, hence the new name).
+    pub const PENDING: &str = "PENDING_CONNS";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const INBOUND: &str = "INBOUND";
     pub const STATS: &str = "STATS";
@@ -83,6 +96,7 @@ pub mod prog_names {
     pub const CONNECT4: &str = "mtls_connect4";
     pub const CONNECT6: &str = "mtls_connect6";
     pub const SOCK_OPS: &str = "mtls_sock_ops";
+    pub const SOCK_RELEASE: &str = "mtls_sock_release";
     pub const INBOUND: &str = "mtls_inbound";
 }
 
@@ -102,6 +116,8 @@ pub mod stats {
     pub const PROBE_ALLOWED: u32 = 1;
     /// Connections captured by connect4/connect6.
     pub const CAPTURED: u32 = 2;
+    /// connect()s redirected without a record because their pod held `PENDING_QUOTA` already.
+    pub const PENDING_OVER_QUOTA: u32 = 3;
     pub const LEN: u32 = 4;
 }
 
@@ -145,14 +161,14 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
-/// Value of `PENDING`: the original destination and when connect() recorded it
-/// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC), so the agent can sweep records of connect()s
-/// that failed before TCP_CONNECT_CB.
+/// Value of `PENDING`: the original destination, and the pod (netns cookie) whose quota the
+/// record counts against, so whoever deletes it (`TCP_CONNECT_CB`, `sock_release`) gives it
+/// back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PendingDst {
     pub orig: OrigDst,
-    pub recorded_ns: u64,
+    pub netns_cookie: u64,
 }
 
 /// Value of `ORIG_DST`: where the application meant to connect.
@@ -169,7 +185,10 @@ pub struct OrigDst {
 pub struct PodInfo {
     /// Reserved for per-pod flags (policy mode, readiness) in later versions.
     pub flags: u32,
-    pub _pad: u32,
+    /// `PENDING` records of this pod, changed atomically by the programs only (the agent
+    /// inserts with `BPF_NOEXIST`, so re-enrolling never resets it). Read as signed: a record
+    /// given back after the pod was released and enrolled again leaves it one low, not huge.
+    pub pending: u32,
 }
 
 /// The single entry of `CONFIG`, written by the agent before attaching the programs.

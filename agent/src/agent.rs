@@ -32,10 +32,8 @@ use crate::{
 
 /// How often the workloads file is checked for changes (changes apply within 1 s).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
-/// A connect() record older than this was never taken by TCP_CONNECT_CB (which follows within
-/// microseconds): the connect() failed early.
-const PENDING_MAX_AGE: Duration = Duration::from_secs(10);
-const PENDING_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the agent writes its cgroup id into `AGENT_CGROUPS` again.
+const OWN_CGROUP_REFRESH: Duration = Duration::from_secs(5);
 /// How often enrollment is retried for pods of the node that failed it (Kubernetes mode: a
 /// pod can be running before its processes are visible).
 const ENROLL_RETRY: Duration = Duration::from_secs(2);
@@ -255,17 +253,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut synced = false;
     let mut next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
-    let mut last_sweep = tokio::time::Instant::now();
+    let mut last_refresh = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if last_sweep.elapsed() >= PENDING_SWEEP_INTERVAL {
-                    last_sweep = tokio::time::Instant::now();
+                // No sweep of pending connect() records: the programs delete them when the
+                // socket is released, and bound each pod's share.
+                if last_refresh.elapsed() >= OWN_CGROUP_REFRESH {
+                    last_refresh = tokio::time::Instant::now();
                     agent.capture.refresh_own_cgroup();
-                    let swept = agent.capture.sweep_pending(PENDING_MAX_AGE);
-                    if swept > 0 {
-                        tracing::debug!(records = swept, "swept original destinations of connect()s that never completed");
-                    }
                 }
                 if watcher.as_mut().is_some_and(Watch::changed) {
                     agent.reload();

@@ -5,6 +5,8 @@
 //! * `sink --connect ADDR --bytes N [--timeout-ms MS]`
 //! * `hold --connect ADDR --seconds S [--timeout-ms MS]`
 //!
+//! * `flood --target IPV4:PORT --count N --seconds S [--hold H] [--linger-ms MS]`
+//!
 //! Clients print `error: <kind> <detail>` (kind: refused, timeout, reset,
 //! other) on stdout and exit 2 on any failure.
 
@@ -83,6 +85,22 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Up to N connect()s that fail before the SYN (an IPv6-only socket to the IPv4-mapped
+    /// form of `target`), for at most S seconds; each socket closed at once, or the last H
+    /// kept open (oldest closed first). Prints `flooded CALLS failed FAILED holding H`, waits
+    /// `linger-ms` with the held sockets open, prints `done` and exits (closing them).
+    Flood {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 0)]
+        hold: usize,
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
+    },
     /// Connect and keep the connection open for S seconds; prints `connected` then `held`.
     Hold {
         #[arg(long)]
@@ -153,6 +171,13 @@ fn main() -> ExitCode {
             Duration::from_millis(hold_ms),
             Duration::from_millis(timeout_ms),
         ),
+        Cmd::Flood { target, count, seconds, hold, linger_ms } => flood(
+            &target,
+            count,
+            Duration::from_secs(seconds),
+            hold,
+            Duration::from_millis(linger_ms),
+        ),
         Cmd::Hold { connect, seconds, timeout_ms } => {
             hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
         }
@@ -164,6 +189,46 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn flood(target: &str, count: u64, run: Duration, hold: usize, linger: Duration) -> Outcome<()> {
+    let SocketAddr::V4(v4) = resolve(target)? else {
+        return Err(Failure::other(format!("{target}: an IPv4 target is needed")));
+    };
+    let mapped = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port());
+    if hold > 0 {
+        // Room for the held sockets and a margin (we run as root: the hard limit may rise).
+        let want = hold as u64 + 256;
+        let lim = libc::rlimit { rlim_cur: want, rlim_max: want };
+        // SAFETY: a valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(Failure::io("setrlimit", &io::Error::last_os_error()));
+        }
+    }
+    let end = Instant::now() + run;
+    let mut held = std::collections::VecDeque::with_capacity(hold);
+    let (mut calls, mut failed) = (0u64, 0u64);
+    while calls < count && Instant::now() < end {
+        let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .map_err(|e| Failure::io("socket", &e))?;
+        sock.set_only_v6(true).map_err(|e| Failure::io("setsockopt IPV6_V6ONLY", &e))?;
+        calls += 1;
+        // An IPv6-only socket cannot reach an IPv4-mapped address: fails before any SYN.
+        if sock.connect(&mapped.into()).is_err() {
+            failed += 1;
+        }
+        if hold > 0 {
+            if held.len() == hold {
+                held.pop_front();
+            }
+            held.push_back(sock);
+        }
+    }
+    say(&format!("flooded {calls} failed {failed} holding {}", held.len()));
+    std::thread::sleep(linger);
+    drop(held);
+    say("done");
+    Ok(())
 }
 
 /// Prints one line and flushes, so tests waiting on stdout see it at once.

@@ -4,7 +4,9 @@
 //! original destination under the socket's cookie and rewrite the destination to the agent's
 //! in-pod listener. `sock_ops` moves that record, at `TCP_CONNECT_CB` (the local port is known,
 //! the SYN not yet sent), to `ORIG_DST` keyed by (netns cookie, client address, client port) where
-//! the agent finds it on accept, and deletes it when the socket closes.
+//! the agent finds it on accept, and deletes it when the socket closes. A connect() that fails
+//! before the SYN leaves its record until `sock_release` deletes it; each pod may hold at most
+//! `PENDING_QUOTA` records, so no pod can fill the map for the others.
 //!
 //! `inbound` (sk_lookup, attached to each enrolled pod's network namespace) runs when a new
 //! connection arrives for a pod's IP: a STRICT port refuses plaintext (the client gets a reset)
@@ -13,26 +15,28 @@
 //! pinned maps, so it keeps enforcing while the agent is down.
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on map values: the BPF target has no `core::sync::atomic` types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use mtls_agent_ebpf::{
     stats, Config, ConnKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey, PortPolicy,
     RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_AGENT_INSTANCES,
-    MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PLAINTEXT_CLOSED,
-    PLAINTEXT_OPENED,
+    MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA,
+    PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -42,7 +46,7 @@ const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
-#[map]
+#[map(name = "ENROLLED_PODS")]
 static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -58,8 +62,9 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// Socket cookie -> original destination, between connect() and TCP_CONNECT_CB (microseconds
 /// apart). A preallocated hash rather than an LRU map: on the connect() path an LRU insert
 /// cost most of the program's run time. A connect() that fails before TCP_CONNECT_CB leaves
-/// its record behind; the agent sweeps records older than a few seconds.
-#[map(name = "PENDING_DST")]
+/// its record until the socket is released (`mtls_sock_release`); the pod's quota bounds how
+/// many it may hold meanwhile.
+#[map(name = "PENDING_CONNS")]
 static PENDING: HashMap<u64, PendingDst> = HashMap::pinned(MAX_CONNS, 0);
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
@@ -74,6 +79,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// `EVENTS`.
 #[map(name = "PLAIN_EVENTS")]
 static PLAINTEXT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Map update flags (include/uapi/linux/bpf.h).
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -99,9 +108,17 @@ pub fn mtls_connect6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// The config when this socket belongs to an enrolled pod and is not the agent's own.
+/// What capture needs of an enrolled pod's connect().
+struct Capturing {
+    cfg: &'static Config,
+    netns: u64,
+    pod: *mut PodInfo,
+}
+
+/// The config and the pod when this socket belongs to an enrolled pod and is not the agent's
+/// own.
 #[inline(always)]
-fn should_capture(ctx: &SockAddrContext) -> Option<&'static Config> {
+fn should_capture(ctx: &SockAddrContext) -> Option<Capturing> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the program.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
@@ -110,8 +127,8 @@ fn should_capture(ctx: &SockAddrContext) -> Option<&'static Config> {
     let cfg = CONFIG.get(0)?;
     // SAFETY: helper call with the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only presence check. First, so sockets of pods not enrolled pay nothing more.
-    unsafe { ENROLLED.get(&netns) }?;
+    // First, so sockets of pods not enrolled pay nothing more.
+    let pod = ENROLLED.get_ptr_mut(&netns)?;
     // The agent's own sockets in the pod's namespace: told apart by the cgroup of the task
     // calling connect(), which an app cannot choose.
     // SAFETY: helper without arguments.
@@ -120,20 +137,82 @@ fn should_capture(ctx: &SockAddrContext) -> Option<&'static Config> {
     if unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some() {
         return None;
     }
-    Some(cfg)
+    Some(Capturing { cfg, netns, pod })
 }
 
+/// The pod's count of `PENDING` records, as it is now.
 #[inline(always)]
-fn save(ctx: &SockAddrContext, dst: SockAddr) -> Option<()> {
+fn pending_held(pod: *mut PodInfo) -> i32 {
+    // SAFETY: `pod` points into a map value, valid for the program run; an aligned 4-byte load
+    // sees either the old or the new count.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*pod).pending)) as i32 }
+}
+
+/// Adds one to (`up`) or takes one from the pod's count of `PENDING` records, atomically: other CPUs
+/// change it at the same time.
+#[inline(always)]
+fn pending_add(pod: *mut PodInfo, up: bool) {
+    // SAFETY: `pod` is a valid map value pointer (see above); only the field's address is taken.
+    let p = unsafe { core::ptr::addr_of_mut!((*pod).pending) };
+    // Taking one is adding u32::MAX (wrapping): the BPF instruction set has an atomic add
+    // for every CPU version, and no atomic subtract.
+    let delta = if up { 1 } else { u32::MAX };
+    // SAFETY: `p` points into a map value, valid for the program run; BPF atomic add.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(p, delta) };
+}
+
+/// Records the original destination under the socket's cookie, within the pod's quota.
+#[inline(always)]
+fn save(ctx: &SockAddrContext, c: &Capturing, dst: SockAddr) -> Option<()> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: helper without arguments.
-    let recorded_ns = unsafe { bpf_ktime_get_ns() };
-    PENDING.insert(&cookie, &PendingDst { orig: OrigDst { dst, _pad: 0 }, recorded_ns }, 0).ok()
+    let record = PendingDst { orig: OrigDst { dst, _pad: 0 }, netns_cookie: c.netns };
+    // Signed: a count left one low by a re-enrolled pod is below the quota, not above.
+    if pending_held(c.pod) < PENDING_QUOTA as i32
+        && PENDING.insert(&cookie, &record, BPF_NOEXIST).is_ok()
+    {
+        pending_add(c.pod, true);
+        return Some(());
+    }
+    // A second connect() on the same socket replaces its record, which is counted already.
+    if PENDING.insert(&cookie, &record, BPF_EXIST).is_ok() {
+        return Some(());
+    }
+    count(stats::PENDING_OVER_QUOTA);
+    None
+}
+
+/// Deletes the socket's `PENDING` record, if any, and gives it back to its pod's quota.
+/// Returns the record.
+#[inline(always)]
+fn take_pending(cookie: u64) -> Option<OrigDst> {
+    // SAFETY: copied out before the entry is removed.
+    let record = *unsafe { PENDING.get(&cookie) }?;
+    // Only the deleter gives the record back: TCP_CONNECT_CB and sock_release never both do.
+    PENDING.remove(&cookie).ok()?;
+    if let Some(pod) = ENROLLED.get_ptr_mut(&record.netns_cookie) {
+        pending_add(pod, false);
+    }
+    Some(record.orig)
+}
+
+/// Runs when a socket of a pod is released (its last descriptor closed): a connect() that failed
+/// before TCP_CONNECT_CB left its record, which goes now. Returns 1 (allow) always.
+#[cgroup_sock(sock_release)]
+pub fn mtls_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock for the duration of the program.
+    let protocol = unsafe { core::ptr::read_volatile(&(*ctx.sock).protocol) };
+    if protocol == IPPROTO_TCP {
+        // SAFETY: helper call with the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = take_pending(cookie);
+    }
+    1
 }
 
 fn capture4(ctx: &SockAddrContext) -> Option<()> {
-    let cfg = should_capture(ctx)?;
+    let c = should_capture(ctx)?;
+    let cfg = c.cfg;
     // SAFETY: valid for the duration of the program; connect4 may write user_ip4/user_port.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip4;
@@ -143,7 +222,7 @@ fn capture4(ctx: &SockAddrContext) -> Option<()> {
     let port = u16::from_be(sa.user_port as u16);
     // Redirected even if the record fails: the agent then refuses the connection (fail
     // closed) instead of the app reaching its destination in plaintext.
-    let saved = save(ctx, SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET });
+    let saved = save(ctx, &c, SockAddr { addr: [ip, 0, 0, 0], port, family: AF_INET });
     sa.user_ip4 = LOOPBACK_V4;
     sa.user_port = u32::from(cfg.outbound_port.to_be());
     count(stats::CAPTURED);
@@ -154,7 +233,8 @@ fn capture4(ctx: &SockAddrContext) -> Option<()> {
 }
 
 fn capture6(ctx: &SockAddrContext) -> Option<()> {
-    let cfg = should_capture(ctx)?;
+    let c = should_capture(ctx)?;
+    let cfg = c.cfg;
     // SAFETY: valid for the duration of the program; connect6 may write user_ip6/user_port.
     let sa = unsafe { &mut *ctx.sock_addr };
     let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
@@ -164,13 +244,13 @@ fn capture6(ctx: &SockAddrContext) -> Option<()> {
         if w[3].to_ne_bytes()[0] == 127 {
             return None;
         }
-        let _ = save(ctx, SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET });
+        let _ = save(ctx, &c, SockAddr { addr: [w[3], 0, 0, 0], port, family: AF_INET });
         sa.user_ip6[3] = LOOPBACK_V4;
     } else {
         if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == LOOPBACK_V6_LAST {
             return None;
         }
-        let _ = save(ctx, SockAddr { addr: w, port, family: AF_INET6 });
+        let _ = save(ctx, &c, SockAddr { addr: w, port, family: AF_INET6 });
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = 0;
@@ -214,9 +294,7 @@ pub fn mtls_sock_ops(ctx: SockOpsContext) -> u32 {
 fn on_connect(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out before the entry is removed.
-    let orig = unsafe { PENDING.get(&cookie) }?.orig;
-    let _ = PENDING.remove(&cookie);
+    let orig = take_pending(cookie)?;
     let key = conn_key(ctx)?;
     ORIG_DST.insert(&key, &orig, 0).ok()?;
     // Ask for state callbacks so the entry is deleted when this socket closes.

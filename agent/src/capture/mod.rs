@@ -15,12 +15,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use mtls_agent_ebpf::{
@@ -119,6 +119,9 @@ pub struct EbpfStats {
     pub strict_rejected: u64,
     pub probe_allowed: u64,
     pub captured: u64,
+    /// connect()s redirected without a record because their pod was at its quota of pending
+    /// records (refused by the agent: that pod's own connections fail closed).
+    pub pending_over_quota: u64,
 }
 
 /// Loaded and attached programs plus handles on their maps.
@@ -134,7 +137,6 @@ pub struct Capture {
     links_dir: PathBuf,
     generation: u128,
     orig_dst: Option<OrigDstMap>,
-    pending: HashMap<MapData, u64, PendingDst>,
     events: Option<RingBuf<MapData>>,
     plaintext_events: Option<RingBuf<MapData>>,
     /// (name, kernel id) of the programs this instance loaded.
@@ -228,7 +230,6 @@ impl Capture {
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let plaintext_events = Some(take_map(&mut ebpf, map_names::PLAINTEXT_EVENTS)?);
         let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)? });
-        let pending = take_map(&mut ebpf, map_names::PENDING)?;
 
         let cgroup = fs::File::open(&cfg.cgroup)
             .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
@@ -260,6 +261,7 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, prog_names::CONNECT4);
         attach_to_cgroup!(CgroupSockAddr, prog_names::CONNECT6);
         attach_to_cgroup!(SockOps, prog_names::SOCK_OPS);
+        attach_to_cgroup!(CgroupSock, prog_names::SOCK_RELEASE);
 
         {
             let name = prog_names::INBOUND;
@@ -271,11 +273,16 @@ impl Capture {
             prog.load().map_err(|source| CaptureError::Program { name, source })?;
         }
 
-        let program_ids: Vec<(String, u32)> =
-            [prog_names::CONNECT4, prog_names::CONNECT6, prog_names::SOCK_OPS, prog_names::INBOUND]
-                .iter()
-                .filter_map(|n| Some((n.to_string(), ebpf.program(n)?.info().ok()?.id())))
-                .collect();
+        let program_ids: Vec<(String, u32)> = [
+            prog_names::CONNECT4,
+            prog_names::CONNECT6,
+            prog_names::SOCK_OPS,
+            prog_names::SOCK_RELEASE,
+            prog_names::INBOUND,
+        ]
+        .iter()
+        .filter_map(|n| Some((n.to_string(), ebpf.program(n)?.info().ok()?.id())))
+        .collect();
         let _stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -300,7 +307,6 @@ impl Capture {
             links_dir,
             generation,
             orig_dst,
-            pending,
             events,
             plaintext_events,
             program_ids,
@@ -447,10 +453,19 @@ impl Capture {
     }
 
     /// Starts capturing connect()s made in the network namespace with this cookie.
+    /// Idempotent: an entry left by an earlier instance stays as it is, so its count of
+    /// pending records (kept by the programs) is never reset by a restart or a handover.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        self.enrolled
-            .insert(netns_cookie, PodInfo::default(), 0)
-            .map_err(|source| CaptureError::Map { name: map_names::ENROLLED, source })
+        const BPF_NOEXIST: u64 = 1;
+        match self.enrolled.insert(netns_cookie, PodInfo::default(), BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(CaptureError::Map { name: map_names::ENROLLED, source }),
+        }
     }
 
     /// Stops capturing for this network namespace.
@@ -468,28 +483,6 @@ impl Capture {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
-    /// Deletes `PENDING` records older than `max_age`: left by connect()s that failed before
-    /// TCP_CONNECT_CB (which normally follows within microseconds and takes the record).
-    /// Returns how many went.
-    pub fn sweep_pending(&mut self, max_age: Duration) -> usize {
-        // bpf_ktime_get_ns counts CLOCK_MONOTONIC.
-        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `now` is a valid out pointer.
-        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
-            return 0;
-        }
-        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-        let cutoff = now_ns.saturating_sub(max_age.as_nanos() as u64);
-        let stale: Vec<u64> = self
-            .pending
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.recorded_ns < cutoff)
-            .map(|(k, _)| k)
-            .collect();
-        stale.iter().filter(|k| self.pending.remove(k).is_ok()).count()
-    }
-
     /// Records in a node's pinned `PENDING` map (for tests and diagnostics).
     pub fn pending_len_pinned(bpffs: &Path) -> Result<usize, CaptureError> {
         let name = map_names::PENDING;
@@ -498,6 +491,17 @@ impl Capture {
         let map: HashMap<_, u64, PendingDst> = HashMap::try_from(Map::HashMap(data))
             .map_err(|source| CaptureError::Map { name, source })?;
         Ok(map.keys().filter(Result::is_ok).count())
+    }
+
+    /// The count of pending records each enrolled pod holds, by netns cookie, in a node's
+    /// pinned `ENROLLED` map (for tests and diagnostics).
+    pub fn pending_by_pod_pinned(bpffs: &Path) -> Result<Vec<(u64, i32)>, CaptureError> {
+        let name = map_names::ENROLLED;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, PodInfo> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        Ok(map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.pending as i32)).collect())
     }
 
     /// The handle for looking up original destinations (shared by the connection tasks).
@@ -539,6 +543,7 @@ fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
         strict_rejected: sum(stats::STRICT_REJECTED),
         probe_allowed: sum(stats::PROBE_ALLOWED),
         captured: sum(stats::CAPTURED),
+        pending_over_quota: sum(stats::PENDING_OVER_QUOTA),
     }
 }
 

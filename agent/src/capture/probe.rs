@@ -38,12 +38,14 @@ const MAP_PERCPU_ARRAY: u32 = 6;
 const MAP_LRU_HASH: u32 = 9;
 const MAP_RINGBUF: u32 = 27;
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+const PROG_CGROUP_SOCK: u32 = 9;
 const PROG_SOCK_OPS: u32 = 13;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_SK_LOOKUP: u32 = 30;
 const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_INET6_CONNECT: u32 = 11;
+const ATTACH_INET_SOCK_RELEASE: u32 = 34;
 const ATTACH_SK_LOOKUP: u32 = 36;
 const HELPER_GET_SOCKET_COOKIE: i32 = 46;
 const HELPER_SOCK_OPS_CB_FLAGS_SET: i32 = 59;
@@ -119,6 +121,14 @@ const REQUIREMENTS: &[Requirement] = &[
         present: link_create_supported,
     },
     Requirement { feature: "BPF ring buffers", min: "5.8", present: ringbuf_supported },
+    Requirement {
+        feature: "cgroup sock_release programs with bpf_get_socket_cookie (pending records freed)",
+        min: "5.9",
+        present: || {
+            load_prog(PROG_CGROUP_SOCK, ATTACH_INET_SOCK_RELEASE, Some(HELPER_GET_SOCKET_COOKIE))
+                .is_some()
+        },
+    },
     Requirement {
         feature: "sk_lookup programs",
         min: "5.9",
