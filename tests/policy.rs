@@ -19,8 +19,11 @@ const NS: &str = "shop";
 const PROBE_PORT: u16 = 8081;
 
 /// node1 with `client` (in the mesh), `server` (in the mesh; echo on 8080 and on the probe
-/// port 8081) and `outsider` (not in the mesh), one agent with `--policies` and `--node-ip`.
+/// port 8081) and `outsider` (not in the mesh), one agent with `--policies` and
+/// `--kubelet-cgroup` (a test-made cgroup outside the node's pods cgroup).
 struct PolicyBed {
+    // Before the bed: removed (its processes killed) while the node still exists.
+    kubelet: testbed::CgroupDir,
     policies: PolicyDir,
     m: Mesh,
     // Keeps the second echo server alive.
@@ -57,10 +60,16 @@ impl PolicyBed {
             policies.write(name, yaml)?;
         }
         let ca = m.ca("ca")?;
-        let node_ip = m.bed.node("node1").ip.to_string();
+        let kubelet = testbed::CgroupDir::create(m.bed.base_cgroup().join("kubelet"))?;
+        let kubelet_arg = kubelet.path().display().to_string();
         let dir = policies.0.display().to_string();
-        m.start_agent("node1", &path, &ca, &["--policies", &dir, "--node-ip", &node_ip])?;
-        Ok(PolicyBed { policies, m, _probe_server: probe_server })
+        m.start_agent(
+            "node1",
+            &path,
+            &ca,
+            &["--policies", &dir, "--kubelet-cgroup", &kubelet_arg],
+        )?;
+        Ok(PolicyBed { kubelet, policies, m, _probe_server: probe_server })
     }
 
     fn agent(&self) -> &AgentProcess {
@@ -187,18 +196,20 @@ fn strict_still_refuses_plaintext_while_the_agent_is_killed() -> Result<()> {
 #[test]
 fn kubelet_style_probe_from_the_node_reaches_a_probe_port_under_strict() -> Result<()> {
     let b = PolicyBed::new("pol-probe", NS, &[("ns.yaml", &namespace_pa(NS, "STRICT"))])?;
+    // The kubelet: a process of the node's netns in the `--kubelet-cgroup` cgroup.
     let probe = |port: u16| -> Result<(String, bool)> {
         let dst = format!("{}:{port}", b.m.bed.pod("server").ip);
         let mut cmd = Command::new(testbed::e2e_tool!());
         cmd.args(["client", "--connect", &dst, "--message", "healthz", "--timeout-ms", "2000"]);
-        let out = b.m.bed.spawn_in_node("node1", cmd)?.wait_with_output(Duration::from_secs(10))?;
+        let p = b.m.bed.spawn_in_node_cgroup("node1", b.kubelet.path(), cmd)?;
+        let out = p.wait_with_output(Duration::from_secs(10))?;
         Ok((String::from_utf8_lossy(&out.stdout).trim().to_owned(), out.status.success()))
     };
     let (out, ok) = probe(PROBE_PORT)?;
     assert!(ok && out == "probe:healthz", "the declared probe port answers the node: {out}");
     let (out, ok) = probe(PORT)?;
     assert!(!ok && out.contains("refused"), "other ports stay STRICT for the node too: {out}");
-    // The exemption is for the node's address only.
+    // The exemption is for the kubelet's connections only.
     b.expect("outsider", PROBE_PORT, false, NOW)?;
     Ok(())
 }

@@ -215,3 +215,194 @@ fn a_connect_flood_closing_each_socket_does_not_break_another_pods_capture() -> 
 fn a_connect_flood_holding_its_sockets_does_not_break_another_pods_capture() -> Result<()> {
     flood_does_not_break_capture_for_another_pod("sc-flood-hold", 4_000)
 }
+
+/// A declared probe port of `server`, STRICT like the rest of its namespace.
+const PROBE_PORT: u16 = 8081;
+/// The node port the node netns DNATs (and masquerades) to `server:PROBE_PORT`.
+const NODE_PORT_TO_PROBE: u16 = 30081;
+/// The node port the node netns DNATs (and masquerades) to `plain:ECHO_PORT` (outside the mesh):
+/// shows the forwarding and SNAT work at all.
+const NODE_PORT_TO_PLAIN: u16 = 30082;
+
+/// One node: `server` (enrolled, namespace STRICT, echo on PROBE_PORT declared as a probe
+/// port), `outsider` and `plain` (outside the mesh; echo in `plain`), a "kubelet" cgroup outside
+/// the node's pods cgroup (given as `--kubelet-cgroup`), and a host-network pod's cgroup under
+/// the node's.
+struct ProbeBed {
+    // Drop order: processes, the agent, the cgroups (their members killed), then the bed.
+    _servers: Vec<PodProcess>,
+    _agent: AgentProcess,
+    kubelet: testbed::CgroupDir,
+    hostnet: testbed::CgroupDir,
+    _policies: testbed::mesh::PolicyDir,
+    workloads_path: PathBuf,
+    bed: Testbed,
+}
+
+impl ProbeBed {
+    fn new(test: &str) -> Result<ProbeBed> {
+        let mut bed = Testbed::new(test)?;
+        let node = bed.add_node("node1")?;
+        for p in ["server", "outsider", "plain"] {
+            bed.add_pod("node1", p)?;
+        }
+        let mut entry = WorkloadEntry::of(bed.pod("server"), NS);
+        entry.probe_ports = vec![PROBE_PORT];
+        let file = WorkloadsFile { workloads: vec![entry], services: vec![] };
+        let workloads_path = std::env::temp_dir().join(format!("{}-workloads.yaml", bed.id()));
+        file.write(&workloads_path)?;
+        let policies = testbed::mesh::PolicyDir::new(bed.id())?;
+        policies.write("ns.yaml", &testbed::mesh::namespace_pa(NS, "STRICT"))?;
+        let mut servers = vec![echo_server(&bed, "plain")?];
+        let mut cmd = Command::new(e2e_tool());
+        cmd.args([
+            "echo-server",
+            "--listen",
+            &format!("0.0.0.0:{PROBE_PORT}"),
+            "--prefix",
+            "probe:",
+        ]);
+        let probe = bed.spawn_in_pod("server", cmd)?;
+        probe.wait_for_stdout("listening", Duration::from_secs(5))?;
+        servers.push(probe);
+        let kubelet = testbed::CgroupDir::create(bed.base_cgroup().join("kubelet"))?;
+        let hostnet = testbed::CgroupDir::create(node.cgroup.join("hostnet-pod"))?;
+        let mut opts = AgentOptions::new("node1", &workloads_path);
+        opts.extra_args = vec![
+            "--policies".into(),
+            policies.0.display().to_string(),
+            "--kubelet-cgroup".into(),
+            kubelet.path().display().to_string(),
+        ];
+        let agent = AgentProcess::start(&bed, opts)?;
+        Ok(ProbeBed {
+            _servers: servers,
+            _agent: agent,
+            kubelet,
+            hostnet,
+            _policies: policies,
+            workloads_path,
+            bed,
+        })
+    }
+
+    /// The e2e client from the node's netns, in `cgroup`; its stdout and success.
+    fn client_on_node(&self, cgroup: &std::path::Path, args: &[&str]) -> Result<(String, bool)> {
+        let mut cmd = Command::new(e2e_tool());
+        cmd.args(["client", "--message", "healthz", "--timeout-ms", "2000"]).args(args);
+        let p = self.bed.spawn_in_node_cgroup("node1", cgroup, cmd)?;
+        let out = p.wait_with_output(Duration::from_secs(10))?;
+        Ok((String::from_utf8_lossy(&out.stdout).trim().to_owned(), out.status.success()))
+    }
+
+    fn probe_dst(&self) -> String {
+        SocketAddr::from((self.bed.pod("server").ip, PROBE_PORT)).to_string()
+    }
+}
+
+impl Drop for ProbeBed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.workloads_path);
+    }
+}
+
+/// Issue 14, item 5: the kubelet's probes get in, from the node's address and from a second
+/// address of the node (the `cni0`/`cbr0` case); the same probe from a host-network pod (a pod
+/// cgroup, the node's netns and address) is refused.
+#[test]
+fn only_the_kubelets_own_connections_reach_a_strict_probe_port() -> Result<()> {
+    let mut b = ProbeBed::new("sc-probe")?;
+    let bridge_ip = b.bed.add_node_address("node1")?;
+    let dst = b.probe_dst();
+    let kubelet = b.kubelet.path().to_owned();
+
+    let (out, ok) = b.client_on_node(&kubelet, &["--connect", &dst])?;
+    assert!(ok && out == "probe:healthz", "the kubelet from the node address: {out}");
+    let bind = format!("{bridge_ip}:0");
+    let (out, ok) = b.client_on_node(&kubelet, &["--connect", &dst, "--bind", &bind])?;
+    assert!(ok && out == "probe:healthz", "the kubelet from a bridge address: {out}");
+    // Other ports stay STRICT for the kubelet too.
+    let app = SocketAddr::from((b.bed.pod("server").ip, ECHO_PORT)).to_string();
+    let (out, ok) = b.client_on_node(&kubelet, &["--connect", &app])?;
+    assert!(!ok && out.contains("error:"), "a non-probe port from the kubelet: {out}");
+
+    let hostnet = b.hostnet.path().to_owned();
+    let (out, ok) = b.client_on_node(&hostnet, &["--connect", &dst])?;
+    assert!(!ok && out.contains("error:"), "a host-network pod from the node address: {out}");
+    let (out, ok) = b.client_on_node(&hostnet, &["--connect", &dst, "--bind", &bind])?;
+    assert!(!ok && out.contains("error:"), "a host-network pod from a bridge address: {out}");
+    Ok(())
+}
+
+/// Issue 14, item 5: traffic the node forwards and SNATs to its own address (a NodePort with
+/// `externalTrafficPolicy: Cluster`) does not pass as a probe. netfilter (nft) in the node's
+/// netns DNATs node:NODE_PORT to the pod and masquerades; host suite only.
+#[test]
+fn nodeport_traffic_snated_to_the_node_address_is_refused_on_a_strict_probe_port() -> Result<()> {
+    let b = ProbeBed::new("sc-snat")?;
+    let node_ip = b.bed.node("node1").ip;
+    let server = b.bed.pod("server").ip;
+    let plain = b.bed.pod("plain").ip;
+    b.bed.in_node_netns("node1", || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))??;
+    let rules = [
+        "table ip mtls_nodeport {".to_owned(),
+        "  chain pre {".into(),
+        "    type nat hook prerouting priority dstnat;".into(),
+        format!(
+            "    ip daddr {node_ip} tcp dport {NODE_PORT_TO_PROBE} dnat to {server}:{PROBE_PORT}"
+        ),
+        format!(
+            "    ip daddr {node_ip} tcp dport {NODE_PORT_TO_PLAIN} dnat to {plain}:{ECHO_PORT}"
+        ),
+        "  }".into(),
+        "  chain post {".into(),
+        "    type nat hook postrouting priority srcnat;".into(),
+        format!("    ip daddr {{ {server}, {plain} }} masquerade"),
+        "  }".into(),
+        "}".into(),
+    ]
+    .join("\n");
+    let rules_path = std::env::temp_dir().join(format!("{}-nodeport.nft", b.bed.id()));
+    std::fs::write(&rules_path, rules)?;
+    let mut nft = Command::new("nft");
+    nft.arg("-f").arg(&rules_path);
+    // The table lives in the node's netns and goes with it.
+    let out = b.bed.spawn_in_node("node1", nft)?.wait_with_output(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&rules_path);
+    let out = out?;
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The path works, and the node rewrote the source to its own address.
+    let via_node = format!("{node_ip}:{NODE_PORT_TO_PLAIN}");
+    let (out, ok) = client(&b.bed, "outsider", &["--connect", &via_node, "--message", "nat"])?;
+    assert!(ok && out.trim() == "plain:nat", "NodePort to a pod outside the mesh: {out}");
+    let accepted = b._servers[0].stdout();
+    assert!(accepted.contains(&format!("accepted {node_ip}:")), "SNATed: {accepted}");
+
+    let to_probe = format!("{node_ip}:{NODE_PORT_TO_PROBE}");
+    let (out, ok) = client(&b.bed, "outsider", &["--connect", &to_probe, "--message", "nat"])?;
+    assert!(!ok && out.contains("error:"), "SNATed NodePort traffic to the probe port: {out}");
+    Ok(())
+}
+
+/// `--kubelet-cgroup` around the pods' cgroup (or inside it) would let every pod pass as the
+/// kubelet: the agent refuses to start, naming both.
+#[test]
+fn a_kubelet_cgroup_around_the_pods_cgroup_is_refused_at_start() -> Result<()> {
+    let mut bed = Testbed::new("sc-kubelet-bad")?;
+    bed.add_node("node1")?;
+    let workloads_path = std::env::temp_dir().join(format!("{}-workloads.yaml", bed.id()));
+    WorkloadsFile::default().write(&workloads_path)?;
+    let mut opts = AgentOptions::new("node1", &workloads_path);
+    let around = bed.base_cgroup().display().to_string();
+    opts.extra_args = vec!["--kubelet-cgroup".into(), around.clone()];
+    let started = AgentProcess::start(&bed, opts);
+    let _ = std::fs::remove_file(&workloads_path);
+    let err = match started {
+        Ok(_) => anyhow::bail!("the agent started with --kubelet-cgroup {around}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("exited early") && err.contains("contains"), "{err}");
+    assert!(err.contains(&around), "{err}");
+    Ok(())
+}

@@ -27,6 +27,9 @@ pub const MAX_CONNS: u32 = 65536;
 /// step, so a pod may exceed the quota by at most one record per CPU.
 pub const PENDING_QUOTA: u32 = 512;
 
+/// Entries of `PROBE_CONNS`: the kubelet's open TCP connections (probes and the rest).
+pub const MAX_PROBE_CONNS: u32 = 16384;
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -39,6 +42,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// cgroup v2 id -> 1, for each running agent instance.
     pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+    /// [`super::ProbeConn`] -> 1: connections opened by the kubelet (`--kubelet-cgroup`).
+    pub const PROBE_CONNS: &str = "PROBE_CONNS";
     /// Socket cookie -> original destination between connect() and TCP_CONNECT_CB (a
     /// preallocated hash; earlier versions had an LRU `PENDING`, then `PENDING_DST` whose
     /// values carried a timestamp instead of the pod, hence the new name).
@@ -97,6 +102,8 @@ pub mod prog_names {
     pub const CONNECT6: &str = "mtls_connect6";
     pub const SOCK_OPS: &str = "mtls_sock_ops";
     pub const SOCK_RELEASE: &str = "mtls_sock_release";
+    /// sock_ops attached at the kubelet's cgroup: records its connections in `PROBE_CONNS`.
+    pub const KUBELET_SOCK_OPS: &str = "mtls_kubelet_ops";
     pub const INBOUND: &str = "mtls_inbound";
 }
 
@@ -112,7 +119,7 @@ pub const MODE_DISABLE: u8 = 2;
 pub mod stats {
     /// Plaintext connection attempts refused by a STRICT port.
     pub const STRICT_REJECTED: u32 = 0;
-    /// Plaintext allowed into a STRICT pod because it is a probe from the node.
+    /// Plaintext allowed into a STRICT pod because the kubelet opened it to a probe port.
     pub const PROBE_ALLOWED: u32 = 1;
     /// Connections captured by connect4/connect6.
     pub const CAPTURED: u32 = 2;
@@ -149,6 +156,16 @@ pub struct SockAddr {
     pub addr: [u32; 4],
     pub port: u16,
     pub family: u16,
+}
+
+/// Key of `PROBE_CONNS`: a TCP connection the kubelet opened, both ends as the kubelet's socket
+/// has them (IPv4-mapped addresses reduced to IPv4). The pod's `sk_lookup` sees the same
+/// tuple from the other side, whatever source address the node gave the kubelet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ProbeConn {
+    pub kubelet: SockAddr,
+    pub pod: SockAddr,
 }
 
 /// Key of `ORIG_DST`: the captured client socket, seen from the agent's listener.
@@ -224,4 +241,5 @@ mod user {
     unsafe impl aya::Pod for super::PortPolicy {}
     unsafe impl aya::Pod for super::RejectEvent {}
     unsafe impl aya::Pod for super::PlaintextEvent {}
+    unsafe impl aya::Pod for super::ProbeConn {}
 }

@@ -50,8 +50,10 @@ pub struct AgentConfig {
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub root_namespace: String,
-    /// The node's address, the source of kubelet probes.
+    /// The node's address (`--node-ip`): grants nothing any more, kept for older manifests.
     pub node_ip: Option<IpAddr>,
+    /// The kubelet's cgroup: its connections may reach STRICT probe ports in plaintext.
+    pub kubelet_cgroup: Option<PathBuf>,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub set_log_level: Option<admin::SetLogLevel>,
@@ -140,10 +142,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Source::Files { .. } => None,
     };
+    if cfg.node_ip.is_some() {
+        warn!("--node-ip grants nothing any more: the probe exemption follows --kubelet-cgroup");
+    }
     let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
     let certs = Arc::new(CertStore::new());
     let mut capture = Capture::load(&CaptureConfig {
         node_ip: cfg.node_ip,
+        kubelet_cgroup: cfg.kubelet_cgroup.clone(),
         ebpf_log: tracing::enabled!(target: "mtls_agent_ebpf", tracing::Level::DEBUG),
         bpffs: cfg.bpffs.clone(),
         cgroup: cfg.cgroup.clone(),
@@ -450,8 +456,8 @@ impl Agent {
             }
         }
         let strict_probe = rules.iter().any(|r| r.probe && r.mode == InboundMode::Strict);
-        if strict_probe && self.cfg.node_ip.is_none() {
-            warn!(pod = %w.key(), "probePorts are declared but --node-ip is not set: STRICT refuses the kubelet's probes");
+        if strict_probe && self.cfg.kubelet_cgroup.is_none() {
+            warn!(pod = %w.key(), "probePorts are declared under STRICT but --kubelet-cgroup is not set: STRICT refuses the kubelet's probes");
         }
         self.capture.set_inbound_rules(w.ip, &rules)?;
         let ports_desc: Vec<String> =

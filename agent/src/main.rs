@@ -58,6 +58,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 cert_ttl: args.cert_ttl,
                 root_namespace: args.root_namespace,
                 node_ip: args.node_ip,
+                kubelet_cgroup: args.kubelet_cgroup,
                 metrics: args.metrics,
                 health: args.health,
                 set_log_level: Some(set_log_level),

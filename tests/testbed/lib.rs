@@ -52,10 +52,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub use capture::{Capture, CAPTURE_CAP};
+pub use cgroup::CgroupDir;
 pub use netns::NETNS_DIR;
 pub use process::PodProcess;
 
-use cgroup::CgroupDir;
 use netlink::Rtnl;
 use netns::NetnsFile;
 use process::ProcShared;
@@ -652,6 +652,35 @@ impl Testbed {
         let (process, shared) = process::spawn(cmd, None, &entry.node.netns, label)?;
         entry.member.register(shared);
         Ok(process)
+    }
+
+    /// Like [`Testbed::spawn_in_node`], but the process first joins the cgroup v2 directory
+    /// `cgroup` (e.g. a test-made "kubelet" cgroup, or a host-network pod's under the node's).
+    pub fn spawn_in_node_cgroup(
+        &self,
+        node: &str,
+        cgroup: &Path,
+        cmd: Command,
+    ) -> Result<PodProcess> {
+        let entry = self.node_entry(node)?;
+        let procs = cgroup.join("cgroup.procs");
+        let label = format!("node {node} cgroup {} ({})", cgroup.display(), program_name(&cmd));
+        let (process, shared) = process::spawn(cmd, Some(&procs), &entry.node.netns, label)?;
+        entry.member.register(shared);
+        Ok(process)
+    }
+
+    /// Gives the node's `eth0` a second address of the bed's subnet (as a bridge gateway
+    /// address, `cni0`/`cbr0`, is a second address of a real node); returns it.
+    pub fn add_node_address(&mut self, node: &str) -> Result<Ipv4Addr> {
+        let netns = self.node_entry(node)?.node.netns.clone();
+        let ip = self.alloc_ip()?;
+        netns::run_in(&netns, move || -> Result<()> {
+            let mut rtnl = Rtnl::new()?;
+            let eth0 = rtnl.link_index("eth0")?;
+            rtnl.add_address(eth0, IpAddr::V4(ip), PREFIX_LEN)
+        })??;
+        Ok(ip)
     }
 
     /// Runs `f` on a fresh thread inside the pod's netns (sockets created

@@ -11,8 +11,9 @@
 //! `inbound` (sk_lookup, attached to each enrolled pod's network namespace) runs when a new
 //! connection arrives for a pod's IP: a STRICT port refuses plaintext (the client gets a reset)
 //! unless it is the agent's tunnel port, traffic from the pod itself (the agent delivering
-//! tunnelled bytes), or a declared probe port reached from the node's address. It reads only
-//! pinned maps, so it keeps enforcing while the agent is down.
+//! tunnelled bytes), or a declared probe port reached by a connection the kubelet opened
+//! (`kubelet_ops`, a sock_ops program on the kubelet's cgroup, records those in
+//! `PROBE_CONNS`). It reads only pinned maps, so it keeps enforcing while the agent is down.
 #![no_std]
 #![no_main]
 // Atomic read-modify-write on map values: the BPF target has no `core::sync::atomic` types.
@@ -34,9 +35,9 @@ use aya_log_ebpf::debug;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use mtls_agent_ebpf::{
     stats, Config, ConnKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey, PortPolicy,
-    RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_AGENT_INSTANCES,
-    MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA,
-    PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
+    ProbeConn, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT,
+    MAX_AGENT_INSTANCES, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MAX_PROBE_CONNS, MODE_STRICT,
+    OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -68,6 +69,11 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 static PENDING: HashMap<u64, PendingDst> = HashMap::pinned(MAX_CONNS, 0);
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, BPF_F_NO_COMMON_LRU);
+/// Connections the kubelet opened (and has not closed), written by `mtls_kubelet_ops`; the only
+/// plaintext a STRICT probe port admits. LRU: an entry lost to eviction refuses one probe
+/// (fail closed) and never admits anything else.
+#[map]
+static PROBE_CONNS: LruHashMap<ProbeConn, u32> = LruHashMap::pinned(MAX_PROBE_CONNS, 0);
 #[map]
 static INBOUND: HashMap<PortKey, PortPolicy> = HashMap::pinned(MAX_INBOUND_RULES, 0);
 #[map]
@@ -301,6 +307,50 @@ fn on_connect(ctx: &SockOpsContext) -> Option<()> {
     ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).ok()
 }
 
+/// Attached at the kubelet's cgroup (`--kubelet-cgroup`): records each TCP connection it opens
+/// in `PROBE_CONNS`, before its SYN leaves, and deletes it when the connection closes.
+#[sock_ops]
+pub fn mtls_kubelet_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if let Some(key) = probe_conn(&ctx) {
+                if PROBE_CONNS.insert(&key, &1, 0).is_ok() {
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                }
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                if let Some(key) = probe_conn(&ctx) {
+                    let _ = PROBE_CONNS.remove(&key);
+                }
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The kubelet's connection as `PROBE_CONNS` keys it (IPv4-mapped reduced to IPv4).
+#[inline(always)]
+fn probe_conn(ctx: &SockOpsContext) -> Option<ProbeConn> {
+    let (local, remote) = addresses(ctx)?;
+    let local_port = ctx.local_port() as u16;
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
+    let mapped = local[0] == 0 && local[1] == 0 && local[2] == V4_MAPPED_WORD;
+    let (family, local, remote) = match ctx.family() as u16 {
+        AF_INET => (AF_INET, local, remote),
+        // An IPv6 socket to an IPv4 address: the pod sees an IPv4 connection.
+        AF_INET6 if mapped => (AF_INET, [local[3], 0, 0, 0], [remote[3], 0, 0, 0]),
+        AF_INET6 => (AF_INET6, local, remote),
+        _ => return None,
+    };
+    Some(ProbeConn {
+        kubelet: SockAddr { addr: local, port: local_port, family },
+        pod: SockAddr { addr: remote, port: remote_port, family },
+    })
+}
+
 /// Whether this socket is an app's connection redirected to the agent's listener.
 #[inline(always)]
 fn is_captured(ctx: &SockOpsContext) -> bool {
@@ -501,14 +551,34 @@ fn inbound_allowed(ctx: &SkLookupContext) -> bool {
         return true;
     }
     if policy.probe == 1 {
-        if let Some(cfg) = CONFIG.get(0) {
-            if cfg.node_ip_family == family && cfg.node_ip == remote {
-                count(stats::PROBE_ALLOWED);
-                return true;
-            }
+        // SAFETY: a 2-byte field at a fixed offset of the context (network byte order).
+        let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) });
+        if probe_admitted(family, local, port, remote, remote_port) {
+            count(stats::PROBE_ALLOWED);
+            return true;
         }
     }
     false
+}
+
+/// A plaintext connection to a STRICT probe port is let in only when the kubelet opened it: its
+/// 4-tuple, seen from the kubelet's side (our remote is its local end), is in `PROBE_CONNS`.
+/// Whatever the source address (node IP, `cni0`/`cbr0`/`cilium_host`), and nothing else from
+/// the node: not a host-network pod, not traffic the node forwarded and SNATed.
+#[inline(always)]
+fn probe_admitted(
+    family: u16,
+    local: [u32; 4],
+    local_port: u16,
+    remote: [u32; 4],
+    remote_port: u16,
+) -> bool {
+    let key = ProbeConn {
+        kubelet: SockAddr { addr: remote, port: remote_port, family },
+        pod: SockAddr { addr: local, port: local_port, family },
+    };
+    // SAFETY: read-only presence check.
+    unsafe { PROBE_CONNS.get(&key) }.is_some()
 }
 
 /// [`read`] of each word of an IPv6 address field.

@@ -68,6 +68,10 @@ pub enum CaptureError {
     Link(#[from] aya::programs::links::LinkError),
     #[error(transparent)]
     Kernel(#[from] probe::MissingFeature),
+    #[error("--kubelet-cgroup {kubelet}: {why} the pods' cgroup {pods}; give the kubelet's own cgroup, outside the pods' hierarchy")]
+    KubeletCgroup { kubelet: PathBuf, pods: PathBuf, why: &'static str },
+    #[error("--kubelet-cgroup: {0}")]
+    KubeletCgroupDir(self_cgroup::SelfCgroupError),
     #[error("the agent's own cgroup: {0}")]
     SelfCgroup(#[from] self_cgroup::SelfCgroupError),
 }
@@ -79,8 +83,11 @@ pub struct CaptureConfig {
     pub bpffs: PathBuf,
     /// The cgroup v2 directory that holds every pod of the node.
     pub cgroup: PathBuf,
-    /// The node's address (source of kubelet probes), if known.
+    /// The node's address. Grants nothing since issue 14 (kept in `CONFIG`'s layout).
     pub node_ip: Option<IpAddr>,
+    /// The kubelet's cgroup v2 directory: connections opened from there may reach STRICT pods'
+    /// probe ports in plaintext. `None`: no probe exemption.
+    pub kubelet_cgroup: Option<PathBuf>,
     /// Whether the programs write their debug lines (costly: only when debugging).
     pub ebpf_log: bool,
 }
@@ -233,6 +240,16 @@ impl Capture {
 
         let cgroup = fs::File::open(&cfg.cgroup)
             .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
+        let kubelet = match &cfg.kubelet_cgroup {
+            Some(k) => {
+                check_kubelet_cgroup(k, &cfg.cgroup)?;
+                Some(
+                    fs::File::open(k)
+                        .map_err(|source| CaptureError::Cgroup { path: k.clone(), source })?,
+                )
+            }
+            None => None,
+        };
         // Only the node-wide links are replaced here; a pod's inbound link is replaced when the
         // pod is re-enrolled, so enforcement never pauses.
         let old_links: Vec<PathBuf> = existing_links(&links_dir)
@@ -244,7 +261,10 @@ impl Capture {
 
         // The same steps for each cgroup program; their aya types differ, hence a macro.
         macro_rules! attach_to_cgroup {
-            ($ty:ty, $name:expr) => {{
+            ($ty:ty, $name:expr) => {
+                attach_to_cgroup!($ty, $name, cgroup)
+            };
+            ($ty:ty, $name:expr, $cgroup:expr) => {{
                 let name: &'static str = $name;
                 let err = |source| CaptureError::Program { name, source };
                 let prog: &mut $ty = ebpf
@@ -253,7 +273,7 @@ impl Capture {
                     .try_into()
                     .map_err(err)?;
                 prog.load().map_err(err)?;
-                let id = prog.attach(cgroup.as_fd(), LINK_MODE).map_err(err)?;
+                let id = prog.attach($cgroup.as_fd(), LINK_MODE).map_err(err)?;
                 let link: FdLink = prog.take_link(id).map_err(err)?.try_into()?;
                 pin_link(link, &links_dir.join(format!("{name}_{generation}")))?;
             }};
@@ -262,6 +282,9 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, prog_names::CONNECT6);
         attach_to_cgroup!(SockOps, prog_names::SOCK_OPS);
         attach_to_cgroup!(CgroupSock, prog_names::SOCK_RELEASE);
+        if let Some(kubelet) = &kubelet {
+            attach_to_cgroup!(SockOps, prog_names::KUBELET_SOCK_OPS, kubelet);
+        }
 
         {
             let name = prog_names::INBOUND;
@@ -534,6 +557,24 @@ impl Capture {
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
     }
+}
+
+/// Refuses a kubelet cgroup that holds the pods' cgroup or lies inside it: either would let pods'
+/// own connections (host-network pods among them) pass as the kubelet's.
+fn check_kubelet_cgroup(kubelet: &Path, pods: &Path) -> Result<(), CaptureError> {
+    self_cgroup::cgroup_id(kubelet).map_err(CaptureError::KubeletCgroupDir)?;
+    let canon = |p: &Path| {
+        fs::canonicalize(p).map_err(|source| CaptureError::Cgroup { path: p.to_owned(), source })
+    };
+    let (k, p) = (canon(kubelet)?, canon(pods)?);
+    let err = |why| CaptureError::KubeletCgroup { kubelet: k.clone(), pods: p.clone(), why };
+    if p.starts_with(&k) {
+        return Err(err("contains (or is)"));
+    }
+    if k.starts_with(&p) {
+        return Err(err("lies inside"));
+    }
+    Ok(())
 }
 
 fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
@@ -889,6 +930,37 @@ mod tests {
         assert_eq!(from_sock_addr(to_sock_addr(v6)), Some(v6));
         let mapped: SocketAddr = "[::ffff:10.0.0.7]:80".parse().unwrap();
         assert_eq!(from_sock_addr(to_sock_addr(mapped)), Some("10.0.0.7:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_kubelet_cgroup_around_or_inside_the_pods_cgroup_is_refused() {
+        // Two fresh cgroups side by side and one inside the first (the unit tests run as root).
+        let base = self_cgroup::cgroup2_root()
+            .unwrap()
+            .join(format!("mtls-unit-kubelet-{}", std::process::id()));
+        let pods = base.join("pods");
+        let inner = pods.join("inner");
+        let kubelet = base.join("kubelet");
+        for d in [&base, &pods, &inner, &kubelet] {
+            fs::create_dir(d).unwrap();
+        }
+        let result = (|| {
+            check_kubelet_cgroup(&kubelet, &pods)?;
+            let around = check_kubelet_cgroup(&base, &pods).unwrap_err().to_string();
+            assert!(around.contains("contains") && around.contains("pods"), "{around}");
+            let same = check_kubelet_cgroup(&pods, &pods).unwrap_err().to_string();
+            assert!(same.contains("contains (or is)"), "{same}");
+            let inside = check_kubelet_cgroup(&inner, &pods).unwrap_err().to_string();
+            assert!(inside.contains("lies inside"), "{inside}");
+            let tmp = tempfile::tempdir().unwrap();
+            let not_cgroup = check_kubelet_cgroup(tmp.path(), &pods).unwrap_err().to_string();
+            assert!(not_cgroup.contains("not a cgroup v2 directory"), "{not_cgroup}");
+            Ok::<(), CaptureError>(())
+        })();
+        for d in [&inner, &kubelet, &pods, &base] {
+            let _ = fs::remove_dir(d);
+        }
+        result.unwrap();
     }
 
     #[test]

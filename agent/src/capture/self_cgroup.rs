@@ -36,11 +36,18 @@ pub fn own_cgroup() -> Result<(PathBuf, u64), SelfCgroupError> {
     let cgroups = read("/proc/self/cgroup")?;
     let rel = unified_path(&cgroups)
         .ok_or_else(|| SelfCgroupError::NoUnifiedLine { path: "/proc/self/cgroup".into() })?;
-    let root = cgroup2_mount(&read("/proc/self/mountinfo")?)
-        .ok_or_else(|| SelfCgroupError::NoCgroup2Mount { path: "/proc/self/mountinfo".into() })?;
+    let root = cgroup2_root()?;
     let dir = root.join(rel.trim_start_matches('/'));
     let id = cgroup_id(&dir)?;
     Ok((dir, id))
+}
+
+/// Where the cgroup v2 hierarchy's root is mounted.
+pub fn cgroup2_root() -> Result<PathBuf, SelfCgroupError> {
+    let path = "/proc/self/mountinfo";
+    let text = fs::read_to_string(path)
+        .map_err(|source| SelfCgroupError::Read { path: path.into(), source })?;
+    cgroup2_mount(&text).ok_or_else(|| SelfCgroupError::NoCgroup2Mount { path: path.into() })
 }
 
 /// The id of the cgroup v2 directory `dir`, as `bpf_get_current_cgroup_id` reports it for its

@@ -171,9 +171,16 @@ pub struct RunArgs {
     /// Root namespace: a PeerAuthentication there without a selector is mesh-wide.
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
-    /// This node's IP: plaintext from it to a pod's probePorts is allowed under STRICT.
+    /// This node's IP. Accepted for older manifests; it grants nothing any more (anything on the
+    /// node can send from it): the probe exemption follows `--kubelet-cgroup`.
     #[arg(long)]
     pub node_ip: Option<std::net::IpAddr>,
+    /// The kubelet's cgroup v2 directory (e.g. /sys/fs/cgroup/system.slice/kubelet.service):
+    /// connections opened from there, and only those, reach STRICT pods' probePorts in
+    /// plaintext, whatever source address the network plugin gives them. Must lie outside the
+    /// pods' cgroup (`--cgroup`), neither containing it nor inside it.
+    #[arg(long)]
+    pub kubelet_cgroup: Option<PathBuf>,
     /// On SIGTERM, how long open connections may finish before the agent exits (a new instance
     /// started alongside takes the new ones).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
