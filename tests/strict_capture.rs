@@ -143,6 +143,32 @@ fn a_marked_socket_of_an_app_with_cap_net_raw_is_still_captured() -> Result<()> 
     Ok(())
 }
 
+/// The agent, running in a cgroup under the node's pods cgroup (as its pod does in Kubernetes),
+/// dials the destination's tunnel port from inside the source pod's namespace: the capture
+/// programs see that connect() and must leave it alone (they know it by the agent's cgroup id,
+/// which the agent wrote at start and removes on a clean exit).
+#[test]
+fn the_agents_own_dials_from_inside_the_pods_cgroup_are_not_captured_again() -> Result<()> {
+    let mut s = Scenario::new("sc-own-dials", &["a", "b"], &["a", "b"], &["b"])?;
+    let agent_cgroup = s.bed.node("node1").cgroup.join("mtls-agent-pod");
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&agent_cgroup)?);
+    let ids = mtls_agent::capture::Capture::agent_cgroups_pinned(&s.agent.bpffs)?;
+    assert_eq!(ids, vec![id], "the agent's cgroup id is in AGENT_CGROUPS");
+
+    let dst = s.addr("b", ECHO_PORT).to_string();
+    let (out, ok) = client(&s.bed, "a", &["--connect", &dst, "--message", "mesh"])?;
+    assert!(ok && out.trim() == "b:mesh", "a to b through the tunnel: {out}");
+    let rec = s.wait_outbound(|c| c["originalDestination"] == dst.as_str())?;
+    assert_eq!(rec["destinationPod"], format!("b.{NS}"), "{rec}");
+    assert!(rec["tls"].as_str().unwrap_or_default().starts_with("TLSv1.3"), "{rec}");
+
+    let status = s.agent.terminate()?;
+    assert!(status.success(), "{status}");
+    let ids = mtls_agent::capture::Capture::agent_cgroups_pinned(&s.agent.bpffs)?;
+    assert!(ids.is_empty(), "a clean exit removes the agent's cgroup id: {ids:?}");
+    Ok(())
+}
+
 /// Runs the e2e client in `pod`; its stdout (one line per connection) and success.
 fn client(bed: &Testbed, pod: &str, args: &[&str]) -> Result<(String, bool)> {
     let mut cmd = Command::new(e2e_tool());

@@ -228,6 +228,14 @@ pub struct Config {
 /// far more than the rest of a program run.
 pub const CONFIG_FLAG_LOG: u32 = 1;
 
+// Map keys and values are compared and copied byte for byte: no hidden padding, and the sizes
+// the pinned maps were created with.
+const _: () = {
+    assert!(core::mem::size_of::<PodInfo>() == 8);
+    assert!(core::mem::size_of::<PendingDst>() == 32);
+    assert!(core::mem::size_of::<ProbeConn>() == 40);
+};
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data structs with explicit padding and no pointers.

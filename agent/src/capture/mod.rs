@@ -516,6 +516,16 @@ impl Capture {
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
+    /// The cgroup ids in a node's pinned `AGENT_CGROUPS` map (for tests and diagnostics).
+    pub fn agent_cgroups_pinned(bpffs: &Path) -> Result<Vec<u64>, CaptureError> {
+        let name = map_names::AGENT_CGROUPS;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::LruHashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        Ok(map.keys().filter_map(Result::ok).collect())
+    }
+
     /// The count of pending records each enrolled pod holds, by netns cookie, in a node's
     /// pinned `ENROLLED` map (for tests and diagnostics).
     pub fn pending_by_pod_pinned(bpffs: &Path) -> Result<Vec<(u64, i32)>, CaptureError> {
