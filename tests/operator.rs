@@ -482,11 +482,12 @@ fn check_and_stats_endpoints_answer_directly() -> Result<()> {
 }
 
 #[test]
-fn readiness_waits_for_every_pod_of_the_node() -> Result<()> {
+fn readiness_names_a_pod_that_cannot_be_enrolled_without_failing_the_node() -> Result<()> {
     let mut s = Shop::new("op-ready", &[])?;
     s.wait_readiness(true, "2 of 2 pods enrolled")?;
     // A pod whose network namespace file is not a namespace (as when it went away and the
-    // path was reused) cannot be enrolled: the node is not ready.
+    // path was reused) cannot be enrolled: the node stays ready (one tenant must not stall a
+    // rollout) and its readiness answer names the pod.
     let not_a_netns = std::env::temp_dir().join(format!("{}-not-a-netns", s.m.bed.id()));
     std::fs::write(&not_a_netns, b"")?;
     s.m.files.push(not_a_netns.clone());
@@ -495,7 +496,9 @@ fn readiness_waits_for_every_pod_of_the_node() -> Result<()> {
     outsider.netns = not_a_netns;
     file.workloads.push(outsider.clone());
     file.write(&path)?;
-    s.wait_readiness(false, "2 of 3 pods enrolled")?;
+    s.wait_readiness(true, "2 of 3 pods enrolled")?;
+    let (_, body) = s.agent().readiness()?;
+    assert!(body.contains("not enrolled") && body.contains(&format!("outsider.{NS}")), "{body}");
     // Its namespace back: enrolled, certificate issued, ready.
     outsider.netns = s.m.bed.pod("outsider").netns.clone();
     file.workloads.pop();

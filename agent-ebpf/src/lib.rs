@@ -49,11 +49,37 @@ pub mod map_names {
     /// values carried a timestamp instead of the pod, hence the new name).
     pub const PENDING: &str = "PENDING_CONNS";
     pub const ORIG_DST: &str = "ORIG_DST";
-    pub const INBOUND: &str = "INBOUND";
-    pub const STATS: &str = "STATS";
+    /// Inbound rules keyed by (pod netns cookie, port): `INBOUND` held the older layout keyed
+    /// by (address, port), hence the new name (its pins are never reopened).
+    pub const INBOUND: &str = "INBOUND_RULES";
+    /// Per-CPU counters ([`super::stats`]); `STATS` had four slots in earlier versions.
+    pub const STATS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const PLAINTEXT_EVENTS: &str = "PLAIN_EVENTS";
+    /// The agent's own listeners per pod ([`ListenerKey`]): where `inbound` steers the agent's
+    /// ports, so an app of the pod cannot squat them.
+    pub const LISTENERS: &str = "LISTENERS";
 }
+
+/// Key of `LISTENERS`: a pod's netns cookie and one of the `SLOT_*` listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// The agent's outbound (capture) listener, 127.0.0.1:15001.
+pub const SLOT_OUTBOUND_V4: u32 = 0;
+/// The agent's outbound (capture) listener, [::1]:15001.
+pub const SLOT_OUTBOUND_V6: u32 = 1;
+/// The agent's tunnel listener for connections to the pod's IPv4 addresses on 15008.
+pub const SLOT_TUNNEL_V4: u32 = 2;
+/// The agent's tunnel listener for connections to the pod's IPv6 addresses on 15008.
+pub const SLOT_TUNNEL_V6: u32 = 3;
+/// Entries of `LISTENERS`: four slots per pod.
+pub const MAX_LISTENERS: u32 = MAX_PODS * 4;
 
 /// A plaintext connection attempt refused by a STRICT port (sent on `EVENTS` so the agent can
 /// log it with the policy that decided). Addresses in network byte order, ports in host order.
@@ -107,7 +133,7 @@ pub mod prog_names {
     pub const INBOUND: &str = "mtls_inbound";
 }
 
-/// Maximum entries of `INBOUND` (pod default + per-port rules, per node).
+/// Maximum entries of `INBOUND_RULES` (pod default + per-port rules, per node).
 pub const MAX_INBOUND_RULES: u32 = 65536;
 
 /// Inbound mTLS modes as the enforcement program sees them.
@@ -125,19 +151,25 @@ pub mod stats {
     pub const CAPTURED: u32 = 2;
     /// connect()s redirected without a record because their pod held `PENDING_QUOTA` already.
     pub const PENDING_OVER_QUOTA: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// Connections to the agent's ports in a pod refused because the agent has no listener
+    /// there (not enrolled yet, or down): never handed to whatever else listens on the port.
+    pub const AGENT_PORT_UNSERVED: u32 = 4;
+    /// Slots of the map; room for more counters without a new layout.
+    pub const LEN: u32 = 8;
 }
 
-/// Key of `INBOUND`: a pod's IP and a port; port 0 holds the pod's mode for all other ports.
+/// Key of `INBOUND_RULES`: a pod's netns cookie and a port; port 0 holds the pod's mode for
+/// all other ports. Keyed by the namespace, not an address, so every address of the pod
+/// (a second one, IPv6, one added later) is judged by the same rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PortKey {
-    pub addr: [u32; 4],
+    pub netns_cookie: u64,
     pub port: u16,
-    pub family: u16,
+    pub _pad: [u16; 3],
 }
 
-/// Value of `INBOUND`.
+/// Value of `INBOUND_RULES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PortPolicy {
@@ -246,6 +278,7 @@ mod user {
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::PortPolicy {}
     unsafe impl aya::Pod for super::RejectEvent {}
     unsafe impl aya::Pod for super::PlaintextEvent {}

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     capture::{Capture, CaptureConfig, InboundMode, InboundRule, OrigDstMap, StatsReader},
+    enrollment::{Failures, Step},
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
     kubernetes,
@@ -91,16 +92,36 @@ impl AgentConfig {
 struct EnrolledPod {
     workload: Workload,
     netns: PodNetns,
-    tasks: Vec<JoinHandle<()>>,
+    _tasks: Tasks,
 }
 
-impl Drop for EnrolledPod {
+/// The tasks serving a pod's listeners, stopped when dropped: when the pod leaves, and when
+/// its enrollment fails half-way (no task is left detached).
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
     fn drop(&mut self) {
         // Closing the listeners: new connections from the pod now fail fast (refused).
-        for t in &self.tasks {
+        for t in &self.0 {
             t.abort();
         }
     }
+}
+
+/// A pod of the node whose enrollment failed, held closed until a retry succeeds.
+struct FailedPod {
+    workload: Workload,
+    /// The cookie of its namespace when its inbound program (or more) is in place.
+    netns_cookie: Option<u64>,
+}
+
+/// Why enrolling a pod failed, and whether it is held closed.
+struct EnrollError {
+    step: Step,
+    /// Set once the pod's inbound program is attached: from then on it is closed.
+    netns_cookie: Option<u64>,
+    error: anyhow::Error,
 }
 
 struct Agent {
@@ -112,6 +133,9 @@ struct Agent {
     workloads_tx: watch::Sender<Arc<WorkloadSet>>,
     policies_tx: watch::Sender<Arc<PolicySet>>,
     pods: BTreeMap<String, EnrolledPod>,
+    /// Pods of the node whose enrollment failed (reported through `failures`).
+    failed: BTreeMap<String, FailedPod>,
+    failures: Failures,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
     /// The policy warnings logged last (file, line, what), so a workload change logs only new
@@ -193,6 +217,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         workloads_tx,
         policies_tx,
         pods: BTreeMap::new(),
+        failed: BTreeMap::new(),
+        failures: Failures::default(),
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
@@ -236,6 +262,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ebpf,
         set_log_level,
         readiness: agent.readiness.clone(),
+        enrollment: agent.failures.clone(),
     };
     let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
@@ -256,7 +283,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut watcher = cfg.workloads_file().map(Watch::new);
     let mut policy_watch = cfg.policy_dir().map(Watch::new);
     let mut snapshots = feed.as_ref().map(kubernetes::Feed::subscribe);
-    let mut synced = false;
+    // File mode has its workloads from the start; Kubernetes mode after the first snapshot.
+    let mut synced = feed.is_none();
     let mut next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     let mut last_refresh = tokio::time::Instant::now();
@@ -283,6 +311,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             Some(snapshot) = next_snapshot(&mut snapshots) => {
                 agent.apply_snapshot(&snapshot, !synced);
                 synced = true;
+                next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
             }
             _ = sigterm.recv() => { info!("SIGTERM: handing over (programs stay pinned)"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: handing over (programs stay pinned)"); break; }
@@ -428,18 +457,28 @@ impl Agent {
         }
     }
 
-    /// Writes every enrolled pod's inbound rules from the current policies.
+    /// Writes the inbound rules of every enrolled pod, and of every pod held closed after a
+    /// failed enrollment, from the current policies.
     fn apply_policies(&mut self) {
-        let keys: Vec<String> = self.pods.keys().cloned().collect();
-        for key in keys {
-            let Some(w) = self.pods.get(&key).map(|p| p.workload.clone()) else { continue };
-            if let Err(e) = self.apply_pod_policy(&w) {
+        let held = self
+            .failed
+            .iter()
+            .filter_map(|(k, f)| Some((k.clone(), (f.workload.clone(), f.netns_cookie?))));
+        let pods: Vec<(String, (Workload, u64))> = self
+            .pods
+            .iter()
+            .map(|(k, p)| (k.clone(), (p.workload.clone(), p.netns.cookie())))
+            .chain(held)
+            .collect();
+        for (key, (w, cookie)) in pods {
+            if let Err(e) = self.apply_pod_policy(&w, cookie) {
                 error!(pod = %key, "applying policy: {}", crate::error_text(&e));
             }
         }
     }
 
-    fn apply_pod_policy(&mut self, w: &Workload) -> anyhow::Result<()> {
+    /// Writes the inbound rules of pod `w`, whose network namespace has `netns_cookie`.
+    fn apply_pod_policy(&mut self, w: &Workload, netns_cookie: u64) -> anyhow::Result<()> {
         let ws = self.workloads_tx.borrow().clone();
         let ps = self.policies_tx.borrow().clone();
         let (default, ports) = ps.workload_modes(&ws, w);
@@ -459,7 +498,11 @@ impl Agent {
         if strict_probe && self.cfg.kubelet_cgroup.is_none() {
             warn!(pod = %w.key(), "probePorts are declared under STRICT but --kubelet-cgroup is not set: STRICT refuses the kubelet's probes");
         }
-        self.capture.set_inbound_rules(w.ip, &rules)?;
+        self.capture.set_inbound_rules(netns_cookie, &rules)?;
+        // A retry of a failing enrollment writes the same rules again: not news.
+        if self.failed.get(&w.key()).is_some_and(|f| f.workload == *w) {
+            return Ok(());
+        }
         let ports_desc: Vec<String> =
             ports.iter().map(|(p, d)| format!("{p}={}", d.mode)).collect();
         info!(
@@ -488,13 +531,16 @@ impl Agent {
     }
 
     /// Brings enrollment in line with the current workloads: enrolls new pods, releases removed
-    /// ones, re-enrolls changed ones. At start, also releases cookies a previous instance left
-    /// enrolled for pods that are gone.
+    /// ones, re-enrolls changed ones, retries failed ones. At start, also releases cookies a
+    /// previous instance left enrolled for pods that are gone.
     fn reconcile(&mut self, at_start: bool) {
         let ws = self.workloads_tx.borrow().clone();
         let node = self.cfg.node.clone();
         let wanted: BTreeMap<String, &Workload> = ws.on_node(&node).map(|w| (w.key(), w)).collect();
 
+        // A changed pod keeps its inbound program and capture until it is enrolled again: its
+        // old namespace is released only if the new attempt does not use it.
+        let mut previous: BTreeMap<String, u64> = BTreeMap::new();
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -503,46 +549,107 @@ impl Agent {
             .collect();
         for key in stale {
             if let Some(pod) = self.pods.remove(&key) {
-                if let Err(e) = self.capture.release(pod.netns.cookie()) {
-                    warn!(pod = %key, "releasing: {e}");
+                let cookie = pod.netns.cookie();
+                // Dropping the pod stops its listeners.
+                drop(pod);
+                if wanted.contains_key(&key) {
+                    previous.insert(key, cookie);
+                } else {
+                    self.release_pod(&key, Some(cookie));
+                    info!(pod = %key, "released");
                 }
-                self.capture.detach_inbound(pod.netns.cookie());
-                if let Err(e) = self.capture.clear_inbound_rules(pod.workload.ip) {
-                    warn!(pod = %key, "clearing inbound rules: {e}");
+            }
+        }
+        let stale: Vec<String> = self
+            .failed
+            .iter()
+            .filter(|(k, f)| wanted.get(*k).is_none_or(|w| **w != f.workload))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(f) = self.failed.remove(&key) {
+                if wanted.contains_key(&key) {
+                    if let Some(c) = f.netns_cookie {
+                        previous.insert(key, c);
+                    }
+                } else {
+                    self.release_pod(&key, f.netns_cookie);
+                    self.failures.clear(&key);
+                    info!(pod = %key, "released (it was never enrolled)");
                 }
-                // The pod's key leaves memory with its certificate.
-                self.mesh.certs.remove(&key);
-                info!(pod = %key, "released");
             }
         }
         for (key, w) in &wanted {
             if self.pods.contains_key(key) {
                 continue;
             }
-            match self.enroll(w) {
+            let attempt = self.enroll(w);
+            let now_cookie = match &attempt {
+                Ok(pod) => Some(pod.netns.cookie()),
+                Err(e) => e.netns_cookie,
+            };
+            if let Some(old) = previous.remove(key) {
+                if now_cookie != Some(old) {
+                    self.release_cookie(old);
+                }
+            }
+            match attempt {
                 Ok(pod) => {
-                    info!(pod = %key, ip = %w.ip, cookie = pod.netns.cookie(), "enrolled");
+                    self.failed.remove(key);
+                    match self.failures.clear(key) {
+                        Some(f) => info!(
+                            pod = %key,
+                            ip = %w.ip,
+                            cookie = pod.netns.cookie(),
+                            attempts = f.attempts,
+                            "enrolled (after {} failed attempts)", f.attempts
+                        ),
+                        None => {
+                            info!(pod = %key, ip = %w.ip, cookie = pod.netns.cookie(), "enrolled")
+                        }
+                    }
                     self.pods.insert(key.clone(), pod);
                 }
-                Err(e) => error!(pod = %key, "enrollment failed: {}", crate::error_text(&e)),
+                Err(e) => {
+                    let reason = crate::error_text(&e.error);
+                    let closed = e.netns_cookie.is_some();
+                    if self.failures.record(key, e.step, reason.clone(), closed) {
+                        let holds = if closed {
+                            "fails closed: STRICT ports refuse plaintext, outbound stays captured"
+                        } else {
+                            "nothing to hold closed"
+                        };
+                        warn!(
+                            pod = %key,
+                            step = e.step.as_str(),
+                            "enrollment failed ({holds}); retrying every {}s: {reason}",
+                            ENROLL_RETRY.as_secs()
+                        );
+                    } else {
+                        tracing::debug!(pod = %key, step = e.step.as_str(), "enrollment failed again: {reason}");
+                    }
+                    self.failed.insert(
+                        key.clone(),
+                        FailedPod { workload: (*w).clone(), netns_cookie: e.netns_cookie },
+                    );
+                }
             }
         }
-        let enrolled = wanted.keys().filter(|k| self.pods.contains_key(*k)).count();
-        let with_cert = wanted.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
-        let ready = enrolled == wanted.len() && with_cert == wanted.len();
-        self.readiness.set(
-            ready,
-            format!("{enrolled} of {} pods enrolled, {with_cert} with certificates", wanted.len()),
-        );
+        self.failures.retain(|k| wanted.contains_key(k));
+        self.update_readiness(wanted.len());
         if at_start {
-            let ours: Vec<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+            let ours: Vec<u64> = self
+                .pods
+                .values()
+                .map(|p| p.netns.cookie())
+                .chain(self.failed.values().filter_map(|f| f.netns_cookie))
+                .collect();
             for cookie in self.capture.inbound_link_cookies() {
                 if !ours.contains(&cookie) {
                     self.capture.detach_inbound(cookie);
                 }
             }
-            let ips: Vec<IpAddr> = self.pods.values().map(|p| p.workload.ip).collect();
-            self.capture.retain_inbound_rules(&ips);
+            self.capture.retain_inbound_rules(&ours);
             for cookie in self.capture.enrolled_cookies() {
                 if !ours.contains(&cookie) {
                     info!(cookie, "releasing a pod enrolled by a previous instance that is gone");
@@ -554,22 +661,97 @@ impl Agent {
         }
     }
 
-    fn enroll(&mut self, w: &Workload) -> anyhow::Result<EnrolledPod> {
-        let netns = match (&w.netns, &w.uid, &self.cfg.source) {
-            (Some(path), _, _) => PodNetns::open(path)?,
-            (None, Some(uid), Source::Kubernetes(k)) => k.cgroups.open_netns(uid)?,
-            _ => anyhow::bail!("no netns for this pod"),
+    /// Ready once the programs are attached and the first sync is done, with listeners up in
+    /// every pod that is enrolled: a pod that fails enrollment is held closed and named here,
+    /// but cannot hold back the node (one tenant must not stall a rollout).
+    fn update_readiness(&self, wanted: usize) {
+        let enrolled = self.pods.len();
+        let with_cert = self.pods.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
+        let mut detail =
+            format!("{enrolled} of {wanted} pods enrolled, {with_cert} with certificates");
+        let failures = self.failures.list();
+        if !failures.is_empty() {
+            let names: Vec<String> = failures
+                .iter()
+                .map(|f| format!("{} ({}: {})", f.pod, f.step.as_str(), f.reason))
+                .collect();
+            detail.push_str(&format!("; not enrolled, held closed: {}", names.join("; ")));
+        }
+        self.readiness.set(true, detail);
+    }
+
+    /// Removes everything of a pod that left the node: capture, inbound program and rules,
+    /// certificate.
+    fn release_pod(&mut self, key: &str, netns_cookie: Option<u64>) {
+        if let Some(cookie) = netns_cookie {
+            self.release_cookie(cookie);
+        }
+        // The pod's key leaves memory with its certificate.
+        self.mesh.certs.remove(key);
+    }
+
+    fn release_cookie(&mut self, cookie: u64) {
+        if let Err(e) = self.capture.release(cookie) {
+            warn!(cookie, "releasing: {e}");
+        }
+        self.capture.detach_inbound(cookie);
+        if let Err(e) = self.capture.clear_inbound_rules(cookie) {
+            warn!(cookie, "clearing inbound rules: {e}");
+        }
+    }
+
+    /// Enrolls a pod, failing closed: its inbound program first (with no rules yet it refuses
+    /// every connection from outside the pod), then its rules, then capture (its connect()s are
+    /// redirected to the agent's listener, refused until that exists), and only then its
+    /// certificate and the agent's listeners. A failure at any step leaves the pod closed,
+    /// never open; the caller retries.
+    fn enroll(&mut self, w: &Workload) -> Result<EnrolledPod, EnrollError> {
+        let fail = |step: Step, netns_cookie: Option<u64>| {
+            move |error: anyhow::Error| EnrollError { step, netns_cookie, error }
         };
+        let netns = match (&w.netns, &w.uid, &self.cfg.source) {
+            (Some(path), _, _) => PodNetns::open(path).map_err(anyhow::Error::from),
+            (None, Some(uid), Source::Kubernetes(k)) => {
+                k.cgroups.open_netns(uid).map_err(anyhow::Error::from)
+            }
+            _ => Err(anyhow::anyhow!("no netns for this pod")),
+        }
+        .map_err(fail(Step::Netns, None))?;
+        let cookie = netns.cookie();
+        self.capture
+            .attach_inbound(&netns)
+            .map_err(|e| fail(Step::InboundProgram, None)(e.into()))?;
+        let closed = Some(cookie);
+        self.apply_pod_policy(w, cookie).map_err(fail(Step::InboundRules, closed))?;
+        self.capture.enroll(cookie).map_err(|e| fail(Step::Capture, closed)(e.into()))?;
         // Queued connections of a closing listener move to the next instance's (handover).
         if let Err(e) = netns.enable_listener_migration() {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
         }
         // The certificate exists before any listener does, so the first connection waits for
-        // nothing.
-        let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)?;
-        let cert = self.signer.issue(&id, self.cfg.cert_ttl)?;
-        self.mesh.certs.insert(w.key(), cert);
-        let mut tasks = Vec::new();
+        // nothing; a retry keeps the one it has.
+        if self.mesh.certs.get(&w.key()).is_none() {
+            let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
+                .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+            let cert = self
+                .signer
+                .issue(&id, self.cfg.cert_ttl)
+                .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+            self.mesh.certs.insert(w.key(), cert);
+        }
+        let tasks = self.start_listeners(w, &netns).map_err(fail(Step::Listeners, closed))?;
+        Ok(EnrolledPod { workload: w.clone(), netns, _tasks: tasks })
+    }
+
+    /// Opens the agent's listeners in the pod and steers the agent's ports to them. Each is
+    /// bound on its fixed port (`SO_REUSEPORT`, so a new instance binds beside an old one);
+    /// if an app holds that port, on a free one, and the pod's inbound program hands the
+    /// agent's port to it all the same.
+    fn start_listeners(&mut self, w: &Workload, netns: &PodNetns) -> anyhow::Result<Tasks> {
+        use mtls_agent_ebpf::{SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6};
+        let cookie = netns.cookie();
+        // Dropped on failure: every task started so far stops.
+        let mut tasks = Tasks::default();
         let ctx = Arc::new(OutboundContext {
             pod: w.key(),
             netns: netns.clone(),
@@ -579,22 +761,51 @@ impl Agent {
         });
         let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
         let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into();
-        let l4 = netns.listen(v4, LISTEN_BACKLOG)?;
-        tasks.push(tokio::spawn(outbound::serve(TcpListener::from_std(l4)?, ctx.clone())));
-        match netns.listen(v6, LISTEN_BACKLOG) {
-            Ok(l6) => tasks.push(tokio::spawn(outbound::serve(TcpListener::from_std(l6)?, ctx))),
-            // A pod without IPv6 loopback still gets IPv4 capture.
+        let l4 = listen_steered(netns, v4)?;
+        self.capture.set_listener(cookie, SLOT_OUTBOUND_V4, &l4)?;
+        tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l4)?, ctx.clone())));
+        match listen_steered(netns, v6) {
+            Ok(l6) => {
+                self.capture.set_listener(cookie, SLOT_OUTBOUND_V6, &l6)?;
+                tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l6)?, ctx)));
+            }
+            // A pod without IPv6 loopback still gets IPv4 capture (IPv6 connect()s are refused).
             Err(e) => warn!(pod = %w.key(), "no IPv6 outbound listener: {e}"),
         }
-        let tunnel = netns.listen(SocketAddr::new(w.ip, HBONE_PORT), LISTEN_BACKLOG)?;
         let ictx = Arc::new(InboundContext::new(w.key(), w.ip, netns.clone(), self.mesh.clone()));
-        tasks.push(tokio::spawn(inbound::serve(TcpListener::from_std(tunnel)?, ictx)));
-        // Inbound enforcement is in place before the pod counts as enrolled.
-        self.apply_pod_policy(w)?;
-        self.capture.attach_inbound(&netns)?;
-        // Only now that the listeners exist may connect()s be redirected to them.
-        self.capture.enroll(netns.cookie())?;
-        Ok(EnrolledPod { workload: w.clone(), netns, tasks })
+        let primary = listen_steered(netns, SocketAddr::new(w.ip, HBONE_PORT))?;
+        let (slot, other) = match w.ip {
+            IpAddr::V4(_) => (SLOT_TUNNEL_V4, SocketAddr::from(([0u16; 8], HBONE_PORT))),
+            IpAddr::V6(_) => (SLOT_TUNNEL_V6, SocketAddr::from(([0u8; 4], HBONE_PORT))),
+        };
+        self.capture.set_listener(cookie, slot, &primary)?;
+        tasks.0.push(tokio::spawn(inbound::serve(TcpListener::from_std(primary)?, ictx.clone())));
+        // Tunnels to the pod's addresses of the other family (peers dial the primary address;
+        // this serves those that dial another).
+        let other_slot = if slot == SLOT_TUNNEL_V4 { SLOT_TUNNEL_V6 } else { SLOT_TUNNEL_V4 };
+        match listen_steered(netns, other) {
+            Ok(l) => {
+                self.capture.set_listener(cookie, other_slot, &l)?;
+                tasks.0.push(tokio::spawn(inbound::serve(TcpListener::from_std(l)?, ictx)));
+            }
+            Err(e) => tracing::debug!(pod = %w.key(), "no tunnel listener for {other}: {e}"),
+        }
+        Ok(tasks)
+    }
+}
+
+/// A listener of the agent in the pod on `addr`, or on the same address and a free port when
+/// something else holds `addr` (the pod's inbound program steers the agent's port to it).
+fn listen_steered(netns: &PodNetns, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    match netns.listen(addr, LISTEN_BACKLOG) {
+        Ok(l) => Ok(l),
+        Err(e) if e.is_addr_in_use() => {
+            let l = netns.listen(SocketAddr::new(addr.ip(), 0), LISTEN_BACKLOG)?;
+            let got = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            warn!(listener = %got, "{addr} is taken in the pod (not by this agent): listening on {got}, the agent's port steered to it");
+            Ok(l)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

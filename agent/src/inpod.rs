@@ -35,6 +35,13 @@ pub enum InpodError {
     Panicked { path: PathBuf },
 }
 
+impl InpodError {
+    /// Whether this is a bind that failed because something else holds the address.
+    pub fn is_addr_in_use(&self) -> bool {
+        matches!(self, InpodError::Io { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
+}
+
 /// An open handle on a pod's network namespace.
 #[derive(Clone, Debug)]
 pub struct PodNetns {

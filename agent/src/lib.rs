@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod cli;
+pub mod enrollment;
 pub mod identity;
 pub mod inpod;
 pub mod kubernetes;

@@ -7,7 +7,9 @@
 //!   namespace: hipster-app          # required
 //!   serviceAccount: frontend        # default: default
 //!   labels: {app: frontend}         # default: {}
-//!   ip: 10.244.1.2                  # required; IPv4 or IPv6
+//!   ip: 10.244.1.2                  # required; IPv4 or IPv6: the primary address
+//!   ips: [10.244.1.2, fd00::1:2]    # optional: every address of the pod (dual-stack, extra
+//!                                   # addresses); `ip` is added if missing
 //!   node: node1                     # required
 //!   netns: /var/run/netns/frontend  # the pod's network namespace file (absolute);
 //!                                   # required for pods of the agent's own node
@@ -23,7 +25,8 @@
 //! Both top-level keys are optional; an empty file or `{}` is an empty set.
 //! Unknown keys are rejected at every level, as are repeated keys, empty
 //! names, invalid or non-unicast IPs, ports outside 1-65535, duplicate pods
-//! (name + namespace), pod IPs, services, VIPs and service ports. IPv4-mapped
+//! (name + namespace), pod IPs (any of `ip` and `ips`, within a pod or across pods), services,
+//! VIPs and service ports. IPv4-mapped
 //! IPv6 addresses are stored as IPv4 so lookups match either form.
 //!
 //! Every error names the file, the line and the field, e.g.
@@ -50,7 +53,11 @@ pub struct Workload {
     pub namespace: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    /// The primary address: the one the agent's tunnel listener binds.
     pub ip: IpAddr,
+    /// Every address of the pod, `ip` first: each is a mesh destination, and a tunnelled
+    /// connection may target any of them.
+    pub ips: Vec<IpAddr>,
     pub node: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
@@ -122,6 +129,23 @@ impl WorkloadsError {
 
 impl Workload {
     /// `name.namespace`, unique within a [`WorkloadSet`].
+    /// Whether `ip` is one of the pod's addresses (IPv4-mapped IPv6 matches the IPv4 form).
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.ips.contains(&ip)
+    }
+
+    /// `ips` from the primary address and the listed ones: primary first, no repeats.
+    pub fn all_addresses(ip: IpAddr, listed: impl IntoIterator<Item = IpAddr>) -> Vec<IpAddr> {
+        let mut ips = vec![ip];
+        for a in listed {
+            if !ips.contains(&a) {
+                ips.push(a);
+            }
+        }
+        ips
+    }
+
     pub fn key(&self) -> String {
         format!("{}.{}", self.name, self.namespace)
     }
@@ -184,7 +208,7 @@ impl WorkloadSet {
     /// The pod with address `ip` (IPv4-mapped IPv6 matches the IPv4 form).
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         let ip = ip.to_canonical();
-        self.workloads.iter().find(|w| w.ip == ip)
+        self.workloads.iter().find(|w| w.ips.contains(&ip))
     }
 
     /// The pod `name` in `namespace`.
@@ -232,6 +256,7 @@ struct RawWorkload {
     labels: Option<BTreeMap<String, String>>,
     #[serde(deserialize_with = "present")]
     ip: Option<Ip>,
+    ips: Option<Vec<Ip>>,
     #[serde(deserialize_with = "present")]
     node: Option<Name>,
     netns: Option<Netns>,
@@ -391,8 +416,8 @@ fn parse_located<'a>(
     if let Some(dup) = loc.index.as_ref().and_then(|idx| idx.duplicate_key(0)) {
         return Err(duplicate_key_error(origin, dup));
     }
-    let set = convert(raw, &loc)?;
-    validate(&set, &loc)?;
+    let (set, address_fields) = convert(raw, &loc)?;
+    validate(&set, &address_fields, &loc)?;
     Ok((set, loc))
 }
 
@@ -415,16 +440,42 @@ fn required<T>(
     value.ok_or_else(|| loc.error(format!("{path}.{field}"), "must not be empty".to_string()))
 }
 
-fn convert(raw: RawFile, loc: &Locator<'_>) -> Result<WorkloadSet, WorkloadsError> {
+/// Each pod's addresses with the field that names each (`workloads[i].ip`,
+/// `workloads[i].ips[k]`), for errors found across pods.
+type AddressFields = Vec<Vec<(IpAddr, String)>>;
+
+fn convert(
+    raw: RawFile,
+    loc: &Locator<'_>,
+) -> Result<(WorkloadSet, AddressFields), WorkloadsError> {
     let mut workloads = Vec::new();
+    let mut address_fields = Vec::new();
     for (i, w) in raw.workloads.unwrap_or_default().into_iter().enumerate() {
         let path = format!("workloads[{i}]");
+        let ip = required(w.ip, loc, &path, "ip")?.0;
+        let mut listed: HashMap<IpAddr, usize> = HashMap::new();
+        let mut fields = vec![(ip, format!("{path}.ip"))];
+        for (k, a) in w.ips.iter().flatten().enumerate() {
+            if let Some(first) = listed.insert(a.0, k) {
+                let first = loc.at(&format!("{path}.ips[{first}]"));
+                return Err(loc.error(
+                    format!("{path}.ips[{k}]"),
+                    format!("duplicate IP {} (first at {first})", a.0),
+                ));
+            }
+            // `ip` repeated in `ips` is the same address, not a second one.
+            if a.0 != ip {
+                fields.push((a.0, format!("{path}.ips[{k}]")));
+            }
+        }
+        address_fields.push(fields);
         workloads.push(Workload {
             name: required(w.name, loc, &path, "name")?.0,
             namespace: required(w.namespace, loc, &path, "namespace")?.0,
             service_account: w.service_account.map_or_else(|| "default".to_string(), |n| n.0),
             labels: w.labels.unwrap_or_default(),
-            ip: required(w.ip, loc, &path, "ip")?.0,
+            ips: Workload::all_addresses(ip, w.ips.into_iter().flatten().map(|a| a.0)),
+            ip,
             node: required(w.node, loc, &path, "node")?.0,
             netns: w.netns.map(|n| n.0),
             probe_ports: w.probe_ports.unwrap_or_default().into_iter().map(|p| p.0).collect(),
@@ -451,13 +502,18 @@ fn convert(raw: RawFile, loc: &Locator<'_>) -> Result<WorkloadSet, WorkloadsErro
                 .collect(),
         });
     }
-    Ok(WorkloadSet { workloads, services })
+    Ok((WorkloadSet { workloads, services }, address_fields))
 }
 
 /// Cross-entry checks; reports the later of two conflicting entries.
-fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> {
+fn validate(
+    set: &WorkloadSet,
+    address_fields: &AddressFields,
+    loc: &Locator<'_>,
+) -> Result<(), WorkloadsError> {
     let mut pods: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut ips: HashMap<IpAddr, usize> = HashMap::new();
+    // Address -> (pod index, field of the address).
+    let mut ips: HashMap<IpAddr, (usize, String)> = HashMap::new();
     for (i, w) in set.workloads.iter().enumerate() {
         let path = format!("workloads[{i}]");
         if let Some(&j) = pods.get(&(w.name.as_str(), w.namespace.as_str())) {
@@ -465,15 +521,17 @@ fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> 
             return Err(loc.error(path, format!("duplicate pod {} (first at {first})", w.key())));
         }
         pods.insert((&w.name, &w.namespace), i);
-        if let Some(&j) = ips.get(&w.ip) {
-            let first = loc.at(&format!("workloads[{j}].ip"));
-            let other = set.workloads.get(j).map(Workload::key).unwrap_or_default();
-            return Err(loc.error(
-                format!("{path}.ip"),
-                format!("duplicate IP {} (first used by pod {other} at {first})", w.ip),
-            ));
+        for (ip, field) in address_fields.get(i).into_iter().flatten().cloned() {
+            if let Some((j, first_field)) = ips.get(&ip) {
+                let first = loc.at(first_field);
+                let other = set.workloads.get(*j).map(Workload::key).unwrap_or_default();
+                return Err(loc.error(
+                    field,
+                    format!("duplicate IP {ip} (first used by pod {other} at {first})"),
+                ));
+            }
+            ips.insert(ip, (i, field));
         }
-        ips.insert(w.ip, i);
         let mut seen = HashMap::new();
         for (k, port) in w.probe_ports.iter().enumerate() {
             if let Some(first) = seen.insert(port, k) {
@@ -513,9 +571,9 @@ fn validate(set: &WorkloadSet, loc: &Locator<'_>) -> Result<(), WorkloadsError> 
                 ));
             }
             // by_ip and resolve_vip must never both claim an address.
-            if let Some(&j) = ips.get(&vip) {
-                let first = loc.at(&format!("workloads[{j}].ip"));
-                let other = set.workloads.get(j).map(Workload::key).unwrap_or_default();
+            if let Some((j, first_field)) = ips.get(&vip) {
+                let first = loc.at(first_field);
+                let other = set.workloads.get(*j).map(Workload::key).unwrap_or_default();
                 return Err(loc.error(
                     field,
                     format!("VIP {vip} is also the IP of pod {other} (at {first})"),
@@ -669,6 +727,7 @@ services:
                 service_account: "frontend".into(),
                 labels: labels(&[("app", "frontend"), ("tier", "web")]),
                 ip: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)),
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2))],
                 node: "node1".into(),
                 netns: Some(PathBuf::from("/var/run/netns/frontend")),
                 probe_ports: vec![8080],
@@ -823,7 +882,7 @@ workloads:
         assert_eq!(
             err(src),
             "workloads.yaml:3: workloads[0].colour: unknown field (expected one of name, namespace, \
-             serviceAccount, labels, ip, node, netns, probePorts)"
+             serviceAccount, labels, ip, ips, node, netns, probePorts)"
         );
         let e = WorkloadSet::parse(src, Path::new("/tmp/x/workloads.yaml")).unwrap_err();
         assert!(e.to_string().starts_with("/tmp/x/workloads.yaml:3: workloads[0].colour: "), "{e}");
@@ -996,6 +1055,57 @@ workloads:
         let src =
             format!("workloads:\n{}{}", pod("a", "10.0.0.1"), pod("b", "\"::ffff:10.0.0.1\""));
         assert!(err(&src).starts_with("workloads.yaml:8: workloads[1].ip: duplicate IP 10.0.0.1"));
+    }
+
+    #[test]
+    fn every_address_of_a_pod_from_ips() {
+        let src = "workloads:\n- name: a\n  namespace: ns\n  ip: 10.0.0.1\n  ips: [10.0.0.9, \"fd00::1\", 10.0.0.1]\n  node: n1\n";
+        let set = parse(src).unwrap();
+        let w = &set.workloads[0];
+        let ips: Vec<IpAddr> =
+            ["10.0.0.1", "10.0.0.9", "fd00::1"].map(|a| a.parse().unwrap()).into();
+        assert_eq!(w.ips, ips, "primary first, then the listed ones");
+        for a in &ips {
+            assert_eq!(set.by_ip(*a).map(Workload::key).as_deref(), Some("a.ns"), "{a}");
+        }
+        assert!(w.has_ip("::ffff:10.0.0.9".parse().unwrap()), "IPv4-mapped form");
+        assert!(!w.has_ip("10.0.0.2".parse().unwrap()));
+        // Without `ips`, the pod has its one address.
+        let set = parse(&format!("workloads:\n{}", pod("b", "10.0.0.2"))).unwrap();
+        assert_eq!(set.workloads[0].ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn invalid_and_duplicate_ips_name_their_line_and_field() {
+        let head = "workloads:\n- name: a\n  namespace: ns\n  ip: 10.0.0.1\n  node: n1\n";
+        assert_eq!(
+            err(&format!("{head}  ips: [10.0.0.2, 10.0.0.300]\n")),
+            "workloads.yaml:6: workloads[0].ips[1]: invalid IP address \"10.0.0.300\""
+        );
+        assert_eq!(
+            err(&format!("{head}  ips:\n  - 10.0.0.2\n  - 10.0.0.2\n")),
+            "workloads.yaml:8: workloads[0].ips[1]: duplicate IP 10.0.0.2 (first at line 7)"
+        );
+        assert!(err(&format!("{head}  ips: 10.0.0.2\n"))
+            .starts_with("workloads.yaml:6: workloads[0].ips: "));
+        // Across pods, any address of one is no other's.
+        let src = format!("{head}  ips: [\"fd00::1\"]\n- name: b\n  namespace: ns\n  ip: 10.0.0.2\n  ips: [\"fd00::1\"]\n  node: n1\n");
+        assert_eq!(
+            err(&src),
+            "workloads.yaml:10: workloads[1].ips[0]: duplicate IP fd00::1 (first used by pod a.ns \
+             at line 6)"
+        );
+        let src = format!(
+            "{head}  ips: [10.0.0.5]\n- name: b\n  namespace: ns\n  ip: 10.0.0.5\n  node: n1\n"
+        );
+        assert!(err(&src).starts_with("workloads.yaml:9: workloads[1].ip: duplicate IP 10.0.0.5"));
+        let src = format!(
+            "{head}  ips: [10.0.0.5]\nservices:\n- name: s\n  namespace: ns\n  vip: 10.0.0.5\n"
+        );
+        assert_eq!(
+            err(&src),
+            "workloads.yaml:10: services[0].vip: VIP 10.0.0.5 is also the IP of pod a.ns (at line 6)"
+        );
     }
 
     #[test]

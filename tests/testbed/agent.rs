@@ -46,6 +46,8 @@ pub struct WorkloadEntry {
     pub service_account: String,
     pub labels: Vec<(String, String)>,
     pub ip: Ipv4Addr,
+    /// Every address of the pod (`ips:`), when the test lists them.
+    pub ips: Vec<std::net::IpAddr>,
     pub node: String,
     pub netns: PathBuf,
     pub probe_ports: Vec<u16>,
@@ -60,6 +62,7 @@ impl WorkloadEntry {
             service_account: pod.name.clone(),
             labels: vec![("app".into(), pod.name.clone())],
             ip: pod.ip,
+            ips: vec![],
             node: pod.node.clone(),
             netns: pod.netns.clone(),
             probe_ports: vec![],
@@ -99,6 +102,10 @@ impl WorkloadsFile {
             let _ = writeln!(s, "  serviceAccount: {}", w.service_account);
             let _ = writeln!(s, "  labels: {}", map(&w.labels));
             let _ = writeln!(s, "  ip: {}", w.ip);
+            if !w.ips.is_empty() {
+                let ips: Vec<String> = w.ips.iter().map(|a| format!("\"{a}\"")).collect();
+                let _ = writeln!(s, "  ips: [{}]", ips.join(", "));
+            }
             let _ = writeln!(s, "  node: {}", w.node);
             let _ = writeln!(s, "  netns: {}", w.netns.display());
             if !w.probe_ports.is_empty() {

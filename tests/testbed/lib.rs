@@ -461,6 +461,24 @@ impl Testbed {
         Ok(name)
     }
 
+    /// A fresh address of the bed's subnet, for [`Testbed::add_address`] (never given to a pod).
+    pub fn alloc_address(&mut self) -> Result<Ipv4Addr> {
+        self.alloc_ip()
+    }
+
+    /// Adds `ip` to the pod's `eth0` (/24 for IPv4, /64 for IPv6, as the bed's own addresses):
+    /// a second address of the pod, reachable from the other pods.
+    pub fn add_address(&mut self, pod: &str, ip: IpAddr) -> Result<()> {
+        let netns = self.pod_entry(pod)?.pod.netns.clone();
+        netns::run_in(&netns, move || -> Result<()> {
+            let mut rtnl = Rtnl::new()?;
+            let eth0 = rtnl.link_index("eth0")?;
+            let prefix = if ip.is_ipv4() { PREFIX_LEN } else { PREFIX_LEN_V6 };
+            rtnl.add_address(eth0, ip, prefix)
+        })?
+        .with_context(|| format!("pod {pod}: add address {ip}"))
+    }
+
     fn alloc_ip(&mut self) -> Result<Ipv4Addr> {
         ensure!(self.next_host < 255, "subnet {} exhausted", self.subnet());
         let [a, b, c] = self.subnet;

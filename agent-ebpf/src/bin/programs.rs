@@ -22,22 +22,23 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use mtls_agent_ebpf::{
-    stats, Config, ConnKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey, PortPolicy,
-    ProbeConn, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT,
-    MAX_AGENT_INSTANCES, MAX_CONNS, MAX_INBOUND_RULES, MAX_PODS, MAX_PROBE_CONNS, MODE_STRICT,
-    OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
+    stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey,
+    PortPolicy, ProbeConn, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT,
+    MAX_AGENT_INSTANCES, MAX_CONNS, MAX_INBOUND_RULES, MAX_LISTENERS, MAX_PODS, MAX_PROBE_CONNS,
+    MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
+    SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -74,13 +75,14 @@ static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_CONNS, BP
 /// (fail closed) and never admits anything else.
 #[map]
 static PROBE_CONNS: LruHashMap<ProbeConn, u32> = LruHashMap::pinned(MAX_PROBE_CONNS, 0);
-#[map]
+#[map(name = "INBOUND_RULES")]
 static INBOUND: HashMap<PortKey, PortPolicy> = HashMap::pinned(MAX_INBOUND_RULES, 0);
-#[map]
+#[map(name = "COUNTERS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::LEN, 0);
-/// Refusals for the agent's log; not pinned: while no agent reads, they are only counted.
+/// Refusals for the agent's log. Pinned: every pod's `inbound` instance (one load per pod)
+/// writes to the one buffer the agent reads; while no agent reads, they are only counted.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 /// Plaintext connections accepted by enrolled pods' apps, opened and closed; not pinned, as
 /// `EVENTS`.
 #[map(name = "PLAIN_EVENTS")]
@@ -89,6 +91,16 @@ static PLAINTEXT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Map update flags (include/uapi/linux/bpf.h).
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
+
+/// The agent's listeners in each pod: `inbound` hands connections to the agent's ports to
+/// them, whatever else is bound there. An entry goes when its socket closes.
+#[map]
+static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
+
+/// The netns cookie of the pod this `inbound` instance guards, set by the agent at load time
+/// (one instance per pod): sk_lookup programs have no netns-cookie helper.
+#[unsafe(no_mangle)]
+static POD_COOKIE: u64 = 0;
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -473,23 +485,44 @@ fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
 #[sk_lookup]
 pub fn mtls_inbound(ctx: SkLookupContext) -> u32 {
     match inbound_verdict(&ctx) {
-        None => SK_PASS,
-        Some(event) => {
+        Verdict::Pass => SK_PASS,
+        Verdict::Steer(slot) => {
+            // SAFETY: a read-only global the agent set at load time.
+            let netns_cookie = unsafe { core::ptr::read_volatile(&POD_COOKIE) };
+            let key = ListenerKey { netns_cookie, slot, _pad: 0 };
+            // Exactly the agent's socket: not another member of a reuseport group an app
+            // may have joined.
+            let flags = u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT);
+            match LISTENERS.redirect_sk_lookup(&ctx, key, flags) {
+                Ok(()) => SK_PASS,
+                // No agent listener: refused, never handed to a squatter.
+                Err(_) => {
+                    count(stats::AGENT_PORT_UNSERVED);
+                    SK_DROP
+                }
+            }
+        }
+        Verdict::Refuse => {
             count(stats::STRICT_REJECTED);
             // A full buffer loses the log line, never the verdict.
-            let _ = EVENTS.output::<RejectEvent>(&event, 0);
+            let _ = EVENTS.output::<RejectEvent>(&reject_event(&ctx), 0);
             SK_DROP
         }
     }
 }
 
-/// `None` to let the connection through, or the event describing its refusal.
+enum Verdict {
+    Pass,
+    /// To the agent's listener in this `LISTENERS` slot, or refused if there is none.
+    Steer(u32),
+    /// Plaintext to a STRICT port (or to a guarded pod without rules).
+    Refuse,
+}
+
+/// The refusal as the agent logs it.
 #[inline(always)]
-fn inbound_verdict(ctx: &SkLookupContext) -> Option<RejectEvent> {
-    if inbound_allowed(ctx) {
-        return None;
-    }
-    // SAFETY: as in `inbound_allowed`.
+fn reject_event(ctx: &SkLookupContext) -> RejectEvent {
+    // SAFETY: as in `inbound_verdict`.
     let l = unsafe { &*ctx.lookup };
     let v4 = read(&l.family) == u32::from(AF_INET);
     let (local, remote) = if v4 {
@@ -497,7 +530,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Option<RejectEvent> {
     } else {
         (read4(&l.local_ip6), read4(&l.remote_ip6))
     };
-    Some(RejectEvent {
+    RejectEvent {
         local,
         remote,
         local_port: read(&l.local_port) as u16,
@@ -505,20 +538,17 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Option<RejectEvent> {
         remote_port: u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) }),
         family: if v4 { AF_INET } else { AF_INET6 },
         _pad: 0,
-    })
+    }
 }
 
 #[inline(always)]
-fn inbound_allowed(ctx: &SkLookupContext) -> bool {
+fn inbound_verdict(ctx: &SkLookupContext) -> Verdict {
     // SAFETY: the kernel hands us a valid bpf_sk_lookup for the duration of the program.
     let l = unsafe { &*ctx.lookup };
     if read(&l.protocol) != IPPROTO_TCP {
-        return true;
+        return Verdict::Pass;
     }
     let port = read(&l.local_port) as u16;
-    if port == INBOUND_PORT {
-        return true;
-    }
     // Every context field is read once, at its fixed offset: the verifier rejects loads
     // through a context pointer the compiler has offset (as merging the two families would).
     let ctx_family = read(&l.family);
@@ -526,39 +556,57 @@ fn inbound_allowed(ctx: &SkLookupContext) -> bool {
     let remote4 = read(&l.remote_ip4);
     let local6 = read4(&l.local_ip6);
     let remote6 = read4(&l.remote_ip6);
-    let (family, local, remote) = if ctx_family == u32::from(AF_INET) {
-        (AF_INET, [local4, 0, 0, 0], [remote4, 0, 0, 0])
+    let v4 = ctx_family == u32::from(AF_INET);
+    let (local, remote, loopback) = if v4 {
+        ([local4, 0, 0, 0], [remote4, 0, 0, 0], u32::from_be(local4) >> 24 == 127)
     } else if ctx_family == u32::from(AF_INET6) {
-        (AF_INET6, local6, remote6)
+        let lo =
+            local6[0] == 0 && local6[1] == 0 && local6[2] == 0 && local6[3] == LOOPBACK_V6_LAST;
+        (local6, remote6, lo)
     } else {
-        return true;
+        return Verdict::Pass;
     };
-    let key = PortKey { addr: local, port, family };
+    // The agent's own ports go to the agent's sockets, whoever else bound them first.
+    if loopback && port == OUTBOUND_PORT {
+        return Verdict::Steer(if v4 { SLOT_OUTBOUND_V4 } else { SLOT_OUTBOUND_V6 });
+    }
+    if !loopback && port == INBOUND_PORT {
+        return Verdict::Steer(if v4 { SLOT_TUNNEL_V4 } else { SLOT_TUNNEL_V6 });
+    }
+    // In-pod traffic on loopback never crossed the network.
+    if loopback {
+        return Verdict::Pass;
+    }
+    // Every other address of the namespace is the pod's, whichever one the client used.
+    // SAFETY: a read-only global the agent set at load time.
+    let netns_cookie = unsafe { core::ptr::read_volatile(&POD_COOKIE) };
+    let key = PortKey { netns_cookie, port, _pad: [0; 3] };
     // SAFETY: read-only lookups; values are plain data.
     let policy = match unsafe { INBOUND.get(&key) } {
         Some(p) => *p,
-        None => match unsafe { INBOUND.get(&PortKey { addr: local, port: 0, family }) } {
+        None => match unsafe { INBOUND.get(&PortKey { netns_cookie, port: 0, _pad: [0; 3] }) } {
             Some(p) => *p,
-            // Not the address of an enrolled pod: not ours to judge.
-            None => return true,
+            // No rules (yet, or any more) for a pod this program guards: closed.
+            None => return Verdict::Refuse,
         },
     };
     if policy.mode != MODE_STRICT {
-        return true;
+        return Verdict::Pass;
     }
     // The pod itself, e.g. the agent handing a tunnelled connection to the app.
     if remote == local {
-        return true;
+        return Verdict::Pass;
     }
     if policy.probe == 1 {
         // SAFETY: a 2-byte field at a fixed offset of the context (network byte order).
         let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) });
+        let family = if v4 { AF_INET } else { AF_INET6 };
         if probe_admitted(family, local, port, remote, remote_port) {
             count(stats::PROBE_ALLOWED);
-            return true;
+            return Verdict::Pass;
         }
     }
-    false
+    Verdict::Refuse
 }
 
 /// A plaintext connection to a STRICT probe port is let in only when the kubelet opened it: its

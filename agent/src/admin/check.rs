@@ -26,6 +26,8 @@ pub struct CheckReport {
     pub ip: String,
     /// Whether this agent enrolled the pod (it is on this node and in the mesh).
     pub enrolled: bool,
+    /// Why this node's pod is not enrolled (it is held closed and retried).
+    pub enrollment_failure: Option<crate::enrollment::Failure>,
     /// Why the certificate columns cannot be answered here, in words (a pod of another node).
     pub note: Option<String>,
     pub identity: Option<String>,
@@ -153,7 +155,8 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     let w = ws.workloads.iter().find(|w| w.key() == pod)?;
     let cert = state.mesh.certs.get(&w.key());
     let elsewhere = w.node != state.node;
-    let enrolled = !elsewhere && cert.is_some();
+    let enrollment_failure = if elsewhere { None } else { state.enrollment.get(&w.key()) };
+    let enrolled = !elsewhere && cert.is_some() && enrollment_failure.is_none();
     let identity = state.mesh.identity_of(w).map(|id| id.to_string());
     // This agent holds no certificate of another node's pod; "none" would read as plaintext.
     let unknown = format!("unknown (pod on node {})", w.node);
@@ -264,6 +267,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         agent_node: state.node.clone(),
         ip: w.ip.to_string(),
         enrolled,
+        enrollment_failure,
         note: elsewhere.then(|| {
             format!(
                 "{} runs on node {}, not on this agent's node {}: its certificate and listeners \

@@ -52,6 +52,24 @@ pub fn render(state: &AdminState) -> String {
         "Bytes from the connection's destination back to its source.",
         &by(|t| t.bytes_received),
     );
+    let failures: Vec<(String, f64)> = state
+        .enrollment
+        .counts()
+        .into_iter()
+        .map(|(step, n)| (format!("{{node=\"{node}\",reason=\"{}\"}}", step.as_str()), n as f64))
+        .collect();
+    family(
+        "mtls_agent_enrollment_failures_total",
+        "counter",
+        "Failed enrollment attempts of this node's pods, by the step that failed.",
+        &failures,
+    );
+    family(
+        "mtls_agent_pods_not_enrolled",
+        "gauge",
+        "Pods of this node whose enrollment failed (held closed, retried).",
+        &[(format!("{{node=\"{node}\"}}"), state.enrollment.list().len() as f64)],
+    );
     family(
         "mtls_agent_connections_open",
         "gauge",

@@ -44,6 +44,8 @@ pub struct AdminState {
     pub ebpf: Option<Arc<StatsReader>>,
     pub set_log_level: Option<SetLogLevel>,
     pub readiness: Readiness,
+    /// Pods of this node whose enrollment failed (held closed, retried).
+    pub enrollment: crate::enrollment::Failures,
 }
 
 /// Whether the node is ready: every pod of it enrolled and its certificate issued.
@@ -93,6 +95,8 @@ struct ConfigDump {
     policies: Vec<crate::policy::PolicyRef>,
     effective: Vec<EffectivePolicy>,
     certificates: Vec<CertView>,
+    /// Pods of this node that are not enrolled: why, since when, how many attempts.
+    not_enrolled: Vec<crate::enrollment::Failure>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -140,6 +144,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         workloads: (*ws).clone(),
         effective,
         certificates: certs(state),
+        not_enrolled: state.enrollment.list(),
     }
 }
 

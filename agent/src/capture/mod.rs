@@ -19,13 +19,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use mtls_agent_ebpf::{
-    map_names, prog_names, stats, Config, ConnKey, OrigDst, PendingDst, PodInfo, PortKey,
-    PortPolicy, SockAddr, AF_INET, AF_INET6, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT,
+    map_names, prog_names, stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PodInfo,
+    PortKey, PortPolicy, SockAddr, AF_INET, AF_INET6, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT,
     OUTBOUND_PORT,
 };
 use tracing::{debug, info, warn};
@@ -129,6 +129,8 @@ pub struct EbpfStats {
     /// connect()s redirected without a record because their pod was at its quota of pending
     /// records (refused by the agent: that pod's own connections fail closed).
     pub pending_over_quota: u64,
+    /// Connections to the agent's ports in a pod where the agent had no listener (refused).
+    pub agent_port_unserved: u64,
 }
 
 /// Loaded and attached programs plus handles on their maps.
@@ -140,14 +142,16 @@ pub struct Capture {
     /// This instance's cgroup v2 directory and id (its connect()s are never captured).
     own_cgroup: (PathBuf, u64),
     inbound: HashMap<MapData, PortKey, PortPolicy>,
+    listeners: SockHash<MapData, ListenerKey>,
     stats: PerCpuArray<MapData, u64>,
+    maps_dir: PathBuf,
     links_dir: PathBuf,
     generation: u128,
     orig_dst: Option<OrigDstMap>,
     events: Option<RingBuf<MapData>>,
     plaintext_events: Option<RingBuf<MapData>>,
-    /// (name, kernel id) of the programs this instance loaded.
-    program_ids: Vec<(String, u32)>,
+    /// Kernel ids of the programs this instance loaded.
+    program_ids: std::sync::Arc<ProgramIds>,
     // Keeps the kernel's run-time statistics for BPF programs switched on while we run.
     _stats_enabled: Option<std::os::fd::OwnedFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -233,6 +237,7 @@ impl Capture {
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
+        let listeners = take_map(&mut ebpf, map_names::LISTENERS)?;
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let plaintext_events = Some(take_map(&mut ebpf, map_names::PLAINTEXT_EVENTS)?);
@@ -286,26 +291,17 @@ impl Capture {
             attach_to_cgroup!(SockOps, prog_names::KUBELET_SOCK_OPS, kubelet);
         }
 
-        {
-            let name = prog_names::INBOUND;
-            let prog: &mut SkLookup = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            prog.load().map_err(|source| CaptureError::Program { name, source })?;
-        }
-
-        let program_ids: Vec<(String, u32)> = [
+        // The inbound program is loaded once per pod (`attach_inbound`), with the pod's cookie.
+        let fixed: Vec<(String, u32)> = [
             prog_names::CONNECT4,
             prog_names::CONNECT6,
             prog_names::SOCK_OPS,
             prog_names::SOCK_RELEASE,
-            prog_names::INBOUND,
         ]
         .iter()
         .filter_map(|n| Some((n.to_string(), ebpf.program(n)?.info().ok()?.id())))
         .collect();
+        let program_ids = std::sync::Arc::new(ProgramIds { fixed, inbound: Default::default() });
         let _stats_enabled = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -326,7 +322,9 @@ impl Capture {
             agent_cgroups,
             own_cgroup,
             inbound,
+            listeners,
             stats,
+            maps_dir,
             links_dir,
             generation,
             orig_dst,
@@ -354,17 +352,26 @@ impl Capture {
         if old.contains(&path) {
             return Ok(()); // Already attached by this instance.
         }
-        let prog: &mut SkLookup = self
-            ._ebpf
+        // sk_lookup programs cannot ask for their netns cookie: each pod gets its own instance
+        // with the cookie set at load time. Its maps are the pinned ones every instance shares;
+        // the pinned link keeps program and maps alive once this `Ebpf` is dropped.
+        let cookie = netns.cookie();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("POD_COOKIE", &cookie, true)
+            .default_map_pin_directory(&self.maps_dir)
+            .load(EBPF_OBJECT)?;
+        let err = |source| CaptureError::Program { name, source };
+        let prog: &mut SkLookup = ebpf
             .program_mut(name)
             .ok_or(CaptureError::MissingProgram(name))?
             .try_into()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        let id =
-            prog.attach(netns.file()).map_err(|source| CaptureError::Program { name, source })?;
-        let link: FdLink =
-            prog.take_link(id).map_err(|source| CaptureError::Program { name, source })?.into();
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        let prog_id = prog.info().map_err(err)?.id();
+        let id = prog.attach(netns.file()).map_err(err)?;
+        let link: FdLink = prog.take_link(id).map_err(err)?.into();
         pin_link(link, &path)?;
+        self.program_ids.inbound_ids().insert(cookie, prog_id);
         for p in old {
             remove_link_pin(&p);
         }
@@ -373,6 +380,7 @@ impl Capture {
 
     /// Removes a pod's inbound enforcement (the pod left the mesh, or is gone).
     pub fn detach_inbound(&mut self, netns_cookie: u64) {
+        self.program_ids.inbound_ids().remove(&netns_cookie);
         let prefix = format!("{INBOUND_LINK_PREFIX}{netns_cookie}_");
         for p in existing_links(&self.links_dir) {
             if link_name(&p).starts_with(&prefix) {
@@ -392,14 +400,13 @@ impl Capture {
             .collect()
     }
 
-    /// Replaces the inbound rules of the pod with address `ip`.
+    /// Replaces the inbound rules of the pod whose network namespace has `netns_cookie`.
     pub fn set_inbound_rules(
         &mut self,
-        ip: IpAddr,
+        netns_cookie: u64,
         rules: &[InboundRule],
     ) -> Result<(), CaptureError> {
-        let base = to_sock_addr(SocketAddr::new(ip, 0));
-        let key = |port: u16| PortKey { addr: base.addr, port, family: base.family };
+        let key = |port: u16| PortKey { netns_cookie, port, _pad: [0; 3] };
         let wanted: Vec<PortKey> = rules.iter().map(|r| key(r.port)).collect();
         // Write the new rules before removing stale ones, so no port is briefly unprotected.
         for r in rules {
@@ -413,7 +420,7 @@ impl Capture {
             .inbound
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.addr == base.addr && k.family == base.family && !wanted.contains(k))
+            .filter(|k| k.netns_cookie == netns_cookie && !wanted.contains(k))
             .collect();
         for k in stale {
             let _ = self.inbound.remove(&k);
@@ -421,25 +428,38 @@ impl Capture {
         Ok(())
     }
 
-    /// Removes the inbound rules of every address not in `keep` (pods gone while the agent
-    /// was down).
-    pub fn retain_inbound_rules(&mut self, keep: &[IpAddr]) {
-        let keep: Vec<SockAddr> =
-            keep.iter().map(|ip| to_sock_addr(SocketAddr::new(*ip, 0))).collect();
+    /// Removes the inbound rules of every pod not in `keep` (netns cookies; pods gone while
+    /// the agent was down).
+    pub fn retain_inbound_rules(&mut self, keep: &[u64]) {
         let stale: Vec<PortKey> = self
             .inbound
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep.iter().any(|a| a.addr == k.addr && a.family == k.family))
+            .filter(|k| !keep.contains(&k.netns_cookie))
             .collect();
         for k in stale {
             let _ = self.inbound.remove(&k);
         }
     }
 
-    /// Removes every inbound rule of the pod with address `ip`.
-    pub fn clear_inbound_rules(&mut self, ip: IpAddr) -> Result<(), CaptureError> {
-        self.set_inbound_rules(ip, &[])
+    /// Removes every inbound rule of the pod whose network namespace has `netns_cookie`.
+    pub fn clear_inbound_rules(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.set_inbound_rules(netns_cookie, &[])
+    }
+
+    /// Makes `listener` the agent's socket in `slot` (`SLOT_*`) of the pod with
+    /// `netns_cookie`: the pod's inbound program hands the agent's port to it. The entry goes
+    /// by itself when the socket closes.
+    pub fn set_listener(
+        &mut self,
+        netns_cookie: u64,
+        slot: u32,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), CaptureError> {
+        let key = ListenerKey { netns_cookie, slot, _pad: 0 };
+        self.listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(|source| CaptureError::Map { name: map_names::LISTENERS, source })
     }
 
     /// The eBPF programs' own counters.
@@ -542,8 +562,9 @@ impl Capture {
         self.orig_dst.take()
     }
 
-    /// (name, kernel id) of the loaded programs, for run-time statistics.
-    pub fn program_ids(&self) -> Vec<(String, u32)> {
+    /// Kernel ids of the loaded programs, for run-time statistics (kept up to date as pods'
+    /// inbound instances come and go).
+    pub fn program_ids(&self) -> std::sync::Arc<ProgramIds> {
         self.program_ids.clone()
     }
 
@@ -595,6 +616,7 @@ fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
         probe_allowed: sum(stats::PROBE_ALLOWED),
         captured: sum(stats::CAPTURED),
         pending_over_quota: sum(stats::PENDING_OVER_QUOTA),
+        agent_port_unserved: sum(stats::AGENT_PORT_UNSERVED),
     }
 }
 
@@ -607,31 +629,57 @@ pub struct ProgramRuns {
     pub run_time_ns: u64,
 }
 
+/// Kernel ids of an agent instance's programs: the node-wide ones, and one inbound instance
+/// per enrolled pod (by netns cookie).
+#[derive(Debug, Default)]
+pub struct ProgramIds {
+    fixed: Vec<(String, u32)>,
+    inbound: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
+}
+
+impl ProgramIds {
+    fn inbound_ids(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, u32>> {
+        self.inbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A second, read-only handle on the programs' counters (for the admin API and metrics).
 pub struct StatsReader {
     map: PerCpuArray<MapData, u64>,
-    programs: Vec<(String, u32)>,
+    programs: std::sync::Arc<ProgramIds>,
 }
 
 impl StatsReader {
-    /// Run counts and times of this agent's programs.
+    /// Run counts and times of this agent's programs; the pods' inbound instances are summed
+    /// into one row.
     pub fn programs(&self) -> Vec<ProgramRuns> {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter_map(|info| {
-                let (name, _) = self.programs.iter().find(|(_, id)| *id == info.id())?;
-                Some(ProgramRuns {
-                    program: name.clone(),
+        let inbound: Vec<u32> = self.programs.inbound_ids().values().copied().collect();
+        let mut rows: Vec<ProgramRuns> = Vec::new();
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            let name = match self.programs.fixed.iter().find(|(_, id)| *id == info.id()) {
+                Some((name, _)) => name.as_str(),
+                None if inbound.contains(&info.id()) => prog_names::INBOUND,
+                None => continue,
+            };
+            let run_time_ns = info.run_time().as_nanos() as u64;
+            match rows.iter_mut().find(|r| r.program == name) {
+                Some(r) => {
+                    r.runs += info.run_count();
+                    r.run_time_ns += run_time_ns;
+                }
+                None => rows.push(ProgramRuns {
+                    program: name.to_string(),
                     runs: info.run_count(),
-                    run_time_ns: info.run_time().as_nanos() as u64,
-                })
-            })
-            .collect()
+                    run_time_ns,
+                }),
+            }
+        }
+        rows
     }
 
     pub fn open_pinned(
         bpffs: &Path,
-        programs: Vec<(String, u32)>,
+        programs: std::sync::Arc<ProgramIds>,
     ) -> Result<StatsReader, CaptureError> {
         let path = bpffs.join("maps").join(map_names::STATS);
         let data = MapData::from_pin(&path)

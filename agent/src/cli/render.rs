@@ -72,6 +72,21 @@ pub fn check(v: &Value) -> String {
             )
         } else if let Some(note) = v["note"].as_str() {
             format!("NOT ON THIS AGENT'S NODE ({}). {note}", s(&v["agentNode"]))
+        } else if let Some(f) = v["enrollmentFailure"].as_object() {
+            let f = Value::Object(f.clone());
+            format!(
+                "NOT ENROLLED: enrollment fails at step {} ({}), {} attempts since {}; the pod \
+                 fails closed ({}) and is retried",
+                s(&f["step"]),
+                s(&f["reason"]),
+                f["attempts"],
+                s(&f["since"]),
+                if f["failsClosed"] == true {
+                    "STRICT ports refuse plaintext, outbound stays captured"
+                } else {
+                    "its network namespace cannot be opened: nothing to hold"
+                }
+            )
         } else {
             "not enrolled by this agent (not in the mesh, or its enrollment failed)".to_owned()
         }

@@ -55,6 +55,16 @@ pub fn workload(pod: &Pod) -> Result<Option<Workload>, ConvertError> {
     let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) else { return Ok(None) };
     let ip: IpAddr =
         ip.parse().map_err(|_| err(format!("status.podIP: invalid IP address {ip:?}")))?;
+    let ip = ip.to_canonical();
+    // Dual-stack pods have one address per family in `podIPs` (`podIP` is its first).
+    let mut listed = Vec::new();
+    for (i, a) in status.pod_ips.iter().flatten().enumerate() {
+        let text = a.ip.as_str();
+        let a: IpAddr = text
+            .parse()
+            .map_err(|_| err(format!("status.podIPs[{i}].ip: invalid IP address {text:?}")))?;
+        listed.push(a.to_canonical());
+    }
     let name = meta.name.clone().filter(|n| !n.is_empty());
     let name = name.ok_or_else(|| err("metadata.name: missing".into()))?;
     let namespace = meta.namespace.clone().filter(|n| !n.is_empty());
@@ -73,7 +83,8 @@ pub fn workload(pod: &Pod) -> Result<Option<Workload>, ConvertError> {
         namespace,
         service_account,
         labels: meta.labels.clone().unwrap_or_default(),
-        ip: ip.to_canonical(),
+        ips: Workload::all_addresses(ip, listed),
+        ip,
         node,
         netns: None,
         probe_ports: probe_ports(spec),
@@ -258,6 +269,21 @@ mod tests {
         assert_eq!(w.uid.as_deref(), Some("u-1"));
         assert_eq!(w.labels.get("app").map(String::as_str), Some("a"));
         assert_eq!(w.netns, None);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_has_every_address_of_pod_ips() {
+        let mut json = running("a", serde_json::json!({}));
+        json["status"]["podIPs"] = serde_json::json!([{"ip": "10.0.0.7"}, {"ip": "fd00::7"}]);
+        let w = workload(&pod(json.clone())).unwrap().unwrap();
+        assert_eq!(w.ip, "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(w.ips, ["10.0.0.7", "fd00::7"].map(|a| a.parse::<IpAddr>().unwrap()).to_vec());
+        json["status"]["podIPs"] = serde_json::json!([{"ip": "10.0.0.7"}, {"ip": "fd00::zz"}]);
+        let e = workload(&pod(json)).unwrap_err().to_string();
+        assert!(e.contains("status.podIPs[1].ip: invalid IP address \"fd00::zz\""), "{e}");
+        // Without podIPs: podIP alone.
+        let w = workload(&pod(running("b", serde_json::json!({})))).unwrap().unwrap();
+        assert_eq!(w.ips, vec![w.ip]);
     }
 
     #[test]

@@ -300,14 +300,16 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
         match convert::workload(pod) {
             Ok(Some(w)) => {
                 // Two running pods with one IP: the first (by name) keeps it.
-                if let Some(first) = ips.get(&w.ip) {
+                if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
                     rejected.push(format!(
-                        "Pod {}/{}: IP {} is already pod {first}'s",
-                        w.namespace, w.name, w.ip
+                        "Pod {}/{}: IP {ip} is already pod {first}'s",
+                        w.namespace, w.name
                     ));
                     continue;
                 }
-                ips.insert(w.ip, format!("{}/{}", w.namespace, w.name));
+                for a in &w.ips {
+                    ips.insert(*a, format!("{}/{}", w.namespace, w.name));
+                }
                 workloads.push(w);
             }
             Ok(None) => {}

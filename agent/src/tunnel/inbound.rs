@@ -30,6 +30,27 @@ const BY_TLS: &str =
 const BY_HBONE: &str = "none: HBONE protocol check";
 const BY_TARGET: &str = "none: tunnel target check";
 
+/// Binds `socket` to `ip` without reserving a port (`IP_BIND_ADDRESS_NO_PORT`: the port is
+/// picked at connect time, per destination, as for an unbound socket).
+fn bind_source(socket: &tokio::net::TcpSocket, ip: IpAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(SocketAddr::new(ip, 0))
+}
+
 /// What the inbound listener of one pod needs.
 pub struct InboundContext {
     /// `name.namespace` of the pod.
@@ -200,7 +221,9 @@ async fn open_stream(
         log_refusal(&BY_TARGET, format_args!("{reason}"));
         Refusal::forbidden(reason)
     };
-    if target.ip() != ctx.pod_ip {
+    // Any address of the pod (a second one, IPv6), as the workload set lists them now.
+    let ours = ctx.mesh.workloads.borrow().by_ip(ctx.pod_ip).is_some_and(|w| w.has_ip(target.ip()));
+    if !ours {
         return Err(refuse(format!("{target} is not an address of pod {}", ctx.pod)));
     }
     // The tunnel leads to the app, never back into the agent's own in-pod listeners.
@@ -217,6 +240,14 @@ async fn open_stream(
         Ok(s) => s,
         Err(e) => return Err(unreachable(e.to_string())),
     };
+    // From the target address itself, so the pod's inbound program sees the pod talking to
+    // itself (it cannot know the pod's other addresses); the primary one is the kernel's
+    // choice already.
+    if target.ip() != ctx.pod_ip {
+        if let Err(e) = bind_source(&socket, target.ip()) {
+            return Err(unreachable(format!("binding to {}: {e}", target.ip())));
+        }
+    }
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(unreachable(format!("connecting to {target}: {e}"))),

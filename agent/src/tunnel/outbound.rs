@@ -3,7 +3,7 @@
 //! dials the destination from inside the source pod's network namespace and relays both ways.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -95,6 +95,9 @@ enum Carry {
     Mtls {
         cert: Arc<WorkloadCert>,
         expected: SpiffeId,
+        /// The destination pod's primary address, where its agent's tunnel listener is: the
+        /// app may have dialled any of the pod's addresses.
+        tunnel_ip: IpAddr,
     },
     Plaintext,
 }
@@ -131,12 +134,12 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     let dst_workload = ws.by_ip(route.dst.ip());
     let decision = dst_workload.map(|w| ps.decide(&ws, w, route.dst.port()));
     let expected = match (dst_workload, &decision) {
-        (Some(w), Some(d)) if d.mode != Mode::Disable => ctx.mesh.identity_of(w),
+        (Some(w), Some(d)) if d.mode != Mode::Disable => ctx.mesh.identity_of(w).map(|e| (e, w.ip)),
         _ => None,
     };
     let carry = match expected {
-        Some(expected) => match ctx.mesh.certs.get(&ctx.pod) {
-            Some(cert) => Carry::Mtls { cert, expected },
+        Some((expected, tunnel_ip)) => match ctx.mesh.certs.get(&ctx.pod) {
+            Some(cert) => Carry::Mtls { cert, expected, tunnel_ip },
             None => {
                 ctx.mesh.stats.rejections.count(OUTBOUND, "no_certificate");
                 warn!(
@@ -154,7 +157,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     };
     let policy = decision.map(|d| d.reason);
     let (mode, local_identity, peer_identity, tls) = match &carry {
-        Carry::Mtls { cert, expected } => (
+        Carry::Mtls { cert, expected, .. } => (
             "mTLS",
             Some(cert.spiffe_id().to_string()),
             Some(expected.to_string()),
@@ -186,8 +189,9 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     };
     let (id, live) = ctx.mesh.conns.open(rec);
     let result = match carry {
-        Carry::Mtls { cert, expected } => {
-            relay_mtls(&ctx, id, &mut client, route.dst, cert, expected, &live).await
+        Carry::Mtls { cert, expected, tunnel_ip } => {
+            let tunnel = SocketAddr::new(tunnel_ip, HBONE_PORT);
+            relay_mtls(&ctx, id, &mut client, (route.dst, tunnel), cert, expected, &live).await
         }
         Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst, &live).await,
     };
@@ -380,7 +384,7 @@ async fn relay_mtls(
     ctx: &OutboundContext,
     id: u64,
     client: &mut TcpStream,
-    dst: SocketAddr,
+    (dst, tunnel): (SocketAddr, SocketAddr),
     cert: Arc<WorkloadCert>,
     expected: SpiffeId,
     live: &LiveBytes,
@@ -389,13 +393,12 @@ async fn relay_mtls(
         src_netns: ctx.netns.cookie(),
         src: cert.spiffe_id().clone(),
         dst: expected.clone(),
-        dst_ip: dst.ip(),
+        dst_ip: tunnel.ip(),
     };
     let netns = ctx.netns.clone();
     let trust = ctx.mesh.trust.clone();
     let connect = || async {
-        let addr = SocketAddr::new(dst.ip(), HBONE_PORT);
-        let tcp = dial_from_pod(&netns, addr).await?;
+        let tcp = dial_from_pod(&netns, tunnel).await?;
         let cfg = identity::client_config(&cert, &trust, &expected)?;
         // The verifier checks the SPIFFE id, never a DNS name; the name only fills the API.
         let name = ServerName::IpAddress(dst.ip().into());
@@ -418,11 +421,11 @@ async fn relay_mtls(
                 Ok((tls, hbone::TransportInfo { server_not_after, label: Some(label) }))
             }
             Ok(Err(e)) => Err(OutboundError::Tls {
-                dst: addr,
+                dst: tunnel,
                 reason: identity::describe_io_error(&e),
                 code: identity::io_error_reason(&e),
             }),
-            Err(_) => Err(OutboundError::TlsTimeout(addr)),
+            Err(_) => Err(OutboundError::TlsTimeout(tunnel)),
         }
     };
     // New tunnels go to connections made with this pod's current certificate only.
