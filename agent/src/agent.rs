@@ -656,12 +656,15 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
             mesh.stats
                 .inbound_plaintext_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let policy = policy.as_deref().unwrap_or("none: destination not in the workload set");
+            // A flood of refused connections from one source writes one line per 10 s.
+            let Some(more) = crate::loglimit::refusal(client.ip(), dst, policy) else { continue };
             warn!(
                 src = %client,
                 dst = %dst,
                 dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
-                policy = policy.as_deref().unwrap_or("none: destination not in the workload set"),
-                "rejected: plaintext to STRICT port {}",
+                policy,
+                "rejected: plaintext to STRICT port {}{more}",
                 dst.port()
             );
         }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod identity;
 pub mod inpod;
 pub mod kubernetes;
+pub mod loglimit;
 pub mod policy;
 pub mod tunnel;
 pub mod workloads;

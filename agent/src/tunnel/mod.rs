@@ -10,6 +10,7 @@
 pub mod connections;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 
 use std::{
