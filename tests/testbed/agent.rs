@@ -175,6 +175,22 @@ pub struct AgentOptions {
     /// `RUST_LOG` for the agent; `None`: `MTLS_TEST_AGENT_LOG` or debug for the agent and
     /// its eBPF programs.
     pub log_filter: Option<String>,
+    /// How the admin API is reached.
+    pub admin: AdminFlags,
+    /// The agent's soft limit of open files at start (its hard limit stays the test's).
+    pub open_files: Option<u64>,
+}
+
+/// The admin flags the test bed gives the agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminFlags {
+    /// `--admin 127.0.0.1:<free port>` and `--admin-dir <a directory of this agent's>`: tests
+    /// of one node name never share a socket directory.
+    #[default]
+    TcpAndOwnDir,
+    /// Neither: the agent's defaults (no TCP, sockets in /run/mtls-agent/<node>). The node name
+    /// must be unique to the test.
+    Defaults,
 }
 
 impl AgentOptions {
@@ -185,6 +201,8 @@ impl AgentOptions {
             ca_dir: None,
             extra_args: vec![],
             log_filter: None,
+            admin: AdminFlags::default(),
+            open_files: None,
         }
     }
 
@@ -201,6 +219,8 @@ impl AgentOptions {
                 cgroup_root.display().to_string(),
             ],
             log_filter: None,
+            admin: AdminFlags::default(),
+            open_files: None,
         }
     }
 }
@@ -208,7 +228,12 @@ impl AgentOptions {
 /// A running agent process; killed (by its PID) and reaped on drop.
 pub struct AgentProcess {
     child: Option<Child>,
+    /// The admin TCP address (with [`AdminFlags::TcpAndOwnDir`]; else nothing listens there).
     pub admin: SocketAddr,
+    /// The directory of the agent's admin sockets.
+    pub admin_dir: PathBuf,
+    admin_flags: AdminFlags,
+    open_files: Option<u64>,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub bpffs: PathBuf,
@@ -237,6 +262,16 @@ impl AgentProcess {
             .clone()
             .or_else(|| own_ca.as_ref().map(|c| c.path.clone()))
             .unwrap_or_default();
+        static NEXT_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let admin_dir = match opts.admin {
+            AdminFlags::TcpAndOwnDir => std::env::temp_dir().join(format!(
+                "mtls-test-admin-{}-{}-{}",
+                std::process::id(),
+                NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                opts.node
+            )),
+            AdminFlags::Defaults => PathBuf::from("/run/mtls-agent").join(&opts.node),
+        };
         let mut cmd = vec![
             "run".to_owned(),
             "--node".into(),
@@ -245,15 +280,23 @@ impl AgentProcess {
             node.cgroup.display().to_string(),
             "--bpffs".into(),
             bpffs.display().to_string(),
-            "--admin".into(),
-            admin.to_string(),
+        ];
+        if opts.admin == AdminFlags::TcpAndOwnDir {
+            cmd.extend([
+                "--admin".into(),
+                admin.to_string(),
+                "--admin-dir".into(),
+                admin_dir.display().to_string(),
+            ]);
+        }
+        cmd.extend([
             "--ca-dir".into(),
             ca_dir.display().to_string(),
             "--metrics".into(),
             metrics.to_string(),
             "--health".into(),
             health.to_string(),
-        ];
+        ]);
         if let Some(w) = &opts.workloads {
             cmd.extend(["--workloads".into(), w.display().to_string()]);
         }
@@ -261,6 +304,9 @@ impl AgentProcess {
         let mut agent = AgentProcess {
             child: None,
             admin,
+            admin_dir,
+            admin_flags: opts.admin,
+            open_files: opts.open_files,
             metrics,
             health,
             bpffs,
@@ -278,7 +324,25 @@ impl AgentProcess {
     }
 
     fn spawn_child(&mut self) -> Result<()> {
-        let mut child = Command::new(agent_bin())
+        let mut command = Command::new(agent_bin());
+        if let Some(soft) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec, only the async-signal-safe getrlimit/setrlimit.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    l.rlim_cur = soft.min(l.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .args(&self.cmd)
             .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
@@ -421,14 +485,32 @@ impl AgentProcess {
         self.spawn()
     }
 
+    /// This instance's admin socket.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        Some(self.admin_dir.join(format!("admin-{}.sock", self.pid()?)))
+    }
+
     /// GET on the admin API; returns the body of a 200 answer.
     pub fn get(&self, path: &str) -> Result<String> {
-        http(self.admin, "GET", path)
+        self.admin_request("GET", path)
     }
 
     /// POST on the admin API; returns the body of a 200 answer.
     pub fn post(&self, path: &str) -> Result<String> {
-        http(self.admin, "POST", path)
+        self.admin_request("POST", path)
+    }
+
+    fn admin_request(&self, method: &str, path: &str) -> Result<String> {
+        match self.admin_flags {
+            AdminFlags::TcpAndOwnDir => http(self.admin, method, path),
+            AdminFlags::Defaults => {
+                let socket = self.admin_socket().context("agent not running")?;
+                let s = std::os::unix::net::UnixStream::connect(&socket)
+                    .with_context(|| format!("connecting to {}", socket.display()))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                http_over(s, method, path)
+            }
+        }
     }
 
     /// The Prometheus metrics text.
@@ -486,8 +568,13 @@ impl AgentProcess {
 /// One HTTP/1.1 request to a local endpoint; the body of a 200 answer, else an error with the
 /// status line.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    http_over(s, method, path)
+}
+
+/// [`http`] over a connected stream (TCP or a unix socket).
+pub fn http_over<S: Read + Write>(mut s: S, method: &str, path: &str) -> Result<String> {
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -508,6 +595,8 @@ impl Drop for AgentProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A killed agent leaves its socket; the directory is this agent's alone.
+        let _ = std::fs::remove_dir_all(&self.admin_dir);
         // The pins outlive the agent on purpose; a test bed removes its bpffs directory itself.
     }
 }
