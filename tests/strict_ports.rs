@@ -311,3 +311,78 @@ fn a_host_network_process_of_another_user_cannot_use_the_admin_api() -> Result<(
     );
     Ok(())
 }
+
+/// A mesh client that keeps its HBONE connection to a pod's tunnel port past its
+/// certificate's expiry (a hostile peer's pool would not retire it): its streams opened before
+/// are served, new ones after the expiry are refused (403), counted.
+#[test]
+fn no_new_streams_on_a_tunnel_connection_whose_peer_certificate_has_expired() -> Result<()> {
+    use mtls_agent::{
+        identity::{client_config, CaSigner, SpiffeId},
+        tunnel::hbone,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{rustls::pki_types::ServerName, TlsConnector};
+
+    let mut m =
+        Mesh::build("strict-ports-expired", NS, &[("node1", "server"), ("node1", "outsider")])?;
+    let (workloads, _) = m.workloads("workloads", &["server"])?;
+    let ca = m.ca("ca")?;
+    m.start_agent("node1", &workloads, &ca, &[])?;
+    let signer = CaSigner::load(&ca).context("loading the mesh CA")?;
+    let cert =
+        signer.issue(&SpiffeId::new("cluster.local", NS, "tester")?, Duration::from_secs(4))?;
+    let cfg = client_config(
+        &cert,
+        signer.trust_bundle(),
+        &SpiffeId::new("cluster.local", NS, "server")?,
+    )?;
+    let server_ip = std::net::IpAddr::V4(m.bed.pod("server").ip);
+    let tunnel = SocketAddr::new(server_ip, 15008);
+    let target = SocketAddr::new(server_ip, testbed::mesh::PORT);
+    let tcp = m.bed.in_pod_netns("outsider", move || {
+        TcpStream::connect_timeout(&tunnel, Duration::from_secs(2))
+    })??;
+    tcp.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let before = metric(
+        &m.agent("node1").metrics_text()?,
+        "mtls_agent_rejections_total",
+        &["reason=\"peer_cert_expired\""],
+    );
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let tls = TlsConnector::from(cfg).connect(ServerName::from(server_ip), tcp).await?;
+        let (mut send, _driver) =
+            hbone::client_handshake(tls, &hbone::ClientConfig::default()).await?;
+        let echo = |mut s: hbone::HboneStream, msg: &'static str| async move {
+            s.write_all(msg.as_bytes()).await?;
+            s.shutdown().await?;
+            let mut reply = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await??;
+            ensure!(reply == format!("server:{msg}").as_bytes(), "reply {reply:?}");
+            Ok::<_, anyhow::Error>(())
+        };
+        echo(hbone::connect_stream(&mut send, target).await?, "fresh").await?;
+        // A stream opened before the expiry and used after it is not cut.
+        let long = hbone::connect_stream(&mut send, target).await?;
+        let wait =
+            cert.not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(wait + Duration::from_millis(1500)).await;
+        echo(long, "long-lived").await?;
+        match hbone::connect_stream(&mut send, target).await {
+            Err(e) if e.status() == Some(http::StatusCode::FORBIDDEN) => Ok(()),
+            Err(e) => bail!("a new stream after the expiry failed otherwise: {e}"),
+            Ok(_) => bail!("a new stream was opened with an expired peer certificate"),
+        }
+    })?;
+    let agent = m.agent("node1");
+    let after = metric(
+        &agent.metrics_text()?,
+        "mtls_agent_rejections_total",
+        &["reason=\"peer_cert_expired\""],
+    );
+    ensure!(after == before + 1.0, "peer_cert_expired refusals: {before} -> {after}");
+    agent.wait_log("the peer's certificate expired at", Duration::from_secs(5))?;
+    Ok(())
+}
