@@ -57,16 +57,17 @@ impl InboundContext {
         }
     }
 
-    /// Counts a refusal and writes its line, at most once per 10 s for the same source address,
-    /// destination and policy.
+    /// Writes a refusal's line, at most once per 10 s for the same source address, destination
+    /// and reason (the metrics label: the policy of these refusals is always the same check).
     fn refused(
         &self,
         peer: SocketAddr,
         dst: SocketAddr,
         policy: &str,
+        reason: &str,
         what: std::fmt::Arguments<'_>,
     ) {
-        if let Some(more) = crate::loglimit::refusal(peer.ip(), dst, policy) {
+        if let Some(more) = crate::loglimit::refusal(peer.ip(), dst, reason) {
             warn!(src = %peer, %dst, dst_pod = %self.pod, policy, "rejected: {what}{more}");
         }
     }
@@ -119,7 +120,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(slot) => slot,
         Err(e) => {
             stats.rejections.count(INBOUND, e.reason());
-            ctx.refused(peer, dst, BY_LIMIT, format_args!("{e}"));
+            ctx.refused(peer, dst, BY_LIMIT, e.reason(), format_args!("{e}"));
             return;
         }
     };
@@ -127,7 +128,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(c) => c,
         Err(e) => {
             stats.rejections.count(INBOUND, "no_certificate");
-            ctx.refused(peer, dst, BY_TLS, format_args!("{e}"));
+            ctx.refused(peer, dst, BY_TLS, "no_certificate", format_args!("{e}"));
             return;
         }
     };
@@ -137,9 +138,10 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            stats.tls_failures.count(INBOUND, identity::io_error_reason(&e));
+            let reason = identity::io_error_reason(&e);
+            stats.tls_failures.count(INBOUND, reason);
             let e = identity::describe_io_error(&e);
-            ctx.refused(peer, dst, BY_TLS, format_args!("TLS handshake failed: {e}"));
+            ctx.refused(peer, dst, BY_TLS, reason, format_args!("TLS handshake failed: {e}"));
             return;
         }
         Err(_) => {
@@ -149,6 +151,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
                 peer,
                 dst,
                 BY_TLS,
+                "timeout",
                 format_args!("TLS handshake failed: timed out after {TLS_HANDSHAKE_TIMEOUT:?}"),
             );
             return;
@@ -162,7 +165,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
             // The verifier already insisted on one SPIFFE id; this is a belt-and-braces check.
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
             stats.tls_failures.count(INBOUND, "peer_identity");
-            ctx.refused(peer, dst, BY_TLS, format_args!("{e}"));
+            ctx.refused(peer, dst, BY_TLS, "peer_identity", format_args!("{e}"));
             return;
         }
     };
@@ -193,6 +196,7 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
                     peer,
                     target,
                     BY_TLS,
+                    "peer_cert_expired",
                     format_args!("the peer's certificate expired at {when}"),
                 );
                 return Err(Refusal::forbidden("peer certificate expired"));
