@@ -118,6 +118,30 @@ pub fn find(dirs: &[PathBuf]) -> Result<Endpoint, ClientError> {
 mod tests {
     use super::*;
 
+    /// A fake agent instance: answers every request with `status` on its socket.
+    fn instance(dir: &Path, pid: u32, status: &'static str) -> std::thread::JoinHandle<()> {
+        let l =
+            std::os::unix::net::UnixListener::bind(dir.join(format!("admin-{pid}.sock"))).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(4) {
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
+            }
+        })
+    }
+
+    #[test]
+    fn the_ready_instance_is_chosen_even_when_a_newer_one_is_not_ready() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _ready = instance(tmp.path(), 1001, "200 OK");
+        std::thread::sleep(Duration::from_millis(20));
+        let _starting = instance(tmp.path(), 1002, "503 Service Unavailable");
+        let chosen = find(&[tmp.path().to_owned()]).unwrap();
+        assert_eq!(chosen, Endpoint::Unix(tmp.path().join("admin-1001.sock")));
+    }
+
     #[test]
     fn an_empty_directory_names_itself() {
         let tmp = tempfile::tempdir().unwrap();
