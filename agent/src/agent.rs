@@ -46,7 +46,10 @@ pub struct AgentConfig {
     pub cgroup: PathBuf,
     pub source: Source,
     pub bpffs: PathBuf,
-    pub admin: SocketAddr,
+    /// The admin API over TCP too (loopback), only when asked for.
+    pub admin: Option<SocketAddr>,
+    /// Directory of the admin sockets (one per instance).
+    pub admin_dir: PathBuf,
     pub ca_dir: PathBuf,
     pub trust_domain: String,
     pub cert_ttl: Duration,
@@ -231,9 +234,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         agent.readiness.set(false, "waiting for the first sync with the API server".into());
     }
 
-    let admin_listener = bind_shared(cfg.admin)
-        .with_context(|| format!("binding the admin API on {}", cfg.admin))?;
-    info!(addr = %admin_listener.local_addr()?, "admin API listening");
+    // The socket file goes when `_admin_socket` drops, on every way out of this function.
+    let (_admin_socket, admin_unix) = admin::socket::AdminSocket::bind(&cfg.admin_dir)?;
+    info!(socket = %_admin_socket.path().display(), "admin API listening");
+    let admin_tcp = match cfg.admin {
+        Some(addr) => {
+            let l =
+                bind_shared(addr).with_context(|| format!("binding the admin API on {addr}"))?;
+            info!(addr = %l.local_addr()?, "admin API listening on TCP too (--admin)");
+            Some(l)
+        }
+        None => None,
+    };
     let ebpf = match StatsReader::open_pinned(&cfg.bpffs, program_ids) {
         Ok(r) => Some(Arc::new(r)),
         Err(e) => {
@@ -276,7 +288,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tokio::spawn(admin::serve_metrics(metrics_listener, admin_state.clone()));
     tokio::spawn(admin::serve_health(health_listener, admin_state.clone()));
-    tokio::spawn(admin::serve(admin_listener, admin_state));
+    if let Some(l) = admin_tcp {
+        tokio::spawn(admin::serve(l, admin_state.clone()));
+    }
+    tokio::spawn(admin::serve(admin::Listener::Unix(admin_unix), admin_state));
 
     tokio::spawn(return_freed_memory(agent.mesh.clone()));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -871,12 +886,15 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
             mesh.stats
                 .inbound_plaintext_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let policy = policy.as_deref().unwrap_or("none: destination not in the workload set");
+            // A flood of refused connections from one source writes one line per 10 s.
+            let Some(more) = crate::loglimit::refusal(client.ip(), dst, policy) else { continue };
             warn!(
                 src = %client,
                 dst = %dst,
                 dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
-                policy = policy.as_deref().unwrap_or("none: destination not in the workload set"),
-                "rejected: plaintext to STRICT port {}",
+                policy,
+                "rejected: plaintext to STRICT port {}{more}",
                 dst.port()
             );
         }

@@ -14,6 +14,7 @@ pub mod enrollment;
 pub mod identity;
 pub mod inpod;
 pub mod kubernetes;
+pub mod loglimit;
 pub mod policy;
 pub mod tunnel;
 pub mod workloads;

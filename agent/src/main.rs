@@ -6,7 +6,7 @@ use mtls_agent::{
     agent::{self, AgentConfig, Source},
     capture,
     cli::{default_bpffs, CaCommand, Cli, Command, LogFormat, PolicyCommand},
-    cli::{render, Output},
+    cli::{render, ClientArgs, Output},
     identity, kubernetes, policy, workloads,
 };
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -49,6 +49,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             };
             let cfg = AgentConfig {
                 bpffs: args.bpffs.unwrap_or_else(|| default_bpffs(&args.node)),
+                admin_dir: args.admin_dir.unwrap_or_else(|| admin::socket::default_dir(&args.node)),
                 node: args.node,
                 cgroup: args.cgroup,
                 source,
@@ -64,6 +65,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 set_log_level: Some(set_log_level),
                 drain_timeout: args.drain_timeout,
             };
+            raise_open_files_limit();
             let workers = args.worker_threads.map_or(1, usize::from);
             let rt = if workers == 1 {
                 tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -95,11 +97,11 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             if !pod.contains('.') {
                 anyhow::bail!("pod must be NAME.NAMESPACE, got {pod:?}");
             }
-            let body = admin::client::get(client.admin, &format!("/check?pod={pod}"))?;
+            let body = admin::client::get(&endpoint(&client)?, &format!("/check?pod={pod}"))?;
             print_answer(&body, client.output, render::check)
         }
         Command::Connections { pod, client } => {
-            let body = admin::client::get(client.admin, "/connections")?;
+            let body = admin::client::get(&endpoint(&client)?, "/connections")?;
             let mut v: serde_json::Value = serde_json::from_str(&body)?;
             if let (Some(pod), Some(list)) = (pod, v.as_array_mut()) {
                 list.retain(|c| {
@@ -109,7 +111,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             print_answer(&v.to_string(), client.output, render::connections)
         }
         Command::Certs { client } => {
-            let body = admin::client::get(client.admin, "/certs")?;
+            let body = admin::client::get(&endpoint(&client)?, "/certs")?;
             print_answer(&body, client.output, render::certs)
         }
         Command::Uninstall { node, bpffs } => {
@@ -119,6 +121,51 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             eprintln!("mtls-agent: removed the pinned programs and maps under {}", dir.display());
             Ok(())
         }
+    }
+}
+
+/// Where the operator commands find the admin API: `--admin`, `--admin-socket`, else the ready
+/// instance's socket in the node's directory (or, without a node, in every node's).
+fn endpoint(c: &ClientArgs) -> anyhow::Result<admin::client::Endpoint> {
+    use admin::client::Endpoint;
+    if let Some(addr) = c.admin {
+        return Ok(Endpoint::Tcp(addr));
+    }
+    if let Some(p) = &c.admin_socket {
+        return Ok(Endpoint::Unix(p.clone()));
+    }
+    let dirs = match (&c.admin_dir, &c.node) {
+        (Some(d), _) => vec![d.clone()],
+        (None, Some(node)) => vec![admin::socket::default_dir(node)],
+        (None, None) => {
+            let run = std::path::Path::new(admin::socket::RUN_DIR);
+            let mut dirs: Vec<_> = std::fs::read_dir(run)
+                .map_err(|e| anyhow::anyhow!("no running agent found in {}: {e}", run.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.sort();
+            if dirs.is_empty() {
+                dirs.push(run.to_owned());
+            }
+            dirs
+        }
+    };
+    Ok(admin::client::find(&dirs)?)
+}
+
+/// Raises the soft limit of open files to the hard limit: every connection the agent carries
+/// takes two fds, and 1024 (a common default) is exhausted by a few hundred clients.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!("open files limit raised from {soft} to {hard}"),
+            Err(e) => tracing::warn!("open files limit stays {soft}: raising it to {hard}: {e}"),
+        },
+        Ok((soft, _)) => tracing::info!("open files limit is {soft} (the hard limit)"),
+        Err(e) => tracing::warn!("open files limit unknown: {e}"),
     }
 }
 

@@ -4,6 +4,8 @@
 //! * `client --connect ADDR --message STR [--count N] [--timeout-ms MS] [--mark N]`
 //! * `sink --connect ADDR --bytes N [--timeout-ms MS]`
 //! * `hold --connect ADDR --seconds S [--timeout-ms MS]`
+//! * `slow-clients --connect ADDR... --count N --seconds S [--dawdle]`
+//! * `unix-http --socket PATH --method M --path P`
 //!
 //! * `flood --target IPV4:PORT --count N --seconds S [--hold H] [--linger-ms MS]`
 //!
@@ -101,6 +103,29 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
     },
+    /// Up to N connections to each address (opened within S/2 seconds, at most 15), held for S
+    /// seconds, idle or (`--dawdle`) sending an endless HTTP request head one byte a second.
+    /// Prints `connected ADDR OK FAILED` per address once all are opened, then
+    /// `held ADDR OPEN CLOSED` (CLOSED: closed by the server) at the end.
+    SlowClients {
+        #[arg(long, required = true)]
+        connect: Vec<String>,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        dawdle: bool,
+    },
+    /// One HTTP/1.1 request over a unix socket; prints the answer.
+    UnixHttp {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+    },
     /// Connect and keep the connection open for S seconds; prints `connected` then `held`.
     Hold {
         #[arg(long)]
@@ -122,6 +147,7 @@ impl Failure {
     fn io(what: &str, e: &io::Error) -> Failure {
         let kind = match e.kind() {
             ErrorKind::ConnectionRefused => "refused",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
             ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
                 "reset"
@@ -178,6 +204,10 @@ fn main() -> ExitCode {
             hold,
             Duration::from_millis(linger_ms),
         ),
+        Cmd::SlowClients { connect, count, seconds, dawdle } => {
+            slow_clients(&connect, count, Duration::from_secs(seconds), dawdle)
+        }
+        Cmd::UnixHttp { socket, method, path } => unix_http(&socket, &method, &path),
         Cmd::Hold { connect, seconds, timeout_ms } => {
             hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
         }
@@ -500,6 +530,97 @@ fn sink(addr: &str, bytes: u64, timeout: Duration) -> Outcome<()> {
 /// The byte `sink` sends at stream offset `p`: depends on the position, so reordering shows.
 fn pattern_byte(p: u64) -> u8 {
     (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+fn slow_clients(addrs: &[String], count: usize, run: Duration, dawdle: bool) -> Outcome<()> {
+    // Thousands of sockets: take the whole hard limit of open files.
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let start = Instant::now();
+    let end = start + run;
+    let open_until = start + (run / 2).min(Duration::from_secs(15));
+    let mut all: Vec<(SocketAddr, Vec<TcpStream>)> = Vec::new();
+    for a in addrs {
+        let addr = resolve(a)?;
+        let (mut ok, mut failed) = (Vec::new(), 0usize);
+        for _ in 0..count {
+            if Instant::now() >= open_until {
+                failed += 1;
+                continue;
+            }
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(s) => {
+                    let _ = s.set_nonblocking(true);
+                    ok.push(s);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        say(&format!("connected {addr} {} {failed}", ok.len()));
+        all.push((addr, ok));
+    }
+    let head = b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut sent = 0usize;
+    while Instant::now() < end {
+        if dawdle {
+            // The request head never ends: one more byte a second on every connection.
+            let byte = head.get(sent).copied().unwrap_or(b'a');
+            for (_, streams) in &mut all {
+                for s in streams.iter_mut() {
+                    let _ = s.write(&[byte]);
+                }
+            }
+            sent += 1;
+        }
+        std::thread::sleep(
+            Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+    for (addr, streams) in &all {
+        let mut closed = 0usize;
+        let mut buf = [0u8; 4096];
+        for mut s in streams {
+            // Closed by the server: EOF or an error (reset) now, not "nothing to read yet".
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        closed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        say(&format!("held {addr} {} {closed}", streams.len() - closed));
+    }
+    Ok(())
+}
+
+fn unix_http(socket: &std::path::Path, method: &str, path: &str) -> Outcome<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| Failure::io(&format!("connect {}", socket.display()), &e))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| Failure::io("timeout", &e))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| Failure::io("write", &e))?;
+    let mut answer = Vec::new();
+    s.take(1 << 20).read_to_end(&mut answer).map_err(|e| Failure::io("read", &e))?;
+    say(String::from_utf8_lossy(&answer).trim());
+    Ok(())
 }
 
 fn hold(addr: &str, hold_for: Duration, timeout: Duration) -> Outcome<()> {

@@ -186,6 +186,22 @@ pub struct AgentOptions {
     /// process is dropped), e.g. one under the node's pods cgroup as the agent's own pod is in
     /// Kubernetes. `None`: the test's own cgroup.
     pub cgroup: Option<PathBuf>,
+    /// How the admin API is reached.
+    pub admin: AdminFlags,
+    /// The agent's soft limit of open files at start (its hard limit stays the test's).
+    pub open_files: Option<u64>,
+}
+
+/// The admin flags the test bed gives the agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminFlags {
+    /// `--admin 127.0.0.1:<free port>` and `--admin-dir <a directory of this agent's>`: tests
+    /// of one node name never share a socket directory.
+    #[default]
+    TcpAndOwnDir,
+    /// Neither: the agent's defaults (no TCP, sockets in /run/mtls-agent/<node>). The node name
+    /// must be unique to the test.
+    Defaults,
 }
 
 impl AgentOptions {
@@ -197,6 +213,8 @@ impl AgentOptions {
             extra_args: vec![],
             log_filter: None,
             cgroup: None,
+            admin: AdminFlags::default(),
+            open_files: None,
         }
     }
 
@@ -214,6 +232,8 @@ impl AgentOptions {
             ],
             log_filter: None,
             cgroup: None,
+            admin: AdminFlags::default(),
+            open_files: None,
         }
     }
 }
@@ -221,7 +241,12 @@ impl AgentOptions {
 /// A running agent process; killed (by its PID) and reaped on drop.
 pub struct AgentProcess {
     child: Option<Child>,
+    /// The admin TCP address (with [`AdminFlags::TcpAndOwnDir`]; else nothing listens there).
     pub admin: SocketAddr,
+    /// The directory of the agent's admin sockets.
+    pub admin_dir: PathBuf,
+    admin_flags: AdminFlags,
+    open_files: Option<u64>,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub bpffs: PathBuf,
@@ -252,6 +277,16 @@ impl AgentProcess {
             .clone()
             .or_else(|| own_ca.as_ref().map(|c| c.path.clone()))
             .unwrap_or_default();
+        static NEXT_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let admin_dir = match opts.admin {
+            AdminFlags::TcpAndOwnDir => std::env::temp_dir().join(format!(
+                "mtls-test-admin-{}-{}-{}",
+                std::process::id(),
+                NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                opts.node
+            )),
+            AdminFlags::Defaults => PathBuf::from("/run/mtls-agent").join(&opts.node),
+        };
         let mut cmd = vec![
             "run".to_owned(),
             "--node".into(),
@@ -260,15 +295,23 @@ impl AgentProcess {
             node.cgroup.display().to_string(),
             "--bpffs".into(),
             bpffs.display().to_string(),
-            "--admin".into(),
-            admin.to_string(),
+        ];
+        if opts.admin == AdminFlags::TcpAndOwnDir {
+            cmd.extend([
+                "--admin".into(),
+                admin.to_string(),
+                "--admin-dir".into(),
+                admin_dir.display().to_string(),
+            ]);
+        }
+        cmd.extend([
             "--ca-dir".into(),
             ca_dir.display().to_string(),
             "--metrics".into(),
             metrics.to_string(),
             "--health".into(),
             health.to_string(),
-        ];
+        ]);
         if let Some(w) = &opts.workloads {
             cmd.extend(["--workloads".into(), w.display().to_string()]);
         }
@@ -277,6 +320,9 @@ impl AgentProcess {
         let mut agent = AgentProcess {
             child: None,
             admin,
+            admin_dir,
+            admin_flags: opts.admin,
+            open_files: opts.open_files,
             metrics,
             health,
             bpffs,
@@ -316,6 +362,23 @@ impl AgentProcess {
                 command.pre_exec(move || {
                     // "0" moves the writing process itself, before it runs the agent.
                     if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(soft) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec, only the async-signal-safe getrlimit/setrlimit.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    l.rlim_cur = soft.min(l.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -466,14 +529,32 @@ impl AgentProcess {
         self.spawn()
     }
 
+    /// This instance's admin socket.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        Some(self.admin_dir.join(format!("admin-{}.sock", self.pid()?)))
+    }
+
     /// GET on the admin API; returns the body of a 200 answer.
     pub fn get(&self, path: &str) -> Result<String> {
-        http(self.admin, "GET", path)
+        self.admin_request("GET", path)
     }
 
     /// POST on the admin API; returns the body of a 200 answer.
     pub fn post(&self, path: &str) -> Result<String> {
-        http(self.admin, "POST", path)
+        self.admin_request("POST", path)
+    }
+
+    fn admin_request(&self, method: &str, path: &str) -> Result<String> {
+        match self.admin_flags {
+            AdminFlags::TcpAndOwnDir => http(self.admin, method, path),
+            AdminFlags::Defaults => {
+                let socket = self.admin_socket().context("agent not running")?;
+                let s = std::os::unix::net::UnixStream::connect(&socket)
+                    .with_context(|| format!("connecting to {}", socket.display()))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                http_over(s, method, path)
+            }
+        }
     }
 
     /// The Prometheus metrics text.
@@ -531,8 +612,13 @@ impl AgentProcess {
 /// One HTTP/1.1 request to a local endpoint; the body of a 200 answer, else an error with the
 /// status line.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    http_over(s, method, path)
+}
+
+/// [`http`] over a connected stream (TCP or a unix socket).
+pub fn http_over<S: Read + Write>(mut s: S, method: &str, path: &str) -> Result<String> {
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -558,6 +644,8 @@ impl Drop for AgentProcess {
                 eprintln!("testbed: removing the agent's cgroup: {e:#}");
             }
         }
+        // A killed agent leaves its socket; the directory is this agent's alone.
+        let _ = std::fs::remove_dir_all(&self.admin_dir);
         // The pins outlive the agent on purpose; a test bed removes its bpffs directory itself.
     }
 }

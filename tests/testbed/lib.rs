@@ -192,6 +192,14 @@ pub fn host_snapshot() -> Result<NetSnapshot> {
     netns_snapshot(Path::new("/proc/self/ns/net"))
 }
 
+/// Starts `cmd` on the host, in the test's own netns and cgroup (to reach the agent's
+/// loopback ports), with the output capture of [`PodProcess`]; killed and reaped on drop.
+pub fn spawn_on_host(cmd: Command) -> Result<PodProcess> {
+    let label = format!("host ({})", program_name(&cmd));
+    let (process, _) = process::spawn(cmd, None, Path::new("/proc/self/ns/net"), label)?;
+    Ok(process)
+}
+
 /// A free TCP port on 127.0.0.1 (for admin ports of agents on the host).
 /// Ports are never handed out twice by one process; like any such helper it
 /// is racy against other processes grabbing the port first.

@@ -113,6 +113,22 @@ pub fn render(state: &AdminState) -> String {
         "Other connections and tunnels refused by the agent, by direction and reason (hbone:..., connect_failed, no_endpoints, ...).",
         &by_reason(&state.mesh.stats.rejections),
     );
+    let servers: Vec<(String, f64)> = state
+        .mesh
+        .stats
+        .servers
+        .get()
+        .into_iter()
+        .map(|(server, reason, n)| {
+            (format!("{{node=\"{node}\",server=\"{server}\",reason=\"{reason}\"}}"), n as f64)
+        })
+        .collect();
+    family(
+        "mtls_agent_server_rejections_total",
+        "counter",
+        "Connections and requests refused by the agent's own HTTP servers, by server (admin, metrics, health) and reason (connection_limit, header_timeout, body_too_large).",
+        &servers,
+    );
     family(
         "mtls_agent_hbone_streams_total",
         "counter",

@@ -1,4 +1,6 @@
-//! Admin HTTP API (local only): what the agent knows and what it is carrying.
+//! Admin HTTP API (local only): what the agent knows and what it is carrying. It listens on a
+//! unix socket per instance (mode 0600 in a 0700 directory, see `socket`), and on a loopback
+//! TCP address only when asked for (`--admin`).
 //!
 //! - `GET /config_dump`: workloads, services, policies, the effective mode of every pod of this
 //!   node per port with the deciding policy, and the certificates;
@@ -8,7 +10,8 @@
 //! - `GET /stats`: tunnel counters (handshakes, streams, failures);
 //! - `GET /check?pod=NAME.NAMESPACE`: the pod's listeners and outbound destinations, each with
 //!   its mTLS mode and the policy that decided;
-//! - `GET /healthz`: liveness;
+//! - `GET /healthz`: liveness; `GET /healthz/ready`: readiness, as on the health address (the
+//!   CLI asks it to pick the ready instance);
 //! - `POST /logging?level=debug` (any `RUST_LOG`-style filter): change the log level at run time.
 //!
 //! Beside it, on their own addresses: `/metrics` (Prometheus) and `/healthz/ready` (readiness).
@@ -16,18 +19,23 @@
 pub mod check;
 pub mod client;
 pub mod metrics;
+pub mod socket;
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tracing::debug;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::Semaphore,
+};
+use tracing::{debug, warn};
 
 use crate::{
     capture::{EbpfStats, StatsReader},
@@ -168,14 +176,58 @@ fn certs(state: &AdminState) -> Vec<CertView> {
         .collect()
 }
 
+/// What the local servers listen on.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Listener {
+    /// The next connection and, for TCP, its peer (for the refusal log).
+    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Box::new(s), peer.ip().to_string()))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), "unix socket".to_owned()))
+            }
+        }
+    }
+}
+
+/// Bounds of the admin, metrics and health servers: what 2,000 idle or slow clients can hold.
+/// A scrape or a probe sends its headers at once; 5 s is plenty on a loaded node.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection, however busy: bounds keep-alive connections that idle
+/// between requests (scrapers reconnect; every answer is small and quick).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Connections served at once per server; past it new ones are closed at once, counted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// No endpoint takes a body: larger requests get 413 and the connection is closed.
+const MAX_BODY: u64 = 4096;
+/// The smallest read buffer hyper accepts: it bounds the request head.
+const MAX_HEAD: usize = 8192;
+
 /// Serves the admin API.
-pub async fn serve(listener: TcpListener, state: AdminState) {
-    serve_with(listener, state, route).await
+pub async fn serve(listener: impl Into<Listener>, state: AdminState) {
+    serve_with(listener.into(), "admin", state, route).await
 }
 
 /// Serves `/metrics`.
-pub async fn serve_metrics(listener: TcpListener, state: AdminState) {
-    serve_with(listener, state, |state, req| match req.uri().path() {
+pub async fn serve_metrics(listener: impl Into<Listener>, state: AdminState) {
+    serve_with(listener.into(), "metrics", state, |state, req| match req.uri().path() {
         "/metrics" => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(metrics::render(state))))
@@ -186,41 +238,92 @@ pub async fn serve_metrics(listener: TcpListener, state: AdminState) {
 }
 
 /// Serves `/healthz/ready`: 200 once the node's pods are enrolled, 503 before.
-pub async fn serve_health(listener: TcpListener, state: AdminState) {
-    serve_with(listener, state, |state, req| match req.uri().path() {
-        "/healthz/ready" => match state.readiness.get() {
-            (true, detail) => text(StatusCode::OK, &format!("ready: {detail}\n")),
-            (false, detail) => {
-                text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {detail}\n"))
-            }
-        },
+pub async fn serve_health(listener: impl Into<Listener>, state: AdminState) {
+    serve_with(listener.into(), "health", state, |state, req| match req.uri().path() {
+        "/healthz/ready" => ready(state),
         "/healthz/live" | "/healthz" => text(StatusCode::OK, "ok\n"),
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz/ready\n"),
     })
     .await
 }
 
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    match state.readiness.get() {
+        (true, detail) => text(StatusCode::OK, &format!("ready: {detail}\n")),
+        (false, detail) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {detail}\n")),
+    }
+}
+
+/// Counts a refused connection or request of a local server and logs it (rate-limited).
+fn refused(state: &AdminState, server: &'static str, reason: &'static str, peer: &str) {
+    state.mesh.stats.servers.count(server, reason);
+    if let Some(more) = crate::loglimit::refusal(peer, server, reason) {
+        warn!(server, src = peer, reason, "rejected: {server} connection{more}");
+    }
+}
+
 async fn serve_with(
-    listener: TcpListener,
+    listener: Listener,
+    server: &'static str,
     state: AdminState,
     route: fn(&AdminState, Request<Incoming>) -> Response<Full<Bytes>>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of fds or similar: back off instead of spinning.
+                debug!(server, "accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            refused(&state, server, "connection_limit", &peer);
             continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let st = state.clone();
             let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                let state = st.clone();
+                async move { Ok::<_, Infallible>(bounded(&state, server, req, route)) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
-                debug!("admin connection: {e}");
+            let mut b = http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_timeout() => refused(&state, server, "header_timeout", &peer),
+                Ok(Err(e)) => debug!(server, "connection: {e}"),
+                // Dropping the connection closes it.
+                Err(_) => debug!(server, "connection closed after {CONNECTION_LIFETIME:?}"),
             }
         });
     }
+}
+
+/// Refuses requests with a body (none of ours takes one), then routes.
+fn bounded(
+    state: &AdminState,
+    server: &'static str,
+    req: Request<Incoming>,
+    route: fn(&AdminState, Request<Incoming>) -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    let length = req.headers().get(hyper::header::CONTENT_LENGTH);
+    let length = length.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let chunked = req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+    if chunked || length.is_some_and(|n| n > MAX_BODY) {
+        refused(state, server, "body_too_large", "local client");
+        let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, "request bodies are not accepted\n");
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        return r;
+    }
+    route(state, req)
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -255,9 +358,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz/ready" => ready(state),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /config_dump, /connections, /workloads, /certs, /stats, /check?pod=, /healthz\n",
+            "not found: try /config_dump, /connections, /workloads, /certs, /stats, /check?pod=, /healthz, /healthz/ready\n",
         ),
     }
 }

@@ -73,12 +73,23 @@ pub enum Command {
     },
 }
 
-/// How the operator commands reach the agent and print.
+/// How the operator commands reach the agent and print. By default the admin socket of the
+/// ready agent instance in the node's socket directory.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The agent's admin API.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    pub admin: SocketAddr,
+    /// The agent's admin API over TCP (only if the agent runs with `--admin ADDR`).
+    #[arg(long, conflicts_with_all = ["admin_socket", "admin_dir"])]
+    pub admin: Option<SocketAddr>,
+    /// The admin socket of one agent instance.
+    #[arg(long, conflicts_with = "admin_dir")]
+    pub admin_socket: Option<PathBuf>,
+    /// Directory of the agent instances' admin sockets (default /run/mtls-agent/<node>; without
+    /// `--node`, every node directory under /run/mtls-agent).
+    #[arg(long)]
+    pub admin_dir: Option<PathBuf>,
+    /// The node whose agent to ask (its socket directory).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -146,10 +157,15 @@ pub struct RunArgs {
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
-    /// Admin API address: a loopback address only, because the API is unauthenticated and
-    /// shows every pod's connections and changes the log level.
-    #[arg(long, default_value = "127.0.0.1:15000", value_parser = loopback_addr)]
-    pub admin: SocketAddr,
+    /// Admin API also over TCP, on this address: a loopback address only, and only when asked
+    /// for, because anything on the node that reaches it (every host-network pod) may use it.
+    /// By default the admin API is on a unix socket only (see --admin-dir).
+    #[arg(long, value_parser = loopback_addr)]
+    pub admin: Option<SocketAddr>,
+    /// Directory of the admin sockets, one per agent instance (`admin-<pid>.sock`, mode 0600,
+    /// the directory 0700); default /run/mtls-agent/<node>.
+    #[arg(long)]
+    pub admin_dir: Option<PathBuf>,
     /// Prometheus metrics address (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics: SocketAddr,
@@ -242,9 +258,9 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_api_listens_on_loopback_only() {
-        assert_eq!(run_args(&[]).unwrap().admin, "127.0.0.1:15000".parse().unwrap());
-        assert_eq!(run_args(&["--admin", "[::1]:9"]).unwrap().admin, "[::1]:9".parse().unwrap());
+    fn the_admin_api_listens_on_tcp_only_when_asked_and_on_loopback_only() {
+        assert_eq!(run_args(&[]).unwrap().admin, None);
+        assert_eq!(run_args(&["--admin", "[::1]:9"]).unwrap().admin, "[::1]:9".parse().ok());
         for outside in ["0.0.0.0:15000", "10.1.2.3:15000", "[::]:15000"] {
             let e = run_args(&["--admin", outside]).unwrap_err().to_string();
             assert!(e.contains("not a loopback address"), "{outside}: {e}");

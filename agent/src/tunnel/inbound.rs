@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::{
     connections::{ConnectionRecord, Direction},
     hbone::{self, Accepted, Refusal, HBONE_PORT},
+    limits::{self, PodCount},
     Mesh, INBOUND,
 };
 use crate::{identity, inpod::PodNetns};
@@ -29,6 +30,7 @@ const BY_TLS: &str =
     "none: identity check (the tunnel port accepts only mutual TLS from this mesh)";
 const BY_HBONE: &str = "none: HBONE protocol check";
 const BY_TARGET: &str = "none: tunnel target check";
+const BY_LIMIT: &str = "none: handshake limit (per source address and per pod)";
 
 /// Binds `socket` to `ip` without reserving a port (`IP_BIND_ADDRESS_NO_PORT`: the port is
 /// picked at connect time, per destination, as for an unbound socket).
@@ -60,11 +62,35 @@ pub struct InboundContext {
     pub mesh: Arc<Mesh>,
     /// The TLS configuration for the pod's current certificate, rebuilt when it is renewed.
     tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+    /// TLS handshakes in progress to this pod.
+    handshakes: PodCount,
 }
 
 impl InboundContext {
     pub fn new(pod: String, pod_ip: IpAddr, netns: PodNetns, mesh: Arc<Mesh>) -> InboundContext {
-        InboundContext { pod, pod_ip, netns, mesh, tls: Mutex::new(None) }
+        InboundContext {
+            pod,
+            pod_ip,
+            netns,
+            mesh,
+            tls: Mutex::new(None),
+            handshakes: PodCount::new(limits::PER_POD),
+        }
+    }
+
+    /// Writes a refusal's line, at most once per 10 s for the same source address, destination
+    /// and reason (the metrics label: the policy of these refusals is always the same check).
+    fn refused(
+        &self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        policy: &str,
+        reason: &str,
+        what: std::fmt::Arguments<'_>,
+    ) {
+        if let Some(more) = crate::loglimit::refusal(peer.ip(), dst, reason) {
+            warn!(src = %peer, %dst, dst_pod = %self.pod, policy, "rejected: {what}{more}");
+        }
     }
 
     /// The pod's tunnel port: the destination of refusals made before a target is known.
@@ -109,11 +135,21 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
 async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
     let stats = &ctx.mesh.stats;
     let dst = ctx.tunnel_addr();
+    // Past the caps the connection is closed before any TLS work: a flood of half-open
+    // handshakes from one source, or to one pod, leaves the others their slots.
+    let slot = match ctx.handshakes.acquire(limits::sources(), peer.ip()) {
+        Ok(slot) => slot,
+        Err(e) => {
+            stats.rejections.count(INBOUND, e.reason());
+            ctx.refused(peer, dst, BY_LIMIT, e.reason(), format_args!("{e}"));
+            return;
+        }
+    };
     let cfg = match ctx.server_config() {
         Ok(c) => c,
         Err(e) => {
             stats.rejections.count(INBOUND, "no_certificate");
-            warn!(src = %peer, %dst, dst_pod = %ctx.pod, policy = BY_TLS, "rejected: {e}");
+            ctx.refused(peer, dst, BY_TLS, "no_certificate", format_args!("{e}"));
             return;
         }
     };
@@ -123,30 +159,26 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
-            stats.tls_failures.count(INBOUND, identity::io_error_reason(&e));
-            warn!(
-                src = %peer,
-                %dst,
-                dst_pod = %ctx.pod,
-                policy = BY_TLS,
-                "rejected: TLS handshake failed: {}",
-                identity::describe_io_error(&e)
-            );
+            let reason = identity::io_error_reason(&e);
+            stats.tls_failures.count(INBOUND, reason);
+            let e = identity::describe_io_error(&e);
+            ctx.refused(peer, dst, BY_TLS, reason, format_args!("TLS handshake failed: {e}"));
             return;
         }
         Err(_) => {
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
             stats.tls_failures.count(INBOUND, "timeout");
-            warn!(
-                src = %peer,
-                %dst,
-                dst_pod = %ctx.pod,
-                policy = BY_TLS,
-                "rejected: TLS handshake failed: timed out after {TLS_HANDSHAKE_TIMEOUT:?}"
+            ctx.refused(
+                peer,
+                dst,
+                BY_TLS,
+                "timeout",
+                format_args!("TLS handshake failed: timed out after {TLS_HANDSHAKE_TIMEOUT:?}"),
             );
             return;
         }
     };
+    drop(slot);
     let (_, session) = tls.get_ref();
     let peer_id = match identity::peer_identity(session.peer_certificates().unwrap_or_default()) {
         Ok(id) => id.to_string(),
@@ -154,19 +186,18 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
             // The verifier already insisted on one SPIFFE id; this is a belt-and-braces check.
             stats.inbound_handshake_failures.fetch_add(1, Ordering::Relaxed);
             stats.tls_failures.count(INBOUND, "peer_identity");
-            warn!(src = %peer, %dst, dst_pod = %ctx.pod, policy = BY_TLS, "rejected: {e}");
+            ctx.refused(peer, dst, BY_TLS, "peer_identity", format_args!("{e}"));
             return;
         }
     };
     let tls_desc = super::tls_description(session);
     stats.inbound_handshakes.fetch_add(1, Ordering::Relaxed);
     // The serial shows which of the peer's certificates (before or after a renewal) it used.
-    let peer_serial = session
+    let (peer_serial, peer_not_after) = session
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(identity::serial_and_not_after)
-        .map(|(serial, _)| serial)
-        .unwrap_or_default();
+        .unwrap_or((String::new(), SystemTime::UNIX_EPOCH));
     debug!(pod = %ctx.pod, src = %peer, peer_identity = %peer_id, peer_serial = %peer_serial, "mTLS established");
 
     let hctx = ctx.clone();
@@ -174,14 +205,34 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
         let ctx = hctx.clone();
         let peer_id = peer_id.clone();
         let tls_desc = tls_desc.clone();
-        async move { open_stream(ctx, peer, peer_id, tls_desc, target).await }
+        async move {
+            // The handshake checked the certificate once; a connection outlives it, so every
+            // new stream checks that it has not expired since (the pool retires such
+            // connections on its side, a hostile peer would not).
+            if SystemTime::now() >= peer_not_after {
+                ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
+                ctx.mesh.stats.rejections.count(INBOUND, "peer_cert_expired");
+                let when = humantime::format_rfc3339_seconds(peer_not_after);
+                ctx.refused(
+                    peer,
+                    target,
+                    BY_TLS,
+                    "peer_cert_expired",
+                    format_args!("the peer's certificate expired at {when}"),
+                );
+                return Err(Refusal::forbidden("peer certificate expired"));
+            }
+            open_stream(ctx, peer, peer_id, tls_desc, target).await
+        }
     };
     // Refusals made by the HBONE layer itself (not CONNECT, bad :authority, oversized headers,
     // no request in time, floods) are as visible as refused targets.
     let rctx = ctx.clone();
     let on_refusal: hbone::OnRefusal = Arc::new(move |reason: &'static str, detail: String| {
         rctx.mesh.stats.rejections.count(INBOUND, reason);
-        warn!(src = %peer, %dst, dst_pod = %rctx.pod, policy = BY_HBONE, reason, "rejected: {detail}");
+        if let Some(more) = crate::loglimit::refusal(peer.ip(), dst, reason) {
+            warn!(src = %peer, %dst, dst_pod = %rctx.pod, policy = BY_HBONE, reason, "rejected: {detail}{more}");
+        }
     });
     let done = hbone::serve_connection_with_shutdown(
         tls,
@@ -206,13 +257,15 @@ async fn open_stream(
 ) -> Result<Accepted<TcpStream>, Refusal> {
     // The one line for a refused tunnel request.
     let log_refusal = |policy: &dyn std::fmt::Display, what: std::fmt::Arguments<'_>| {
+        let policy = policy.to_string();
+        let Some(more) = crate::loglimit::refusal(peer.ip(), target, &policy) else { return };
         warn!(
             src = %peer,
             peer_identity = %peer_id,
             dst = %target,
             dst_pod = %ctx.pod,
             policy = %policy,
-            "rejected: {what}"
+            "rejected: {what}{more}"
         );
     };
     let refuse = |reason: String| {

@@ -10,6 +10,7 @@
 pub mod connections;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 
 use std::{
@@ -178,6 +179,9 @@ pub struct TunnelStats {
     pub tls_failures: ReasonCounts,
     /// Other refusals by direction and reason: HBONE requests (`hbone:...`), outbound dials.
     pub rejections: ReasonCounts,
+    /// Refusals of the agent's own HTTP servers by server (`admin`, `metrics`, `health`) and
+    /// reason (`connection_limit`, `header_timeout`, `body_too_large`).
+    pub servers: ReasonCounts,
 }
 
 /// The negotiated TLS version and cipher suite, one format for both directions:

@@ -45,6 +45,11 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Buffer per tunnel for the upstream -> tunnel direction.
     pub relay_buffer_size: usize,
+    /// A connection with no open stream for this long is closed: an idle peer does not hold an
+    /// fd and a TLS session for ever. Longer than the client pool's idle timeout (120 s), so our
+    /// own clients retire their idle connections first and never race a close; a connection
+    /// with an open stream is never idle, however long the stream is quiet.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +62,7 @@ impl Default for ServerConfig {
             max_local_error_reset_streams: 1024,
             handshake_timeout: Duration::from_secs(10),
             relay_buffer_size: 32 * 1024,
+            idle_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -234,6 +240,7 @@ where
     let mut tunnels = JoinSet::new();
     let mut first_request_seen = false;
     let mut shutting_down = false;
+    let mut idle_since = tokio::time::Instant::now();
     tokio::pin!(shutdown);
 
     let result = loop {
@@ -266,6 +273,14 @@ where
                 if let Err(e) = joined {
                     warn!("HBONE tunnel task failed: {e}");
                 }
+                if tunnels.is_empty() {
+                    idle_since = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(idle_since.checked_add(cfg.idle_timeout).unwrap_or(deadline + Duration::from_secs(365 * 24 * 3600))), if first_request_seen && tunnels.is_empty() => {
+                // No stream is open, so closing loses nothing.
+                debug!("HBONE connection idle for {:?}: closed", cfg.idle_timeout);
+                break Ok(());
             }
             _ = tokio::time::sleep_until(deadline), if !first_request_seen => {
                 on_refusal("hbone:timeout", format!("no HTTP/2 request within {:?}", cfg.handshake_timeout));

@@ -422,6 +422,31 @@ async fn silent_peer_hits_the_handshake_timeout() {
 }
 
 #[tokio::test]
+async fn a_connection_without_streams_is_closed_when_idle_but_not_one_with_a_quiet_stream() {
+    let idle = Duration::from_millis(300);
+    let cfg = ServerConfig { idle_timeout: idle, ..ServerConfig::default() };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (tx, _stats) = mpsc::unbounded_channel();
+    let handler = accepting(echo_app(), calls, tx);
+    let (c, s) = duplex(64 * 1024);
+    let server = tokio::spawn(async move { serve_connection(s, &cfg, handler).await });
+    let (mut send, _d) = client_handshake(c, &ClientConfig::default()).await.unwrap();
+    // One stream open and silent for several idle timeouts: the connection stays.
+    let mut s = connect_stream(&mut send, addr("10.0.0.1:80")).await.unwrap();
+    tokio::time::sleep(idle * 4).await;
+    assert!(!server.is_finished(), "a connection with an open stream was closed as idle");
+    s.write_all(b"late").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut v = Vec::new();
+    timeout(LIMIT, s.read_to_end(&mut v)).await.unwrap().unwrap();
+    assert_eq!(v, b"late");
+    drop(s);
+    // Without streams, it is closed once the idle timeout has passed.
+    let r = timeout(LIMIT, server).await.expect("idle connection not closed").unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[tokio::test]
 async fn graceful_shutdown_lets_open_tunnels_finish() {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let calls = Arc::new(AtomicUsize::new(0));
