@@ -92,6 +92,8 @@ struct EnrolledPod {
     workload: Workload,
     netns: PodNetns,
     tasks: Vec<JoinHandle<()>>,
+    /// Its entry in the admin API's registry of namespaces, removed with the pod.
+    _netns_entry: crate::inpod::Registration,
 }
 
 impl Drop for EnrolledPod {
@@ -170,6 +172,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         workloads: workloads_rx,
         policies: policies_rx,
         stats: Default::default(),
+        netns: Default::default(),
     });
     if let Some(ring) = plaintext_events {
         tokio::spawn(track_plaintext(ring, mesh.clone()));
@@ -590,7 +593,8 @@ impl Agent {
         self.capture.attach_inbound(&netns)?;
         // Only now that the listeners exist may connect()s be redirected to them.
         self.capture.enroll(netns.cookie())?;
-        Ok(EnrolledPod { workload: w.clone(), netns, tasks })
+        let _netns_entry = self.mesh.netns.register(w.key(), &netns);
+        Ok(EnrolledPod { workload: w.clone(), netns, tasks, _netns_entry })
     }
 }
 
