@@ -96,6 +96,8 @@ struct EnrolledPod {
     workload: Workload,
     netns: PodNetns,
     _tasks: Tasks,
+    /// Its entry in the admin API's registry of namespaces, removed with the pod.
+    _netns_entry: crate::inpod::Registration,
 }
 
 /// The tasks serving a pod's listeners, stopped when dropped: when the pod leaves, and when
@@ -201,6 +203,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         workloads: workloads_rx,
         policies: policies_rx,
         stats: Default::default(),
+        netns: Default::default(),
     });
     if let Some(ring) = plaintext_events {
         tokio::spawn(track_plaintext(ring, mesh.clone()));
@@ -755,7 +758,8 @@ impl Agent {
             self.mesh.certs.insert(w.key(), cert);
         }
         let tasks = self.start_listeners(w, &netns).map_err(fail(Step::Listeners, closed))?;
-        Ok(EnrolledPod { workload: w.clone(), netns, _tasks: tasks })
+        let _netns_entry = self.mesh.netns.register(w.key(), &netns);
+        Ok(EnrolledPod { workload: w.clone(), netns, _tasks: tasks, _netns_entry })
     }
 
     /// Opens the agent's listeners in the pod and steers the agent's ports to them. Each is

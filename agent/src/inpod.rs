@@ -255,6 +255,57 @@ impl PodNetns {
     }
 }
 
+/// The network namespaces of the pods this agent has enrolled, by pod (`name.namespace`), for
+/// the admin API (`check` reads a pod's UDP sockets from inside it). An entry lives as long as
+/// the [`Registration`] the enrolled pod holds: no handle, and so no dialer thread, outlives the
+/// pod's release.
+#[derive(Clone, Debug, Default)]
+pub struct EnrolledNetns(Arc<Mutex<Registry>>);
+
+#[derive(Debug, Default)]
+struct Registry {
+    next_id: u64,
+    pods: std::collections::BTreeMap<String, (u64, PodNetns)>,
+}
+
+/// Keeps a pod's entry in [`EnrolledNetns`]; dropping it removes the entry.
+#[derive(Debug)]
+pub struct Registration {
+    registry: EnrolledNetns,
+    pod: String,
+    id: u64,
+}
+
+impl EnrolledNetns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A poisoned map of handles is still consistent: each change is one insert or remove.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `netns` as `pod`'s until the returned registration is dropped.
+    pub fn register(&self, pod: String, netns: &PodNetns) -> Registration {
+        let mut r = self.lock();
+        r.next_id += 1;
+        let id = r.next_id;
+        r.pods.insert(pod.clone(), (id, netns.clone()));
+        Registration { registry: self.clone(), pod, id }
+    }
+
+    pub fn get(&self, pod: &str) -> Option<PodNetns> {
+        self.lock().pods.get(pod).map(|(_, ns)| ns.clone())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut r = self.registry.lock();
+        // A newer registration of the same pod (re-enrolled before this one was dropped) stays.
+        if r.pods.get(&self.pod).is_some_and(|(id, _)| *id == self.id) {
+            r.pods.remove(&self.pod);
+        }
+    }
+}
+
 /// A non-blocking TCP socket. No mark: the capture programs know the agent's sockets by the
 /// agent's cgroup (`AGENT_CGROUPS`), which an app cannot forge.
 fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
@@ -286,7 +337,7 @@ pub fn netns_cookie(s: &impl AsRawFd) -> io::Result<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -304,7 +355,7 @@ mod tests {
     }
 
     /// A fresh network namespace held by a parked thread; it goes away with the thread.
-    fn private_netns() -> (PathBuf, std::sync::mpsc::Sender<()>) {
+    pub(crate) fn private_netns() -> (PathBuf, std::sync::mpsc::Sender<()>) {
         let (path_tx, path_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
@@ -330,6 +381,20 @@ mod tests {
                 assert_eq!(s.local_addr().unwrap().is_ipv4(), dst.is_ipv4());
             }
         }
+    }
+
+    #[test]
+    fn a_registration_lasts_until_dropped_and_a_newer_one_survives_an_older_drop() {
+        let (path, _stop) = private_netns();
+        let ns = PodNetns::open(&path).unwrap();
+        let reg = EnrolledNetns::default();
+        let first = reg.register("a.ns".into(), &ns);
+        assert_eq!(reg.get("a.ns").map(|n| n.cookie()), Some(ns.cookie()));
+        let second = reg.register("a.ns".into(), &ns);
+        drop(first);
+        assert!(reg.get("a.ns").is_some(), "the newer registration was removed");
+        drop(second);
+        assert!(reg.get("a.ns").is_none());
     }
 
     #[test]

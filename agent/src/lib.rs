@@ -3,8 +3,8 @@
 //!
 //! Modules, in the direction data flows: `workloads` (what pods exist) -> `capture` (eBPF
 //! programs and maps) -> `inpod` (sockets in pod namespaces) -> `tunnel` (carrying
-//! connections) -> `admin` (what the operator sees); `agent` ties them together and `cli`
-//! parses the command line.
+//! connections) -> `admin` (what the operator sees; `procnet` reads a pod's UDP listeners for
+//! it); `agent` ties them together and `cli` parses the command line.
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +16,7 @@ pub mod inpod;
 pub mod kubernetes;
 pub mod loglimit;
 pub mod policy;
+pub mod procnet;
 pub mod tunnel;
 pub mod workloads;
 pub mod yamlde;

@@ -1,5 +1,6 @@
 //! `PolicySet::parse` on arbitrary text, then everything the agent and `policy check` do with an
-//! accepted set: warnings, lint, per-workload decisions and the rendered report.
+//! accepted set: warnings, lint, per-workload decisions, the rendered report (`render_check`,
+//! as `policy check` prints it) and the same for another root namespace.
 //!
 //! Besides "no panic, no hang, no runaway memory", a rejection must point at a line of the file
 //! (the operator is told `file:line`).
@@ -10,7 +11,7 @@ use std::{path::Path, sync::OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use mtls_agent::{
-    policy::{render_report, PolicySet},
+    policy::{render_check, render_report, PolicySet},
     workloads::WorkloadSet,
 };
 
@@ -45,9 +46,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(src) = std::str::from_utf8(data) else { return };
     let origin = Path::new("policies/fuzz.yaml");
     match PolicySet::parse(src, origin) {
-        Ok((set, warnings)) => {
+        Ok(set) => {
             let ws = workloads();
-            let _ = set.lint(ws);
+            let mut warnings = set.warnings();
+            warnings.extend(set.lint(ws));
             for w in &ws.workloads {
                 let _ = set.workload_modes(ws, w);
                 for port in [80, 7070, 8080, 9090, 65535] {
@@ -55,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             let _ = render_report(&set.report(ws), &warnings);
+            let _ = render_check(&set, ws);
             let set = set.with_root_namespace("hipster-app");
             let _ = set.warnings();
             let _ = set.report(ws);

@@ -8,19 +8,21 @@
 //! * `unix-http --socket PATH --method M --path P`
 //!
 //! * `flood --target IPV4:PORT --count N --seconds S [--hold H] [--linger-ms MS]`
+//! * `udp-echo --listen ADDR [--prefix STR]`
+//! * `udp-client --connect ADDR --message STR [--timeout-ms MS]`
 //!
 //! Clients print `error: <kind> <detail>` (kind: refused, timeout, reset,
 //! other) on stdout and exit 2 on any failure.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "e2e-tool", about = "TCP helpers for the mtls-agent end-to-end tests")]
+#[command(name = "e2e-tool", about = "TCP and UDP helpers for the mtls-agent end-to-end tests")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -135,6 +137,24 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// A UDP socket bound to ADDR that answers each datagram with prefix + datagram; prints
+    /// `listening ADDR`, then `datagram from PEER` for each.
+    UdpEcho {
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Sends one datagram to ADDR (again every 500 ms: UDP may lose it) and prints the first
+    /// reply.
+    UdpClient {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 /// A failure reported to the test as `error: <kind> <detail>`.
@@ -210,6 +230,10 @@ fn main() -> ExitCode {
         Cmd::UnixHttp { socket, method, path } => unix_http(&socket, &method, &path),
         Cmd::Hold { connect, seconds, timeout_ms } => {
             hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
+        }
+        Cmd::UdpEcho { listen, prefix } => udp_echo(&listen, &prefix),
+        Cmd::UdpClient { connect, message, timeout_ms } => {
+            udp_client(&connect, &message, Duration::from_millis(timeout_ms))
         }
     };
     match result {
@@ -645,4 +669,46 @@ fn hold(addr: &str, hold_for: Duration, timeout: Duration) -> Outcome<()> {
     }
     say("held");
     Ok(())
+}
+
+fn udp_echo(listen: &str, prefix: &str) -> Outcome<()> {
+    let socket = UdpSocket::bind(resolve(listen)?).map_err(|e| Failure::io("bind", &e))?;
+    let local = socket.local_addr().map_err(|e| Failure::io("local_addr", &e))?;
+    say(&format!("listening {local}"));
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf).map_err(|e| Failure::io("recv", &e))?;
+        say(&format!("datagram from {peer}"));
+        let mut reply = prefix.as_bytes().to_vec();
+        reply.extend_from_slice(&buf[..n]);
+        // A reply that cannot be sent is the client's loss, not the server's end.
+        if let Err(e) = socket.send_to(&reply, peer) {
+            eprintln!("send to {peer}: {e}");
+        }
+    }
+}
+
+fn udp_client(addr: &str, message: &str, timeout: Duration) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let any: SocketAddr =
+        if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let socket = UdpSocket::bind(any).map_err(|e| Failure::io("bind", &e))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while let Some(left) = remaining(deadline) {
+        socket.send_to(message.as_bytes(), addr).map_err(|e| Failure::io("send", &e))?;
+        let wait = left.min(Duration::from_millis(500));
+        socket.set_read_timeout(Some(wait)).map_err(|e| Failure::io("set timeout", &e))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == addr => {
+                say(&String::from_utf8_lossy(&buf[..n]));
+                return Ok(());
+            }
+            // Another sender, or nothing yet: send again.
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(Failure::io("recv", &e)),
+        }
+    }
+    Err(Failure::timeout("no UDP reply"))
 }

@@ -77,6 +77,19 @@ pub fn run(seconds: u64, targets: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo +nightly check` of every fuzz target (no sanitizers, no cargo-fuzz needed): what
+/// `cargo xtask test` runs so that the targets keep compiling against the agent's API. The eBPF
+/// object must exist (the agent embeds it).
+pub fn check_targets() -> Result<()> {
+    let mut c = nightly_cargo();
+    c.args(["check", "--quiet", "--manifest-path", "fuzz/Cargo.toml", "--bins"]);
+    // A check links nothing: pointing libfuzzer-sys at a prebuilt libFuzzer that is never used
+    // spares compiling its C++ (time, and a C++ compiler the suite needs nowhere else).
+    c.env("CUSTOM_LIBFUZZER_PATH", crate::root().join("fuzz/target/check-only/libfuzzer.a"));
+    c.env("CUSTOM_LIBFUZZER_STD_CXX", "none");
+    crate::run(c)
+}
+
 /// The libFuzzer dictionary of a target, if it has one.
 fn dictionary(fuzz_dir: &Path, target: &str) -> Option<std::path::PathBuf> {
     let name = match target {
@@ -118,4 +131,25 @@ fn ensure_cargo_fuzz() -> Result<()> {
     let mut c = crate::cargo(None);
     c.args(["install", "--locked", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION]);
     crate::run(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target added to `fuzz/Cargo.toml` but not to [`TARGETS`] would be checked yet never
+    /// fuzzed (and the other way round, `cargo fuzz run` would fail).
+    #[test]
+    fn targets_are_the_bins_of_the_fuzz_manifest() {
+        let manifest = std::fs::read_to_string(crate::root().join("fuzz/Cargo.toml")).unwrap();
+        let bins: Vec<&str> = manifest
+            .split("[[bin]]")
+            .skip(1)
+            .filter_map(|section| {
+                let line = section.lines().find(|l| l.trim_start().starts_with("name"))?;
+                line.split('"').nth(1)
+            })
+            .collect();
+        assert_eq!(bins, TARGETS);
+    }
 }

@@ -263,6 +263,9 @@ fn test(extra: &[String], no_vm: bool) -> Result<()> {
         c.args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]);
         c
     })?;
+    // The fuzz targets are a workspace of their own that nothing else builds: check them here so
+    // an API change that breaks one fails the suite instead of silently ending its fuzzing.
+    fuzz::check_targets()?;
     // The end-to-end tests start the agent binary: build it first.
     run({
         let mut c = cargo(None);

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::AdminState;
 use crate::{
     policy::{Decision, Mode},
+    procnet::{self, UdpListeners},
     tunnel::{
         connections::{ConnectionRecord, Direction},
         hbone::HBONE_PORT,
@@ -34,6 +35,12 @@ pub struct CheckReport {
     pub certificate_serial: Option<String>,
     pub certificate_expires: Option<String>,
     pub listeners: Vec<ListenerRow>,
+    /// The pod's UDP listeners (pods this agent enrolled): the agent captures and enforces TCP
+    /// only, so none of them is covered, whatever the policy says.
+    pub udp_listeners: Vec<UdpListenerRow>,
+    /// Why `udp_listeners` may be incomplete (the namespace could not be read, the list was
+    /// cut), if it may.
+    pub udp_note: Option<String>,
     pub outbound: Vec<OutboundRow>,
     /// What this agent saw of the pod's traffic, as opposed to what the policies say.
     pub observed: Vec<ObservedRow>,
@@ -125,6 +132,65 @@ pub struct ListenerRow {
     /// `namespace/name (level)` of the deciding policy, or `-`.
     pub decided_by: String,
     pub reason: String,
+}
+
+/// A UDP socket of the pod that takes datagrams from anyone.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UdpListenerRow {
+    /// `UDP 0.0.0.0:5353`, `UDP [::]:5353`.
+    pub listener: String,
+    /// The bound address and port.
+    pub address: String,
+    /// Always false: no policy mode reaches UDP.
+    pub covered: bool,
+    /// `not covered (UDP is not captured; plaintext)`.
+    pub mtls: String,
+    pub reason: String,
+}
+
+/// Most UDP listeners listed per pod.
+const UDP_ROWS: usize = 256;
+
+fn udp_rows(listeners: &UdpListeners) -> (Vec<UdpListenerRow>, Option<String>) {
+    let rows = listeners
+        .addrs
+        .iter()
+        .take(UDP_ROWS)
+        .map(|a| {
+            let loopback = a.ip().is_loopback();
+            UdpListenerRow {
+                listener: format!("UDP {a}"),
+                address: a.to_string(),
+                covered: false,
+                mtls: format!(
+                    "not covered (UDP is not captured; plaintext{})",
+                    if loopback { "; loopback only" } else { "" }
+                ),
+                reason: "the agent captures and enforces TCP only: UDP datagrams reach the app \
+                         as sent, in plaintext, from any source, whatever the mode"
+                    .into(),
+            }
+        })
+        .collect();
+    let more = listeners.addrs.len().saturating_sub(UDP_ROWS);
+    let note = match (more, listeners.truncated) {
+        (0, false) => None,
+        (0, true) => Some("the pod has more UDP sockets than were read; more may exist".into()),
+        (n, _) => Some(format!("{n} more UDP listeners not shown")),
+    };
+    (rows, note)
+}
+
+/// The UDP listeners of an enrolled pod, read inside its namespace.
+fn udp_of(state: &AdminState, pod: &str) -> (Vec<UdpListenerRow>, Option<String>) {
+    let Some(netns) = state.mesh.netns.get(pod) else {
+        return (Vec::new(), Some("the pod's network namespace is not open here".into()));
+    };
+    match procnet::udp_listeners(&netns) {
+        Ok(l) => udp_rows(&l),
+        Err(e) => (Vec::new(), Some(format!("UDP listeners unknown: {e}"))),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -260,6 +326,8 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         }
     }
 
+    let (udp_listeners, udp_note) =
+        if enrolled { udp_of(state, &w.key()) } else { (Vec::new(), None) };
     let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
     Some(CheckReport {
         pod: w.key(),
@@ -282,6 +350,8 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         certificate_serial: cert.as_ref().map(|c| c.serial().to_owned()),
         certificate_expires: cert.as_ref().map(|c| t(c.not_after())),
         listeners,
+        udp_listeners,
+        udp_note,
         outbound,
         observed: observed(&state.mesh.conns.snapshot(), &w.key()),
     })
@@ -302,6 +372,8 @@ pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     fn rec(direction: Direction, src: &str, dst: &str, mode: &str, open: bool) -> ConnectionRecord {
@@ -327,6 +399,37 @@ mod tests {
             open,
             error: None,
         }
+    }
+
+    #[test]
+    fn udp_listeners_are_never_covered_loopback_is_named_and_a_long_list_is_cut() {
+        let addrs = ["0.0.0.0:5353", "127.0.0.1:53", "[::]:5353"];
+        let l = UdpListeners {
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            truncated: false,
+        };
+        let (rows, note) = udp_rows(&l);
+        assert_eq!(note, None);
+        let shown: Vec<(&str, &str)> =
+            rows.iter().map(|r| (r.listener.as_str(), r.mtls.as_str())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("UDP 0.0.0.0:5353", "not covered (UDP is not captured; plaintext)"),
+                ("UDP 127.0.0.1:53", "not covered (UDP is not captured; plaintext; loopback only)"),
+                ("UDP [::]:5353", "not covered (UDP is not captured; plaintext)"),
+            ]
+        );
+        assert!(rows.iter().all(|r| !r.covered));
+        let many = UdpListeners {
+            addrs: (1..=300u16).map(|p| SocketAddr::from(([0, 0, 0, 0], p))).collect(),
+            truncated: true,
+        };
+        let (rows, note) = udp_rows(&many);
+        assert_eq!(rows.len(), UDP_ROWS);
+        assert_eq!(note.as_deref(), Some("44 more UDP listeners not shown"));
+        let cut = UdpListeners { addrs: vec![], truncated: true };
+        assert!(udp_rows(&cut).1.is_some_and(|n| n.contains("more may exist")));
     }
 
     #[test]

@@ -92,8 +92,9 @@ pub fn check(v: &Value) -> String {
         }
     );
     let listeners = v["listeners"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(out, "\nChecked {} listeners.", listeners.len());
-    let rows: Vec<Vec<String>> = listeners
+    let udp = v["udpListeners"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nChecked {} listeners.", listeners.len() + udp.len());
+    let mut rows: Vec<Vec<String>> = listeners
         .iter()
         .map(|l| {
             vec![
@@ -105,10 +106,17 @@ pub fn check(v: &Value) -> String {
             ]
         })
         .collect();
+    // UDP in the same table: what STRICT leaves open belongs next to what it closes.
+    rows.extend(udp.iter().map(|u| {
+        vec![s(&u["listener"]), "none".into(), s(&u["mtls"]), "no (none)".into(), "-".into()]
+    }));
     out.push_str(&table(
         &["LISTENER", "CERTIFICATE", "mTLS (MODE)", "RBAC (RULES)", "DECIDED BY"],
         &rows,
     ));
+    if let Some(note) = v["udpNote"].as_str() {
+        let _ = writeln!(out, "(UDP: {note})");
+    }
     let outbound = v["outbound"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nChecked {} outbound destinations.", outbound.len());
     let rows: Vec<Vec<String>> = outbound
@@ -158,7 +166,7 @@ pub fn check(v: &Value) -> String {
     }
     out.push_str("\nWhy:\n");
     let mut seen = Vec::new();
-    for l in &listeners {
+    for l in listeners.iter().chain(&udp) {
         let line = format!("  {}: {}", s(&l["listener"]), s(&l["reason"]));
         if !seen.contains(&line) {
             let _ = writeln!(out, "{line}");
@@ -301,5 +309,28 @@ mod tests {
         assert!(text.contains("yes (STRICT)"));
         assert!(text.contains("cart.hipster-app:7070"));
         assert!(text.contains("10.0.0.2_*: because"));
+    }
+
+    #[test]
+    fn check_lists_udp_listeners_as_not_covered_in_the_listener_table() {
+        let v: Value = serde_json::json!({
+            "pod": "dns.ns", "ip": "10.0.0.4", "node": "node1", "enrolled": true,
+            "listeners": [{"listener": "10.0.0.4_*", "certificate": "spiffe://x",
+                "mtls": "yes (STRICT)", "rbac": "no (none)", "decidedBy": "-", "reason": "r"}],
+            "udpListeners": [{"listener": "UDP 0.0.0.0:5353", "address": "0.0.0.0:5353",
+                "covered": false, "mtls": "not covered (UDP is not captured; plaintext)",
+                "reason": "TCP only"}],
+            "udpNote": "3 more UDP listeners not shown",
+            "outbound": []
+        });
+        let text = check(&v);
+        assert!(text.contains("Checked 2 listeners."), "{text}");
+        let row = text.lines().find(|l| l.starts_with("UDP 0.0.0.0:5353")).unwrap_or_default();
+        assert!(
+            row.contains("none") && row.contains("not covered (UDP is not captured; plaintext)"),
+            "{text}"
+        );
+        assert!(text.contains("(UDP: 3 more UDP listeners not shown)"), "{text}");
+        assert!(text.contains("UDP 0.0.0.0:5353: TCP only"), "{text}");
     }
 }

@@ -133,6 +133,8 @@ pub struct Mesh {
     pub workloads: watch::Receiver<Arc<WorkloadSet>>,
     pub policies: watch::Receiver<Arc<PolicySet>>,
     pub stats: TunnelStats,
+    /// The enrolled pods' network namespaces (for `check`'s UDP listeners).
+    pub netns: crate::inpod::EnrolledNetns,
 }
 
 impl Mesh {
