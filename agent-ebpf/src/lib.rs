@@ -123,7 +123,8 @@ pub mod stats {
     pub const PROBE_ALLOWED: u32 = 1;
     /// Connections captured by connect4/connect6.
     pub const CAPTURED: u32 = 2;
-    /// connect()s redirected without a record because their pod held `PENDING_QUOTA` already.
+    /// connect()s redirected without a record: their pod held `PENDING_QUOTA` already (or the
+    /// node's map was full). The agent refuses them.
     pub const PENDING_OVER_QUOTA: u32 = 3;
     pub const LEN: u32 = 4;
 }
