@@ -53,6 +53,8 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
     pub const PLAINTEXT_EVENTS: &str = "PLAIN_EVENTS";
+    /// Pin names of earlier layouts, removed by a new instance once its programs are attached.
+    pub const RETIRED: &[&str] = &["ENROLLED", "PENDING", "PENDING_DST"];
 }
 
 /// A plaintext connection attempt refused by a STRICT port (sent on `EVENTS` so the agent can

@@ -319,6 +319,17 @@ impl Capture {
             remove_link_pin(&old);
             debug!(path = %old.display(), "detached previous link");
         }
+        // Pins of map layouts this version no longer uses (their programs are retired above;
+        // a map lives on while a program still holds it, so only the name goes).
+        for stale in map_names::RETIRED {
+            let path = maps_dir.join(stale);
+            if path.exists() {
+                match fs::remove_file(&path) {
+                    Ok(()) => info!(path = %path.display(), "removed the pin of a retired map"),
+                    Err(e) => warn!(path = %path.display(), "removing a retired map's pin: {e}"),
+                }
+            }
+        }
         info!(bpffs = %cfg.bpffs.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
             _ebpf: ebpf,
