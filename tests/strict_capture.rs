@@ -432,3 +432,61 @@ fn a_kubelet_cgroup_around_the_pods_cgroup_is_refused_at_start() -> Result<()> {
     assert!(err.contains(&around), "{err}");
     Ok(())
 }
+
+/// Creates a small hash map and pins it at `path` (as an earlier version's map was).
+fn pin_a_map(path: &std::path::Path) -> Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let create = MapCreate { map_type: 1, key_size: 8, value_size: 8, max_entries: 1 };
+    // SAFETY: a valid bpf_attr prefix for BPF_MAP_CREATE (0).
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, 0, &create as *const MapCreate, size_of::<MapCreate>())
+    };
+    anyhow::ensure!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let pin = ObjPin { pathname: c_path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0 };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_PIN (6); the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, &pin as *const ObjPin, size_of::<ObjPin>()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    anyhow::ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+    Ok(())
+}
+
+/// A node upgraded from a version whose `ENROLLED` and `PENDING_DST` had other layouts: the new
+/// agent creates `ENROLLED_PODS` and `PENDING_CONNS` instead of reopening them with the wrong
+/// sizes, and removes the old pins once its programs are attached.
+#[test]
+fn pins_of_the_old_map_layouts_are_not_reused_and_are_removed() -> Result<()> {
+    let mut bed = Testbed::new("sc-old-pins")?;
+    bed.add_node("node1")?;
+    let maps = bed.bpffs_dir("node1").join("maps");
+    std::fs::create_dir_all(&maps)?;
+    for old in ["ENROLLED", "PENDING_DST"] {
+        pin_a_map(&maps.join(old))?;
+    }
+    let workloads_path = std::env::temp_dir().join(format!("{}-workloads.yaml", bed.id()));
+    WorkloadsFile::default().write(&workloads_path)?;
+    let started = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads_path));
+    let _ = std::fs::remove_file(&workloads_path);
+    let _agent = started?;
+    for old in ["ENROLLED", "PENDING_DST"] {
+        assert!(!maps.join(old).exists(), "{old} still pinned");
+    }
+    for new in ["ENROLLED_PODS", "PENDING_CONNS", "AGENT_CGROUPS", "PROBE_CONNS"] {
+        assert!(maps.join(new).exists(), "{new} not pinned");
+    }
+    Ok(())
+}

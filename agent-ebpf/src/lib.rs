@@ -59,6 +59,8 @@ pub mod map_names {
     /// The agent's own listeners per pod ([`ListenerKey`]): where `inbound` steers the agent's
     /// ports, so an app of the pod cannot squat them.
     pub const LISTENERS: &str = "LISTENERS";
+    /// Pin names of earlier layouts, removed by a new instance once its programs are attached.
+    pub const RETIRED: &[&str] = &["ENROLLED", "PENDING", "PENDING_DST", "INBOUND", "STATS"];
 }
 
 /// Key of `LISTENERS`: a pod's netns cookie and one of the `SLOT_*` listeners.
@@ -149,7 +151,8 @@ pub mod stats {
     pub const PROBE_ALLOWED: u32 = 1;
     /// Connections captured by connect4/connect6.
     pub const CAPTURED: u32 = 2;
-    /// connect()s redirected without a record because their pod held `PENDING_QUOTA` already.
+    /// connect()s redirected without a record: their pod held `PENDING_QUOTA` already (or the
+    /// node's map was full). The agent refuses them.
     pub const PENDING_OVER_QUOTA: u32 = 3;
     /// Connections to the agent's ports in a pod refused because the agent has no listener
     /// there (not enrolled yet, or down): never handed to whatever else listens on the port.

@@ -315,6 +315,17 @@ impl Capture {
             remove_link_pin(&old);
             debug!(path = %old.display(), "detached previous link");
         }
+        // Pins of map layouts this version no longer uses (their programs are retired above;
+        // a map lives on while a program still holds it, so only the name goes).
+        for stale in map_names::RETIRED {
+            let path = maps_dir.join(stale);
+            if path.exists() {
+                match fs::remove_file(&path) {
+                    Ok(()) => info!(path = %path.display(), "removed the pin of a retired map"),
+                    Err(e) => warn!(path = %path.display(), "removing a retired map's pin: {e}"),
+                }
+            }
+        }
         info!(bpffs = %cfg.bpffs.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
             _ebpf: ebpf,
@@ -812,6 +823,13 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
         let dir = bpffs.join(sub);
         if dir.exists() {
             for e in fs::read_dir(&dir)?.flatten() {
+                if sub == "links" {
+                    // The kernel frees an unpinned link from a work queue, some time later;
+                    // detaching first means capture has stopped when uninstall returns.
+                    if let Err(err) = detach_pinned_link(&e.path()) {
+                        warn!(path = %e.path().display(), "detaching link: {err}");
+                    }
+                }
                 fs::remove_file(e.path())?;
             }
             fs::remove_dir(&dir)?;
@@ -819,6 +837,49 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
     }
     if bpffs.exists() {
         fs::remove_dir(bpffs)?;
+    }
+    Ok(())
+}
+
+/// `BPF_LINK_DETACH` (5.9) of the link pinned at `path`: the program stops running at once.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let get = ObjGet { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET, whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get as *const ObjGet, size_of::<ObjGet>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own from here on.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let detach = LinkDetach { link_fd: std::os::fd::AsRawFd::as_raw_fd(&link) as u32 };
+    // SAFETY: a valid bpf_attr prefix for BPF_LINK_DETACH.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            size_of::<LinkDetach>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
