@@ -120,8 +120,9 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
     cmd.args(["--count", &CLIENTS.to_string(), "--seconds", &FLOOD_SECONDS.to_string()]);
     let pod_flood = m.bed.spawn_in_pod("attacker", cmd)?;
     let opened = Duration::from_secs(FLOOD_SECONDS);
+    let mut connected = Vec::new();
     for a in &local {
-        host_flood.wait_for_stdout(&format!("connected {a} "), opened)?;
+        connected.push(host_flood.wait_for_stdout(&format!("connected {a} "), opened)?);
     }
     pod_flood.wait_for_stdout(&format!("connected {tunnel} "), opened)?;
 
@@ -168,7 +169,10 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
     for server in ["metrics", "health", "admin"] {
         let label = format!("server=\"{server}\"");
         let limit = metric(&text, family, &[&label, "reason=\"connection_limit\""]);
-        ensure!(limit > 0.0, "{server}: no connection_limit refusals counted:\n{text}");
+        ensure!(
+            limit > 0.0,
+            "{server}: no connection_limit refusals counted ({connected:?}):\n{text}"
+        );
         let timeout = metric(&text, family, &[&label, "reason=\"header_timeout\""]);
         ensure!(timeout > 0.0, "{server}: no header_timeout refusals counted:\n{text}");
     }
