@@ -102,6 +102,14 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
 
     // The header timeout, alone on the port first.
     dawdling_request_is_closed(agent.metrics)?;
+    // A body announced as a megabyte is refused before it is read.
+    let mut s = TcpStream::connect_timeout(&agent.health, Duration::from_secs(2))?;
+    s.write_all(b"POST /healthz/ready HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 413"), "a request with a large body: {answer}");
 
     let server = m.bed.pod("server").ip;
     let tunnel = format!("{server}:15008");
@@ -176,6 +184,8 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
         let timeout = metric(&text, family, &[&label, "reason=\"header_timeout\""]);
         ensure!(timeout > 0.0, "{server}: no header_timeout refusals counted:\n{text}");
     }
+    let body = metric(&text, family, &["server=\"health\"", "reason=\"body_too_large\""]);
+    ensure!(body == 1.0, "body_too_large refusals: {body}\n{text}");
     let by_source = metric(
         &text,
         "mtls_agent_rejections_total",
