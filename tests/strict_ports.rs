@@ -102,6 +102,14 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
 
     // The header timeout, alone on the port first.
     dawdling_request_is_closed(agent.metrics)?;
+    // A body announced as a megabyte is refused before it is read.
+    let mut s = TcpStream::connect_timeout(&agent.health, Duration::from_secs(2))?;
+    s.write_all(b"POST /healthz/ready HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 413"), "a request with a large body: {answer}");
 
     let server = m.bed.pod("server").ip;
     let tunnel = format!("{server}:15008");
@@ -120,8 +128,9 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
     cmd.args(["--count", &CLIENTS.to_string(), "--seconds", &FLOOD_SECONDS.to_string()]);
     let pod_flood = m.bed.spawn_in_pod("attacker", cmd)?;
     let opened = Duration::from_secs(FLOOD_SECONDS);
+    let mut connected = Vec::new();
     for a in &local {
-        host_flood.wait_for_stdout(&format!("connected {a} "), opened)?;
+        connected.push(host_flood.wait_for_stdout(&format!("connected {a} "), opened)?);
     }
     pod_flood.wait_for_stdout(&format!("connected {tunnel} "), opened)?;
 
@@ -168,10 +177,15 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
     for server in ["metrics", "health", "admin"] {
         let label = format!("server=\"{server}\"");
         let limit = metric(&text, family, &[&label, "reason=\"connection_limit\""]);
-        ensure!(limit > 0.0, "{server}: no connection_limit refusals counted:\n{text}");
+        ensure!(
+            limit > 0.0,
+            "{server}: no connection_limit refusals counted ({connected:?}):\n{text}"
+        );
         let timeout = metric(&text, family, &[&label, "reason=\"header_timeout\""]);
         ensure!(timeout > 0.0, "{server}: no header_timeout refusals counted:\n{text}");
     }
+    let body = metric(&text, family, &["server=\"health\"", "reason=\"body_too_large\""]);
+    ensure!(body == 1.0, "body_too_large refusals: {body}\n{text}");
     let by_source = metric(
         &text,
         "mtls_agent_rejections_total",
@@ -400,5 +414,62 @@ fn no_new_streams_on_a_tunnel_connection_whose_peer_certificate_has_expired() ->
     );
     ensure!(after == before + 1.0, "peer_cert_expired refusals: {before} -> {after}");
     agent.wait_log("the peer's certificate expired at", Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Attackers in five pods (five source addresses) open idle connections to one pod's tunnel
+/// port: past the per-source and per-pod handshake caps they are closed at once, so the agent
+/// keeps its fds and another pod of the node is served throughout; the attacked pod is served
+/// again once they are gone.
+#[test]
+fn attackers_from_many_sources_on_one_pods_tunnel_port_do_not_starve_another_pod() -> Result<()> {
+    let attackers = ["att1", "att2", "att3", "att4", "att5"];
+    let mut pods = vec![("node1", "client"), ("node1", "victim"), ("node1", "other")];
+    pods.extend(attackers.iter().map(|a| ("node1", *a)));
+    let mut m = Mesh::build("strict-ports-sources", NS, &pods)?;
+    let (workloads, _) = m.workloads("workloads", &["client", "victim", "other"])?;
+    let ca = m.ca("ca")?;
+    let mut opts = AgentOptions::new("node1", &workloads);
+    opts.ca_dir = Some(ca);
+    opts.open_files = Some(1024);
+    opts.log_filter = Some("info".into());
+    let agent = AgentProcess::start(&m.bed, opts)?;
+    let tunnel = format!("{}:15008", m.bed.pod("victim").ip);
+    let tool = e2e_tool_path()?;
+    let mut floods = Vec::new();
+    for a in attackers {
+        let mut cmd = Command::new(&tool);
+        cmd.args(["slow-clients", "--connect", &tunnel, "--count", "300", "--seconds", "20"]);
+        floods.push(m.bed.spawn_in_pod(a, cmd)?);
+    }
+    for f in &floods {
+        f.wait_for_stdout(&format!("connected {tunnel} "), Duration::from_secs(20))?;
+    }
+    let (out, ok) = m.client(
+        "client",
+        &[
+            "--connect",
+            &m.dst("other"),
+            "--message",
+            "hi",
+            "--count",
+            "10",
+            "--timeout-ms",
+            "10000",
+        ],
+    )?;
+    ensure!(ok && out.matches("other:hi").count() == 10, "{out}\nagent log:\n{}", agent.log());
+    ensure!(agent.readiness()?.0, "not ready during the attack");
+    for f in &floods {
+        let (open, closed) = held(f, &tunnel)?;
+        ensure!(open == 0, "{open} attackers' connections still open ({closed} closed)");
+    }
+    let text = agent.metrics_text()?;
+    for reason in ["handshake_limit_pod", "handshake_limit_source"] {
+        let n = metric(&text, "mtls_agent_rejections_total", &[&format!("reason=\"{reason}\"")]);
+        ensure!(n > 0.0, "no {reason} refusals counted:\n{text}");
+    }
+    let (out, ok) = m.client("client", &["--connect", &m.dst("victim"), "--message", "back"])?;
+    ensure!(ok && out.contains("victim:back"), "the attacked pod afterwards: {out}");
     Ok(())
 }

@@ -569,23 +569,32 @@ fn slow_clients(addrs: &[String], count: usize, run: Duration, dawdle: bool) -> 
     let start = Instant::now();
     let end = start + run;
     let open_until = start + (run / 2).min(Duration::from_secs(15));
-    let mut all: Vec<(SocketAddr, Vec<TcpStream>)> = Vec::new();
+    // One thread per address, so that every port gets its burst at once.
+    let mut openers = Vec::new();
     for a in addrs {
         let addr = resolve(a)?;
-        let (mut ok, mut failed) = (Vec::new(), 0usize);
-        for _ in 0..count {
-            if Instant::now() >= open_until {
-                failed += 1;
-                continue;
-            }
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-                Ok(s) => {
-                    let _ = s.set_nonblocking(true);
-                    ok.push(s);
+        openers.push(std::thread::spawn(move || {
+            let (mut ok, mut failed) = (Vec::new(), 0usize);
+            for _ in 0..count {
+                if Instant::now() >= open_until {
+                    failed += 1;
+                    continue;
                 }
-                Err(_) => failed += 1,
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(s) => {
+                        let _ = s.set_nonblocking(true);
+                        ok.push(s);
+                    }
+                    Err(_) => failed += 1,
+                }
             }
-        }
+            (addr, ok, failed)
+        }));
+    }
+    let mut all: Vec<(SocketAddr, Vec<TcpStream>)> = Vec::new();
+    for t in openers {
+        let (addr, ok, failed) =
+            t.join().map_err(|_| Failure::other("an opener thread panicked".into()))?;
         say(&format!("connected {addr} {} {failed}", ok.len()));
         all.push((addr, ok));
     }

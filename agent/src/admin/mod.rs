@@ -258,7 +258,13 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
 fn refused(state: &AdminState, server: &'static str, reason: &'static str, peer: &str) {
     state.mesh.stats.servers.count(server, reason);
     if let Some(more) = crate::loglimit::refusal(peer, server, reason) {
-        warn!(server, src = peer, reason, "rejected: {server} connection{more}");
+        let why = match reason {
+            "connection_limit" => format!("{MAX_CONNECTIONS} connections already open"),
+            "header_timeout" => format!("request headers not complete within {HEADER_TIMEOUT:?}"),
+            "body_too_large" => "a request with a body (none is accepted)".to_owned(),
+            other => other.to_owned(),
+        };
+        warn!(server, src = peer, reason, "rejected: {server} connection: {why}{more}");
     }
 }
 
