@@ -6,10 +6,14 @@
 //! the SYN not yet sent), to `ORIG_DST` keyed by (netns cookie, client address, client port) where
 //! the agent finds it on accept, and deletes it when the socket closes.
 //!
-//! `inbound` (sk_lookup, attached to each enrolled pod's network namespace) runs when a new
-//! connection arrives for a pod's IP: a STRICT port refuses plaintext (the client gets a reset)
-//! unless it is the agent's tunnel port, traffic from the pod itself (the agent delivering
-//! tunnelled bytes), or a declared probe port reached from the node's address. It reads only
+//! `inbound` (sk_lookup) is loaded once per enrolled pod, with the pod's netns cookie in
+//! `POD_COOKIE`, and attached to the pod's network namespace. It runs when a new connection
+//! arrives in that namespace: the agent's own ports go to the agent's listeners (`LISTENERS`;
+//! refused when the agent has none there, never handed to an app that bound the port); loopback
+//! passes; every other address is the pod's and is judged by the pod's rules (`INBOUND_RULES`,
+//! keyed by cookie): a STRICT port refuses plaintext (the client gets a reset) unless it comes
+//! from the pod itself (the agent delivering tunnelled bytes) or is a declared probe port
+//! reached from the node's address; a pod without rules refuses everything. It reads only
 //! pinned maps, so it keeps enforcing while the agent is down.
 #![no_std]
 #![no_main]

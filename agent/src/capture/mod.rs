@@ -182,6 +182,18 @@ impl Capture {
                 .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
+        // Inbound rules keyed by address lived in `INBOUND` before they were keyed by netns
+        // cookie: its pin goes (the programs of an earlier version that still use it keep the
+        // map until their pods are re-enrolled; then the kernel frees it).
+        let legacy = maps_dir.join(LEGACY_INBOUND_PIN);
+        if legacy.exists() {
+            match fs::remove_file(&legacy) {
+                Ok(()) => {
+                    info!(pin = %legacy.display(), "removed the pin of the address-keyed inbound rules")
+                }
+                Err(e) => warn!(pin = %legacy.display(), "removing a legacy pin: {e}"),
+            }
+        }
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -641,6 +653,9 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     link.pin(path).map_err(|source| CaptureError::Pin { path: path.to_owned(), source })?;
     Ok(())
 }
+
+/// The pin of the inbound rules keyed by (address, port), before `INBOUND_RULES`.
+const LEGACY_INBOUND_PIN: &str = "INBOUND";
 
 /// Pin names of per-pod inbound links: `inbound_<netns cookie>_<generation>`.
 const INBOUND_LINK_PREFIX: &str = "inbound_";
