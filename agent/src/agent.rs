@@ -136,6 +136,8 @@ struct Agent {
     /// Pods of the node whose enrollment failed (reported through `failures`).
     failed: BTreeMap<String, FailedPod>,
     failures: Failures,
+    /// Kubernetes mode: for Events on pods whose enrollment fails.
+    kube: Option<kube::Client>,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
     /// The policy warnings logged last (file, line, what), so a workload change logs only new
@@ -158,13 +160,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(dir) => load_policies(dir, &cfg.root_namespace)?,
         None => PolicySet::empty(),
     };
-    let feed = match &cfg.source {
+    let (feed, kube) = match &cfg.source {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            Some(kubernetes::start(client, &cfg.root_namespace))
+            (Some(kubernetes::start(client.clone(), &cfg.root_namespace)), Some(client))
         }
-        Source::Files { .. } => None,
+        Source::Files { .. } => (None, None),
     };
     let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
     let certs = Arc::new(CertStore::new());
@@ -215,6 +217,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         failed: BTreeMap::new(),
         failures: Failures::default(),
+        kube,
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
@@ -621,6 +624,16 @@ impl Agent {
                             "enrollment failed ({holds}); retrying every {}s: {reason}",
                             ENROLL_RETRY.as_secs()
                         );
+                        if let (Some(client), Some(_)) = (&self.kube, &w.uid) {
+                            tokio::spawn(kubernetes::events::enrollment_failed(
+                                client.clone(),
+                                (*w).clone(),
+                                e.step,
+                                reason.clone(),
+                                node.clone(),
+                                closed,
+                            ));
+                        }
                     } else {
                         tracing::debug!(pod = %key, step = e.step.as_str(), "enrollment failed again: {reason}");
                     }
