@@ -873,9 +873,25 @@ impl Watch {
 async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
     each_time_readable(events, "refusal events", |ring| {
         while let Some(item) = ring.next() {
-            let Some((client, dst)) = crate::capture::parse_reject_event(&item) else { continue };
+            let Some((client, dst, no_rules)) = crate::capture::parse_reject_event(&item) else {
+                continue;
+            };
             let ws = mesh.workloads.borrow().clone();
             let pod = ws.by_ip(dst.ip());
+            if no_rules {
+                mesh.stats
+                    .inbound_plaintext_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    src = %client,
+                    dst = %dst,
+                    dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
+                    policy = "none: fail closed (the pod has no inbound rules: being enrolled, or its enrollment failed)",
+                    "rejected: connection to port {} of a pod held closed",
+                    dst.port()
+                );
+                continue;
+            }
             let policy = pod.map(|w| mesh.policies.borrow().decide(&ws, w, dst.port()).reason);
             mesh.stats
                 .inbound_plaintext_rejected

@@ -34,7 +34,8 @@ use mtls_agent_ebpf::{
     stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey,
     PortPolicy, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT, MAX_CONNS,
     MAX_INBOUND_RULES, MAX_LISTENERS, MAX_PODS, MODE_STRICT, OUTBOUND_PORT, PLAINTEXT_CLOSED,
-    PLAINTEXT_OPENED, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
+    PLAINTEXT_OPENED, REJECT_NO_RULES, REJECT_STRICT, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6,
+    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -366,10 +367,10 @@ pub fn mtls_inbound(ctx: SkLookupContext) -> u32 {
                 }
             }
         }
-        Verdict::Refuse => {
+        Verdict::Refuse(reason) => {
             count(stats::STRICT_REJECTED);
             // A full buffer loses the log line, never the verdict.
-            let _ = EVENTS.output::<RejectEvent>(&reject_event(&ctx), 0);
+            let _ = EVENTS.output::<RejectEvent>(&reject_event(&ctx, reason), 0);
             SK_DROP
         }
     }
@@ -379,13 +380,13 @@ enum Verdict {
     Pass,
     /// To the agent's listener in this `LISTENERS` slot, or refused if there is none.
     Steer(u32),
-    /// Plaintext to a STRICT port (or to a guarded pod without rules).
-    Refuse,
+    /// Plaintext to a STRICT port, or to a guarded pod without rules (`REJECT_*`).
+    Refuse(u16),
 }
 
 /// The refusal as the agent logs it.
 #[inline(always)]
-fn reject_event(ctx: &SkLookupContext) -> RejectEvent {
+fn reject_event(ctx: &SkLookupContext, reason: u16) -> RejectEvent {
     // SAFETY: as in `inbound_verdict`.
     let l = unsafe { &*ctx.lookup };
     let v4 = read(&l.family) == u32::from(AF_INET);
@@ -401,7 +402,7 @@ fn reject_event(ctx: &SkLookupContext) -> RejectEvent {
         // SAFETY: a 2-byte field at a fixed offset of the context.
         remote_port: u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) }),
         family: if v4 { AF_INET } else { AF_INET6 },
-        _pad: 0,
+        reason,
     }
 }
 
@@ -451,7 +452,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Verdict {
         None => match unsafe { INBOUND.get(&PortKey { netns_cookie, port: 0, _pad: [0; 3] }) } {
             Some(p) => *p,
             // No rules (yet, or any more) for a pod this program guards: closed.
-            None => return Verdict::Refuse,
+            None => return Verdict::Refuse(REJECT_NO_RULES),
         },
     };
     if policy.mode != MODE_STRICT {
@@ -464,7 +465,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Verdict {
     if policy.probe == 1 && probe_admitted(ctx_family, remote) {
         return Verdict::Pass;
     }
-    Verdict::Refuse
+    Verdict::Refuse(REJECT_STRICT)
 }
 
 /// Whether a plaintext connection from `remote` to a declared probe port of a STRICT pod is

@@ -738,8 +738,9 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A refusal by the inbound program: (client, pod address and port).
-pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+/// A refusal by the inbound program: (client, pod address and port, whether the pod had no
+/// rules at all: being enrolled, or held closed after a failed enrollment).
+pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
     if bytes.len() < std::mem::size_of::<mtls_agent_ebpf::RejectEvent>() {
         return None;
     }
@@ -748,7 +749,8 @@ pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let addr =
         |a: [u32; 4], port: u16| from_sock_addr(SockAddr { addr: a, port, family: e.family });
-    Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?))
+    let no_rules = e.reason == mtls_agent_ebpf::REJECT_NO_RULES;
+    Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?, no_rules))
 }
 
 /// A plaintext connection an enrolled pod's app accepted, as the kernel reported it.
