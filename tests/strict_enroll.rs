@@ -304,3 +304,76 @@ fn a_pod_whose_listeners_fail_is_held_closed_reported_retried_and_enrolled_later
     assert_eq!(metric(&metrics, "mtls_agent_pods_not_enrolled{"), 0.0, "{metrics}");
     Ok(())
 }
+
+#[test]
+fn kubernetes_mode_posts_one_warning_event_on_a_pod_it_cannot_enroll_and_stays_ready() -> Result<()>
+{
+    use testbed::{
+        agent::{AgentOptions, AgentProcess, CaDir},
+        apiserver::{self as api, ApiServer},
+        Testbed,
+    };
+    let uid = |n: u32| format!("{:08x}-5e3a-4c1d-9b7e-{:012x}", std::process::id(), n);
+    let mut bed = Testbed::new("se-event")?;
+    let node = bed.add_node("node1")?;
+    let cgroup = |u: &str| {
+        let u = u.replace('-', "_");
+        std::path::PathBuf::from(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-0a1b2c.scope"
+        ))
+    };
+    let a = bed.add_pod_in_cgroup("node1", "a", &cgroup(&uid(1)))?;
+    let _server = testbed::mesh::echo_server(&bed, "a")?;
+    let ghost_ip = bed.alloc_address()?;
+    let server = ApiServer::start()?;
+    let events = format!("/api/v1/namespaces/{NS}/events");
+    for path in
+        [api::PODS, api::SERVICES, api::ENDPOINTSLICES, api::PEERAUTHENTICATIONS_V1, &events]
+    {
+        server.serve(path);
+    }
+    let pod = |name: &str, uid: &str, ip: String| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "uid": uid},
+            "spec": {"nodeName": "node1", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIP": ip},
+        })
+    };
+    server.apply(api::PODS, pod("a", &uid(1), a.ip.to_string()));
+    // Running in the API, but no process of it on the node: its namespace cannot be found.
+    server.apply(api::PODS, pod("ghost", &uid(2), ghost_ip.to_string()));
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let ca = CaDir::init(&format!("{}-k8s", bed.id()), "cluster.local")?;
+    let mut opts = AgentOptions::kubernetes("node1", &kubeconfig, &node.cgroup);
+    opts.ca_dir = Some(ca.path.clone());
+    // Ready although one pod cannot be enrolled; the body names it.
+    let agent = AgentProcess::start(&bed, opts)?;
+    let (ready, body) = agent.readiness()?;
+    assert!(
+        ready && body.contains("1 of 2 pods enrolled") && body.contains("ghost.shop"),
+        "{body}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.objects(&events).is_empty() {
+        if Instant::now() > deadline {
+            bail!("no Event posted; agent log:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let posted = server.objects(&events);
+    let e = &posted[0];
+    assert_eq!(e["involvedObject"]["kind"], "Pod", "{e}");
+    assert_eq!(e["involvedObject"]["name"], "ghost", "{e}");
+    assert_eq!(e["involvedObject"]["uid"], uid(2), "{e}");
+    assert_eq!(e["reason"], "MeshEnrollmentFailed", "{e}");
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("netns")), "{e}");
+    // Retries with the same reason post nothing more.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(server.objects(&events).len(), 1, "{:?}", server.objects(&events));
+    Ok(())
+}

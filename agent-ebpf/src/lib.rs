@@ -93,8 +93,14 @@ pub struct RejectEvent {
     pub local_port: u16,
     pub remote_port: u16,
     pub family: u16,
-    pub _pad: u16,
+    /// `REJECT_*`: why.
+    pub reason: u16,
 }
+
+/// Plaintext to a STRICT port.
+pub const REJECT_STRICT: u16 = 0;
+/// A guarded pod without rules (being enrolled, or its enrollment failed): closed.
+pub const REJECT_NO_RULES: u16 = 1;
 
 /// A plaintext connection accepted by an app of an enrolled pod (PERMISSIVE, DISABLE, or a
 /// probe), opened or closed: the agent is not in its path, so the kernel tells it, and the

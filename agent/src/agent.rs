@@ -141,6 +141,8 @@ struct Agent {
     /// Pods of the node whose enrollment failed (reported through `failures`).
     failed: BTreeMap<String, FailedPod>,
     failures: Failures,
+    /// Kubernetes mode: for Events on pods whose enrollment fails.
+    kube: Option<kube::Client>,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
     /// The policy warnings logged last (file, line, what), so a workload change logs only new
@@ -163,13 +165,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(dir) => load_policies(dir, &cfg.root_namespace)?,
         None => PolicySet::empty(),
     };
-    let feed = match &cfg.source {
+    let (feed, kube) = match &cfg.source {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            Some(kubernetes::start(client, &cfg.root_namespace))
+            (Some(kubernetes::start(client.clone(), &cfg.root_namespace)), Some(client))
         }
-        Source::Files { .. } => None,
+        Source::Files { .. } => (None, None),
     };
     if cfg.node_ip.is_some() {
         warn!("--node-ip grants nothing any more: the probe exemption follows --kubelet-cgroup");
@@ -225,6 +227,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         failed: BTreeMap::new(),
         failures: Failures::default(),
+        kube,
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
@@ -643,6 +646,16 @@ impl Agent {
                             "enrollment failed ({holds}); retrying every {}s: {reason}",
                             ENROLL_RETRY.as_secs()
                         );
+                        if let (Some(client), Some(_)) = (&self.kube, &w.uid) {
+                            tokio::spawn(kubernetes::events::enrollment_failed(
+                                client.clone(),
+                                (*w).clone(),
+                                e.step,
+                                reason.clone(),
+                                node.clone(),
+                                closed,
+                            ));
+                        }
                     } else {
                         tracing::debug!(pod = %key, step = e.step.as_str(), "enrollment failed again: {reason}");
                     }
@@ -883,9 +896,25 @@ impl Watch {
 async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Arc<Mesh>) {
     each_time_readable(events, "refusal events", |ring| {
         while let Some(item) = ring.next() {
-            let Some((client, dst)) = crate::capture::parse_reject_event(&item) else { continue };
+            let Some((client, dst, no_rules)) = crate::capture::parse_reject_event(&item) else {
+                continue;
+            };
             let ws = mesh.workloads.borrow().clone();
             let pod = ws.by_ip(dst.ip());
+            if no_rules {
+                mesh.stats
+                    .inbound_plaintext_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    src = %client,
+                    dst = %dst,
+                    dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
+                    policy = "none: fail closed (the pod has no inbound rules: being enrolled, or its enrollment failed)",
+                    "rejected: connection to port {} of a pod held closed",
+                    dst.port()
+                );
+                continue;
+            }
             let policy = pod.map(|w| mesh.policies.borrow().decide(&ws, w, dst.port()).reason);
             mesh.stats
                 .inbound_plaintext_rejected

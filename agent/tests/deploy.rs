@@ -92,7 +92,10 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
     assert_eq!(args.workloads, None, "Kubernetes mode is `run` without --workloads");
     assert_eq!(args.node, "node-1");
     // Probes are admitted by who opened them (`--kubelet-cgroup`), never by source address.
-    assert_eq!(args.node_ip, None, "--node-ip grants nothing any more: the DaemonSet must not pass it");
+    assert_eq!(
+        args.node_ip, None,
+        "--node-ip grants nothing any more: the DaemonSet must not pass it"
+    );
 
     // Probes: readiness and liveness on the health port, at the paths the agent serves.
     let (ready_path, ready_port) = http_probe(c.readiness_probe.as_ref());

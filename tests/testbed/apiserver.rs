@@ -117,6 +117,15 @@ impl ApiServer {
         self.lock().collections.entry(path.to_owned()).or_default();
     }
 
+    /// The objects of the collection at `path` (e.g. what a client created with POST).
+    pub fn objects(&self, path: &str) -> Vec<Value> {
+        self.lock()
+            .collections
+            .get(path)
+            .map(|c| c.objects.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Creates or replaces an object (by namespace and name) and tells the watches.
     pub fn apply(&self, path: &str, mut object: Value) {
         let mut st = self.lock();
@@ -262,6 +271,22 @@ async fn handle(
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    // Creation (the agent posts Events): stored in the collection at `path`, if served.
+    if req.method() == hyper::Method::POST {
+        let Ok(body) = req.into_body().collect().await else { return Ok(full(400, json!({}))) };
+        let Ok(mut object) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return Ok(full(400, json!({})));
+        };
+        let mut st = lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let Some(c) = st.collections.get_mut(&path) else { return Ok(not_found(&path)) };
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        c.objects.insert(key_of(&object), object.clone());
+        c.log.push((rv, "ADDED", object.clone()));
+        c.broadcast("ADDED", &object);
+        return Ok(full(201, object));
+    }
     if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let (tx, mut rx) = mpsc::unbounded_channel();

@@ -8,12 +8,17 @@
 //! before the SYN leaves its record until `sock_release` deletes it; each pod may hold at most
 //! `PENDING_QUOTA` records, so no pod can fill the map for the others.
 //!
-//! `inbound` (sk_lookup, attached to each enrolled pod's network namespace) runs when a new
-//! connection arrives for a pod's IP: a STRICT port refuses plaintext (the client gets a reset)
-//! unless it is the agent's tunnel port, traffic from the pod itself (the agent delivering
-//! tunnelled bytes), or a declared probe port reached by a connection the kubelet opened
-//! (`kubelet_ops`, a sock_ops program on the kubelet's cgroup, records those in
-//! `PROBE_CONNS`). It reads only pinned maps, so it keeps enforcing while the agent is down.
+//! `inbound` (sk_lookup) is loaded once per enrolled pod, with the pod's netns cookie in
+//! `POD_COOKIE`, and attached to the pod's network namespace. It runs when a new connection
+//! arrives in that namespace: the agent's own ports go to the agent's listeners (`LISTENERS`;
+//! refused when the agent has none there, never handed to an app that bound the port); loopback
+//! passes; every other address is the pod's and is judged by the pod's rules (`INBOUND_RULES`,
+//! keyed by cookie): a STRICT port refuses plaintext (the client gets a reset) unless it comes
+//! from the pod itself (the agent delivering tunnelled bytes) or is a declared probe port
+//! reached by a connection the kubelet opened (`kubelet_ops`, a sock_ops program on the
+//! kubelet's cgroup, records those in `PROBE_CONNS`); a pod without rules refuses everything.
+//! It reads only
+//! pinned maps, so it keeps enforcing while the agent is down.
 #![no_std]
 #![no_main]
 // Atomic read-modify-write on map values: the BPF target has no `core::sync::atomic` types.
@@ -37,8 +42,8 @@ use mtls_agent_ebpf::{
     stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey,
     PortPolicy, ProbeConn, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT,
     MAX_AGENT_INSTANCES, MAX_CONNS, MAX_INBOUND_RULES, MAX_LISTENERS, MAX_PODS, MAX_PROBE_CONNS,
-    MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
-    SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
+    MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED, REJECT_NO_RULES,
+    REJECT_STRICT, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -502,10 +507,10 @@ pub fn mtls_inbound(ctx: SkLookupContext) -> u32 {
                 }
             }
         }
-        Verdict::Refuse => {
+        Verdict::Refuse(reason) => {
             count(stats::STRICT_REJECTED);
             // A full buffer loses the log line, never the verdict.
-            let _ = EVENTS.output::<RejectEvent>(&reject_event(&ctx), 0);
+            let _ = EVENTS.output::<RejectEvent>(&reject_event(&ctx, reason), 0);
             SK_DROP
         }
     }
@@ -515,13 +520,13 @@ enum Verdict {
     Pass,
     /// To the agent's listener in this `LISTENERS` slot, or refused if there is none.
     Steer(u32),
-    /// Plaintext to a STRICT port (or to a guarded pod without rules).
-    Refuse,
+    /// Plaintext to a STRICT port, or to a guarded pod without rules (`REJECT_*`).
+    Refuse(u16),
 }
 
 /// The refusal as the agent logs it.
 #[inline(always)]
-fn reject_event(ctx: &SkLookupContext) -> RejectEvent {
+fn reject_event(ctx: &SkLookupContext, reason: u16) -> RejectEvent {
     // SAFETY: as in `inbound_verdict`.
     let l = unsafe { &*ctx.lookup };
     let v4 = read(&l.family) == u32::from(AF_INET);
@@ -537,7 +542,7 @@ fn reject_event(ctx: &SkLookupContext) -> RejectEvent {
         // SAFETY: a 2-byte field at a fixed offset of the context.
         remote_port: u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) }),
         family: if v4 { AF_INET } else { AF_INET6 },
-        _pad: 0,
+        reason,
     }
 }
 
@@ -587,7 +592,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Verdict {
         None => match unsafe { INBOUND.get(&PortKey { netns_cookie, port: 0, _pad: [0; 3] }) } {
             Some(p) => *p,
             // No rules (yet, or any more) for a pod this program guards: closed.
-            None => return Verdict::Refuse,
+            None => return Verdict::Refuse(REJECT_NO_RULES),
         },
     };
     if policy.mode != MODE_STRICT {
@@ -606,7 +611,7 @@ fn inbound_verdict(ctx: &SkLookupContext) -> Verdict {
             return Verdict::Pass;
         }
     }
-    Verdict::Refuse
+    Verdict::Refuse(REJECT_STRICT)
 }
 
 /// A plaintext connection to a STRICT probe port is let in only when the kubelet opened it: its

@@ -197,6 +197,18 @@ impl Capture {
                 .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
+        // Inbound rules keyed by address lived in `INBOUND` before they were keyed by netns
+        // cookie: its pin goes (the programs of an earlier version that still use it keep the
+        // map until their pods are re-enrolled; then the kernel frees it).
+        let legacy = maps_dir.join(LEGACY_INBOUND_PIN);
+        if legacy.exists() {
+            match fs::remove_file(&legacy) {
+                Ok(()) => {
+                    info!(pin = %legacy.display(), "removed the pin of the address-keyed inbound rules")
+                }
+                Err(e) => warn!(pin = %legacy.display(), "removing a legacy pin: {e}"),
+            }
+        }
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -753,6 +765,9 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     Ok(())
 }
 
+/// The pin of the inbound rules keyed by (address, port), before `INBOUND_RULES`.
+const LEGACY_INBOUND_PIN: &str = "INBOUND";
+
 /// Pin names of per-pod inbound links: `inbound_<netns cookie>_<generation>`.
 const INBOUND_LINK_PREFIX: &str = "inbound_";
 
@@ -884,8 +899,9 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A refusal by the inbound program: (client, pod address and port).
-pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+/// A refusal by the inbound program: (client, pod address and port, whether the pod had no
+/// rules at all: being enrolled, or held closed after a failed enrollment).
+pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
     if bytes.len() < std::mem::size_of::<mtls_agent_ebpf::RejectEvent>() {
         return None;
     }
@@ -894,7 +910,8 @@ pub fn parse_reject_event(bytes: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let addr =
         |a: [u32; 4], port: u16| from_sock_addr(SockAddr { addr: a, port, family: e.family });
-    Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?))
+    let no_rules = e.reason == mtls_agent_ebpf::REJECT_NO_RULES;
+    Some((addr(e.remote, e.remote_port)?, addr(e.local, e.local_port)?, no_rules))
 }
 
 /// A plaintext connection an enrolled pod's app accepted, as the kernel reported it.

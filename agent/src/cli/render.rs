@@ -272,6 +272,20 @@ mod tests {
     }
 
     #[test]
+    fn check_says_a_pod_that_failed_enrollment_fails_closed_and_why() {
+        let v = serde_json::json!({
+            "pod": "a.ns", "ip": "10.0.0.2", "node": "node1", "agentNode": "node1",
+            "enrolled": false, "listeners": [], "outbound": [],
+            "enrollmentFailure": {"pod": "a.ns", "step": "listeners", "failsClosed": true,
+                "reason": "Address already in use", "since": "2026-01-01T00:00:00Z", "attempts": 3}});
+        let text = check(&v);
+        let first = text.lines().next().unwrap_or_default();
+        assert!(first.contains("NOT ENROLLED") && first.contains("listeners"), "{text}");
+        assert!(first.contains("Address already in use") && first.contains("3 attempts"), "{text}");
+        assert!(first.contains("fails closed") && first.contains("retried"), "{text}");
+    }
+
+    #[test]
     fn connections_show_age_and_bytes_of_live_ones() {
         let v = serde_json::json!([
             {"direction": "outbound", "open": true, "ageMs": 61_500, "bytesSent": 5, "bytesReceived": 7},
