@@ -177,7 +177,8 @@ fn udp_rows(listeners: &UdpListeners) -> (Vec<UdpListenerRow>, Option<String>) {
     let note = match (more, listeners.truncated) {
         (0, false) => None,
         (0, true) => Some("the pod has more UDP sockets than were read; more may exist".into()),
-        (n, _) => Some(format!("{n} more UDP listeners not shown")),
+        (n, false) => Some(format!("{n} more UDP listeners not shown")),
+        (n, true) => Some(format!("{n} more UDP listeners not shown, and more may exist")),
     };
     (rows, note)
 }
@@ -427,7 +428,9 @@ mod tests {
         };
         let (rows, note) = udp_rows(&many);
         assert_eq!(rows.len(), UDP_ROWS);
-        assert_eq!(note.as_deref(), Some("44 more UDP listeners not shown"));
+        assert_eq!(note.as_deref(), Some("44 more UDP listeners not shown, and more may exist"));
+        let many = UdpListeners { truncated: false, ..many };
+        assert_eq!(udp_rows(&many).1.as_deref(), Some("44 more UDP listeners not shown"));
         let cut = UdpListeners { addrs: vec![], truncated: true };
         assert!(udp_rows(&cut).1.is_some_and(|n| n.contains("more may exist")));
     }
