@@ -485,7 +485,7 @@ fn pins_of_the_old_map_layouts_are_not_reused_and_are_removed() -> Result<()> {
     for old in ["ENROLLED", "PENDING_DST"] {
         assert!(!maps.join(old).exists(), "{old} still pinned");
     }
-    for new in ["ENROLLED_PODS", "PENDING_CONNS", "AGENT_CGROUPS", "PROBE_CONNS"] {
+    for new in ["ENROLLED_PODS", "PENDING_CONNS", "AGENT_CGROUP_IDS", "PROBE_CONNS"] {
         assert!(maps.join(new).exists(), "{new} not pinned");
     }
     Ok(())

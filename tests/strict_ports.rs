@@ -221,6 +221,49 @@ fn thousands_of_idle_and_slow_clients_on_every_port_leave_the_mesh_and_readiness
     Ok(())
 }
 
+/// One attacker that reconnects as fast as it is closed cannot take the health port: it holds
+/// at most its per-source share of the slots, and the probe (here from 127.0.0.1, for the
+/// kubelet from the node's address) is answered at once all the while. Before the per-source
+/// bound it held all 256 slots, and probes were closed unanswered until the agent was killed.
+#[test]
+fn a_client_reconnecting_in_a_loop_cannot_take_the_health_port_from_the_probes() -> Result<()> {
+    let mut m = Mesh::build("strict-ports-reconnect", NS, &[("node1", "server")])?;
+    let (workloads, _) = m.workloads("workloads", &["server"])?;
+    let ca = m.ca("ca")?;
+    let mut opts = AgentOptions::new("node1", &workloads);
+    opts.ca_dir = Some(ca);
+    opts.log_filter = Some("info".into());
+    let agent = AgentProcess::start(&m.bed, opts)?;
+
+    let mut cmd = Command::new(e2e_tool_path()?);
+    cmd.args(["reconnect-flood", "--connect", &agent.health.to_string()]);
+    cmd.args(["--bind", "127.0.0.2", "--seconds", "12"]);
+    let flood = spawn_on_host(cmd)?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Ten probes over five seconds while the flood goes on: each answered, none refused.
+    for i in 0..10 {
+        let t = Instant::now();
+        let answer = agent.readiness();
+        ensure!(
+            matches!(answer, Ok((true, _))),
+            "probe {i} during the flood: {answer:?} after {:?}\nlog:\n{}",
+            t.elapsed(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = flood.wait_with_output(Duration::from_secs(30))?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = agent.metrics_text()?;
+    let refused = metric(
+        &text,
+        "mtls_agent_server_rejections_total",
+        &["server=\"health\"", "reason=\"source_limit\""],
+    );
+    ensure!(refused > 0.0, "no source_limit refusals counted ({out}):\n{text}");
+    Ok(())
+}
+
 /// The loopback TCP ports `pid` listens on in the host netns.
 fn listening_ports(pid: u32) -> Result<HashSet<u16>> {
     let mut inodes = HashSet::new();

@@ -9,7 +9,7 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the agent's inbound HBONE listener on every enrolled pod's IP.
 pub const INBOUND_PORT: u16 = 15008;
 /// Entries of `AGENT_CGROUPS`: the cgroups of running agent instances (two during a rolling
-/// update), plus room for ids left by instances that crashed (evicted, oldest first).
+/// update), plus room for ids left by instances that crashed (removed by the next instance).
 pub const MAX_AGENT_INSTANCES: u32 = 64;
 
 /// Maximum enrolled pods per node (`ENROLLED` map size).
@@ -40,8 +40,9 @@ pub mod map_names {
     /// count in earlier versions, hence the new name).
     pub const ENROLLED: &str = "ENROLLED_PODS";
     pub const CONFIG: &str = "CONFIG";
-    /// cgroup v2 id -> 1, for each running agent instance.
-    pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+    /// cgroup v2 id -> pid of the instance that wrote it, for each running agent instance
+    /// (`AGENT_CGROUPS`, an LRU map in development builds, had the same key and value).
+    pub const AGENT_CGROUPS: &str = "AGENT_CGROUP_IDS";
     /// [`super::ProbeConn`] -> 1: connections opened by the kubelet (`--kubelet-cgroup`).
     pub const PROBE_CONNS: &str = "PROBE_CONNS";
     /// Socket cookie -> original destination between connect() and TCP_CONNECT_CB (a

@@ -905,12 +905,17 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 mesh.stats
                     .inbound_plaintext_rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let policy = "none: fail closed (the pod has no inbound rules: being enrolled, or its enrollment failed)";
+                // Rate-limited as every refusal line: a flood must not flood the log.
+                let Some(more) = crate::loglimit::refusal(client.ip(), dst, policy) else {
+                    continue;
+                };
                 warn!(
                     src = %client,
                     dst = %dst,
                     dst_pod = pod.map(|w| w.key()).unwrap_or_default(),
-                    policy = "none: fail closed (the pod has no inbound rules: being enrolled, or its enrollment failed)",
-                    "rejected: connection to port {} of a pod held closed",
+                    policy,
+                    "rejected: connection to port {} of a pod held closed{more}",
                     dst.port()
                 );
                 continue;

@@ -119,6 +119,19 @@ enum Cmd {
         #[arg(long)]
         dawdle: bool,
     },
+    /// Reconnects to ADDR in a loop from the loopback source BIND for S seconds (at most N
+    /// connection attempts), keeping the last 512 open and silent: one attacker that takes
+    /// every slot it is given. Prints `attempts N accepted M` at the end.
+    ReconnectFlood {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        bind: std::net::Ipv4Addr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 200_000)]
+        max: u64,
+    },
     /// One HTTP/1.1 request over a unix socket; prints the answer.
     UnixHttp {
         #[arg(long)]
@@ -226,6 +239,9 @@ fn main() -> ExitCode {
         ),
         Cmd::SlowClients { connect, count, seconds, dawdle } => {
             slow_clients(&connect, count, Duration::from_secs(seconds), dawdle)
+        }
+        Cmd::ReconnectFlood { connect, bind, seconds, max } => {
+            reconnect_flood(&connect, bind, Duration::from_secs(seconds), max)
         }
         Cmd::UnixHttp { socket, method, path } => unix_http(&socket, &method, &path),
         Cmd::Hold { connect, seconds, timeout_ms } => {
@@ -554,6 +570,37 @@ fn sink(addr: &str, bytes: u64, timeout: Duration) -> Outcome<()> {
 /// The byte `sink` sends at stream offset `p`: depends on the position, so reordering shows.
 fn pattern_byte(p: u64) -> u8 {
     (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+/// A TCP connection to `addr` from `source` (port chosen by the kernel), within `timeout`.
+fn connect_from(
+    source: std::net::Ipv4Addr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((source, 0)).into())?;
+    s.connect_timeout(&addr.into(), timeout)?;
+    Ok(s.into())
+}
+
+fn reconnect_flood(addr: &str, source: std::net::Ipv4Addr, run: Duration, max: u64) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let end = Instant::now() + run;
+    let mut held = std::collections::VecDeque::with_capacity(512);
+    let (mut attempts, mut accepted) = (0u64, 0u64);
+    while attempts < max && Instant::now() < end {
+        attempts += 1;
+        if let Ok(s) = connect_from(source, addr, Duration::from_millis(500)) {
+            accepted += 1;
+            if held.len() == 512 {
+                held.pop_front();
+            }
+            held.push_back(s);
+        }
+    }
+    say(&format!("attempts {attempts} accepted {accepted}"));
+    Ok(())
 }
 
 fn slow_clients(addrs: &[String], count: usize, run: Duration, dawdle: bool) -> Outcome<()> {

@@ -59,10 +59,13 @@ static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// cgroup v2 ids of the running agent instances (two during a rolling update): their own
 /// connect()s, made inside pods' namespaces, are never captured. A task cannot forge the cgroup
-/// it runs in, unlike a socket mark. LRU-bounded: a crashed instance's id stays until evicted,
-/// and matches nothing meanwhile (cgroup ids are never reused).
-#[map]
-static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_AGENT_INSTANCES, 0);
+/// it runs in, unlike a socket mark. A plain hash, not an LRU map: a small LRU map with a
+/// common LRU list can evict a live entry when another CPU inserts, and an evicted id would
+/// send that instance's own dials back into an agent. The value is the writer's pid: a new
+/// instance removes the ids of instances that are gone (cgroup ids are never reused, so a
+/// stale one matches nothing meanwhile).
+#[map(name = "AGENT_CGROUP_IDS")]
+static AGENT_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_AGENT_INSTANCES, 0);
 /// Per-CPU LRU lists: no global lock on insert (the common LRU list costs about a microsecond).
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 

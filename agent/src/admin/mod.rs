@@ -215,6 +215,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Connections served at once per server; past it new ones are closed at once, counted.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one source address may hold at once on one server: a pod that reconnects in a
+/// loop holds at most this many of the slots, and the kubelet's probe (from the node's
+/// address) or Prometheus' scrape still finds one. A scraper or a probe needs one or two.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 /// No endpoint takes a body: larger requests get 413 and the connection is closed.
 const MAX_BODY: u64 = 4096;
 /// The smallest read buffer hyper accepts: it bounds the request head.
@@ -260,6 +264,9 @@ fn refused(state: &AdminState, server: &'static str, reason: &'static str, peer:
     if let Some(more) = crate::loglimit::refusal(peer, server, reason) {
         let why = match reason {
             "connection_limit" => format!("{MAX_CONNECTIONS} connections already open"),
+            "source_limit" => {
+                format!("{MAX_CONNECTIONS_PER_SOURCE} connections from this address already open")
+            }
             "header_timeout" => format!("request headers not complete within {HEADER_TIMEOUT:?}"),
             "body_too_large" => "a request with a body (none is accepted)".to_owned(),
             other => other.to_owned(),
@@ -275,6 +282,7 @@ async fn serve_with(
     route: fn(&AdminState, Request<Incoming>) -> Response<Full<Bytes>>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = Arc::new(crate::tunnel::limits::SourceCounts::new(MAX_CONNECTIONS_PER_SOURCE));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -285,6 +293,23 @@ async fn serve_with(
                 continue;
             }
         };
+        // Per source first: one source's flood then never takes the node-wide slots. The unix
+        // socket (root only) has no source address, and the node's own 127.0.0.1 / ::1 (tools
+        // run on the host; a pod never has that source here) no per-source bound.
+        let source_slot = match peer.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_loopback() && (ip == std::net::Ipv4Addr::LOCALHOST || ip.is_ipv6()) => {
+                None
+            }
+            Ok(ip) => match crate::tunnel::limits::SourceSlot::acquire(&per_source, ip) {
+                Some(s) => Some(s),
+                None => {
+                    drop(stream);
+                    refused(&state, server, "source_limit", &peer);
+                    continue;
+                }
+            },
+            Err(_) => None,
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream);
             refused(&state, server, "connection_limit", &peer);
@@ -292,7 +317,7 @@ async fn serve_with(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source_slot);
             let st = state.clone();
             let svc = service_fn(move |req| {
                 let state = st.clone();

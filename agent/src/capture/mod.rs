@@ -244,8 +244,9 @@ impl Capture {
         let own_cgroup = self_cgroup::own_cgroup()?;
         let mut agent_cgroups: HashMap<MapData, u64, u32> =
             take_map(&mut ebpf, map_names::AGENT_CGROUPS)?;
+        forget_gone_instances(&mut agent_cgroups);
         agent_cgroups
-            .insert(own_cgroup.1, 1, 0)
+            .insert(own_cgroup.1, std::process::id(), 0)
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
@@ -490,10 +491,11 @@ impl Capture {
         read_stats(&self.stats)
     }
 
-    /// Writes this instance's cgroup id again (cheap; guards against eviction from the LRU map
-    /// by ids that crashed instances left behind).
+    /// Writes this instance's cgroup id again (cheap): should another process have removed it
+    /// from the pinned map, capture tells the agent's own connections apart again within one
+    /// refresh.
     pub fn refresh_own_cgroup(&mut self) {
-        if let Err(e) = self.agent_cgroups.insert(self.own_cgroup.1, 1, 0) {
+        if let Err(e) = self.agent_cgroups.insert(self.own_cgroup.1, std::process::id(), 0) {
             warn!("refreshing the agent's cgroup id in {}: {e}", map_names::AGENT_CGROUPS);
         }
     }
@@ -564,7 +566,7 @@ impl Capture {
         let name = map_names::AGENT_CGROUPS;
         let data = MapData::from_pin(bpffs.join("maps").join(name))
             .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::LruHashMap(data))
+        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::HashMap(data))
             .map_err(|source| CaptureError::Map { name, source })?;
         Ok(map.keys().filter_map(Result::ok).collect())
     }
@@ -629,6 +631,34 @@ fn check_kubelet_cgroup(kubelet: &Path, pods: &Path) -> Result<(), CaptureError>
         return Err(err("lies inside"));
     }
     Ok(())
+}
+
+/// Removes the cgroup ids of agent instances that are no longer running (their pid is gone),
+/// so ids of crashed instances never fill `AGENT_CGROUPS`. The ids of running instances (the
+/// old one during a rolling update) stay.
+fn forget_gone_instances(map: &mut HashMap<MapData, u64, u32>) {
+    let gone: Vec<u64> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, pid)| !pid_running(*pid))
+        .map(|(id, _)| id)
+        .collect();
+    for id in gone {
+        let _ = map.remove(&id);
+        debug!(cgroup_id = id, "forgot the cgroup id of an agent instance that is gone");
+    }
+}
+
+/// Whether a process with this pid exists (in the agent's pid namespace: the host's, in a
+/// cluster, where the DaemonSet runs with `hostPID`).
+fn pid_running(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        // Exists, but is not ours to signal.
+        Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
 }
 
 fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
@@ -1097,6 +1127,14 @@ mod tests {
             let _ = fs::remove_dir(d);
         }
         result.unwrap();
+    }
+
+    #[test]
+    fn only_the_ids_of_running_instances_are_kept() {
+        // This process runs; a pid beyond the kernel's maximum never does.
+        assert!(pid_running(std::process::id()));
+        assert!(!pid_running(1 << 30));
+        assert!(!pid_running(u32::MAX));
     }
 
     #[test]

@@ -81,6 +81,27 @@ pub fn sources() -> &'static Arc<SourceCounts> {
     SOURCES.get_or_init(|| Arc::new(SourceCounts::new(PER_SOURCE)))
 }
 
+/// One slot of a [`SourceCounts`], held until it drops: the local HTTP servers count their
+/// connections per source address with it.
+#[derive(Debug)]
+pub struct SourceSlot {
+    sources: Arc<SourceCounts>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    /// A slot for one more connection from `ip`, or `None` when `ip` holds its maximum.
+    pub fn acquire(sources: &Arc<SourceCounts>, ip: IpAddr) -> Option<SourceSlot> {
+        sources.acquire(ip).then(|| SourceSlot { sources: sources.clone(), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.sources.release(self.ip);
+    }
+}
+
 /// One pod's count of handshakes in progress.
 #[derive(Debug)]
 pub struct PodCount {
@@ -134,6 +155,18 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_slot_bounds_one_address_and_frees_on_drop() {
+        let sources = Arc::new(SourceCounts::new(2));
+        let a1 = SourceSlot::acquire(&sources, ip("127.0.0.2")).unwrap();
+        let _a2 = SourceSlot::acquire(&sources, ip("127.0.0.2")).unwrap();
+        assert!(SourceSlot::acquire(&sources, ip("127.0.0.2")).is_none());
+        // Another address is not held back by the first one's flood.
+        assert!(SourceSlot::acquire(&sources, ip("127.0.0.1")).is_some());
+        drop(a1);
+        assert!(SourceSlot::acquire(&sources, ip("127.0.0.2")).is_some());
     }
 
     #[test]
