@@ -433,8 +433,9 @@ fn a_kubelet_cgroup_around_the_pods_cgroup_is_refused_at_start() -> Result<()> {
     Ok(())
 }
 
-/// Creates a small hash map and pins it at `path` (as an earlier version's map was).
-fn pin_a_map(path: &std::path::Path) -> Result<()> {
+/// Creates a small hash map (8-byte keys and values) and pins it at `path` (as an earlier
+/// version's map was), holding `entry` if given.
+fn pin_a_map(path: &std::path::Path, entry: Option<u64>) -> Result<()> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -454,6 +455,29 @@ fn pin_a_map(path: &std::path::Path) -> Result<()> {
         libc::syscall(libc::SYS_bpf, 0, &create as *const MapCreate, size_of::<MapCreate>())
     };
     anyhow::ensure!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    if let Some(key) = entry {
+        #[repr(C)]
+        struct MapUpdate {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let value = 0u64;
+        let update = MapUpdate {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: &key as *const u64 as u64,
+            value: &value as *const u64 as u64,
+            flags: 0,
+        };
+        // SAFETY: a valid bpf_attr prefix for BPF_MAP_UPDATE_ELEM (2); key and value outlive it.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, 2, &update as *const MapUpdate, size_of::<MapUpdate>())
+        };
+        anyhow::ensure!(rc == 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
+    }
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     let pin = ObjPin { pathname: c_path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0 };
     // SAFETY: a valid bpf_attr prefix for BPF_OBJ_PIN (6); the path outlives the call.
@@ -467,21 +491,26 @@ fn pin_a_map(path: &std::path::Path) -> Result<()> {
 
 /// A node upgraded from a version whose `ENROLLED` and `PENDING_DST` had other layouts: the new
 /// agent creates `ENROLLED_PODS` and `PENDING_CONNS` instead of reopening them with the wrong
-/// sizes, and removes the old pins once its programs are attached.
+/// sizes, carries the pods `ENROLLED` held over before its programs replace the old ones (so no
+/// pod is uncaptured until the first reconcile), and removes the old pins.
 #[test]
 fn pins_of_the_old_map_layouts_are_not_reused_and_are_removed() -> Result<()> {
     let mut bed = Testbed::new("sc-old-pins")?;
     bed.add_node("node1")?;
     let maps = bed.bpffs_dir("node1").join("maps");
     std::fs::create_dir_all(&maps)?;
-    for old in ["ENROLLED", "PENDING_DST"] {
-        pin_a_map(&maps.join(old))?;
-    }
+    // A pod the previous layout captured (its cookie; the value was padding).
+    pin_a_map(&maps.join("ENROLLED"), Some(0x5eed))?;
+    pin_a_map(&maps.join("PENDING_DST"), None)?;
     let workloads_path = std::env::temp_dir().join(format!("{}-workloads.yaml", bed.id()));
     WorkloadsFile::default().write(&workloads_path)?;
     let started = AgentProcess::start(&bed, AgentOptions::new("node1", &workloads_path));
     let _ = std::fs::remove_file(&workloads_path);
-    let _agent = started?;
+    let agent = started?;
+    agent.wait_log(
+        "carried over the previous layout's ENROLLED map: 1 enrolled pod(s)",
+        Duration::from_secs(5),
+    )?;
     for old in ["ENROLLED", "PENDING_DST"] {
         assert!(!maps.join(old).exists(), "{old} still pinned");
     }

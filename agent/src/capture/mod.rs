@@ -238,7 +238,10 @@ impl Capture {
             .set(0, value, 0)
             .map_err(|source| CaptureError::Map { name: map_names::CONFIG, source })?;
 
-        let enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
+        let mut enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
+        // Before the new programs replace the old ones: the pods the previous layout captured
+        // stay captured in between (the first reconcile then keeps or releases each).
+        carry_over_enrolled(&maps_dir, &mut enrolled);
         // Before any program is attached: from then on this instance's connect()s inside pods'
         // namespaces must already be recognised as its own.
         let own_cgroup = self_cgroup::own_cgroup()?;
@@ -631,6 +634,35 @@ fn check_kubelet_cgroup(kubelet: &Path, pods: &Path) -> Result<(), CaptureError>
         return Err(err("lies inside"));
     }
     Ok(())
+}
+
+/// Copies the pods of a previous layout's `ENROLLED` map (same key, an 8-byte value whose
+/// second half was padding, now the pending count) into `ENROLLED_PODS`, so that an upgrade
+/// never leaves an enrolled pod's connect()s uncaptured between the new programs' attach and the
+/// first reconcile (which, in Kubernetes mode, waits for the API server).
+fn carry_over_enrolled(maps_dir: &Path, enrolled: &mut HashMap<MapData, u64, PodInfo>) {
+    const LEGACY: &str = "ENROLLED";
+    const BPF_NOEXIST: u64 = 1;
+    let path = maps_dir.join(LEGACY);
+    if !path.exists() {
+        return;
+    }
+    let legacy = MapData::from_pin(&path).map_err(|e| e.to_string()).and_then(|d| {
+        HashMap::<_, u64, PodInfo>::try_from(Map::HashMap(d)).map_err(|e| e.to_string())
+    });
+    let legacy = match legacy {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(path = %path.display(), "reading the previous layout's enrolled pods: {e}");
+            return;
+        }
+    };
+    let cookies: Vec<u64> = legacy.keys().filter_map(Result::ok).collect();
+    let carried = cookies
+        .iter()
+        .filter(|c| enrolled.insert(**c, PodInfo::default(), BPF_NOEXIST).is_ok())
+        .count();
+    info!("carried over the previous layout's {LEGACY} map: {carried} enrolled pod(s)");
 }
 
 /// Removes the cgroup ids of agent instances that are no longer running (their pid is gone),
