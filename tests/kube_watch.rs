@@ -38,9 +38,17 @@ fn peer_auth(version: &str, ns: &str, name: &str, mode: &str) -> Value {
 /// A server with every collection served and a cluster of two nodes in it.
 fn cluster() -> ApiServer {
     let s = ApiServer::start().expect("mock API server");
-    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES, api::PEERAUTHENTICATIONS_V1] {
+    for path in [
+        api::PODS,
+        api::NAMESPACES,
+        api::SERVICES,
+        api::ENDPOINTSLICES,
+        api::PEERAUTHENTICATIONS_V1,
+    ] {
         s.serve(path);
     }
+    // Its pods are in the mesh only because the namespace opts in.
+    s.apply(api::NAMESPACES, api::namespace("shop", true));
     // The v1beta1 PeerAuthentication and the legacy kinds are not served: an Istio without
     // them must not keep the agent from syncing.
     s.apply(api::PODS, pod("a", "n1", "10.1.0.1"));

@@ -120,9 +120,17 @@ fn the_agent_in_kubernetes_mode_enrolls_its_pods_and_carries_them_in_mtls() -> R
     let _servers = [echo_server(&bed, "a")?, echo_server(&bed, "b")?];
 
     let server = ApiServer::start()?;
-    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES, api::PEERAUTHENTICATIONS_V1] {
+    for path in [
+        api::PODS,
+        api::NAMESPACES,
+        api::SERVICES,
+        api::ENDPOINTSLICES,
+        api::PEERAUTHENTICATIONS_V1,
+    ] {
         server.serve(path);
     }
+    // Nothing is in the mesh unless opted in: the namespace is.
+    server.apply(api::NAMESPACES, api::namespace(NS, true));
     server.apply(api::PODS, pod_object(&a, &uid(1), "node1"));
     server.apply(api::PODS, pod_object(&b, &uid(2), "node1"));
     // A pod of another node: known, never enrolled here.

@@ -143,6 +143,13 @@ struct Agent {
     failures: Failures,
     /// Kubernetes mode: for Events on pods whose enrollment fails.
     kube: Option<kube::Client>,
+    /// Kubernetes mode: whether each pod of the node is in the mesh, and why.
+    membership: kubernetes::membership::Registry,
+    /// The membership Event last posted per pod (what it said), so each change posts one.
+    announced: BTreeMap<String, String>,
+    /// Namespaces a previous instance had enrolled: their enrollment by this one is a
+    /// handover, not news worth an Event.
+    inherited: HashSet<u64>,
     next_endpoint: Arc<AtomicUsize>,
     readiness: admin::Readiness,
     /// The policy warnings logged last (file, line, what), so a workload change logs only new
@@ -169,7 +176,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            (Some(kubernetes::start(client.clone(), &cfg.root_namespace)), Some(client))
+            let feed =
+                kubernetes::start_with(client.clone(), &cfg.root_namespace, k.membership.clone());
+            (Some(feed), Some(client))
         }
         Source::Files { .. } => (None, None),
     };
@@ -185,6 +194,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         bpffs: cfg.bpffs.clone(),
         cgroup: cfg.cgroup.clone(),
     })?;
+    let inherited = capture.enrolled_cookies().into_iter().collect();
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(pump_ebpf_logs(logger));
     }
@@ -228,6 +238,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         failed: BTreeMap::new(),
         failures: Failures::default(),
         kube,
+        membership: Default::default(),
+        announced: BTreeMap::new(),
+        inherited,
         next_endpoint: Arc::new(AtomicUsize::new(0)),
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
@@ -281,6 +294,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         set_log_level,
         readiness: agent.readiness.clone(),
         enrollment: agent.failures.clone(),
+        membership: agent.membership.clone(),
     };
     let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
@@ -409,7 +423,10 @@ impl Agent {
     fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
         let workloads_changed = **self.workloads_tx.borrow() != s.workloads;
         let policies_changed = **self.policies_tx.borrow() != s.policies;
+        self.membership.replace(s.membership.iter().cloned());
         if !first && !workloads_changed && !policies_changed {
+            // A pod that opted in and is skipped changes no workload, yet gets its Event.
+            self.announce_membership();
             return;
         }
         if policies_changed {
@@ -668,6 +685,7 @@ impl Agent {
         }
         self.failures.retain(|k| wanted.contains_key(k));
         self.update_readiness(wanted.len());
+        self.announce_membership();
         if at_start {
             let ours: Vec<u64> = self
                 .pods
@@ -690,6 +708,60 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Posts one Event per change of a node's pod's place in the mesh: enrolled (an opted-in
+    /// pod, once its listeners are up), skipped (opted in but out: a sidecar, a protected
+    /// namespace), released (an enrolled pod opted out). Pods that never opted in get none.
+    fn announce_membership(&mut self) {
+        use kubernetes::{events, membership::Membership};
+        let Some(client) = self.kube.clone() else { return };
+        let node = self.cfg.node.clone();
+        let members = self.membership.list();
+        for m in &members {
+            let uid = m.uid.clone().unwrap_or_default();
+            let last = self.announced.get(&m.pod);
+            let (said, type_, reason, message) = match &m.membership {
+                Membership::In { by } => {
+                    // Not enrolled yet, or failing (which has its own Event).
+                    let Some(pod) = self.pods.get(&m.pod) else { continue };
+                    let said = format!("enrolled {uid}");
+                    if self.inherited.remove(&pod.netns.cookie()) {
+                        self.announced.insert(m.pod.clone(), said);
+                        continue;
+                    }
+                    let message = format!(
+                        "enrolled in the mesh by mtls-agent on node {node} ({by}): its TCP \
+                         connections to mesh pods are mutual TLS"
+                    );
+                    (said, "Normal", events::MESH_ENROLLED, message)
+                }
+                Membership::Out { reason, opted_in: true } => {
+                    let message = format!("not enrolled by mtls-agent on node {node}: {reason}");
+                    (format!("skipped {uid} {reason}"), "Warning", events::MESH_SKIPPED, message)
+                }
+                Membership::Out { reason, opted_in: false } => {
+                    if !last.is_some_and(|l| l.starts_with("enrolled ")) {
+                        continue;
+                    }
+                    let message =
+                        format!("released from the mesh by mtls-agent on node {node}: {reason}");
+                    (format!("released {uid}"), "Normal", events::MESH_RELEASED, message)
+                }
+            };
+            if last == Some(&said) {
+                continue;
+            }
+            self.announced.insert(m.pod.clone(), said);
+            let pod = events::PodRef {
+                name: m.name.clone(),
+                namespace: m.namespace.clone(),
+                uid: m.uid.clone(),
+            };
+            info!(pod = %m.pod, reason, "{message}");
+            tokio::spawn(events::post(client.clone(), pod, type_, reason, message, node.clone()));
+        }
+        self.announced.retain(|k, _| members.iter().any(|m| m.pod == *k));
     }
 
     /// Ready once the programs are attached and the first sync is done, with listeners up in

@@ -45,6 +45,13 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 None => Source::Kubernetes(kubernetes::Settings {
                     kubeconfig: args.kubeconfig,
                     cgroups: kubernetes::PodCgroups::new(args.cgroup_root, args.proc_root),
+                    membership: kubernetes::membership::Settings {
+                        ca_namespace: args
+                            .ca_namespace
+                            .unwrap_or_else(|| args.agent_namespace.clone()),
+                        agent_namespace: args.agent_namespace,
+                        node: Some(args.node.clone()),
+                    },
                 }),
             };
             let cfg = AgentConfig {

@@ -27,6 +27,9 @@ fn agent_container(spec: &PodSpec) -> &Container {
     spec.containers.iter().find(|c| c.name == "agent").expect("container agent")
 }
 
+/// The namespace the sample pod runs in.
+const SAMPLE_NAMESPACE: &str = "sample-mtls-ns";
+
 /// The values the kubelet gives the downward-API variables, for a sample node.
 fn sample_env(c: &Container) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -35,6 +38,7 @@ fn sample_env(c: &Container) -> BTreeMap<String, String> {
         let value = match (field.map(|f| f.field_path.as_str()), &e.value) {
             (Some("spec.nodeName"), _) => "node-1".to_owned(),
             (Some("status.hostIP"), _) => "192.0.2.10".to_owned(),
+            (Some("metadata.namespace"), _) => SAMPLE_NAMESPACE.to_owned(),
             (Some(other), _) => panic!("env {}: unexpected fieldRef {other}", e.name),
             (None, Some(v)) => v.clone(),
             (None, None) => String::new(),
@@ -57,6 +61,10 @@ fn parsed_args(c: &Container) -> RunArgs {
     let node = env.get("NODE_NAME").expect("NODE_NAME in the container's env");
     // Only the test of the DaemonSet parses arguments in this binary, so nothing races on it.
     std::env::set_var("NODE_NAME", node);
+    match env.get("POD_NAMESPACE") {
+        Some(ns) => std::env::set_var("POD_NAMESPACE", ns),
+        None => std::env::remove_var("POD_NAMESPACE"),
+    }
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     match cli.command {
         Command::Run(args) => *args,
@@ -91,6 +99,8 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
     let args = parsed_args(c);
     assert_eq!(args.workloads, None, "Kubernetes mode is `run` without --workloads");
     assert_eq!(args.node, "node-1");
+    // The agent's own namespace (never enrolled) is the one it runs in, from the downward API.
+    assert_eq!(args.agent_namespace, SAMPLE_NAMESPACE);
     // Probes are admitted by who opened them (`--kubelet-cgroup`), never by source address.
     assert_eq!(
         args.node_ip, None,

@@ -334,3 +334,24 @@ async fn handle(
                "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
     ))
 }
+
+/// Namespaces (cluster-scoped: their objects have no namespace). A Kubernetes-mode agent needs
+/// them served: their `istio.io/dataplane-mode` label puts their pods in the mesh.
+pub const NAMESPACES: &str = "/api/v1/namespaces";
+
+/// A Namespace object; `ambient` labels it `istio.io/dataplane-mode=ambient`, which puts its
+/// pods in the mesh.
+pub fn namespace(name: &str, ambient: bool) -> Value {
+    let labels = if ambient {
+        json!({"kubernetes.io/metadata.name": name, "istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({"kubernetes.io/metadata.name": name})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": labels}})
+}
+
+/// The path Events of `namespace` are posted to.
+pub fn events_path(namespace: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/events")
+}

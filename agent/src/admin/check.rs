@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::{
+    kubernetes::membership::{Membership, PodMembership},
     policy::{Decision, Mode},
     procnet::{self, UdpListeners},
     tunnel::{
@@ -29,6 +30,9 @@ pub struct CheckReport {
     pub enrolled: bool,
     /// Why this node's pod is not enrolled (it is held closed and retried).
     pub enrollment_failure: Option<crate::enrollment::Failure>,
+    /// Kubernetes mode, this node's pods: whether the pod is in the mesh, and why (the label
+    /// that put it in, or why it is out).
+    pub membership: Option<Membership>,
     /// Why the certificate columns cannot be answered here, in words (a pod of another node).
     pub note: Option<String>,
     pub identity: Option<String>,
@@ -215,11 +219,15 @@ fn decided_by(d: &Decision) -> String {
     }
 }
 
-/// The report for `pod` (`name.namespace`), or `None` when no such workload exists.
+/// The report for `pod` (`name.namespace`), or `None` when no such workload exists and the
+/// pod is not one of this node's pods out of the mesh.
 pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     let ws = state.mesh.workloads.borrow().clone();
     let ps = state.mesh.policies.borrow().clone();
-    let w = ws.workloads.iter().find(|w| w.key() == pod)?;
+    let member = state.membership.get(pod);
+    let Some(w) = ws.workloads.iter().find(|w| w.key() == pod) else {
+        return member.map(|m| outside(state, m));
+    };
     let cert = state.mesh.certs.get(&w.key());
     let elsewhere = w.node != state.node;
     let enrollment_failure = if elsewhere { None } else { state.enrollment.get(&w.key()) };
@@ -337,6 +345,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         ip: w.ip.to_string(),
         enrolled,
         enrollment_failure,
+        membership: member.map(|m| m.membership),
         note: elsewhere.then(|| {
             format!(
                 "{} runs on node {}, not on this agent's node {}: its certificate and listeners \
@@ -356,6 +365,40 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         outbound,
         observed: observed(&state.mesh.conns.snapshot(), &w.key()),
     })
+}
+
+/// The report for a pod of this node that is no workload of the mesh: out of it (with the
+/// reason), or in it but not running with an address yet.
+fn outside(state: &AdminState, m: PodMembership) -> CheckReport {
+    let note = match &m.membership {
+        Membership::Out { reason, .. } => format!(
+            "{} is not in the mesh: {reason}. The agent neither captures nor enforces its \
+             traffic: its connections, and those to it, are plaintext",
+            m.pod
+        ),
+        Membership::In { by } => format!(
+            "{} is in the mesh ({by}) but not running with an address yet: not enrolled yet",
+            m.pod
+        ),
+    };
+    CheckReport {
+        pod: m.pod,
+        node: m.node,
+        agent_node: state.node.clone(),
+        ip: m.ip.unwrap_or_else(|| "-".into()),
+        enrolled: false,
+        enrollment_failure: None,
+        membership: Some(m.membership),
+        note: Some(note),
+        identity: None,
+        certificate_serial: None,
+        certificate_expires: None,
+        listeners: Vec::new(),
+        udp_listeners: Vec::new(),
+        udp_note: None,
+        outbound: Vec::new(),
+        observed: Vec::new(),
+    }
 }
 
 /// The target ports through which services reach `w`.

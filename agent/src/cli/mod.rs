@@ -154,6 +154,14 @@ pub struct RunArgs {
     /// Kubernetes mode: the node's /proc (the agent runs with the host's PID namespace).
     #[arg(long, default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Kubernetes mode: the agent's own namespace, never enrolled whatever its labels (the
+    /// DaemonSet sets `POD_NAMESPACE` from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = kubernetes_default_namespace())]
+    pub agent_namespace: String,
+    /// Kubernetes mode: the CA's namespace, never enrolled whatever its labels (default: the
+    /// agent's namespace).
+    #[arg(long)]
+    pub ca_namespace: Option<String>,
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
@@ -212,6 +220,10 @@ pub struct RunArgs {
     pub cert_ttl: std::time::Duration,
 }
 
+fn kubernetes_default_namespace() -> &'static str {
+    crate::kubernetes::membership::DEFAULT_AGENT_NAMESPACE
+}
+
 /// The default bpffs directory of a node. bpffs refuses names with a dot (EPERM), and node
 /// names are DNS names (`ip-10-0-1-2.ec2.internal`), so dots become underscores: a character
 /// no node name has, so two nodes never share a directory.
@@ -251,6 +263,7 @@ mod tests {
         assert_eq!(a.kubeconfig, None);
         assert_eq!(a.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(a.proc_root, PathBuf::from("/proc"));
+        assert_eq!((a.agent_namespace.as_str(), a.ca_namespace), ("mtls-system", None));
         let a = run_args(&["--kubeconfig", "/k", "--cgroup-root", "/r", "--proc-root", "/p"]);
         let a = a.unwrap();
         assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));

@@ -63,7 +63,15 @@ pub fn check(v: &Value) -> String {
         s(&v["pod"]),
         s(&v["ip"]),
         s(&v["node"]),
-        if v["enrolled"] == true {
+        if v["membership"]["inMesh"] == false {
+            format!("NOT IN THE MESH: {}", s(&v["note"]))
+        } else if v["enrolled"] != true
+            && v["listeners"].as_array().is_some_and(Vec::is_empty)
+            && v["node"] == v["agentNode"]
+            && v["note"].is_string()
+        {
+            format!("NOT ENROLLED YET: {}", s(&v["note"]))
+        } else if v["enrolled"] == true {
             format!(
                 "in the mesh as {}, certificate {} valid until {}",
                 s(&v["identity"]),
@@ -305,6 +313,23 @@ mod tests {
         let text = check(&v);
         assert!(text.contains("NOT ON THIS AGENT'S NODE (node1)"), "{text}");
         assert!(text.contains("runs on node node2"), "{text}");
+    }
+
+    #[test]
+    fn check_says_why_a_pod_is_not_in_the_mesh() {
+        let v = serde_json::json!({"pod": "p.shop", "ip": "10.0.0.5", "node": "node1",
+            "agentNode": "node1", "enrolled": false,
+            "membership": {"inMesh": false, "reason": "not opted in", "optedIn": false},
+            "note": "p.shop is not in the mesh: not opted in", "listeners": [], "outbound": []});
+        let text = check(&v);
+        assert!(
+            text.contains("NOT IN THE MESH: p.shop is not in the mesh: not opted in"),
+            "{text}"
+        );
+        let v = serde_json::json!({"pod": "p.shop", "ip": "-", "node": "node1",
+            "agentNode": "node1", "enrolled": false, "membership": {"inMesh": true, "by": "x"},
+            "note": "p.shop is in the mesh (x) but not running", "listeners": [], "outbound": []});
+        assert!(check(&v).contains("NOT ENROLLED YET: p.shop is in the mesh"), "{}", check(&v));
     }
 
     #[test]

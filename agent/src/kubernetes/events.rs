@@ -13,6 +13,27 @@ use crate::{enrollment::Step, workloads::Workload};
 /// The Event's `reason` (CamelCase, as Kubernetes reasons are).
 pub const ENROLLMENT_FAILED: &str = "MeshEnrollmentFailed";
 
+/// Normal: a pod of this node that opted in is enrolled.
+pub const MESH_ENROLLED: &str = "MeshEnrolled";
+/// Warning: a pod of this node opted in, yet is not enrolled (a sidecar, a protected namespace).
+pub const MESH_SKIPPED: &str = "MeshSkipped";
+/// Normal: an enrolled pod left the mesh (its label or its namespace's changed).
+pub const MESH_RELEASED: &str = "MeshReleased";
+
+/// The pod an Event is about.
+#[derive(Debug, Clone)]
+pub struct PodRef {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+}
+
+impl From<&Workload> for PodRef {
+    fn from(w: &Workload) -> Self {
+        PodRef { name: w.name.clone(), namespace: w.namespace.clone(), uid: w.uid.clone() }
+    }
+}
+
 /// Posts a Warning Event on the pod `w` that its enrollment failed at `step`. Best effort: a
 /// refusal by the API server (RBAC, quota) is logged, never retried.
 pub async fn enrollment_failed(
@@ -23,34 +44,49 @@ pub async fn enrollment_failed(
     node: String,
     fails_closed: bool,
 ) {
-    let now = k8s_openapi::chrono::Utc::now();
     let holds = if fails_closed {
         "the pod fails closed: STRICT ports refuse plaintext, outbound stays captured"
     } else {
         "its network namespace cannot be opened yet"
     };
+    let message = format!(
+        "mtls-agent on node {node} could not enroll the pod (step {}): {reason}; {holds}; \
+         retrying",
+        step.as_str()
+    );
+    post(client, PodRef::from(&w), "Warning", ENROLLMENT_FAILED, message, node).await
+}
+
+/// Posts an Event of `type_` (`Normal`, `Warning`) with `reason` on `pod`. Best effort: a
+/// refusal by the API server (RBAC, quota) is logged, never retried.
+pub async fn post(
+    client: kube::Client,
+    pod: PodRef,
+    type_: &str,
+    reason: &str,
+    message: String,
+    node: String,
+) {
+    let now = k8s_openapi::chrono::Utc::now();
+    let key = format!("{}.{}", pod.name, pod.namespace);
     let event = Event {
         metadata: ObjectMeta {
             // As the kubelet names them: the object's name and a unique suffix.
-            name: Some(format!("{}.{:x}", w.name, now.timestamp_nanos_opt().unwrap_or_default())),
-            namespace: Some(w.namespace.clone()),
+            name: Some(format!("{}.{:x}", pod.name, now.timestamp_nanos_opt().unwrap_or_default())),
+            namespace: Some(pod.namespace.clone()),
             ..Default::default()
         },
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(w.name.clone()),
-            namespace: Some(w.namespace.clone()),
-            uid: w.uid.clone(),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: pod.uid.clone(),
             ..Default::default()
         },
-        reason: Some(ENROLLMENT_FAILED.into()),
-        message: Some(format!(
-            "mtls-agent on node {node} could not enroll the pod (step {}): {reason}; {holds}; \
-             retrying",
-            step.as_str()
-        )),
-        type_: Some("Warning".into()),
+        reason: Some(reason.into()),
+        message: Some(message),
+        type_: Some(type_.into()),
         source: Some(EventSource {
             component: Some("mtls-agent".into()),
             host: Some(node.clone()),
@@ -62,9 +98,9 @@ pub async fn enrollment_failed(
         count: Some(1),
         ..Default::default()
     };
-    let api: Api<Event> = Api::namespaced(client, &w.namespace);
+    let api: Api<Event> = Api::namespaced(client, &pod.namespace);
     match api.create(&PostParams::default(), &event).await {
-        Ok(_) => debug!(pod = %w.key(), "Event {ENROLLMENT_FAILED} posted"),
-        Err(e) => warn!(pod = %w.key(), "posting Event {ENROLLMENT_FAILED}: {e}"),
+        Ok(_) => debug!(pod = %key, "Event {reason} posted"),
+        Err(e) => warn!(pod = %key, "posting Event {reason}: {e}"),
     }
 }

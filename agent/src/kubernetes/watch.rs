@@ -15,7 +15,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service as KubeService},
+    core::v1::{Namespace, Pod, Service as KubeService},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -30,7 +30,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::convert;
+use super::{convert, membership};
 use crate::{
     policy::PolicySet,
     workloads::{Workload, WorkloadSet},
@@ -50,6 +50,9 @@ pub struct Snapshot {
     pub policies: PolicySet,
     /// Objects left out, each named with the reason.
     pub rejected: Vec<String>,
+    /// Whether each pod (of the node, if the feed was given one) is in the mesh, and why; pods
+    /// that are out are not in `workloads`.
+    pub membership: Vec<membership::PodMembership>,
 }
 
 /// The Istio policy kinds, watched as dynamic objects.
@@ -75,6 +78,8 @@ pub fn watched_resources() -> Vec<(String, String)> {
     let mut v = vec![
         (String::new(), "pods".to_owned()),
         (String::new(), "services".to_owned()),
+        // Their labels put pods in the mesh.
+        (String::new(), "namespaces".to_owned()),
         ("discovery.k8s.io".to_owned(), "endpointslices".to_owned()),
     ];
     v.extend(policy_kinds().into_iter().map(|ar| (ar.group, ar.plural)));
@@ -107,11 +112,21 @@ impl Drop for Feed {
     }
 }
 
-/// Starts watching pods, services, EndpointSlices and the policy kinds.
+/// Starts watching pods, namespaces, services, EndpointSlices and the policy kinds, with the
+/// default [`membership::Settings`].
 pub fn start(client: Client, root_namespace: &str) -> Feed {
+    start_with(client, root_namespace, membership::Settings::default())
+}
+
+/// [`start`], with the namespaces that are never enrolled and the node whose decisions to keep.
+pub fn start_with(client: Client, root_namespace: &str, members: membership::Settings) -> Feed {
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
+    tasks.push(t);
+    // Not optional: without namespaces' labels nobody can be known to be in the mesh.
+    let (namespaces, t) =
+        spawn_watch(Api::<Namespace>::all(client.clone()), "namespaces", false, &notify);
     tasks.push(t);
     let (services, t) =
         spawn_watch(Api::<KubeService>::all(client.clone()), "services", false, &notify);
@@ -129,8 +144,9 @@ pub fn start(client: Client, root_namespace: &str) -> Feed {
         policies.push((ar, rx));
     }
     let (tx, rx) = watch::channel(None);
-    let inputs = Inputs { pods, services, slices, policies };
-    tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root_namespace.to_owned())));
+    let inputs = Inputs { pods, namespaces, services, slices, policies };
+    let root = root_namespace.to_owned();
+    tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root, members)));
     Feed { rx, tasks }
 }
 
@@ -231,6 +247,7 @@ where
 
 struct Inputs {
     pods: Slot<Pod>,
+    namespaces: Slot<Namespace>,
     services: Slot<KubeService>,
     slices: Slot<EndpointSlice>,
     policies: Vec<(ApiResource, Slot<DynamicObject>)>,
@@ -239,6 +256,7 @@ struct Inputs {
 /// Every kind's objects, once each has been listed.
 struct State {
     pods: Objects<Pod>,
+    namespaces: Objects<Namespace>,
     services: Objects<KubeService>,
     slices: Objects<EndpointSlice>,
     policies: Vec<(ApiResource, Objects<DynamicObject>)>,
@@ -252,6 +270,7 @@ impl Inputs {
         }
         Some(State {
             pods: self.pods.borrow().clone()?,
+            namespaces: self.namespaces.borrow().clone()?,
             services: self.services.borrow().clone()?,
             slices: self.slices.borrow().clone()?,
             policies,
@@ -264,13 +283,14 @@ async fn build_loop(
     notify: Arc<Notify>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     root_namespace: String,
+    members: membership::Settings,
 ) {
     let mut reported = HashSet::new();
     loop {
         notify.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
         let Some(state) = inputs.state() else { continue };
-        let snapshot = build(&state, &root_namespace);
+        let snapshot = build(&state, &root_namespace, &members);
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
         for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
@@ -292,12 +312,19 @@ async fn build_loop(
     }
 }
 
-fn build(state: &State, root_namespace: &str) -> Snapshot {
+fn build(state: &State, root_namespace: &str, members: &membership::Settings) -> Snapshot {
     let mut rejected = Vec::new();
     let mut workloads: Vec<Workload> = Vec::new();
+    let mut decisions = Vec::new();
     let mut ips = HashMap::new();
     for pod in state.pods.values() {
+        let m = pod_membership(pod, state, members);
+        let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
+        let ours = m.as_ref().is_some_and(|m| members.node.as_ref().is_none_or(|n| *n == m.node));
+        decisions.extend(m.filter(|_| ours));
         match convert::workload(pod) {
+            // Pods out of the mesh are not its workloads: never enrolled, plaintext peers.
+            Ok(Some(_)) if !is_in => {}
             Ok(Some(w)) => {
                 // Two running pods with one IP: the first (by name) keeps it.
                 if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
@@ -358,7 +385,39 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
         root_namespace,
     );
     rejected.extend(errors.iter().map(ToString::to_string));
-    Snapshot { workloads: WorkloadSet { workloads, services }, policies, rejected }
+    Snapshot {
+        workloads: WorkloadSet { workloads, services },
+        policies,
+        rejected,
+        membership: decisions,
+    }
+}
+
+/// The mesh membership of a pod that is or may become running (not of finished ones, nor of
+/// pods without a name, namespace or node).
+fn pod_membership(
+    pod: &Pod,
+    state: &State,
+    members: &membership::Settings,
+) -> Option<membership::PodMembership> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let name = pod.metadata.name.clone().filter(|n| !n.is_empty())?;
+    let namespace = pod.metadata.namespace.clone().filter(|n| !n.is_empty())?;
+    let node = pod.spec.as_ref()?.node_name.clone().filter(|n| !n.is_empty())?;
+    // Namespaces are cluster-scoped: cached as `/name`.
+    let ns = state.namespaces.get(&format!("/{namespace}"));
+    Some(membership::PodMembership {
+        pod: format!("{name}.{namespace}"),
+        membership: membership::decide(pod, ns.map(|n| &**n), members),
+        uid: pod.metadata.uid.clone(),
+        ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        name,
+        namespace,
+        node,
+    })
 }
 
 #[cfg(test)]
@@ -367,7 +426,8 @@ mod tests {
 
     fn pod(name: &str, ip: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": "ns", "uid": format!("u-{name}")},
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("u-{name}"),
+                         "labels": {membership::DATAPLANE_MODE: membership::AMBIENT}},
             "spec": {"nodeName": "n1", "containers": []},
             "status": {"phase": "Running", "podIP": ip},
         }))
@@ -404,13 +464,56 @@ mod tests {
         };
         let state = State {
             pods: objects(vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.1")]),
+            namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
             policies: vec![],
         };
-        let s = build(&state, "istio-system");
+        let s = build(&state, "istio-system", &membership::Settings::default());
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns"]);
         assert_eq!(s.rejected, ["Pod ns/b: IP 10.0.0.1 is already pod ns/a's"]);
+    }
+
+    #[test]
+    fn only_opted_in_pods_are_workloads_and_every_decision_is_kept_for_the_node() {
+        let objects = |pods: Vec<Pod>| {
+            Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
+        };
+        let mut plain = pod("plain", "10.0.0.2");
+        plain.metadata.labels = None;
+        let mut remote = pod("remote", "10.0.0.3");
+        remote.metadata.labels = None;
+        if let Some(s) = remote.spec.as_mut() {
+            s.node_name = Some("n2".into());
+        }
+        let mut done = pod("done", "10.0.0.4");
+        if let Some(s) = done.status.as_mut() {
+            s.phase = Some("Succeeded".into());
+        }
+        let mut state = State {
+            pods: objects(vec![pod("a", "10.0.0.1"), plain, remote, done]),
+            namespaces: Arc::default(),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        let node = membership::Settings { node: Some("n1".into()), ..Default::default() };
+        let s = build(&state, "istio-system", &node);
+        let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
+        assert_eq!(keys, ["a.ns"]);
+        let decided: Vec<(&str, bool)> =
+            s.membership.iter().map(|m| (m.pod.as_str(), m.membership.is_in())).collect();
+        assert_eq!(decided, [("a.ns", true), ("plain.ns", false)]);
+
+        // Labelling the namespace brings its pods in, remote ones too.
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ns", "labels": {membership::DATAPLANE_MODE: membership::AMBIENT}},
+        }))
+        .unwrap();
+        state.namespaces = Arc::new([("/ns".to_owned(), Arc::new(ns))].into());
+        let s = build(&state, "istio-system", &node);
+        let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
+        assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
     }
 }
