@@ -401,5 +401,14 @@ fn pods_with_a_sidecar_proxy_native_ones_included_are_skipped_with_the_reason_an
         ensure!(n == 1, "{pod}: {n} MeshSkipped Events: {:#?}", c.all_events("shop"));
     }
     ensure!(c.events("shop", "web", "MeshEnrolled").len() == 1, "{:#?}", c.all_events("shop"));
+
+    // A restart (the pins stay) is no change of membership: the pod its predecessor enrolled
+    // gets no second MeshEnrolled.
+    c.agent.as_mut().context("agent")?.restart()?;
+    c.wait_ready("1 of 1 pods enrolled")?;
+    let report = c.check("web.shop")?;
+    ensure!(report["enrolled"] == true, "{report:#}");
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(c.events("shop", "web", "MeshEnrolled").len() == 1, "{:#?}", c.all_events("shop"));
     Ok(())
 }
