@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
-    agent::{AgentOptions, AgentProcess, CaDir},
+    agent::{agent_bin, AgentOptions, AgentProcess, CaDir},
     apiserver::{self as api, ApiServer},
     mesh::{echo_server, PORT},
     Pod, PodProcess, Testbed,
@@ -120,6 +120,14 @@ impl Cluster {
     fn check(&self, pod: &str) -> Result<Value> {
         let body = self.agent()?.get(&format!("/check?pod={pod}"))?;
         serde_json::from_str(&body).with_context(|| format!("check {pod}: {body}"))
+    }
+
+    /// `mtls-agent check POD` as the operator runs it; its table output.
+    fn cli_check(&self, pod: &str) -> Result<String> {
+        let admin = self.agent()?.admin.to_string();
+        let out = Command::new(agent_bin()).args(["check", pod, "--admin", &admin]).output()?;
+        ensure!(out.status.success(), "check {pod}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// This node's pods' membership entries from `/config_dump`, by pod.
@@ -261,6 +269,8 @@ fn only_opted_in_namespaces_and_pods_are_enrolled_and_labels_move_them_live() ->
         "{why}"
     );
     ensure!(report["note"].as_str().is_some_and(|n| n.contains("plaintext")), "{report:#}");
+    let text = c.cli_check("a.shop")?;
+    ensure!(text.contains("NOT IN THE MESH") && text.contains("not opted in"), "{text}");
     let m = c.membership("b.shop")?;
     ensure!(m["inMesh"] == false && m["optedIn"] == false, "{m:#}");
     // Not opted in: no Event at all.

@@ -269,3 +269,36 @@ async fn a_broken_pod_is_rejected_by_name_and_the_others_stay() {
     assert!(s.rejected[0].contains("Pod shop/bad"), "{:?}", s.rejected);
     assert_eq!(keys(&s), ["a.shop", "b.shop"]);
 }
+
+#[tokio::test]
+async fn a_namespace_label_moves_its_pods_in_and_out_of_the_mesh() {
+    let server = cluster();
+    let (feed, _dir) = feed(&server).await;
+    let mut rx = feed.subscribe();
+    until(&mut rx, "first sync", |s| keys(s) == ["a.shop", "b.shop"]).await;
+    // The label goes: no pod of shop is a workload any more, and each says why.
+    server.apply(api::NAMESPACES, api::namespace("shop", false));
+    let s = until(&mut rx, "shop out of the mesh", |s| keys(s).is_empty()).await;
+    let a = s.membership.iter().find(|m| m.pod == "a.shop").expect("a's decision");
+    assert!(!a.membership.is_in(), "{a:?}");
+    // A pod's own label brings it back alone.
+    let mut b = pod("b", "n2", "10.1.0.2");
+    b["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("ambient");
+    server.apply(api::PODS, b);
+    until(&mut rx, "b in by its own label", |s| keys(s) == ["b.shop"]).await;
+    server.apply(api::NAMESPACES, api::namespace("shop", true));
+    until(&mut rx, "shop back in", |s| keys(s) == ["a.shop", "b.shop"]).await;
+}
+
+#[tokio::test]
+async fn no_snapshot_without_namespaces() {
+    // Without namespaces' labels nobody can be known to be in the mesh: no sync (not ready).
+    let s = ApiServer::start().expect("mock API server");
+    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES, api::PEERAUTHENTICATIONS_V1] {
+        s.serve(path);
+    }
+    let (feed, _dir) = feed(&s).await;
+    let rx = feed.subscribe();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(rx.borrow().is_none(), "a snapshot without namespaces");
+}
