@@ -320,6 +320,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     for pod in state.pods.values() {
         let m = pod_membership(pod, state, members);
         let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
+        let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
         let ours = m.as_ref().is_some_and(|m| members.node.as_ref().is_none_or(|n| *n == m.node));
         decisions.extend(m.filter(|_| ours));
         match convert::workload(pod) {
@@ -340,6 +341,8 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
                 workloads.push(w);
             }
             Ok(None) => {}
+            // What is wrong with a pod out of the mesh is not the mesh's to report.
+            Err(_) if known_out => {}
             Err(e) => rejected.push(e.to_string()),
         }
     }
@@ -491,8 +494,10 @@ mod tests {
         if let Some(s) = done.status.as_mut() {
             s.phase = Some("Succeeded".into());
         }
+        let mut broken = pod("broken", "10.0.0.300");
+        broken.metadata.labels = None;
         let mut state = State {
-            pods: objects(vec![pod("a", "10.0.0.1"), plain, remote, done]),
+            pods: objects(vec![pod("a", "10.0.0.1"), plain, remote, done, broken]),
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
@@ -504,7 +509,9 @@ mod tests {
         assert_eq!(keys, ["a.ns"]);
         let decided: Vec<(&str, bool)> =
             s.membership.iter().map(|m| (m.pod.as_str(), m.membership.is_in())).collect();
-        assert_eq!(decided, [("a.ns", true), ("plain.ns", false)]);
+        assert_eq!(decided, [("a.ns", true), ("broken.ns", false), ("plain.ns", false)]);
+        // A broken pod out of the mesh is not the mesh's to report.
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
 
         // Labelling the namespace brings its pods in, remote ones too.
         let ns: Namespace = serde_json::from_value(serde_json::json!({
@@ -515,5 +522,7 @@ mod tests {
         let s = build(&state, "istio-system", &node);
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
+        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        assert!(s.rejected[0].contains("Pod ns/broken"), "{:?}", s.rejected);
     }
 }
