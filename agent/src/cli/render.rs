@@ -72,8 +72,9 @@ pub fn check(v: &Value) -> String {
         {
             format!("NOT ENROLLED YET: {}", s(&v["note"]))
         } else if v["enrolled"] == true {
+            let by = v["membership"]["by"].as_str().map(|b| format!(" ({b})")).unwrap_or_default();
             format!(
-                "in the mesh as {}, certificate {} valid until {}",
+                "in the mesh{by} as {}, certificate {} valid until {}",
                 s(&v["identity"]),
                 s(&v["certificateSerial"]),
                 s(&v["certificateExpires"])
@@ -330,6 +331,12 @@ mod tests {
             "agentNode": "node1", "enrolled": false, "membership": {"inMesh": true, "by": "x"},
             "note": "p.shop is in the mesh (x) but not running", "listeners": [], "outbound": []});
         assert!(check(&v).contains("NOT ENROLLED YET: p.shop is in the mesh"), "{}", check(&v));
+        let v = serde_json::json!({"pod": "p.shop", "ip": "10.0.0.5", "node": "node1",
+            "agentNode": "node1", "enrolled": true, "identity": "spiffe://x",
+            "membership": {"inMesh": true, "by": "namespace shop label l=v"},
+            "listeners": [], "outbound": []});
+        let text = check(&v);
+        assert!(text.contains("in the mesh (namespace shop label l=v) as spiffe://x"), "{text}");
     }
 
     #[test]
