@@ -3,13 +3,15 @@
 //! TCP address only when asked for (`--admin`).
 //!
 //! - `GET /config_dump`: workloads, services, policies, the effective mode of every pod of this
-//!   node per port with the deciding policy, and the certificates;
+//!   node per port with the deciding policy, the certificates, and (Kubernetes mode) whether
+//!   each pod of this node is in the mesh and why (`membership`);
 //! - `GET /connections`: live and recently closed connections (JSON);
 //! - `GET /workloads`: the workloads and services in force (JSON);
 //! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
 //! - `GET /stats`: tunnel counters (handshakes, streams, failures);
 //! - `GET /check?pod=NAME.NAMESPACE`: the pod's listeners and outbound destinations, each with
-//!   its mTLS mode and the policy that decided;
+//!   its mTLS mode and the policy that decided; for a pod of this node that is not in the
+//!   mesh, why not;
 //! - `GET /healthz`: liveness; `GET /healthz/ready`: readiness, as on the health address (the
 //!   CLI asks it to pick the ready instance);
 //! - `POST /logging?level=debug` (any `RUST_LOG`-style filter): change the log level at run time.
