@@ -2,8 +2,9 @@
 //! unix socket per instance (mode 0600 in a 0700 directory, see `socket`), and on a loopback
 //! TCP address only when asked for (`--admin`).
 //!
-//! - `GET /config_dump`: workloads, services, policies, the effective mode of every pod of this
-//!   node per port with the deciding policy, and the certificates;
+//! - `GET /config_dump`: workloads, services and where each service port goes from this node
+//!   (`serviceEndpoints`), policies, the effective mode of every pod of this node per port with
+//!   the deciding policy, and the certificates;
 //! - `GET /connections`: live and recently closed connections (JSON);
 //! - `GET /workloads`: the workloads and services in force (JSON);
 //! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
@@ -105,6 +106,9 @@ struct ConfigDump {
     certificates: Vec<CertView>,
     /// Pods of this node that are not enrolled: why, since when, how many attempts.
     not_enrolled: Vec<crate::enrollment::Failure>,
+    /// Every service port and the endpoints a connection from this node goes to, mesh
+    /// workloads (`pod`) or not.
+    service_endpoints: Vec<crate::services::ServiceRoute>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -153,6 +157,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         effective,
         certificates: certs(state),
         not_enrolled: state.enrollment.list(),
+        service_endpoints: state.mesh.services.table(&ws).routes().to_vec(),
     }
 }
 

@@ -191,7 +191,17 @@ pub fn service(
         };
         ports.push(ServicePort { name: sp.name.clone(), port, target_port });
     }
-    Ok(Service { name, namespace, vip, selector, ports })
+    // Which endpoints serve the ports is the EndpointSlices' say (`endpoints::of_service`).
+    let internal_traffic_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    Ok(Service {
+        name,
+        namespace,
+        vip,
+        selector,
+        ports,
+        endpoints: Some(Vec::new()),
+        internal_traffic_local,
+    })
 }
 
 /// A policy object as one YAML document for the policy parser, with the origin its messages
