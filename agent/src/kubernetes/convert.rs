@@ -378,6 +378,24 @@ mod tests {
     }
 
     #[test]
+    fn internal_traffic_policy_local_is_kept_and_endpoints_await_the_slices() {
+        let svc = |policy: serde_json::Value| -> KubeService {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "s", "namespace": "ns"},
+                "spec": {"clusterIP": "10.96.0.9", "internalTrafficPolicy": policy,
+                         "ports": [{"port": 80}]},
+            }))
+            .unwrap()
+        };
+        let local = service(&svc("Local".into()), &[], &[]).unwrap();
+        assert!(local.internal_traffic_local);
+        // Kubernetes mode: slices are the only source of endpoints, none yet.
+        assert_eq!(local.endpoints, Some(vec![]));
+        assert!(!service(&svc("Cluster".into()), &[], &[]).unwrap().internal_traffic_local);
+        assert!(!service(&svc(serde_json::Value::Null), &[], &[]).unwrap().internal_traffic_local);
+    }
+
+    #[test]
     fn headless_services_have_no_vip() {
         let svc: KubeService = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "h", "namespace": "ns"},
