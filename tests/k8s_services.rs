@@ -13,7 +13,8 @@
 //! - a not-ready endpoint is never picked while a ready one exists, and serving terminating
 //!   endpoints take over when none is ready;
 //! - a VIP and port the agent does not know goes on unchanged to the address the app dialled;
-//! - `internalTrafficPolicy: Local` uses this node's endpoints only, and refuses without one.
+//! - `internalTrafficPolicy: Local` uses this node's endpoints only, and refuses without one;
+//! - a hostile slice endpoint on loopback never reaches the client pod's own ports.
 
 use std::{
     net::Ipv4Addr,
@@ -521,5 +522,58 @@ fn internal_traffic_policy_local_uses_this_nodes_endpoints_and_refuses_without_o
     // The servers: a, b, legacy twice, then far.
     let far_accepted = c.servers[4].stdout();
     ensure!(!far_accepted.contains("accepted"), "the node2 endpoint was dialled: {far_accepted}");
+    Ok(())
+}
+
+#[test]
+fn a_slice_endpoint_on_loopback_never_reaches_the_client_pods_own_ports() -> Result<()> {
+    // A tenant who may write EndpointSlices in its namespace points its Service at 127.0.0.1:
+    // the agent dials endpoints from inside the client's pod, so that would hand a client's
+    // connection to a port of the client's own that only it can reach (kube-proxy could not
+    // DNAT there; the API server forbids such addresses, the agent does not rely on it).
+    let ports = json!([{"name": "http", "port": 7777, "protocol": "TCP"}]);
+    let mut c = Cluster::start("ks-loopback", move |_, legacy, _| {
+        let spec = json!({"ports": [{"name": "http", "port": 80, "targetPort": 7777}]});
+        let local = Ipv4Addr::LOCALHOST;
+        vec![
+            (api::SERVICES, service(NS, "trap", "10.96.0.40", spec)),
+            (api::ENDPOINTSLICES, slice(NS, "trap", &[(local, "node1", ready())], ports.clone())),
+            // Loopback beside a good endpoint: a's own server on 0.0.0.0:PORT would answer
+            // the first, only the second may.
+            (
+                api::SERVICES,
+                service(
+                    NS,
+                    "mixed",
+                    "10.96.0.41",
+                    json!({"ports": [{"name": "http", "port": 80}]}),
+                ),
+            ),
+            (
+                api::ENDPOINTSLICES,
+                slice(
+                    NS,
+                    "mixed",
+                    &[(local, "node1", ready()), (legacy.ip, "", ready())],
+                    json!([{"name": "http", "port": PORT, "protocol": "TCP"}]),
+                ),
+            ),
+        ]
+    })?;
+    let private = echo(&c.bed, "a", "127.0.0.1:7777", "a-private:")?;
+    c.servers.push(private);
+    if let Ok(reply) = c.call("10.96.0.40:80", "secret")? {
+        bail!("the VIP reached the client pod's own loopback port: {reply}");
+    }
+    c.agent.wait_log(
+        "EndpointSlice shop/trap-x1: endpoints[0].addresses[0]: 127.0.0.1 is not allowed",
+        WAIT,
+    )?;
+    let seen = c.servers.last().map(PodProcess::stdout).unwrap_or_default();
+    ensure!(!seen.contains("accepted"), "the loopback server was dialled: {seen}");
+    for i in 0..3 {
+        let reply = c.reply("10.96.0.41:80", &format!("m{i}"))?;
+        ensure!(reply == format!("legacy:m{i}"), "{reply}");
+    }
     Ok(())
 }

@@ -36,18 +36,20 @@ pub fn of_service(
             for sp in served {
                 for (i, e) in slice.endpoints.iter().enumerate() {
                     let Some(text) = e.addresses.first() else { continue };
-                    let Ok(address) = text.parse::<IpAddr>() else {
-                        let message =
-                            format!("endpoints[{i}].addresses[0]: invalid IP address {text:?}");
-                        if !errors.iter().any(|e: &ConvertError| e.message == message) {
-                            errors.push(ConvertError { object: object.clone(), message });
+                    let address = match endpoint_address(text) {
+                        Ok(a) => a,
+                        Err(why) => {
+                            let message = format!("endpoints[{i}].addresses[0]: {why}");
+                            if !errors.iter().any(|e: &ConvertError| e.message == message) {
+                                errors.push(ConvertError { object: object.clone(), message });
+                            }
+                            continue;
                         }
-                        continue;
                     };
                     let c = e.conditions.as_ref();
                     endpoints.push(SliceEndpoint {
                         service_port: sp.port,
-                        address: address.to_canonical(),
+                        address,
                         port: number,
                         node_name: e.node_name.clone().filter(|n| !n.is_empty()),
                         ready: c.and_then(|c| c.ready).unwrap_or(true),
@@ -59,6 +61,22 @@ pub fn of_service(
         }
     }
     (endpoints, errors)
+}
+
+/// An endpoint address the API server would have accepted: a unicast address that is not
+/// loopback or link-local. Checked again here because the agent dials it from inside the
+/// client pod, where a loopback endpoint would reach the pod's own ports.
+fn endpoint_address(text: &str) -> Result<IpAddr, String> {
+    let ip = text.parse::<IpAddr>().map_err(|_| format!("invalid IP address {text:?}"))?;
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local {
+        return Err(format!("{text} is not allowed (loopback, link-local or not unicast)"));
+    }
+    Ok(ip)
 }
 
 #[cfg(test)]
@@ -147,14 +165,22 @@ mod tests {
             "metadata": {"name": "b", "namespace": "default"},
             "addressType": "IPv4",
             "ports": [{"name": "https", "port": 443}],
-            "endpoints": [{"addresses": ["192.0.2.1"]}, {"addresses": ["192.0.2.300"]}],
+            "endpoints": [{"addresses": ["192.0.2.1"]}, {"addresses": ["192.0.2.300"]},
+                          {"addresses": ["127.0.0.1"]}, {"addresses": ["169.254.169.254"]},
+                          {"addresses": ["::ffff:127.0.0.2"]}],
         }));
         let (eps, errors) = of_service(&svc(&[(Some("https"), 443)]), &[&fqdn, &bad]);
         assert_eq!(eps.len(), 1, "the good endpoint stays");
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let not_allowed = "is not allowed (loopback, link-local or not unicast)";
         assert_eq!(
             errors,
-            ["EndpointSlice default/b: endpoints[1].addresses[0]: invalid IP address \"192.0.2.300\""]
+            [
+                "EndpointSlice default/b: endpoints[1].addresses[0]: invalid IP address \"192.0.2.300\"".to_owned(),
+                format!("EndpointSlice default/b: endpoints[2].addresses[0]: 127.0.0.1 {not_allowed}"),
+                format!("EndpointSlice default/b: endpoints[3].addresses[0]: 169.254.169.254 {not_allowed}"),
+                format!("EndpointSlice default/b: endpoints[4].addresses[0]: ::ffff:127.0.0.2 {not_allowed}"),
+            ]
         );
     }
 }
