@@ -14,7 +14,8 @@
 //!   endpoints take over when none is ready;
 //! - a VIP and port the agent does not know goes on unchanged to the address the app dialled;
 //! - `internalTrafficPolicy: Local` uses this node's endpoints only, and refuses without one;
-//! - a hostile slice endpoint on loopback never reaches the client pod's own ports.
+//! - a hostile slice endpoint on loopback never reaches the client pod's own ports;
+//! - a dual-stack Service's IPv6 VIP goes to its IPv6 slice.
 
 use std::{
     net::Ipv4Addr,
@@ -575,5 +576,42 @@ fn a_slice_endpoint_on_loopback_never_reaches_the_client_pods_own_ports() -> Res
         let reply = c.reply("10.96.0.41:80", &format!("m{i}"))?;
         ensure!(reply == format!("legacy:m{i}"), "{reply}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_dual_stack_service_resolves_each_vip_to_the_slice_of_its_family() -> Result<()> {
+    let mut c = Cluster::start("ks-dual", |_, legacy, _| {
+        let slice_of = |family: &str, ip: String| {
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("dual-{}", family.to_lowercase()), "namespace": NS,
+                                "labels": {"kubernetes.io/service-name": "dual"}},
+                   "addressType": family, "endpoints": [{"addresses": [ip]}],
+                   "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}]})
+        };
+        vec![
+            (
+                api::SERVICES,
+                service(
+                    NS,
+                    "dual",
+                    "10.96.0.50",
+                    json!({
+                    "clusterIPs": ["10.96.0.50", "fd00:96::50"], "ipFamilyPolicy": "RequireDualStack",
+                    "ports": [{"name": "http", "port": 80, "targetPort": PORT}]}),
+                ),
+            ),
+            (api::ENDPOINTSLICES, slice_of("IPv4", legacy.ip.to_string())),
+            (api::ENDPOINTSLICES, slice_of("IPv6", legacy.ip6.to_string())),
+        ]
+    })?;
+    let v6 = format!("[{}]:{PORT}", c.legacy.ip6);
+    c.servers.push(echo(&c.bed, "legacy", &v6, "legacy6:")?);
+    let reply = c.reply("10.96.0.50:80", "four")?;
+    ensure!(reply == "legacy:four", "{reply}");
+    let reply = c.reply("[fd00:96::50]:80", "six")?;
+    ensure!(reply == "legacy6:six", "{reply}");
+    let recs = records(&c, "[fd00:96::50]:80", 1)?;
+    assert_plaintext_outside_the_mesh(&recs[0], &v6)?;
     Ok(())
 }

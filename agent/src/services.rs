@@ -76,40 +76,49 @@ impl ServiceTable {
         }
         let mut table = ServiceTable::default();
         for svc in &ws.services {
-            let vip = svc.vip.map(|ip| ip.to_canonical());
-            for sp in &svc.ports {
-                let backends = match &svc.endpoints {
-                    Some(endpoints) => {
-                        let of_port = endpoints.iter().filter(|e| {
-                            e.service_port == sp.port
-                                && vip.is_none_or(|ip| e.address.is_ipv4() == ip.is_ipv4())
-                        });
-                        usable(of_port, node, svc.internal_traffic_local)
-                            .into_iter()
-                            .map(|e| {
-                                let address = e.address.to_canonical();
-                                Backend {
-                                    address: SocketAddr::new(address, e.port),
-                                    pod: pods.get(&address).cloned(),
-                                }
-                            })
-                            .collect()
+            // One route per VIP (a dual-stack service has one per family), or one without.
+            let vips: Vec<Option<IpAddr>> = match svc.vip {
+                None => vec![None],
+                Some(vip) => std::iter::once(vip)
+                    .chain(svc.other_vips.iter().copied())
+                    .map(|ip| Some(ip.to_canonical()))
+                    .collect(),
+            };
+            for vip in vips {
+                for sp in &svc.ports {
+                    let backends = match &svc.endpoints {
+                        Some(endpoints) => {
+                            let of_port = endpoints.iter().filter(|e| {
+                                e.service_port == sp.port
+                                    && vip.is_none_or(|ip| e.address.is_ipv4() == ip.is_ipv4())
+                            });
+                            usable(of_port, node, svc.internal_traffic_local)
+                                .into_iter()
+                                .map(|e| {
+                                    let address = e.address.to_canonical();
+                                    Backend {
+                                        address: SocketAddr::new(address, e.port),
+                                        pod: pods.get(&address).cloned(),
+                                    }
+                                })
+                                .collect()
+                        }
+                        None => selected(ws, svc, sp.target_port),
+                    };
+                    if let Some(ip) = vip {
+                        // Two services claiming one VIP (only the API server could allow it):
+                        // the first, in namespace/name order, keeps it.
+                        let at = SocketAddr::new(ip, sp.port);
+                        table.vips.entry(at).or_insert(table.routes.len());
                     }
-                    None => selected(ws, svc, sp.target_port),
-                };
-                if let Some(ip) = vip {
-                    // Two services claiming one VIP (only the API server could allow it): the
-                    // first, in namespace/name order, keeps it.
-                    let at = SocketAddr::new(ip, sp.port);
-                    table.vips.entry(at).or_insert(table.routes.len());
+                    table.routes.push(ServiceRoute {
+                        service: format!("{}.{}", svc.name, svc.namespace),
+                        vip,
+                        port: sp.port,
+                        backends,
+                        node_local: svc.internal_traffic_local,
+                    });
                 }
-                table.routes.push(ServiceRoute {
-                    service: format!("{}.{}", svc.name, svc.namespace),
-                    vip,
-                    port: sp.port,
-                    backends,
-                    node_local: svc.internal_traffic_local,
-                });
             }
         }
         table
@@ -319,6 +328,24 @@ services:
         ws.services[0].endpoints = Some(vec![]);
         let t = ServiceTable::build(&ws, "n1");
         assert!(t.get("10.96.0.10:80".parse().unwrap()).unwrap().backends.is_empty());
+    }
+
+    #[test]
+    fn a_dual_stack_service_routes_each_family_to_its_own_endpoints() {
+        let mut ws = set();
+        let api = &mut ws.services[1];
+        api.other_vips = vec!["fd00:96::1".parse().unwrap()];
+        api.endpoints = Some(vec![
+            SliceEndpoint { service_port: 443, ..ep("192.0.2.10", "", true, true, false) },
+            SliceEndpoint { service_port: 443, ..ep("fd00::10", "", true, true, false) },
+        ]);
+        let t = ServiceTable::build(&ws, "n1");
+        let of = |vip: &str| -> Vec<String> {
+            let r = t.get(vip.parse().unwrap()).unwrap();
+            r.backends.iter().map(|b| b.address.to_string()).collect()
+        };
+        assert_eq!(of("10.96.0.1:443"), ["192.0.2.10:6443"]);
+        assert_eq!(of("[fd00:96::1]:443"), ["[fd00::10]:6443"]);
     }
 
     #[test]

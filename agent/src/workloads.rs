@@ -96,6 +96,9 @@ pub struct Service {
     /// `spec.internalTrafficPolicy: Local`: only endpoints on the client's node serve it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub internal_traffic_local: bool,
+    /// Dual-stack (Kubernetes mode): the VIP of the other family, from `spec.clusterIPs`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_vips: Vec<IpAddr>,
 }
 
 /// One endpoint of one service port, as an EndpointSlice gives it (Kubernetes mode).
@@ -515,6 +518,7 @@ fn convert(
                 .collect(),
             endpoints: None,
             internal_traffic_local: false,
+            other_vips: Vec::new(),
         });
     }
     Ok((WorkloadSet { workloads, services }, address_fields))
@@ -759,6 +763,7 @@ services:
                 ports: vec![ServicePort { name: Some("http".into()), port: 80, target_port: 8080 }],
                 endpoints: None,
                 internal_traffic_local: false,
+                other_vips: Vec::new(),
             }
         );
         assert_eq!(set.workloads[0].key(), "frontend.hipster-app");

@@ -336,8 +336,15 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         }
         let tunnelled = (enrolled || elsewhere) && !peers.is_empty();
         let none = if route.node_local { "no endpoints on this node" } else { "no endpoints" };
+        let mut host_port = format!("{}:{}", route.service, route.port);
+        // A dual-stack service's second VIP: the same port again, told apart by the address.
+        if let Some(vip) =
+            route.vip.filter(|_| outbound.iter().any(|o: &OutboundRow| o.host_port == host_port))
+        {
+            host_port = format!("{host_port} ({vip})");
+        }
         outbound.push(OutboundRow {
-            host_port: format!("{}:{}", route.service, route.port),
+            host_port,
             certificate: if tunnelled { presented.clone() } else { "none".into() },
             validate_peer_certificate: if tunnelled { peers.join(",") } else { "none".into() },
             mode: if endpoints.is_empty() { none.into() } else { modes.join(",") },

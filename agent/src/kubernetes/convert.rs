@@ -153,6 +153,17 @@ pub fn service(
                 .to_canonical(),
         ),
     };
+    // Dual-stack: `clusterIPs` is `clusterIP` first, then the other family's VIP.
+    let mut other_vips = Vec::new();
+    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            return Err(err(format!("spec.clusterIPs[{i}]: invalid IP address {ip:?}")));
+        };
+        let ip = ip.to_canonical();
+        if vip.is_some() && Some(ip) != vip && !other_vips.contains(&ip) {
+            other_vips.push(ip);
+        }
+    }
     let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
     let mut ports = Vec::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
@@ -201,6 +212,7 @@ pub fn service(
         ports,
         endpoints: Some(Vec::new()),
         internal_traffic_local,
+        other_vips,
     })
 }
 
@@ -403,6 +415,23 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(service(&svc, &[], &[]).unwrap().vip, None);
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_a_vip_per_family() {
+        let svc: KubeService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5", "fd00:96::5"],
+                     "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        let s = service(&svc, &[], &[]).unwrap();
+        assert_eq!(s.vip, Some("10.96.0.5".parse().unwrap()));
+        assert_eq!(s.other_vips, ["fd00:96::5".parse::<IpAddr>().unwrap()]);
+        let mut bad = svc.clone();
+        bad.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.5".into(), "fd00::zz".into()]);
+        let e = service(&bad, &[], &[]).unwrap_err().to_string();
+        assert_eq!(e, "Service ns/d: spec.clusterIPs[1]: invalid IP address \"fd00::zz\"");
     }
 
     #[test]

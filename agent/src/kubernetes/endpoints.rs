@@ -100,6 +100,7 @@ mod tests {
                 .collect(),
             endpoints: Some(vec![]),
             internal_traffic_local: false,
+            other_vips: vec![],
         }
     }
 
