@@ -63,9 +63,26 @@ pub struct Route {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
-    /// Refused, as kube-proxy refuses (no endpoints) or drops (none on this node) it.
-    #[error("service {service} ({vip}) has no usable endpoints{}", if *node_local { " on this node (internalTrafficPolicy: Local)" } else { "" })]
-    NoEndpoints { service: String, vip: SocketAddr, node_local: bool },
+    /// Refused, as kube-proxy refuses it.
+    #[error("service {service} ({vip}) has no usable endpoints")]
+    NoEndpoints { service: String, vip: SocketAddr },
+    /// `internalTrafficPolicy: Local` and no usable endpoint on this node: refused (kube-proxy
+    /// drops it).
+    #[error(
+        "service {service} ({vip}) has no usable endpoints on this node \
+         (internalTrafficPolicy: Local)"
+    )]
+    NoLocalEndpoints { service: String, vip: SocketAddr },
+}
+
+impl RouteError {
+    /// The rejection counter's reason.
+    fn reason(&self) -> &'static str {
+        match self {
+            RouteError::NoEndpoints { .. } => "no_endpoints",
+            RouteError::NoLocalEndpoints { .. } => "no_local_endpoints",
+        }
+    }
 }
 
 /// Resolves the application's destination: a service VIP and port becomes one of the service's
@@ -79,10 +96,11 @@ pub fn route(
 ) -> Result<Route, RouteError> {
     if let Some(vip) = services.get(orig) {
         if vip.backends.is_empty() {
-            return Err(RouteError::NoEndpoints {
-                service: vip.service.clone(),
-                vip: orig,
-                node_local: vip.node_local,
+            let service = vip.service.clone();
+            return Err(if vip.node_local {
+                RouteError::NoLocalEndpoints { service, vip: orig }
+            } else {
+                RouteError::NoEndpoints { service, vip: orig }
             });
         }
         let pick = &vip.backends[rr.fetch_add(1, Ordering::Relaxed) % vip.backends.len()];
@@ -139,7 +157,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
     let route = match route(&ws, &services, orig, &ctx.next_endpoint) {
         Ok(r) => r,
         Err(e) => {
-            ctx.mesh.stats.rejections.count(OUTBOUND, "no_endpoints");
+            ctx.mesh.stats.rejections.count(OUTBOUND, e.reason());
             warn!(src = %peer, src_pod = %ctx.pod, dst = %orig, policy = BY_ROUTING, "rejected: {e}");
             return;
         }
@@ -542,10 +560,7 @@ services:
         let ws = set();
         let vip: SocketAddr = "10.96.0.11:80".parse().unwrap();
         let e = route(&ws, &table(&ws), vip, &AtomicUsize::new(0)).unwrap_err();
-        assert_eq!(
-            e,
-            RouteError::NoEndpoints { service: "empty.ns".into(), vip, node_local: false }
-        );
+        assert_eq!(e, RouteError::NoEndpoints { service: "empty.ns".into(), vip });
         assert_eq!(e.to_string(), "service empty.ns (10.96.0.11:80) has no usable endpoints");
     }
 }
