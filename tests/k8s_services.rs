@@ -7,7 +7,8 @@
 //! list as pods, playing a database on a VM, the API server behind `kubernetes.default`, or the
 //! node's kube-proxy. What is checked:
 //! - a selector-less Service (`kubernetes.default:443`) with a slice managed by hand reaches its
-//!   endpoint outside the mesh, in plaintext, and the record says why;
+//!   endpoint outside the mesh, in plaintext, and the record says why; one whose slice holds a
+//!   mesh pod reaches it in mTLS, and `check` lists that pod's port;
 //! - a Service with a mesh and a non-mesh endpoint reaches both: mTLS to the pod (nothing of it
 //!   on the wire), plaintext to the other;
 //! - a not-ready endpoint is never picked while a ready one exists, and serving terminating
@@ -263,8 +264,22 @@ fn assert_plaintext_outside_the_mesh(rec: &Value, dst: &str) -> Result<()> {
 #[test]
 fn a_selectorless_kubernetes_service_reaches_its_manual_slice_outside_the_mesh_in_plaintext(
 ) -> Result<()> {
-    let c = Cluster::start("ks-kubernetes", |_, legacy, _| {
+    let c = Cluster::start("ks-kubernetes", |b, legacy, _| {
         vec![
+            // Also selector-less, with a mesh pod in its slice: tunnelled as any pod.
+            (
+                api::SERVICES,
+                service(NS, "db", "10.96.0.2", json!({"ports": [{"name": "sql", "port": 5432}]})),
+            ),
+            (
+                api::ENDPOINTSLICES,
+                slice(
+                    NS,
+                    "db",
+                    &[(b.ip, "node1", json!({}))],
+                    json!([{"name": "sql", "port": PORT}]),
+                ),
+            ),
             (
                 api::SERVICES,
                 service(
@@ -314,6 +329,20 @@ fn a_selectorless_kubernetes_service_reaches_its_manual_slice_outside_the_mesh_i
         .with_context(|| format!("no kubernetes service: {dump:#}"))?;
     ensure!(svc["endpoints"][0]["address"] == c.legacy.ip.to_string(), "{svc}");
     ensure!(svc["endpoints"][0]["ready"] == true, "{svc}");
+
+    let reply = c.reply("10.96.0.2:5432", "to-db")?;
+    ensure!(reply == "b:to-db", "{reply}");
+    let recs = records(&c, "10.96.0.2:5432", 1)?;
+    ensure!(recs[0]["mode"] == "mTLS" && recs[0]["destinationPod"] == "b.shop", "{}", recs[0]);
+    // The pod's port served through the slice alone gets its own row in b's check.
+    let check: Value = serde_json::from_str(&c.agent.get("/check?pod=b.shop")?)?;
+    let listener = format!("{}_{PORT}", c.b.ip);
+    let row =
+        check["listeners"].as_array().into_iter().flatten().find(|r| r["listener"] == listener);
+    ensure!(
+        row.is_some_and(|r| r["mtls"] == "yes (STRICT)"),
+        "no STRICT row {listener}: {check:#}"
+    );
     Ok(())
 }
 

@@ -384,7 +384,8 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     })
 }
 
-/// The target ports through which services reach `w`.
+/// The target ports through which services reach `w`: by selector, and (Kubernetes mode) as
+/// an endpoint of a service's slices, selector or not.
 pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
     let mut ports = Vec::new();
     for svc in ws.services_for(w) {
@@ -392,6 +393,12 @@ pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
             if !ports.contains(&p.target_port) {
                 ports.push(p.target_port);
             }
+        }
+    }
+    let sliced = ws.services.iter().flat_map(|s| s.endpoints.iter().flatten());
+    for e in sliced.filter(|e| w.has_ip(e.address)) {
+        if !ports.contains(&e.port) {
+            ports.push(e.port);
         }
     }
     ports
