@@ -71,7 +71,9 @@ fn cluster() -> ApiServer {
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": "web-1", "namespace": "shop",
                             "labels": {"kubernetes.io/service-name": "web"}},
-               "addressType": "IPv4", "endpoints": [], "ports": [{"name": "http", "port": 8080}]}),
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+               "endpoints": [{"addresses": ["10.1.0.1"], "nodeName": "n1",
+                              "conditions": {"ready": true}}]}),
     );
     s.apply(api::PEERAUTHENTICATIONS_V1, peer_auth("v1", "shop", "default", "STRICT"));
     s
@@ -125,11 +127,13 @@ async fn first_list_gives_the_cluster_and_the_nodes_pods() {
     assert_eq!(a.service_account, "a");
     assert_eq!(a.uid.as_deref(), Some("uid-a"));
     assert_eq!(a.probe_ports, [8080]);
-    // The named target port comes from the EndpointSlice.
-    let (endpoints, target) =
-        s.workloads.resolve_vip("10.96.0.10".parse().unwrap(), 80).expect("service web");
-    assert_eq!(target, 8080);
-    assert_eq!(endpoints.iter().map(|w| w.key()).collect::<Vec<_>>(), ["a.shop"]);
+    // The endpoints and the named target port come from the EndpointSlice.
+    let table = mtls_agent::services::ServiceTable::build(&s.workloads, "n1");
+    let web = table.get("10.96.0.10:80".parse().unwrap()).expect("service web");
+    let backends: Vec<(String, Option<&str>)> =
+        web.backends.iter().map(|b| (b.address.to_string(), b.pod.as_deref())).collect();
+    assert_eq!(backends, [("10.1.0.1:8080".to_owned(), Some("a.shop"))]);
+    assert_eq!(s.workloads.services[0].ports[0].target_port, 8080);
     assert_eq!(s.policies.len(), 1);
     let d = s.policies.decide(&s.workloads, a, 8080);
     assert_eq!(d.mode, mtls_agent::policy::Mode::Strict, "{d:?}");

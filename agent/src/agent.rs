@@ -213,6 +213,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conns: ConnectionTable::default(),
         drain: Default::default(),
         workloads: workloads_rx,
+        services: crate::services::ServiceCache::new(&cfg.node),
         policies: policies_rx,
         stats: Default::default(),
         netns: Default::default(),

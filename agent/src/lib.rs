@@ -17,6 +17,7 @@ pub mod kubernetes;
 pub mod loglimit;
 pub mod policy;
 pub mod procnet;
+pub mod services;
 pub mod tunnel;
 pub mod workloads;
 pub mod yamlde;

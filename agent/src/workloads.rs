@@ -88,6 +88,34 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// Kubernetes mode: the endpoints of the service's EndpointSlices, the only source of its
+    /// endpoints (selector or not, mesh pods or not), as for kube-proxy. `None` (workloads.yaml):
+    /// the pods the selector picks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<SliceEndpoint>>,
+    /// `spec.internalTrafficPolicy: Local`: only endpoints on the client's node serve it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub internal_traffic_local: bool,
+    /// Dual-stack (Kubernetes mode): the VIP of the other family, from `spec.clusterIPs`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_vips: Vec<IpAddr>,
+}
+
+/// One endpoint of one service port, as an EndpointSlice gives it (Kubernetes mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    /// The service port (`spec.ports[].port`) it serves.
+    pub service_port: u16,
+    /// The endpoint's first address (kube-proxy uses no other).
+    pub address: IpAddr,
+    /// The slice's port number for that service port (matched by port name).
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
 }
 
 /// The validated contents of `workloads.yaml`.
@@ -214,18 +242,6 @@ impl WorkloadSet {
     /// The pod `name` in `namespace`.
     pub fn find(&self, name: &str, namespace: &str) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.name == name && w.namespace == namespace)
-    }
-
-    /// A service whose `vip` is `ip` and that has port `port`: its ready
-    /// endpoints (workloads in the same namespace whose labels include the
-    /// selector; an empty selector selects nothing) and the targetPort.
-    pub fn resolve_vip(&self, ip: IpAddr, port: u16) -> Option<(Vec<&Workload>, u16)> {
-        let ip = ip.to_canonical();
-        self.services.iter().filter(|s| s.vip == Some(ip)).find_map(|s| {
-            let sp = s.ports.iter().find(|p| p.port == port)?;
-            let endpoints = self.workloads.iter().filter(|w| s.selects(w)).collect();
-            Some((endpoints, sp.target_port))
-        })
     }
 
     /// Services in `w`'s namespace selecting workload `w` (used later by policy code).
@@ -500,6 +516,9 @@ fn convert(
                     target_port: p.target_port.map_or(p.port.0, |t| t.0),
                 })
                 .collect(),
+            endpoints: None,
+            internal_traffic_local: false,
+            other_vips: Vec::new(),
         });
     }
     Ok((WorkloadSet { workloads, services }, address_fields))
@@ -570,7 +589,7 @@ fn validate(
                     format!("duplicate VIP {vip} (first used by service {other} at {first})"),
                 ));
             }
-            // by_ip and resolve_vip must never both claim an address.
+            // by_ip and the service table must never both claim an address.
             if let Some((j, first_field)) = ips.get(&vip) {
                 let first = loc.at(first_field);
                 let other = set.workloads.get(*j).map(Workload::key).unwrap_or_default();
@@ -742,6 +761,9 @@ services:
                 vip: Some(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))),
                 selector: labels(&[("app", "frontend")]),
                 ports: vec![ServicePort { name: Some("http".into()), port: 80, target_port: 8080 }],
+                endpoints: None,
+                internal_traffic_local: false,
+                other_vips: Vec::new(),
             }
         );
         assert_eq!(set.workloads[0].key(), "frontend.hipster-app");
@@ -813,25 +835,30 @@ services:
         assert_eq!(set.workloads[0].ip, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
     }
 
-    #[test]
-    fn resolve_vip_selects_matching_pods_of_the_namespace() {
-        let set = parse(FULL).unwrap();
-        let vip: IpAddr = "fd00:96::7".parse().unwrap();
-        let (eps, target) = set.resolve_vip(vip, 7070).unwrap();
-        // cart.other has the label but lives in another namespace.
-        let names: Vec<_> = eps.iter().map(|w| w.key()).collect();
-        assert_eq!(names, ["cart.hipster-app", "cart-2.hipster-app"]);
-        assert_eq!(target, 7070);
-        let (eps, target) = set.resolve_vip(vip, 9090).unwrap();
-        assert_eq!(eps.len(), 2);
-        assert_eq!(target, 9091);
-        assert!(set.resolve_vip(vip, 9091).is_none(), "targetPort is not a service port");
+    /// The (address, pod) a service VIP and port resolves to (`services::ServiceTable`).
+    fn resolve(set: &WorkloadSet, vip: &str, port: u16) -> Option<Vec<(String, String)>> {
+        let table = crate::services::ServiceTable::build(set, "node1");
+        let route = table.get(std::net::SocketAddr::new(vip.parse().ok()?, port))?;
+        let b = route.backends.iter();
+        Some(b.map(|b| (b.address.to_string(), b.pod.clone().unwrap_or_default())).collect())
+    }
 
-        let (eps, target) = set.resolve_vip("10.96.0.10".parse().unwrap(), 80).unwrap();
-        assert_eq!(eps.len(), 1);
-        assert_eq!(eps[0].name, "frontend");
-        assert_eq!(target, 8080);
-        assert!(set.resolve_vip("10.96.0.11".parse().unwrap(), 80).is_none());
+    #[test]
+    fn a_vip_resolves_to_the_selected_pods_of_the_namespace() {
+        let set = parse(FULL).unwrap();
+        let eps = resolve(&set, "fd00:96::7", 7070).unwrap();
+        // cart.other has the label but lives in another namespace.
+        let names: Vec<&str> = eps.iter().map(|(_, pod)| pod.as_str()).collect();
+        assert_eq!(names, ["cart.hipster-app", "cart-2.hipster-app"]);
+        assert!(eps.iter().all(|(a, _)| a.ends_with(":7070")), "{eps:?}");
+        let eps = resolve(&set, "fd00:96::7", 9090).unwrap();
+        assert_eq!(eps.len(), 2);
+        assert!(eps.iter().all(|(a, _)| a.ends_with(":9091")), "{eps:?}");
+        assert!(resolve(&set, "fd00:96::7", 9091).is_none(), "targetPort is not a service port");
+
+        let eps = resolve(&set, "10.96.0.10", 80).unwrap();
+        assert_eq!(eps, [("10.244.1.2:8080".to_owned(), "frontend.hipster-app".to_owned())]);
+        assert!(resolve(&set, "10.96.0.11", 80).is_none());
     }
 
     #[test]
@@ -841,9 +868,7 @@ services:
             pod("a", "10.0.0.1")
         );
         let set = parse(&src).unwrap();
-        let (eps, target) = set.resolve_vip("10.96.0.1".parse().unwrap(), 80).unwrap();
-        assert!(eps.is_empty());
-        assert_eq!(target, 80);
+        assert_eq!(resolve(&set, "10.96.0.1", 80), Some(vec![]));
         assert_eq!(set.services_for(&set.workloads[0]).count(), 0);
     }
 

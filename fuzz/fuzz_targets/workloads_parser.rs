@@ -4,12 +4,12 @@
 #![no_main]
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
 use libfuzzer_sys::fuzz_target;
-use mtls_agent::workloads::WorkloadSet;
+use mtls_agent::{services::ServiceTable, workloads::WorkloadSet};
 
 fuzz_target!(|data: &[u8]| {
     // The file is read with read_to_string: anything that is not UTF-8 never gets here.
@@ -22,14 +22,15 @@ fuzz_target!(|data: &[u8]| {
                 let _ = ws.find(&w.name, &w.namespace);
                 let _ = ws.services_for(w).count();
             }
+            let table = ServiceTable::build(&ws, "node1");
             for s in &ws.services {
                 if let Some(vip) = s.vip {
                     for p in &s.ports {
-                        let _ = ws.resolve_vip(vip, p.port);
+                        assert!(table.get(SocketAddr::new(vip, p.port)).is_some());
                     }
                 }
             }
-            let _ = ws.resolve_vip(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+            let _ = table.get(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80));
             let _ = ws.by_ip(IpAddr::V6(Ipv6Addr::LOCALHOST));
             let _ = ws.on_node("node1").count();
         }

@@ -209,6 +209,17 @@ pub struct OutboundRow {
     pub validate_peer_certificate: String,
     pub mode: String,
     pub decided_by: String,
+    /// The endpoints a connection from this node may be sent to (mesh workloads or not).
+    pub endpoints: Vec<OutboundEndpoint>,
+}
+
+/// One endpoint of a service port.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundEndpoint {
+    pub address: String,
+    /// The mesh workload there; `None`: outside the mesh (plaintext).
+    pub pod: Option<String>,
 }
 
 fn decided_by(d: &Decision) -> String {
@@ -296,43 +307,58 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     }
 
     let mut outbound = Vec::new();
-    for svc in &ws.services {
-        for sp in &svc.ports {
-            let endpoints: Vec<&Workload> = ws
-                .workloads
-                .iter()
-                .filter(|e| e.namespace == svc.namespace && svc.selects(e))
-                .collect();
-            let mut peers: Vec<String> = Vec::new();
-            let mut modes: Vec<String> = Vec::new();
-            let mut deciders: Vec<String> = Vec::new();
-            for e in &endpoints {
-                let d = ps.decide(&ws, e, sp.target_port);
-                let m = d.mode.to_string();
+    let table = state.mesh.services.table(&ws);
+    for route in table.routes() {
+        let mut peers: Vec<String> = Vec::new();
+        let mut modes: Vec<String> = Vec::new();
+        let mut deciders: Vec<String> = Vec::new();
+        let mut endpoints = Vec::new();
+        for b in &route.backends {
+            let mesh = b.pod.as_deref().and_then(|p| ws.workloads.iter().find(|w| w.key() == p));
+            let Some(e) = mesh else {
+                // Outside the mesh: relayed in plaintext.
+                let m = "PLAINTEXT (outside the mesh)".to_owned();
                 if !modes.contains(&m) {
                     modes.push(m);
                 }
-                let by = decided_by(&d);
-                if !deciders.contains(&by) {
-                    deciders.push(by);
-                }
-                if d.mode != Mode::Disable {
-                    if let Some(id) = state.mesh.identity_of(e).map(|i| i.to_string()) {
-                        if !peers.contains(&id) {
-                            peers.push(id);
-                        }
+                endpoints.push(OutboundEndpoint { address: b.address.to_string(), pod: None });
+                continue;
+            };
+            endpoints.push(OutboundEndpoint { address: b.address.to_string(), pod: b.pod.clone() });
+            let d = ps.decide(&ws, e, b.address.port());
+            let m = d.mode.to_string();
+            if !modes.contains(&m) {
+                modes.push(m);
+            }
+            let by = decided_by(&d);
+            if !deciders.contains(&by) {
+                deciders.push(by);
+            }
+            if d.mode != Mode::Disable {
+                if let Some(id) = state.mesh.identity_of(e).map(|i| i.to_string()) {
+                    if !peers.contains(&id) {
+                        peers.push(id);
                     }
                 }
             }
-            let tunnelled = (enrolled || elsewhere) && !peers.is_empty();
-            outbound.push(OutboundRow {
-                host_port: format!("{}.{}:{}", svc.name, svc.namespace, sp.port),
-                certificate: if tunnelled { presented.clone() } else { "none".into() },
-                validate_peer_certificate: if tunnelled { peers.join(",") } else { "none".into() },
-                mode: if endpoints.is_empty() { "no endpoints".into() } else { modes.join(",") },
-                decided_by: if deciders.is_empty() { "-".into() } else { deciders.join(",") },
-            });
         }
+        let tunnelled = (enrolled || elsewhere) && !peers.is_empty();
+        let none = if route.node_local { "no endpoints on this node" } else { "no endpoints" };
+        let mut host_port = format!("{}:{}", route.service, route.port);
+        // A dual-stack service's second VIP: the same port again, told apart by the address.
+        if let Some(vip) =
+            route.vip.filter(|_| outbound.iter().any(|o: &OutboundRow| o.host_port == host_port))
+        {
+            host_port = format!("{host_port} ({vip})");
+        }
+        outbound.push(OutboundRow {
+            host_port,
+            certificate: if tunnelled { presented.clone() } else { "none".into() },
+            validate_peer_certificate: if tunnelled { peers.join(",") } else { "none".into() },
+            mode: if endpoints.is_empty() { none.into() } else { modes.join(",") },
+            decided_by: if deciders.is_empty() { "-".into() } else { deciders.join(",") },
+            endpoints,
+        });
     }
 
     let (udp_listeners, udp_note) =
@@ -401,7 +427,8 @@ fn outside(state: &AdminState, m: PodMembership) -> CheckReport {
     }
 }
 
-/// The target ports through which services reach `w`.
+/// The target ports through which services reach `w`: by selector, and (Kubernetes mode) as
+/// an endpoint of a service's slices, selector or not.
 pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
     let mut ports = Vec::new();
     for svc in ws.services_for(w) {
@@ -409,6 +436,12 @@ pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
             if !ports.contains(&p.target_port) {
                 ports.push(p.target_port);
             }
+        }
+    }
+    let sliced = ws.services.iter().flat_map(|s| s.endpoints.iter().flatten());
+    for e in sliced.filter(|e| w.has_ip(e.address)) {
+        if !ports.contains(&e.port) {
+            ports.push(e.port);
         }
     }
     ports

@@ -2,9 +2,10 @@
 //! unix socket per instance (mode 0600 in a 0700 directory, see `socket`), and on a loopback
 //! TCP address only when asked for (`--admin`).
 //!
-//! - `GET /config_dump`: workloads, services, policies, the effective mode of every pod of this
-//!   node per port with the deciding policy, the certificates, and (Kubernetes mode) whether
-//!   each pod of this node is in the mesh and why (`membership`);
+//! - `GET /config_dump`: workloads, services and where each service port goes from this node
+//!   (`serviceEndpoints`), policies, the effective mode of every pod of this node per port with
+//!   the deciding policy, the certificates, and (Kubernetes mode) whether each pod of this
+//!   node is in the mesh and why (`membership`);
 //! - `GET /connections`: live and recently closed connections (JSON);
 //! - `GET /workloads`: the workloads and services in force (JSON);
 //! - `GET /certs`: the workload certificates (identity, serial, validity, next renewal);
@@ -111,6 +112,9 @@ struct ConfigDump {
     not_enrolled: Vec<crate::enrollment::Failure>,
     /// Kubernetes mode: every pod of this node, in the mesh or not, and why.
     membership: Vec<crate::kubernetes::membership::PodMembership>,
+    /// Every service port and the endpoints a connection from this node goes to, mesh
+    /// workloads (`pod`) or not.
+    service_endpoints: Vec<crate::services::ServiceRoute>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -160,6 +164,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         certificates: certs(state),
         not_enrolled: state.enrollment.list(),
         membership: state.membership.list(),
+        service_endpoints: state.mesh.services.table(&ws).routes().to_vec(),
     }
 }
 

@@ -37,6 +37,29 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Most endpoints named per service port in the table.
+const ENDPOINTS_SHOWN: usize = 4;
+
+/// `10.0.0.3:8080 (b.ns), 192.0.2.1:6443 (outside the mesh), +3 more`.
+fn endpoints(v: &Value) -> String {
+    let all = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if all.is_empty() {
+        return "-".into();
+    }
+    let mut parts: Vec<String> = all
+        .iter()
+        .take(ENDPOINTS_SHOWN)
+        .map(|e| match e["pod"].as_str() {
+            Some(pod) => format!("{} ({pod})", s(&e["address"])),
+            None => format!("{} (outside the mesh)", s(&e["address"])),
+        })
+        .collect();
+    if all.len() > ENDPOINTS_SHOWN {
+        parts.push(format!("+{} more", all.len() - ENDPOINTS_SHOWN));
+    }
+    parts.join(", ")
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -136,11 +159,18 @@ pub fn check(v: &Value) -> String {
                 s(&o["certificate"]),
                 s(&o["validatePeerCertificate"]),
                 format!("{} {}", s(&o["mode"]), s(&o["decidedBy"])),
+                endpoints(&o["endpoints"]),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["HOST:PORT", "CERTIFICATE", "VALIDATE PEER CERTIFICATE", "SERVER MODE (DECIDED BY)"],
+        &[
+            "HOST:PORT",
+            "CERTIFICATE",
+            "VALIDATE PEER CERTIFICATE",
+            "SERVER MODE (DECIDED BY)",
+            "ENDPOINTS",
+        ],
         &rows,
     ));
     let observed = v["observed"].as_array().cloned().unwrap_or_default();
@@ -348,10 +378,16 @@ mod tests {
             "listeners": [{"listener": "10.0.0.2_*", "certificate": "spiffe://x", "mtls": "yes (STRICT)",
                 "rbac": "no (none)", "decidedBy": "hipster-app/default (namespace)", "reason": "because"}],
             "outbound": [{"hostPort": "cart.hipster-app:7070", "certificate": "spiffe://x",
-                "validatePeerCertificate": "spiffe://y", "mode": "STRICT", "decidedBy": "hipster-app/default (namespace)"}]
+                "validatePeerCertificate": "spiffe://y", "mode": "STRICT", "decidedBy": "hipster-app/default (namespace)",
+                "endpoints": [{"address": "10.0.0.3:7070", "pod": "cart.hipster-app"},
+                              {"address": "192.0.2.1:7070", "pod": null}]}]
         });
         let text = check(&v);
         assert!(text.contains("10.0.0.2_*"), "{text}");
+        assert!(
+            text.contains("10.0.0.3:7070 (cart.hipster-app), 192.0.2.1:7070 (outside the mesh)"),
+            "{text}"
+        );
         assert!(text.contains("yes (STRICT)"));
         assert!(text.contains("cart.hipster-app:7070"));
         assert!(text.contains("10.0.0.2_*: because"));

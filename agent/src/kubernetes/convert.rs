@@ -153,6 +153,17 @@ pub fn service(
                 .to_canonical(),
         ),
     };
+    // Dual-stack: `clusterIPs` is `clusterIP` first, then the other family's VIP.
+    let mut other_vips = Vec::new();
+    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            return Err(err(format!("spec.clusterIPs[{i}]: invalid IP address {ip:?}")));
+        };
+        let ip = ip.to_canonical();
+        if vip.is_some() && Some(ip) != vip && !other_vips.contains(&ip) {
+            other_vips.push(ip);
+        }
+    }
     let selector: BTreeMap<String, String> = spec.selector.clone().unwrap_or_default();
     let mut ports = Vec::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
@@ -191,7 +202,18 @@ pub fn service(
         };
         ports.push(ServicePort { name: sp.name.clone(), port, target_port });
     }
-    Ok(Service { name, namespace, vip, selector, ports })
+    // Which endpoints serve the ports is the EndpointSlices' say (`endpoints::of_service`).
+    let internal_traffic_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    Ok(Service {
+        name,
+        namespace,
+        vip,
+        selector,
+        ports,
+        endpoints: Some(Vec::new()),
+        internal_traffic_local,
+        other_vips,
+    })
 }
 
 /// A policy object as one YAML document for the policy parser, with the origin its messages
@@ -368,6 +390,24 @@ mod tests {
     }
 
     #[test]
+    fn internal_traffic_policy_local_is_kept_and_endpoints_await_the_slices() {
+        let svc = |policy: serde_json::Value| -> KubeService {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "s", "namespace": "ns"},
+                "spec": {"clusterIP": "10.96.0.9", "internalTrafficPolicy": policy,
+                         "ports": [{"port": 80}]},
+            }))
+            .unwrap()
+        };
+        let local = service(&svc("Local".into()), &[], &[]).unwrap();
+        assert!(local.internal_traffic_local);
+        // Kubernetes mode: slices are the only source of endpoints, none yet.
+        assert_eq!(local.endpoints, Some(vec![]));
+        assert!(!service(&svc("Cluster".into()), &[], &[]).unwrap().internal_traffic_local);
+        assert!(!service(&svc(serde_json::Value::Null), &[], &[]).unwrap().internal_traffic_local);
+    }
+
+    #[test]
     fn headless_services_have_no_vip() {
         let svc: KubeService = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "h", "namespace": "ns"},
@@ -375,6 +415,23 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(service(&svc, &[], &[]).unwrap().vip, None);
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_a_vip_per_family() {
+        let svc: KubeService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5", "fd00:96::5"],
+                     "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        let s = service(&svc, &[], &[]).unwrap();
+        assert_eq!(s.vip, Some("10.96.0.5".parse().unwrap()));
+        assert_eq!(s.other_vips, ["fd00:96::5".parse::<IpAddr>().unwrap()]);
+        let mut bad = svc.clone();
+        bad.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.5".into(), "fd00::zz".into()]);
+        let e = service(&bad, &[], &[]).unwrap_err().to_string();
+        assert_eq!(e, "Service ns/d: spec.clusterIPs[1]: invalid IP address \"fd00::zz\"");
     }
 
     #[test]

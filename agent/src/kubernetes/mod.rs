@@ -3,6 +3,7 @@
 //! its cgroup.
 
 pub mod convert;
+pub mod endpoints;
 pub mod events;
 pub mod membership;
 pub mod netns;

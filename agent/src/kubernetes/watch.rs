@@ -363,7 +363,12 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
         let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
         let pods = pods_by_ns.get(&ns).map(Vec::as_slice).unwrap_or_default();
         match convert::service(svc, svc_slices, pods) {
-            Ok(s) => services.push(s),
+            Ok(mut s) => {
+                let (endpoints, errors) = super::endpoints::of_service(&s, svc_slices);
+                s.endpoints = Some(endpoints);
+                rejected.extend(errors.iter().map(ToString::to_string));
+                services.push(s);
+            }
             Err(e) => rejected.push(e.to_string()),
         }
     }

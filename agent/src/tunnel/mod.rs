@@ -131,6 +131,8 @@ pub struct Mesh {
     pub conns: ConnectionTable,
     pub drain: Drain,
     pub workloads: watch::Receiver<Arc<WorkloadSet>>,
+    /// Where each service VIP goes from this node, built once per workload set.
+    pub services: crate::services::ServiceCache,
     pub policies: watch::Receiver<Arc<PolicySet>>,
     pub stats: TunnelStats,
     /// The enrolled pods' network namespaces (for `check`'s UDP listeners).

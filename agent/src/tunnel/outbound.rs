@@ -31,6 +31,7 @@ use crate::{
     identity::{self, SpiffeId, WorkloadCert},
     inpod::PodNetns,
     policy::Mode,
+    services::ServiceTable,
     workloads::WorkloadSet,
 };
 
@@ -62,19 +63,48 @@ pub struct Route {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
-    #[error("service {service} has no endpoints")]
-    NoEndpoints { service: SocketAddr },
+    /// Refused, as kube-proxy refuses it.
+    #[error("service {service} ({vip}) has no usable endpoints")]
+    NoEndpoints { service: String, vip: SocketAddr },
+    /// `internalTrafficPolicy: Local` and no usable endpoint on this node: refused (kube-proxy
+    /// drops it).
+    #[error(
+        "service {service} ({vip}) has no usable endpoints on this node \
+         (internalTrafficPolicy: Local)"
+    )]
+    NoLocalEndpoints { service: String, vip: SocketAddr },
+}
+
+impl RouteError {
+    /// The rejection counter's reason.
+    fn reason(&self) -> &'static str {
+        match self {
+            RouteError::NoEndpoints { .. } => "no_endpoints",
+            RouteError::NoLocalEndpoints { .. } => "no_local_endpoints",
+        }
+    }
 }
 
 /// Resolves the application's destination: a service VIP and port becomes one of the service's
-/// endpoints (`port` -> `targetPort`); a pod IP stays as it is.
-pub fn route(ws: &WorkloadSet, orig: SocketAddr, rr: &AtomicUsize) -> Result<Route, RouteError> {
-    if let Some((endpoints, target_port)) = ws.resolve_vip(orig.ip(), orig.port()) {
-        if endpoints.is_empty() {
-            return Err(RouteError::NoEndpoints { service: orig });
+/// usable endpoints, round robin; any other address (a pod, or a VIP the agent does not know)
+/// stays as it is, so the node's own service load balancing applies to it.
+pub fn route(
+    ws: &WorkloadSet,
+    services: &ServiceTable,
+    orig: SocketAddr,
+    rr: &AtomicUsize,
+) -> Result<Route, RouteError> {
+    if let Some(vip) = services.get(orig) {
+        if vip.backends.is_empty() {
+            let service = vip.service.clone();
+            return Err(if vip.node_local {
+                RouteError::NoLocalEndpoints { service, vip: orig }
+            } else {
+                RouteError::NoEndpoints { service, vip: orig }
+            });
         }
-        let pick = endpoints[rr.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-        return Ok(Route { dst: SocketAddr::new(pick.ip, target_port), dst_pod: Some(pick.key()) });
+        let pick = &vip.backends[rr.fetch_add(1, Ordering::Relaxed) % vip.backends.len()];
+        return Ok(Route { dst: pick.address, dst_pod: pick.pod.clone() });
     }
     Ok(Route { dst: orig, dst_pod: ws.by_ip(orig.ip()).map(|w| w.key()) })
 }
@@ -106,6 +136,9 @@ enum Carry {
 const BY_CAPTURE: &str = "none: capture check";
 const BY_ROUTING: &str = "none: service routing";
 const BY_IDENTITY: &str = "none: identity check (this pod has no certificate)";
+/// The `policy=` of a connection relayed in plaintext because its destination is not a mesh
+/// workload.
+pub const OUTSIDE_MESH: &str = "none: destination outside the mesh";
 
 async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAddr) {
     let Some(orig) = ctx.orig_dst.lookup(ctx.netns.cookie(), peer) else {
@@ -120,10 +153,11 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         return;
     };
     let ws = ctx.mesh.workloads.borrow().clone();
-    let route = match route(&ws, orig, &ctx.next_endpoint) {
+    let services = ctx.mesh.services.table(&ws);
+    let route = match route(&ws, &services, orig, &ctx.next_endpoint) {
         Ok(r) => r,
         Err(e) => {
-            ctx.mesh.stats.rejections.count(OUTBOUND, "no_endpoints");
+            ctx.mesh.stats.rejections.count(OUTBOUND, e.reason());
             warn!(src = %peer, src_pod = %ctx.pod, dst = %orig, policy = BY_ROUTING, "rejected: {e}");
             return;
         }
@@ -155,7 +189,9 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         },
         None => Carry::Plaintext,
     };
-    let policy = decision.map(|d| d.reason);
+    // A destination that is no mesh workload (an endpoint outside the mesh, a VIP the agent
+    // does not know) is relayed in plaintext, and the record says why.
+    let policy = Some(decision.map_or_else(|| OUTSIDE_MESH.to_owned(), |d| d.reason));
     let (mode, local_identity, peer_identity, tls) = match &carry {
         Carry::Mtls { cert, expected, .. } => (
             "mTLS",
@@ -195,7 +231,7 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         }
         Carry::Plaintext => relay_plain(&ctx, &mut client, route.dst, &live).await,
     };
-    let policy = policy.as_deref().unwrap_or("none: destination outside the mesh");
+    let policy = policy.as_deref().unwrap_or(OUTSIDE_MESH);
     let (sent, received, error) = match result {
         Ok(t) => {
             if t.error.is_some() {
@@ -463,12 +499,17 @@ services:
         .unwrap()
     }
 
+    fn table(ws: &WorkloadSet) -> ServiceTable {
+        ServiceTable::build(ws, "n1")
+    }
+
     #[test]
     fn vip_resolves_round_robin_to_same_namespace_endpoints_and_target_port() {
         let ws = set();
+        let t = table(&ws);
         let rr = AtomicUsize::new(0);
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
-        let picks: Vec<_> = (0..4).map(|_| route(&ws, vip, &rr).unwrap()).collect();
+        let picks: Vec<_> = (0..4).map(|_| route(&ws, &t, vip, &rr).unwrap()).collect();
         let dsts: Vec<String> = picks.iter().map(|r| r.dst.to_string()).collect();
         assert_eq!(dsts, ["10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.2:8080", "10.0.0.3:8080"]);
         assert_eq!(picks[0].dst_pod.as_deref(), Some("a.ns"));
@@ -477,20 +518,49 @@ services:
     #[test]
     fn pod_ip_passes_through_and_names_the_pod() {
         let ws = set();
-        let r = route(&ws, "10.0.0.4:9000".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
+        let t = table(&ws);
+        let r = route(&ws, &t, "10.0.0.4:9000".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
         assert_eq!(r.dst, "10.0.0.4:9000".parse().unwrap());
         assert_eq!(r.dst_pod.as_deref(), Some("c.other"));
-        let outside = route(&ws, "192.0.2.1:443".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
+        let outside =
+            route(&ws, &t, "192.0.2.1:443".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
         assert_eq!(outside.dst_pod, None);
+    }
+
+    #[test]
+    fn an_unknown_vip_or_port_is_relayed_unchanged() {
+        let ws = set();
+        let t = table(&ws);
+        for dst in ["10.96.0.99:80", "10.96.0.10:81"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let r = route(&ws, &t, dst, &AtomicUsize::new(0)).unwrap();
+            assert_eq!(r, Route { dst, dst_pod: None });
+        }
+    }
+
+    #[test]
+    fn slice_endpoints_outside_the_mesh_are_routed_without_a_pod() {
+        let mut ws = set();
+        ws.services[1].endpoints = Some(vec![crate::workloads::SliceEndpoint {
+            service_port: 80,
+            address: "192.0.2.7".parse().unwrap(),
+            port: 6443,
+            node_name: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }]);
+        let t = table(&ws);
+        let r = route(&ws, &t, "10.96.0.11:80".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
+        assert_eq!(r, Route { dst: "192.0.2.7:6443".parse().unwrap(), dst_pod: None });
     }
 
     #[test]
     fn service_without_endpoints_is_an_error() {
         let ws = set();
         let vip: SocketAddr = "10.96.0.11:80".parse().unwrap();
-        assert_eq!(
-            route(&ws, vip, &AtomicUsize::new(0)),
-            Err(RouteError::NoEndpoints { service: vip })
-        );
+        let e = route(&ws, &table(&ws), vip, &AtomicUsize::new(0)).unwrap_err();
+        assert_eq!(e, RouteError::NoEndpoints { service: "empty.ns".into(), vip });
+        assert_eq!(e.to_string(), "service empty.ns (10.96.0.11:80) has no usable endpoints");
     }
 }
