@@ -577,6 +577,28 @@ impl Agent {
         let node = self.cfg.node.clone();
         let wanted: BTreeMap<String, &Workload> = ws.on_node(&node).map(|w| (w.key(), w)).collect();
 
+        // A pod whose labels or probe ports changed, nothing of its identity: new rules in
+        // place, same listeners, same capture (no gap, open connections carry on).
+        let in_place: Vec<(String, Workload)> = self
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                let w = wanted.get(k)?;
+                (**w != p.workload && w.same_identity(&p.workload))
+                    .then(|| (k.clone(), (*w).clone()))
+            })
+            .collect();
+        for (key, w) in in_place {
+            let Some(pod) = self.pods.get_mut(&key) else { continue };
+            pod.workload = w.clone();
+            let cookie = pod.netns.cookie();
+            match self.apply_pod_policy(&w, cookie) {
+                Ok(()) => info!(pod = %key, "updated in place (labels or probe ports changed)"),
+                // The next policy or pod change writes them again.
+                Err(e) => error!(pod = %key, "updating policy in place: {}", crate::error_text(&e)),
+            }
+        }
+
         // A changed pod keeps its inbound program and capture until it is enrolled again: its
         // old namespace is released only if the new attempt does not use it.
         let mut previous: BTreeMap<String, u64> = BTreeMap::new();
@@ -881,10 +903,11 @@ impl Agent {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
         }
         // The certificate exists before any listener does, so the first connection waits for
-        // nothing; a retry keeps the one it has.
-        if self.mesh.certs.get(&w.key()).is_none() {
-            let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+        // nothing; a retry keeps the one it has, unless it names another identity (the pod was
+        // recreated under the same name with another service account).
+        let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
+            .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+        if self.mesh.certs.get(&w.key()).is_none_or(|c| *c.spiffe_id() != id) {
             let cert = self
                 .signer
                 .issue(&id, self.cfg.cert_ttl)
