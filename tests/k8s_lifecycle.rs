@@ -284,6 +284,8 @@ fn a_label_change_to_strict_applies_in_place_and_an_open_connection_survives() -
     let enrolled = c.enrolled_lines("b.shop");
     ensure!(enrolled == 1, "{}", c.agent.log());
 
+    let listeners = agent_listeners(&c.bed, "b")?;
+    ensure!(listeners.len() >= 2, "the agent's listeners in b: {listeners:?}");
     // A connection a -> b (in mTLS) held open across the change.
     let mut cmd = Command::new(testbed::e2e_tool!());
     cmd.args(["hold", "--connect", &format!("{}:{PORT}", b.ip), "--seconds", "4"]);
@@ -313,11 +315,13 @@ fn a_label_change_to_strict_applies_in_place_and_an_open_connection_survives() -
         "the open connection did not survive: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // In place: not released, not enrolled again (same listeners, no capture gap).
+    // In place: not released, not enrolled again, the same listener sockets (no capture gap).
     let log = c.agent.log();
-    ensure!(log.contains("updated in place"), "{log}");
     ensure!(!log.contains("released"), "{log}");
     ensure!(c.enrolled_lines("b.shop") == enrolled, "re-enrolled:\n{log}");
+    let after = agent_listeners(&c.bed, "b")?;
+    ensure!(after == listeners, "the agent's listeners in b changed: {listeners:?} -> {after:?}");
+    ensure!(log.contains("updated in place"), "{log}");
     c.expect("a", b.ip, Some("b"), Duration::from_secs(5))?;
     let rec = c.agent.wait_connection(Duration::from_secs(5), |r| {
         r["direction"] == "inbound" && r["destinationPod"] == "b.shop" && r["sourcePod"] == "a.shop"
@@ -390,4 +394,25 @@ fn a_new_pod_taking_a_terminating_pods_ip_is_the_one_served() -> Result<()> {
     let text = w.to_string();
     ensure!(!text.contains("\"srv1\""), "the terminating pod still holds the address: {text}");
     Ok(())
+}
+
+/// The socket inodes of the agent's listeners in `pod` (ports 15001 and 15008), from the
+/// pod's own `/proc/net/tcp{,6}`.
+fn agent_listeners(bed: &Testbed, pod: &str) -> Result<Vec<u64>> {
+    let mut cmd = Command::new("cat");
+    cmd.args(["/proc/net/tcp", "/proc/net/tcp6"]);
+    let out = bed.spawn_in_pod(pod, cmd)?.wait_with_output(Duration::from_secs(5))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut inodes: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = f.get(1)?.rsplit(':').next()?;
+            // State 0A is LISTEN; 3A99 = 15001, 3AB0 = 15008.
+            let ours = matches!(port, "3A99" | "3AB0") && *f.get(3)? == "0A";
+            ours.then(|| f.get(9)?.parse().ok()).flatten()
+        })
+        .collect();
+    inodes.sort_unstable();
+    Ok(inodes)
 }
