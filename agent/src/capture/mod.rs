@@ -445,15 +445,6 @@ impl Capture {
         alive
     }
 
-    /// Netns cookies that have inbound rules (possibly from an earlier instance).
-    pub fn inbound_rule_cookies(&self) -> Vec<u64> {
-        let mut v: Vec<u64> =
-            self.inbound.keys().filter_map(Result::ok).map(|k| k.netns_cookie).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    }
-
     /// Replaces the inbound rules of the pod whose network namespace has `netns_cookie`.
     pub fn set_inbound_rules(
         &mut self,
