@@ -416,3 +416,45 @@ fn agent_listeners(bed: &Testbed, pod: &str) -> Result<Vec<u64>> {
     inodes.sort_unstable();
     Ok(inodes)
 }
+
+#[test]
+fn kubernetes_mode_a_restart_keeps_a_pod_closed_whose_cgroup_shows_no_process() -> Result<()> {
+    let strict = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": NS}, "spec": {"mtls": {"mode": "STRICT"}}});
+    let mut c = Cluster::start(
+        "kl-k8s-restart",
+        &[("a", 1, labels(&[("app", "a")])), ("b", 2, labels(&[("app", "b")]))],
+        &["outsider", "park"],
+        &[strict],
+    )?;
+    let (b, outsider) = (c.bed.pod("b").clone(), c.bed.pod("outsider").clone());
+    c.expect("outsider", b.ip, None, Duration::from_secs(5))?;
+    c.expect("a", b.ip, Some("b"), Duration::from_secs(5))?;
+
+    // Instance 1 stops; b's only process leaves its cgroup (its namespace and listener stay),
+    // so instance 2 cannot find b's namespace through the cgroup.
+    c.agent.terminate()?;
+    let b_pid = c.servers[1].pid();
+    std::fs::write(c.bed.pod("park").cgroup.join("cgroup.procs"), b_pid.to_string())?;
+    let accepted = |c: &Cluster| {
+        let n = |i: usize| c.servers[i].stdout().lines().filter(|l| l.contains("accepted")).count();
+        (n(1), n(2))
+    };
+    let before = accepted(&c);
+    c.agent.restart()?;
+    let body = wait_readiness(&c.agent, &format!("b.{NS} (netns"))?;
+    ensure!(body.contains("held closed"), "{body}");
+
+    // Still closed both ways: plaintext in is refused, b's own connections stay captured.
+    c.expect("outsider", b.ip, None, Duration::from_secs(1))?;
+    c.expect("b", outsider.ip, None, Duration::from_secs(1))?;
+    ensure!(accepted(&c) == before, "a connection got through; log:\n{}", c.agent.log());
+    let check: Value = serde_json::from_str(&c.agent.get(&format!("/check?pod=b.{NS}"))?)?;
+    ensure!(check["enrollmentFailure"]["failsClosed"] == true, "{check}");
+
+    // Deleted from the API server: its enforcement goes.
+    ensure!(c.api.delete(api::PODS, Some(NS), "b"));
+    c.agent.wait_log("released", Duration::from_secs(10))?;
+    c.expect("outsider", b.ip, Some("b"), Duration::from_secs(5))?;
+    Ok(())
+}
