@@ -458,3 +458,51 @@ fn kubernetes_mode_a_restart_keeps_a_pod_closed_whose_cgroup_shows_no_process() 
     c.expect("outsider", b.ip, Some("b"), Duration::from_secs(5))?;
     Ok(())
 }
+
+#[test]
+fn a_corrupt_state_file_keeps_every_enrollment_whose_namespace_still_exists() -> Result<()> {
+    let mut m = Mesh::build(
+        "kl-corrupt",
+        NS,
+        &[("node1", "client"), ("node1", "server"), ("node1", "outsider")],
+    )?;
+    let (file, mut w) = m.workloads("workloads", &["client", "server"])?;
+    let policies = PolicyDir::new(m.bed.id())?;
+    policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
+    let ca = m.ca("ca")?;
+    let dir = policies.0.display().to_string();
+    m.start_agent("node1", &file, &ca, &["--policies", &dir])?;
+    wait_readiness(m.agent("node1"), "2 of 2 pods enrolled")?;
+    refused(&m, "outsider", "server")?;
+
+    // While the agent is down: its state file is garbage, the server's namespace cannot be
+    // opened, and the client pod is gone (namespace and all) and out of the workloads.
+    let agent = m.agents.get_mut("node1").context("agent")?;
+    agent.terminate()?;
+    let state = agent.admin_dir.join("enrollments.json");
+    std::fs::write(&state, "{\"version\": 1, \"cookies\": {\"1\": ")?;
+    let not_netns = std::env::temp_dir().join(format!("{}-not-a-netns", m.bed.id()));
+    std::fs::write(&not_netns, b"")?;
+    m.files.push(not_netns.clone());
+    w.workloads.retain(|e| e.name != "client");
+    for e in &mut w.workloads {
+        if e.name == "server" {
+            e.netns = not_netns.clone();
+        }
+    }
+    w.write(&file)?;
+    m.bed.remove_pod("client")?;
+    m.agents.get_mut("node1").context("agent")?.restart()?;
+    let agent = m.agent("node1");
+
+    // Owner unknown, namespace alive: the server stays closed.
+    refused(&m, "outsider", "server")?;
+    refused(&m, "server", "outsider")?;
+    let error = "enrollments.json: EOF while parsing a value at line 1";
+    agent.wait_log(error, Duration::from_secs(5))?;
+    wait_readiness(agent, "pinned enrollments of a previous instance kept closed")?;
+    // Owner unknown, namespace gone: released.
+    agent.wait_log("its network namespace is gone", Duration::from_secs(20))?;
+    refused(&m, "outsider", "server")?;
+    Ok(())
+}

@@ -782,7 +782,7 @@ impl Agent {
                 let w = wanted.get(k)?;
                 Some(owners::Wanted { uid: w.uid.as_deref(), enrolled: pods.contains_key(k) })
             };
-            let pod = owner.as_ref().map(|o| o.pod.clone()).unwrap_or_default();
+            let pod = owner.as_ref().map_or_else(|| "-".to_owned(), |o| o.pod.clone());
             match owners::decide(owner.as_ref(), lookup, self.capture.netns_alive(cookie)) {
                 Verdict::Release(why) => {
                     self.kept.remove(&cookie);

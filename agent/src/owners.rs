@@ -44,8 +44,9 @@ struct StateFile {
 pub enum OwnersError {
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: line {line}, column {column}: {source}")]
-    Parse { path: PathBuf, line: usize, column: usize, source: serde_json::Error },
+    /// serde_json's message names the line and column.
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
     #[error("{path}: version {found} is not {VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("{path} is not a plain file of uid {uid}: not trusted")]
@@ -77,12 +78,8 @@ pub fn load(dir: &Path) -> Result<BTreeMap<u64, Owner>, OwnersError> {
     }
     let text = std::fs::read_to_string(&path)
         .map_err(|source| OwnersError::Read { path: path.clone(), source })?;
-    let file: StateFile = serde_json::from_str(&text).map_err(|source| OwnersError::Parse {
-        line: source.line(),
-        column: source.column(),
-        path: path.clone(),
-        source,
-    })?;
+    let file: StateFile = serde_json::from_str(&text)
+        .map_err(|source| OwnersError::Parse { path: path.clone(), source })?;
     if file.version != VERSION {
         return Err(OwnersError::Version { path, found: file.version });
     }
