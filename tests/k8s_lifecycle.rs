@@ -506,3 +506,43 @@ fn a_corrupt_state_file_keeps_every_enrollment_whose_namespace_still_exists() ->
     refused(&m, "outsider", "server")?;
     Ok(())
 }
+
+#[test]
+fn a_pod_recreated_under_its_name_with_another_service_account_gets_a_new_identity() -> Result<()> {
+    let mut c = Cluster::start(
+        "kl-recreate",
+        &[("a", 1, labels(&[("app", "a")])), ("b", 2, labels(&[("app", "b")]))],
+        &[],
+        &[],
+    )?;
+    let ip = c.bed.pod("b").ip;
+    c.expect("a", ip, Some("b"), Duration::from_secs(5))?;
+
+    // A StatefulSet-style recreation: same name and address, a new uid, sandbox and service
+    // account.
+    c.bed.remove_pod("b")?;
+    c.bed.add_pod_in_cgroup("node1", "b2", &pod_cgroup(&uid(3)))?;
+    c.bed.add_address("b2", ip.into())?;
+    c.servers.push(echo_server(&c.bed, "b2")?);
+    let mut flush = Command::new("ip");
+    flush.args(["neigh", "flush", "all"]);
+    c.bed.spawn_in_pod("a", flush)?.wait_with_output(Duration::from_secs(5))?;
+    let mut pod = pod_object("b", ip, &uid(3), labels(&[("app", "b")]));
+    pod["spec"]["serviceAccountName"] = json!("b-v2");
+    c.api.apply(api::PODS, pod);
+
+    // The new pod answers, under its own identity (not the old certificate's).
+    c.expect("a", ip, Some("b2"), Duration::from_secs(10))?;
+    let rec = c.agent.wait_connection(Duration::from_secs(5), |r| {
+        r["direction"] == "outbound"
+            && r["sourcePod"] == "a.shop"
+            && r["mode"] == "mTLS"
+            && r["peerIdentity"] == "spiffe://cluster.local/ns/shop/sa/b-v2"
+    });
+    ensure!(rec.is_ok(), "{rec:?}");
+    let certs = c.agent.certs()?;
+    let text = serde_json::to_string(&certs)?;
+    ensure!(text.contains("/sa/b-v2\""), "{text}");
+    ensure!(!text.contains("/sa/b\""), "the old identity's certificate is still served: {text}");
+    Ok(())
+}
