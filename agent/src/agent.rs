@@ -21,6 +21,7 @@ use crate::{
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
     kubernetes,
+    owners::{self, Owner, Verdict},
     policy::{Mode, PolicySet, Warning},
     tunnel::{
         hbone::{self, HBONE_PORT},
@@ -157,6 +158,13 @@ struct Agent {
     policy_warnings: HashSet<(PathBuf, usize, String)>,
     /// The last reload of the policy directory failed (its last good set is in force).
     policies_broken: bool,
+    /// Pinned enrollments this instance did not make and keeps (their pod is meant to be
+    /// enrolled, or their owner is unknown and their namespace may exist), with their owner.
+    kept: BTreeMap<u64, Option<Owner>>,
+    /// The owners of pinned cookies from the state file, as found at start.
+    owners_at_start: BTreeMap<u64, Owner>,
+    /// What this instance last wrote to the state file.
+    owners_written: Option<BTreeMap<u64, Owner>>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -227,6 +235,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let issuer: Arc<dyn CertIssuer> = signer.clone();
     tokio::spawn(identity::run_renewals(certs, issuer, cfg.cert_ttl));
 
+    // Read before anything is enrolled: which pinned cookie is whose pod (item: a restart
+    // never opens a pod). Unreadable means unknown owners, never "nothing to keep".
+    let owners_at_start = owners::load(&cfg.admin_dir).unwrap_or_else(|e| {
+        error!("{e}; pinned enrollments of unknown owner stay until their namespace is gone");
+        BTreeMap::new()
+    });
     let mut agent = Agent {
         cfg: cfg.clone(),
         capture,
@@ -246,6 +260,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
         policies_broken: false,
+        kept: BTreeMap::new(),
+        owners_at_start,
+        owners_written: None,
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -465,7 +482,8 @@ impl Agent {
     fn retry_enrollment(&mut self) {
         let node = self.cfg.node.clone();
         let ws = self.workloads_tx.borrow().clone();
-        if ws.on_node(&node).any(|w| !self.pods.contains_key(&w.key())) {
+        // Kept pinned enrollments are looked at again too: their pod or namespace may be gone.
+        if !self.kept.is_empty() || ws.on_node(&node).any(|w| !self.pods.contains_key(&w.key())) {
             self.reconcile(false);
         }
     }
@@ -577,9 +595,44 @@ impl Agent {
         let node = self.cfg.node.clone();
         let wanted: BTreeMap<String, &Workload> = ws.on_node(&node).map(|w| (w.key(), w)).collect();
 
+        // A pod whose labels or probe ports changed, nothing of its identity: new rules in
+        // place, same listeners, same capture (no gap, open connections carry on).
+        let in_place: Vec<(String, Workload)> = self
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                let w = wanted.get(k)?;
+                (**w != p.workload && w.same_identity(&p.workload))
+                    .then(|| (k.clone(), (*w).clone()))
+            })
+            .collect();
+        for (key, w) in in_place {
+            let Some(pod) = self.pods.get_mut(&key) else { continue };
+            pod.workload = w.clone();
+            let cookie = pod.netns.cookie();
+            match self.apply_pod_policy(&w, cookie) {
+                Ok(()) => info!(pod = %key, "updated in place (labels or probe ports changed)"),
+                // The next policy or pod change writes them again.
+                Err(e) => error!(pod = %key, "updating policy in place: {}", crate::error_text(&e)),
+            }
+        }
+
         // A changed pod keeps its inbound program and capture until it is enrolled again: its
         // old namespace is released only if the new attempt does not use it.
         let mut previous: BTreeMap<String, u64> = BTreeMap::new();
+        if at_start {
+            // So does a pod a previous instance enrolled: held closed if this instance cannot
+            // enroll it, released only once it is enrolled elsewhere or gone.
+            let pinned = self.pinned_cookies();
+            for (cookie, o) in &self.owners_at_start {
+                let same_pod = wanted.get(&o.pod).is_some_and(|w| {
+                    o.uid.is_none() || w.uid.is_none() || o.uid.as_deref() == w.uid.as_deref()
+                });
+                if same_pod && pinned.contains(cookie) && !previous.contains_key(&o.pod) {
+                    previous.insert(o.pod.clone(), *cookie);
+                }
+            }
+        }
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -627,8 +680,16 @@ impl Agent {
                 Ok(pod) => Some(pod.netns.cookie()),
                 Err(e) => e.netns_cookie,
             };
-            if let Some(old) = previous.remove(key) {
-                if now_cookie != Some(old) {
+            // The namespace the pod is held closed in so far (a failed pod retried, a changed
+            // one, one of a previous instance).
+            let old = previous.remove(key).or_else(|| self.failed.get(key)?.netns_cookie);
+            // A failure before anything is in place keeps the old enforcement: never open.
+            let held = match &attempt {
+                Err(e) if e.netns_cookie.is_none() => old,
+                _ => None,
+            };
+            if let Some(old) = old {
+                if now_cookie != Some(old) && held.is_none() {
                     self.release_cookie(old);
                 }
             }
@@ -651,7 +712,8 @@ impl Agent {
                 }
                 Err(e) => {
                     let reason = crate::error_text(&e.error);
-                    let closed = e.netns_cookie.is_some();
+                    let netns_cookie = e.netns_cookie.or(held);
+                    let closed = netns_cookie.is_some();
                     if self.failures.record(key, e.step, reason.clone(), closed) {
                         let holds = if closed {
                             "fails closed: STRICT ports refuse plaintext, outbound stays captured"
@@ -677,36 +739,85 @@ impl Agent {
                     } else {
                         tracing::debug!(pod = %key, step = e.step.as_str(), "enrollment failed again: {reason}");
                     }
-                    self.failed.insert(
-                        key.clone(),
-                        FailedPod { workload: (*w).clone(), netns_cookie: e.netns_cookie },
-                    );
+                    let first_hold = held.is_some() && !self.failed.contains_key(key);
+                    self.failed
+                        .insert(key.clone(), FailedPod { workload: (*w).clone(), netns_cookie });
+                    if let (true, Some(cookie)) = (first_hold, held) {
+                        info!(pod = %key, cookie, "kept closed in its namespace enrolled before");
+                        // Its rules follow the current policies while it is held.
+                        if let Err(e) = self.apply_pod_policy(w, cookie) {
+                            error!(pod = %key, "applying policy: {}", crate::error_text(&e));
+                        }
+                    }
                 }
             }
         }
         self.failures.retain(|k| wanted.contains_key(k));
-        self.update_readiness(wanted.len());
-        self.announce_membership();
         if at_start {
-            let ours: Vec<u64> = self
-                .pods
-                .values()
-                .map(|p| p.netns.cookie())
-                .chain(self.failed.values().filter_map(|f| f.netns_cookie))
-                .collect();
-            for cookie in self.capture.inbound_link_cookies() {
+            // Everything else a previous instance left pinned is looked at below; rules of a
+            // cookie with neither capture nor an inbound program protect nothing.
+            let ours = self.our_cookies();
+            for cookie in self.pinned_cookies() {
                 if !ours.contains(&cookie) {
-                    self.capture.detach_inbound(cookie);
+                    self.kept.insert(cookie, self.owners_at_start.get(&cookie).cloned());
                 }
             }
-            self.capture.retain_inbound_rules(&ours);
-            for cookie in self.capture.enrolled_cookies() {
-                if !ours.contains(&cookie) {
-                    info!(cookie, "releasing a pod enrolled by a previous instance that is gone");
-                    if let Err(e) = self.capture.release(cookie) {
-                        warn!(cookie, "releasing: {e}");
-                    }
+            let keep: Vec<u64> = ours.iter().chain(self.kept.keys()).copied().collect();
+            self.capture.retain_inbound_rules(&keep);
+        }
+        self.review_kept(&wanted, at_start);
+        self.update_readiness(wanted.len());
+        self.announce_membership();
+        self.save_owners();
+    }
+
+    /// Cookies of the pods this instance enrolled or holds closed.
+    fn our_cookies(&self) -> Vec<u64> {
+        self.pods
+            .values()
+            .map(|p| p.netns.cookie())
+            .chain(self.failed.values().filter_map(|f| f.netns_cookie))
+            .collect()
+    }
+
+    /// Cookies with pinned enforcement: capture or an inbound program.
+    fn pinned_cookies(&self) -> Vec<u64> {
+        let mut v = self.capture.enrolled_cookies();
+        v.extend(self.capture.inbound_link_cookies());
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Releases the kept enrollments whose pod is known gone ([`owners::decide`]).
+    fn review_kept(&mut self, wanted: &BTreeMap<String, &Workload>, at_start: bool) {
+        let ours = self.our_cookies();
+        self.kept.retain(|c, _| !ours.contains(c));
+        let kept: Vec<(u64, Option<Owner>)> =
+            self.kept.iter().map(|(c, o)| (*c, o.clone())).collect();
+        for (cookie, owner) in kept {
+            let pods = &self.pods;
+            let lookup = |k: &str| {
+                let w = wanted.get(k)?;
+                Some(owners::Wanted { uid: w.uid.as_deref(), enrolled: pods.contains_key(k) })
+            };
+            let pod = owner.as_ref().map_or_else(|| "-".to_owned(), |o| o.pod.clone());
+            match owners::decide(owner.as_ref(), lookup, self.capture.netns_alive(cookie)) {
+                Verdict::Release(why) => {
+                    self.kept.remove(&cookie);
+                    self.release_cookie(cookie);
+                    info!(
+                        cookie,
+                        pod, "released a pinned enrollment of a previous instance: {why}"
+                    );
                 }
+                Verdict::HoldFor(pod) if at_start => {
+                    warn!(cookie, pod, "kept closed: a pinned enrollment of this pod (from a previous instance) stays until the pod is enrolled again or leaves");
+                }
+                Verdict::KeepUnknown if at_start => {
+                    warn!(cookie, "kept: a pinned enrollment of unknown owner (no entry in {}) stays until its network namespace is gone", owners::path(&self.cfg.admin_dir).display());
+                }
+                Verdict::HoldFor(_) | Verdict::KeepUnknown => {}
             }
         }
     }
@@ -765,6 +876,32 @@ impl Agent {
         self.announced.retain(|k, _| members.iter().any(|m| m.pod == *k));
     }
 
+    /// Writes which pod each pinned cookie is for, when that changed, for the next instance.
+    fn save_owners(&mut self) {
+        let owner = |w: &Workload| Owner { pod: w.key(), uid: w.uid.clone() };
+        let mut now: BTreeMap<u64, Owner> = BTreeMap::new();
+        for (c, o) in &self.kept {
+            if let Some(o) = o {
+                now.insert(*c, o.clone());
+            }
+        }
+        for f in self.failed.values() {
+            if let Some(c) = f.netns_cookie {
+                now.insert(c, owner(&f.workload));
+            }
+        }
+        for p in self.pods.values() {
+            now.insert(p.netns.cookie(), owner(&p.workload));
+        }
+        if self.owners_written.as_ref() == Some(&now) {
+            return;
+        }
+        match owners::save(&self.cfg.admin_dir, &now) {
+            Ok(()) => self.owners_written = Some(now),
+            Err(e) => warn!("{e}: a restart keeps these pods' enforcement as of unknown owner"),
+        }
+    }
+
     /// Ready once the programs are attached and the first sync is done, with listeners up in
     /// every pod that is enrolled: a pod that fails enrollment is held closed and named here,
     /// but cannot hold back the node (one tenant must not stall a rollout).
@@ -780,6 +917,12 @@ impl Agent {
                 .map(|f| format!("{} ({}: {})", f.pod, f.step.as_str(), f.reason))
                 .collect();
             detail.push_str(&format!("; not enrolled, held closed: {}", names.join("; ")));
+        }
+        if !self.kept.is_empty() {
+            detail.push_str(&format!(
+                "; {} pinned enrollments of a previous instance kept closed",
+                self.kept.len()
+            ));
         }
         self.readiness.set(true, detail);
     }
@@ -833,10 +976,11 @@ impl Agent {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
         }
         // The certificate exists before any listener does, so the first connection waits for
-        // nothing; a retry keeps the one it has.
-        if self.mesh.certs.get(&w.key()).is_none() {
-            let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+        // nothing; a retry keeps the one it has, unless it names another identity (the pod was
+        // recreated under the same name with another service account).
+        let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
+            .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
+        if self.mesh.certs.get(&w.key()).is_none_or(|c| *c.spiffe_id() != id) {
             let cert = self
                 .signer
                 .issue(&id, self.cfg.cert_ttl)

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inpod;
 pub mod kubernetes;
 pub mod loglimit;
+pub mod owners;
 pub mod policy;
 pub mod procnet;
 pub mod services;

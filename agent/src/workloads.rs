@@ -182,6 +182,15 @@ impl Workload {
     pub fn spiffe_sa(&self) -> &str {
         &self.service_account
     }
+
+    /// Whether `other` is this pod with the same identity (namespace, name, service account,
+    /// addresses, node, netns, uid): it differs at most in what policy reads (labels, probe
+    /// ports), so its enrollment is updated in place rather than redone.
+    pub fn same_identity(&self, other: &Workload) -> bool {
+        let strip =
+            |w: &Workload| Workload { labels: BTreeMap::new(), probe_ports: vec![], ..w.clone() };
+        strip(self) == strip(other)
+    }
 }
 
 impl Service {
@@ -1301,6 +1310,38 @@ workloads:
                 e.to_string(),
                 format!("{}:3: workloads[0].ip: invalid IP address \"10.0.0.300\"", path.display())
             );
+        }
+    }
+
+    #[test]
+    fn a_label_or_probe_port_change_keeps_the_identity_anything_else_does_not() {
+        let w = Workload {
+            name: "a".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            labels: BTreeMap::from([("app".to_owned(), "a".to_owned())]),
+            ip: "10.0.0.1".parse().unwrap(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            node: "n1".into(),
+            netns: None,
+            probe_ports: vec![],
+            uid: Some("u1".into()),
+        };
+        let mut relabelled = w.clone();
+        relabelled.labels.insert("tier".into(), "secure".into());
+        relabelled.probe_ports.push(8080);
+        assert!(w.same_identity(&relabelled));
+        let changes: [fn(&mut Workload); 5] = [
+            |w| w.service_account = "other".into(),
+            |w| w.uid = Some("u2".into()),
+            |w| w.ips.push("10.0.0.9".parse().unwrap()),
+            |w| w.netns = Some("/run/netns/x".into()),
+            |w| w.namespace = "other".into(),
+        ];
+        for change in changes {
+            let mut other = w.clone();
+            change(&mut other);
+            assert!(!w.same_identity(&other), "{other:?}");
         }
     }
 }

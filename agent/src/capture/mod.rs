@@ -427,6 +427,24 @@ impl Capture {
             .collect()
     }
 
+    /// Whether the network namespace of `netns_cookie` still exists, from its pinned inbound
+    /// links (the kernel reports a link's namespace as inode 0 once the namespace is gone):
+    /// `None` when it has no link to ask (or none answers).
+    pub fn netns_alive(&self, netns_cookie: u64) -> Option<bool> {
+        let prefix = format!("{INBOUND_LINK_PREFIX}{netns_cookie}_");
+        let mut alive = None;
+        for p in existing_links(&self.links_dir) {
+            if !link_name(&p).starts_with(&prefix) {
+                continue;
+            }
+            match pinned_link_netns_ino(&p) {
+                Ok(ino) => alive = Some(alive.unwrap_or(false) || ino != 0),
+                Err(e) => debug!(path = %p.display(), "reading link info: {e}"),
+            }
+        }
+        alive
+    }
+
     /// Replaces the inbound rules of the pod whose network namespace has `netns_cookie`.
     pub fn set_inbound_rules(
         &mut self,
@@ -959,6 +977,69 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The inode of the network namespace a pinned netns link (`sk_lookup`) is attached to: 0
+/// once that namespace is gone (`BPF_OBJ_GET_INFO_BY_FD`, `bpf_link_info.netns`).
+fn pinned_link_netns_ino(path: &Path) -> std::io::Result<u32> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// The head of `struct bpf_link_info` up to its `netns` member (the union is 8-aligned).
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfoNetns {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        netns_ino: u32,
+        attach_type: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let get = ObjGet { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET, whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get as *const ObjGet, size_of::<ObjGet>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own from here on.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = LinkInfoNetns::default();
+    let attr = InfoByFd {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&link) as u32,
+        info_len: size_of::<LinkInfoNetns>() as u32,
+        info: &mut info as *mut LinkInfoNetns as u64,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at most
+    // `info_len` bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFd,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.netns_ino)
 }
 
 /// A refusal by the inbound program: (client, pod address and port, whether the pod had no

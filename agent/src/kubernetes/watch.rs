@@ -312,12 +312,23 @@ async fn build_loop(
     }
 }
 
+/// Pods in the order they claim their IPs: those not terminating first, each group by name. An
+/// IP freed by a terminating pod and already given to a new one is the new pod's: the old
+/// pod's identity and policy must not answer for it.
+fn serving_first(pods: &Objects<Pod>) -> impl Iterator<Item = &Pod> {
+    let terminating = |p: &Pod| p.metadata.deletion_timestamp.is_some();
+    let (mut first, rest): (Vec<&Pod>, Vec<&Pod>) =
+        pods.values().map(Arc::as_ref).partition(|p| !terminating(p));
+    first.extend(rest);
+    first.into_iter()
+}
+
 fn build(state: &State, root_namespace: &str, members: &membership::Settings) -> Snapshot {
     let mut rejected = Vec::new();
     let mut workloads: Vec<Workload> = Vec::new();
     let mut decisions = Vec::new();
     let mut ips = HashMap::new();
-    for pod in state.pods.values() {
+    for pod in serving_first(&state.pods) {
         let m = pod_membership(pod, state, members);
         let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
         let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
@@ -327,7 +338,8 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
             // Pods out of the mesh are not its workloads: never enrolled, plaintext peers.
             Ok(Some(_)) if !is_in => {}
             Ok(Some(w)) => {
-                // Two running pods with one IP: the first (by name) keeps it.
+                // Two running pods with one IP: the one not terminating keeps it, else the
+                // first by name.
                 if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
                     rejected.push(format!(
                         "Pod {}/{}: IP {ip} is already pod {first}'s",
@@ -442,6 +454,12 @@ mod tests {
         .unwrap()
     }
 
+    fn terminating(mut p: Pod) -> Pod {
+        p.metadata.deletion_timestamp =
+            serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).unwrap();
+        p
+    }
+
     fn keys(c: &Cache<Pod>) -> Vec<&str> {
         c.live.keys().map(String::as_str).collect()
     }
@@ -529,5 +547,43 @@ mod tests {
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
         assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
         assert!(s.rejected[0].contains("Pod ns/broken"), "{:?}", s.rejected);
+    }
+
+    #[test]
+    fn a_terminating_pod_yields_its_ip_to_the_new_pod_whatever_their_names() {
+        let objects = |pods: Vec<Pod>| -> Objects<Pod> {
+            Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
+        };
+        for (old, new) in [("a", "b"), ("b", "a")] {
+            let state = State {
+                pods: objects(vec![terminating(pod(old, "10.0.0.1")), pod(new, "10.0.0.1")]),
+                namespaces: Arc::default(),
+                services: Arc::default(),
+                slices: Arc::default(),
+                policies: vec![],
+            };
+            let s = build(&state, "istio-system", &membership::Settings::default());
+            let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
+            assert_eq!(keys, [format!("{new}.ns")]);
+            assert_eq!(
+                s.workloads.by_ip("10.0.0.1".parse().unwrap()).and_then(|w| w.uid.clone()),
+                Some(format!("u-{new}"))
+            );
+            assert_eq!(
+                s.rejected,
+                [format!("Pod ns/{old}: IP 10.0.0.1 is already pod ns/{new}'s")]
+            );
+        }
+        // A terminating pod alone keeps its IP (and its enrollment) while it drains.
+        let state = State {
+            pods: objects(vec![terminating(pod("a", "10.0.0.1")), pod("b", "10.0.0.2")]),
+            namespaces: Arc::default(),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        let s = build(&state, "istio-system", &membership::Settings::default());
+        assert_eq!(s.workloads.workloads.len(), 2);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
     }
 }

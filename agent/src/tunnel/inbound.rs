@@ -98,10 +98,19 @@ impl InboundContext {
         SocketAddr::new(self.pod_ip, HBONE_PORT)
     }
 
+    /// This pod in the current workload set: by name and address, so an address already
+    /// given to another pod never lends this listener that pod's policy.
+    fn this_pod<'a>(
+        &self,
+        ws: &'a crate::workloads::WorkloadSet,
+    ) -> Option<&'a crate::workloads::Workload> {
+        ws.by_ip(self.pod_ip).filter(|w| w.key() == self.pod)
+    }
+
     /// The deciding policy of the pod's `port`, in words.
     fn policy_for(&self, port: u16) -> String {
         let ws = self.mesh.workloads.borrow().clone();
-        match ws.by_ip(self.pod_ip) {
+        match self.this_pod(&ws) {
             Some(w) => self.mesh.policies.borrow().decide(&ws, w, port).reason,
             None => "none: the pod is no longer in the workload set".to_owned(),
         }
@@ -275,7 +284,8 @@ async fn open_stream(
         Refusal::forbidden(reason)
     };
     // Any address of the pod (a second one, IPv6), as the workload set lists them now.
-    let ours = ctx.mesh.workloads.borrow().by_ip(ctx.pod_ip).is_some_and(|w| w.has_ip(target.ip()));
+    let ws = ctx.mesh.workloads.borrow().clone();
+    let ours = ctx.this_pod(&ws).is_some_and(|w| w.has_ip(target.ip()));
     if !ours {
         return Err(refuse(format!("{target} is not an address of pod {}", ctx.pod)));
     }
