@@ -150,6 +150,10 @@ struct Agent {
     policy_warnings: HashSet<(PathBuf, usize, String)>,
     /// The last reload of the policy directory failed (its last good set is in force).
     policies_broken: bool,
+    /// Kubernetes mode: whether each policy kind is served and answers.
+    sources: kubernetes::sources::Sources,
+    /// The failing policy sources readiness named last.
+    sources_failing: Vec<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -169,7 +173,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            (Some(kubernetes::start(client.clone(), &cfg.root_namespace)), Some(client))
+            let feed =
+                kubernetes::start_with(client.clone(), &cfg.root_namespace, k.discovery_interval);
+            (Some(feed), Some(client))
         }
         Source::Files { .. } => (None, None),
     };
@@ -232,6 +238,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         readiness: admin::Readiness::default(),
         policy_warnings: HashSet::new(),
         policies_broken: false,
+        sources: feed.as_ref().map(kubernetes::Feed::sources).unwrap_or_default(),
+        sources_failing: Vec::new(),
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -281,6 +289,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         set_log_level,
         readiness: agent.readiness.clone(),
         enrollment: agent.failures.clone(),
+        policy_sources: agent.sources.clone(),
     };
     let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
@@ -323,6 +332,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 if policy_watch.as_mut().is_some_and(Watch::changed) {
                     agent.reload_policies();
+                }
+                if !synced {
+                    agent.update_waiting_readiness();
+                } else if agent.sources_failing != agent.sources.failing() {
+                    // A policy source failed or answers again: readiness says so.
+                    let wanted = agent.workloads_tx.borrow().on_node(&agent.cfg.node).count();
+                    agent.update_readiness(wanted);
                 }
                 if synced && tokio::time::Instant::now() >= next_retry {
                     next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
@@ -695,7 +711,7 @@ impl Agent {
     /// Ready once the programs are attached and the first sync is done, with listeners up in
     /// every pod that is enrolled: a pod that fails enrollment is held closed and named here,
     /// but cannot hold back the node (one tenant must not stall a rollout).
-    fn update_readiness(&self, wanted: usize) {
+    fn update_readiness(&mut self, wanted: usize) {
         let enrolled = self.pods.len();
         let with_cert = self.pods.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
         let mut detail =
@@ -708,7 +724,26 @@ impl Agent {
                 .collect();
             detail.push_str(&format!("; not enrolled, held closed: {}", names.join("; ")));
         }
+        // The last known policies stay in force while a source fails: named, not unready
+        // (the node's pods are protected as they were).
+        let sources = self.sources.failing();
+        if !sources.is_empty() {
+            detail.push_str(&format!("; {}", sources.join("; ")));
+        }
+        self.sources_failing = sources;
         self.readiness.set(true, detail);
+    }
+
+    /// Before the first sync: not ready, saying what is awaited (a policy source that fails
+    /// holds the first sync back, so nothing is enrolled on a guess).
+    fn update_waiting_readiness(&self) {
+        let mut detail = "waiting for the first sync with the API server".to_owned();
+        if let Some(why) = self.sources.waiting_for() {
+            detail.push_str(&format!(": {why}"));
+        }
+        if self.readiness.get() != (false, detail.clone()) {
+            self.readiness.set(false, detail);
+        }
     }
 
     /// Removes everything of a pod that left the node: capture, inbound program and rules,

@@ -45,6 +45,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 None => Source::Kubernetes(kubernetes::Settings {
                     kubeconfig: args.kubeconfig,
                     cgroups: kubernetes::PodCgroups::new(args.cgroup_root, args.proc_root),
+                    discovery_interval: args.policy_discovery_interval,
                 }),
             };
             let cfg = AgentConfig {

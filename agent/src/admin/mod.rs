@@ -54,6 +54,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// Pods of this node whose enrollment failed (held closed, retried).
     pub enrollment: crate::enrollment::Failures,
+    /// Kubernetes mode: whether each policy kind is served and answers (empty in file mode).
+    pub policy_sources: crate::kubernetes::sources::Sources,
 }
 
 /// Whether the node is ready: every pod of it enrolled and its certificate issued.
@@ -105,6 +107,8 @@ struct ConfigDump {
     certificates: Vec<CertView>,
     /// Pods of this node that are not enrolled: why, since when, how many attempts.
     not_enrolled: Vec<crate::enrollment::Failure>,
+    /// Kubernetes mode: each policy kind, whether it is served and whether it answers.
+    policy_sources: Vec<crate::kubernetes::sources::SourceView>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -153,6 +157,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         effective,
         certificates: certs(state),
         not_enrolled: state.enrollment.list(),
+        policy_sources: state.policy_sources.list(),
     }
 }
 

@@ -154,6 +154,10 @@ pub struct RunArgs {
     /// Kubernetes mode: the node's /proc (the agent runs with the host's PID namespace).
     #[arg(long, default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Kubernetes mode: how often API discovery runs again to learn which Istio policy kinds
+    /// the cluster serves (a CRD installed or removed later); also after a watch error.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub policy_discovery_interval: std::time::Duration,
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,

@@ -91,6 +91,10 @@ pub fn check(v: &Value) -> String {
             "not enrolled by this agent (not in the mesh, or its enrollment failed)".to_owned()
         }
     );
+    // A policy source that cannot be read: the modes below are its last known policies.
+    for f in v["policySourcesFailing"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "WARNING: {}", s(f));
+    }
     let listeners = v["listeners"].as_array().cloned().unwrap_or_default();
     let udp = v["udpListeners"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nChecked {} listeners.", listeners.len() + udp.len());

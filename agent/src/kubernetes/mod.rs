@@ -5,12 +5,13 @@
 pub mod convert;
 pub mod events;
 pub mod netns;
+pub mod sources;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
 
 pub use netns::{NetnsError, PodCgroups};
-pub use watch::{start, Feed, Snapshot};
+pub use watch::{start, start_with, Feed, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -28,6 +29,8 @@ pub struct Settings {
     /// A kubeconfig file; without it, the in-cluster service account (or `KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
     pub cgroups: PodCgroups,
+    /// How often API discovery of the policy kinds runs again (a CRD installed later).
+    pub discovery_interval: std::time::Duration,
 }
 
 /// A client for the API server: from `kubeconfig` if given, else inferred.

@@ -82,20 +82,26 @@ pub fn watched_resources() -> Vec<(String, String)> {
     v
 }
 
-type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
+pub(super) type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
 /// `None` until the kind's first list is complete.
-type Slot<K> = watch::Receiver<Option<Objects<K>>>;
+pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
 /// The running watchers; dropping it stops them.
 pub struct Feed {
     rx: watch::Receiver<Option<Arc<Snapshot>>>,
     tasks: Vec<JoinHandle<()>>,
+    sources: super::sources::Sources,
 }
 
 impl Feed {
     /// Snapshots: `None` until every kind has been listed once.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.rx.clone()
+    }
+
+    /// Whether each policy kind is served and answers.
+    pub fn sources(&self) -> super::sources::Sources {
+        self.sources.clone()
     }
 }
 
@@ -107,8 +113,14 @@ impl Drop for Feed {
     }
 }
 
-/// Starts watching pods, services, EndpointSlices and the policy kinds.
+/// Starts watching pods, services, EndpointSlices and the policy kinds (discovered again
+/// every [`super::sources::DISCOVERY_INTERVAL`]).
 pub fn start(client: Client, root_namespace: &str) -> Feed {
+    start_with(client, root_namespace, super::sources::DISCOVERY_INTERVAL)
+}
+
+/// [`start`], running API discovery of the policy kinds every `discovery_interval`.
+pub fn start_with(client: Client, root_namespace: &str, discovery_interval: Duration) -> Feed {
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
@@ -119,29 +131,26 @@ pub fn start(client: Client, root_namespace: &str) -> Feed {
     let (slices, t) =
         spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", false, &notify);
     tasks.push(t);
-    let mut policies = Vec::new();
-    for ar in policy_kinds() {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-        let what = format!("{}.{}/{}", ar.plural, ar.group, ar.version);
-        // Istio's kinds may not be installed (or the legacy ones no longer served).
-        let (rx, t) = spawn_watch(api, what, true, &notify);
-        tasks.push(t);
-        policies.push((ar, rx));
-    }
+    // Istio's kinds may not be installed: only those the cluster serves are watched, and a
+    // served one that cannot be read is an error, not "no policies".
+    let started =
+        super::sources::start(client, policy_kinds().to_vec(), discovery_interval, &notify);
+    tasks.push(started.task);
+    let policies = started.slots;
     let (tx, rx) = watch::channel(None);
     let inputs = Inputs { pods, services, slices, policies };
     tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root_namespace.to_owned())));
-    Feed { rx, tasks }
+    Feed { rx, tasks, sources: started.sources }
 }
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
-struct Cache<K> {
-    live: BTreeMap<String, Arc<K>>,
+pub(super) struct Cache<K> {
+    pub(super) live: BTreeMap<String, Arc<K>>,
     relisting: Option<BTreeMap<String, Arc<K>>>,
 }
 
 impl<K: Resource> Cache<K> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Cache { live: BTreeMap::new(), relisting: None }
     }
 
@@ -150,7 +159,7 @@ impl<K: Resource> Cache<K> {
     }
 
     /// Applies an event; true when the complete state changed.
-    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+    pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
