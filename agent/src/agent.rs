@@ -789,9 +789,22 @@ impl Agent {
             .map_err(|e| fail(Step::InboundProgram, None)(e.into()))?;
         let closed = Some(cookie);
         self.apply_pod_policy(w, cookie).map_err(fail(Step::InboundRules, closed))?;
-        self.capture.enroll(cookie).map_err(|e| fail(Step::Capture, closed)(e.into()))?;
+        // Whether the agent turns tcp_migrate_req on here is recorded with the pod's entry, so
+        // `mtls-agent uninstall` turns it off again (and leaves a pod's own setting alone).
+        let migration = netns.listener_migration();
+        let flags = match migration {
+            Ok(false) => crate::capture::POD_SET_MIGRATE_REQ,
+            _ => 0,
+        };
+        self.capture
+            .enroll_with_flags(cookie, flags)
+            .map_err(|e| fail(Step::Capture, closed)(e.into()))?;
         // Queued connections of a closing listener move to the next instance's (handover).
-        if let Err(e) = netns.enable_listener_migration() {
+        let enabled = match migration {
+            Ok(false) => netns.enable_listener_migration(),
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = enabled {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
         }
         // The certificate exists before any listener does, so the first connection waits for

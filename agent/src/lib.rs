@@ -18,6 +18,7 @@ pub mod loglimit;
 pub mod policy;
 pub mod procnet;
 pub mod tunnel;
+pub mod uninstall;
 pub mod workloads;
 pub mod yamlde;
 pub mod yamlpos;
