@@ -158,3 +158,22 @@ fn verify_fails_while_pins_remain() -> Result<()> {
     ensure!(!verify.status.success() && stderr.contains("pins remain"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn a_pod_released_while_it_lives_gets_its_namespace_back() -> Result<()> {
+    let mut m = Mesh::build("uninst-release", NS, &[("node1", "client"), ("node1", "server")])?;
+    let (file, _) = m.workloads("workloads", &["client", "server"])?;
+    let ca = m.ca("ca")?;
+    m.start_agent("node1", &file, &ca, &[])?;
+    ensure!(migrate_req(&m, "client")? == "1", "tcp_migrate_req not set by the agent");
+    ensure!(sk_lookup_programs(&m.bed.pod("client").netns)? >= 1, "no inbound program");
+    // The client leaves the mesh; its pod goes on.
+    let mut w = testbed::agent::WorkloadsFile::default();
+    w.workloads.push(testbed::agent::WorkloadEntry::of(m.bed.pod("server"), NS));
+    w.write(&file)?;
+    m.agent("node1").wait_log("released", Duration::from_secs(10))?;
+    ensure!(migrate_req(&m, "client")? == "0", "tcp_migrate_req left on in a released pod");
+    ensure!(sk_lookup_programs(&m.bed.pod("client").netns)? == 0, "inbound program left");
+    ensure!(migrate_req(&m, "server")? == "1", "the pod still enrolled lost its setting");
+    Ok(())
+}

@@ -587,11 +587,13 @@ impl Agent {
         for key in stale {
             if let Some(pod) = self.pods.remove(&key) {
                 let cookie = pod.netns.cookie();
+                let netns = pod.netns.clone();
                 // Dropping the pod stops its listeners.
                 drop(pod);
                 if wanted.contains_key(&key) {
                     previous.insert(key, cookie);
                 } else {
+                    self.undo_in_pod(&key, &netns);
                     self.release_pod(&key, Some(cookie));
                     info!(pod = %key, "released");
                 }
@@ -743,6 +745,17 @@ impl Agent {
         }
         if self.readiness.get() != (false, detail.clone()) {
             self.readiness.set(false, detail);
+        }
+    }
+
+    /// Puts back what the agent changed in a pod's namespace (a pod that leaves the mesh but
+    /// lives on): `tcp_migrate_req`, if the agent turned it on.
+    fn undo_in_pod(&self, key: &str, netns: &PodNetns) {
+        let flags = self.capture.pod_flags(netns.cookie()).unwrap_or_default();
+        if flags & crate::capture::POD_SET_MIGRATE_REQ != 0 {
+            if let Err(e) = netns.disable_listener_migration() {
+                warn!(pod = %key, "turning tcp_migrate_req off again: {e}");
+            }
         }
     }
 

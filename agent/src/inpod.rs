@@ -207,6 +207,11 @@ impl PodNetns {
         self.run(|| std::fs::write(MIGRATE_REQ, "1"))
     }
 
+    /// Turns `net.ipv4.tcp_migrate_req` off again (the kernel's default).
+    pub fn disable_listener_migration(&self) -> Result<(), InpodError> {
+        self.run(|| std::fs::write(MIGRATE_REQ, "0"))
+    }
+
     /// Whether `net.ipv4.tcp_migrate_req` is on in the pod's namespace.
     pub fn listener_migration(&self) -> Result<bool, InpodError> {
         self.run(|| Ok(std::fs::read_to_string(MIGRATE_REQ)?.trim() != "0"))

@@ -547,6 +547,11 @@ impl Capture {
         }
     }
 
+    /// The flags recorded with an enrolled pod ([`POD_SET_MIGRATE_REQ`]).
+    pub fn pod_flags(&self, netns_cookie: u64) -> Option<u32> {
+        self.enrolled.get(&netns_cookie, 0).ok().map(|i| i.flags)
+    }
+
     /// Stops capturing for this network namespace.
     pub fn release(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         match self.enrolled.remove(&netns_cookie) {
