@@ -186,18 +186,13 @@ impl<K: Resource> Cache<K> {
     }
 }
 
-/// Whether the API server does not serve the kind, or we may not read it.
-fn unavailable(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(r)) => matches!(r.code, 403 | 404),
-        _ => false,
-    }
-}
-
+/// Watches a kind the agent cannot do without. An error is never taken as "none": the last
+/// complete state stays and the watcher retries. (`_optional` is unused: a kind that may be
+/// missing is found through API discovery, as the policy kinds are in `sources`.)
 fn spawn_watch<K>(
     api: Api<K>,
     what: impl Into<String>,
-    optional: bool,
+    _optional: bool,
     notify: &Arc<Notify>,
 ) -> (Slot<K>, JoinHandle<()>)
 where
@@ -219,14 +214,6 @@ where
                 Ok(event) => {
                     if cache.apply(event) {
                         tx.send_replace(Some(Arc::new(cache.live.clone())));
-                        notify.notify_one();
-                    }
-                }
-                Err(e) if optional && unavailable(&e) => {
-                    if tx.borrow().as_ref().is_none_or(|o| !o.is_empty()) {
-                        info!(resource = %what, "not served or not readable, taken as empty: {e}");
-                        cache.live.clear();
-                        tx.send_replace(Some(Arc::new(BTreeMap::new())));
                         notify.notify_one();
                     }
                 }
