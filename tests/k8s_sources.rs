@@ -284,3 +284,42 @@ fn a_kind_not_served_is_empty_and_its_crd_installed_later_is_enforced() -> Resul
     k.assert_strict_enforced("after the CRD was installed")?;
     Ok(())
 }
+
+/// The watchers alone (no agent): a served kind that answers 500 holds the first snapshot
+/// back, and is named; once it answers, its policies are in the first snapshot.
+#[tokio::test]
+async fn a_served_kind_answering_500_holds_the_first_snapshot_back() -> Result<()> {
+    let server = ApiServer::start()?;
+    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES] {
+        server.serve(path);
+    }
+    server.apply(api::PEERAUTHENTICATIONS_V1, strict());
+    server.fail(api::PEERAUTHENTICATIONS_V1, Some(500));
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let client = mtls_agent::kubernetes::client(Some(&kubeconfig)).await?;
+    let feed = mtls_agent::kubernetes::start_with(client, "istio-system", Duration::from_secs(1));
+    let mut rx = feed.subscribe();
+    let sources = feed.sources();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !sources.failing().iter().any(|f| f.contains(PA_KIND) && f.contains("server_error")) {
+        ensure!(tokio::time::Instant::now() < deadline, "not failing: {:?}", sources.list());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(rx.borrow().is_none(), "a snapshot without the served kind's policies");
+    server.fail(api::PEERAUTHENTICATIONS_V1, None);
+    let snapshot = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(s) = rx.borrow_and_update().clone() {
+                return Ok::<_, anyhow::Error>(s);
+            }
+            rx.changed().await?;
+        }
+    })
+    .await
+    .context("no snapshot after the kind answered")??;
+    ensure!(snapshot.policies.len() == 1, "{:?}", snapshot.policies);
+    ensure!(sources.failing().is_empty(), "{:?}", sources.failing());
+    Ok(())
+}

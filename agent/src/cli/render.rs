@@ -302,6 +302,16 @@ mod tests {
     }
 
     #[test]
+    fn check_warns_when_a_policy_source_fails() {
+        let v = serde_json::json!({"pod": "b.ns", "ip": "10.0.0.3", "node": "node1",
+            "agentNode": "node1", "enrolled": true, "listeners": [], "outbound": [],
+            "policySourcesFailing": ["policy source peerauthentications.security.istio.io/v1 fails (forbidden: no); its last known policies stay in force"]});
+        let out = check(&v);
+        assert!(out.contains("WARNING: policy source peerauthentications"), "{out}");
+        assert!(out.contains("stay in force"), "{out}");
+    }
+
+    #[test]
     fn check_says_when_the_pod_is_on_another_node() {
         let v = serde_json::json!({"pod": "b.ns", "ip": "10.0.0.3", "node": "node2",
             "agentNode": "node1", "enrolled": false, "note": "b.ns runs on node node2",
