@@ -144,7 +144,7 @@ fn after_sigkill_pods_stay_closed_until_uninstall_which_undoes_everything() -> R
 }
 
 #[test]
-fn verify_fails_while_pins_remain() -> Result<()> {
+fn verify_fails_and_uninstall_is_refused_while_the_agent_runs() -> Result<()> {
     let mut m = Mesh::build("uninst-verify", NS, &[("node1", "server")])?;
     let (file, _) = m.workloads("workloads", &["server"])?;
     let ca = m.ca("ca")?;
@@ -156,6 +156,12 @@ fn verify_fails_while_pins_remain() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&verify.stderr);
     ensure!(!verify.status.success() && stderr.contains("pins remain"), "{stderr}");
+    // Uninstalling under a running agent is refused, and changes nothing.
+    let out = uninstall(&bpffs)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("still running"), "{stderr}");
+    ensure!(bpffs.join("maps").exists(), "the pins went under a running agent");
+    ensure!(sk_lookup_programs(&m.bed.pod("server").netns)? >= 1, "inbound program detached");
     Ok(())
 }
 

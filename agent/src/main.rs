@@ -115,7 +115,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let body = admin::client::get(&endpoint(&client)?, "/certs")?;
             print_answer(&body, client.output, render::certs)
         }
-        Command::Uninstall { node, bpffs, proc_root, verify, then_wait } => {
+        Command::Uninstall { node, bpffs, proc_root, verify, then_wait, force } => {
             let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));
             if verify {
                 anyhow::ensure!(
@@ -126,7 +126,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 println!("mtls-agent: node {node}: nothing of the agent is pinned");
                 return Ok(());
             }
-            let report = mtls_agent::uninstall::uninstall(&dir, &proc_root)?;
+            let report = mtls_agent::uninstall::uninstall(&dir, &proc_root, force)?;
             for line in report.lines() {
                 println!("mtls-agent: node {node}: {line}");
             }

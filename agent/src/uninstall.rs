@@ -28,6 +28,8 @@ use crate::{
 pub enum UninstallError {
     #[error("removing the pins under {path}: {source}")]
     Unpin { path: PathBuf, source: std::io::Error },
+    #[error("an agent of this node is still running (pid {pids:?}): it would go on as if nothing happened; stop it first (kubectl delete -f deploy/daemonset.yaml), or pass --force")]
+    AgentRunning { pids: Vec<u32> },
 }
 
 /// What an uninstall did.
@@ -73,10 +75,15 @@ impl Report {
 
 /// Uninstalls the node whose pins are under `bpffs`; pods' namespaces are found through the
 /// processes under `proc_root`.
-pub fn uninstall(bpffs: &Path, proc_root: &Path) -> Result<Report, UninstallError> {
+pub fn uninstall(bpffs: &Path, proc_root: &Path, force: bool) -> Result<Report, UninstallError> {
     let mut report = Report { bpffs: bpffs.to_owned(), ..Report::default() };
     if !bpffs.exists() {
         return Ok(report);
+    }
+    // A running agent keeps enrolling and would re-pin behind us: it goes first.
+    let running = Capture::running_instances_pinned(bpffs).unwrap_or_default();
+    if !running.is_empty() && !force {
+        return Err(UninstallError::AgentRunning { pids: running });
     }
     // Before the maps go: they say which namespaces the agent changed.
     let changed: BTreeSet<u64> = match Capture::enrolled_flags_pinned(bpffs) {
@@ -178,7 +185,7 @@ mod tests {
     fn a_second_run_finds_nothing_and_says_so() {
         let dir = tempfile::tempdir().expect("tempdir");
         let gone = dir.path().join("node1");
-        let r = uninstall(&gone, Path::new("/proc")).expect("uninstall");
+        let r = uninstall(&gone, Path::new("/proc"), false).expect("uninstall");
         assert!(r.nothing_left_before());
         let lines = r.lines();
         assert!(lines.len() == 1 && lines[0].contains("nothing to uninstall"), "{lines:?}");

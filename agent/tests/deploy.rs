@@ -231,11 +231,13 @@ fn the_uninstall_daemonset_uninstalls_every_node_and_reports_done() {
     let mut argv = vec!["mtls-agent".to_owned()];
     argv.extend(c.args.iter().flatten().map(expand));
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    let Command::Uninstall { node, bpffs, proc_root, verify, then_wait } = cli.command else {
+    let Command::Uninstall { node, bpffs, proc_root, verify, then_wait, force } = cli.command
+    else {
         panic!("not `uninstall`: {argv:?}")
     };
     assert_eq!(node, "node-1");
     assert!(then_wait && !verify, "it stays running after the work, reporting done by readiness");
+    assert!(!force, "a running agent must make it fail (and retry), not be pulled from under");
     // The probe checks that nothing is left; its --node comes from the container's NODE_NAME
     // (exec probes expand no variables).
     assert_eq!(env.get("NODE_NAME").map(String::as_str), Some("node-1"));

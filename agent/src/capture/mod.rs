@@ -587,6 +587,25 @@ impl Capture {
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 
+    /// The pids of the agent instances in a node's pinned `AGENT_CGROUPS` that are running
+    /// (`uninstall` refuses to pull the programs from under a live agent).
+    pub fn running_instances_pinned(bpffs: &Path) -> Result<Vec<u32>, CaptureError> {
+        let name = map_names::AGENT_CGROUPS;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let mut pids: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, pid)| pid)
+            .filter(|p| pid_running(*p))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
     /// The count of pending records each enrolled pod holds, by netns cookie, in a node's
     /// pinned `ENROLLED` map (for tests and diagnostics).
     pub fn pending_by_pod_pinned(bpffs: &Path) -> Result<Vec<(u64, i32)>, CaptureError> {

@@ -83,6 +83,10 @@ pub enum Command {
         /// through its readiness probe).
         #[arg(long)]
         then_wait: bool,
+        /// Uninstall even though an agent instance of the node is running (it is refused
+        /// otherwise: the agent would go on enrolling pods).
+        #[arg(long)]
+        force: bool,
     },
 }
 
