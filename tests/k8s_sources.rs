@@ -266,6 +266,20 @@ fn a_kind_not_served_is_empty_and_its_crd_installed_later_is_enforced() -> Resul
         Ok((ready && detail.contains("2 of 2 pods enrolled")).then_some(()))
     })?;
     ensure!(source_state(&agent, PA_KIND)? == "not_served");
+    // Kinds not served are not polled: discovery has run a few times (every second), and no
+    // list or watch of them was asked for.
+    let discoveries = k.server.requests("/apis");
+    until(Duration::from_secs(10), "discovery running again", || {
+        Ok((k.server.requests("/apis") >= discoveries + 2).then_some(()))
+    })?;
+    for path in [
+        api::PEERAUTHENTICATIONS_V1,
+        api::PEERAUTHENTICATIONS_V1BETA1,
+        api::POLICIES,
+        api::MESHPOLICIES,
+    ] {
+        ensure!(k.server.requests(path) == 0, "{path} polled while not served");
+    }
     // No policy: PERMISSIVE, the outsider's plaintext is accepted.
     let (out, ok) = k.client("outsider", "b", "before-crd")?;
     ensure!(ok && out == "b:before-crd", "{out}");

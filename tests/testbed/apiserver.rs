@@ -62,6 +62,8 @@ struct State {
     hold_lists: bool,
     /// Collections that answer this status to lists and watches ([`ApiServer::fail`]).
     failing: BTreeMap<String, u16>,
+    /// Requests per path, served or not ([`ApiServer::requests`]).
+    requests: BTreeMap<String, usize>,
 }
 
 /// The mock server; it stops when dropped.
@@ -279,6 +281,7 @@ async fn handle(
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    *lock().requests.entry(path.clone()).or_default() += 1;
     let discovered = discovery(&lock(), &path);
     if let Some(r) = discovered {
         return Ok(r);
@@ -367,6 +370,13 @@ impl ApiServer {
             Some(c) => st.failing.insert(path.to_owned(), c),
             None => st.failing.remove(path),
         };
+    }
+}
+
+impl ApiServer {
+    /// How many requests `path` got (lists, watches, creations), whether it is served or not.
+    pub fn requests(&self, path: &str) -> usize {
+        self.lock().requests.get(path).copied().unwrap_or_default()
     }
 }
 
