@@ -131,7 +131,7 @@ fn a_restart_that_cannot_re_enroll_a_strict_pod_keeps_it_closed_until_it_is_remo
 // ---- Kubernetes mode: pods change as in a cluster ----
 
 /// The stand-in API server's Namespace collection (the namespace is labelled into the mesh).
-const NAMESPACES: &str = "/api/v1/namespaces";
+use api::NAMESPACES;
 
 /// A uid in the API server's format (uuid), distinct per pod of a test.
 fn uid(n: u32) -> String {

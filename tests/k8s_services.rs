@@ -36,7 +36,7 @@ use testbed::{
 
 const NS: &str = "shop";
 /// The Namespace collection (the opt-in label of issue 15 item 1 lives on its objects).
-const NAMESPACES: &str = "/api/v1/namespaces";
+use api::NAMESPACES;
 /// The port the "API server" outside the mesh listens on.
 const API_PORT: u16 = 6443;
 /// A port no service has, where the "kube-proxy" pod listens on its extra addresses.

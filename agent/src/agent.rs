@@ -165,6 +165,10 @@ struct Agent {
     owners_at_start: BTreeMap<u64, Owner>,
     /// What this instance last wrote to the state file.
     owners_written: Option<BTreeMap<u64, Owner>>,
+    /// Kubernetes mode: whether each policy kind is served and answers.
+    sources: kubernetes::sources::Sources,
+    /// The failing policy sources readiness named last.
+    sources_failing: Vec<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -184,8 +188,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            let feed =
-                kubernetes::start_with(client.clone(), &cfg.root_namespace, k.membership.clone());
+            let feed = kubernetes::start_with(
+                client.clone(),
+                &cfg.root_namespace,
+                k.membership.clone(),
+                k.discovery_interval,
+            );
             (Some(feed), Some(client))
         }
         Source::Files { .. } => (None, None),
@@ -263,6 +271,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         kept: BTreeMap::new(),
         owners_at_start,
         owners_written: None,
+        sources: feed.as_ref().map(kubernetes::Feed::sources).unwrap_or_default(),
+        sources_failing: Vec::new(),
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -313,6 +323,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         readiness: agent.readiness.clone(),
         enrollment: agent.failures.clone(),
         membership: agent.membership.clone(),
+        policy_sources: agent.sources.clone(),
     };
     let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
@@ -355,6 +366,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 if policy_watch.as_mut().is_some_and(Watch::changed) {
                     agent.reload_policies();
+                }
+                if !synced {
+                    agent.update_waiting_readiness();
+                } else if agent.sources_failing != agent.sources.failing() {
+                    // A policy source failed or answers again: readiness says so.
+                    let wanted = agent.workloads_tx.borrow().on_node(&agent.cfg.node).count();
+                    agent.update_readiness(wanted);
                 }
                 if synced && tokio::time::Instant::now() >= next_retry {
                     next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
@@ -642,11 +660,13 @@ impl Agent {
         for key in stale {
             if let Some(pod) = self.pods.remove(&key) {
                 let cookie = pod.netns.cookie();
+                let netns = pod.netns.clone();
                 // Dropping the pod stops its listeners.
                 drop(pod);
                 if wanted.contains_key(&key) {
                     previous.insert(key, cookie);
                 } else {
+                    self.undo_in_pod(&key, &netns);
                     self.release_pod(&key, Some(cookie));
                     info!(pod = %key, "released");
                 }
@@ -905,7 +925,7 @@ impl Agent {
     /// Ready once the programs are attached and the first sync is done, with listeners up in
     /// every pod that is enrolled: a pod that fails enrollment is held closed and named here,
     /// but cannot hold back the node (one tenant must not stall a rollout).
-    fn update_readiness(&self, wanted: usize) {
+    fn update_readiness(&mut self, wanted: usize) {
         let enrolled = self.pods.len();
         let with_cert = self.pods.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
         let mut detail =
@@ -924,7 +944,37 @@ impl Agent {
                 self.kept.len()
             ));
         }
+        // The last known policies stay in force while a source fails: named, not unready
+        // (the node's pods are protected as they were).
+        let sources = self.sources.failing();
+        if !sources.is_empty() {
+            detail.push_str(&format!("; {}", sources.join("; ")));
+        }
+        self.sources_failing = sources;
         self.readiness.set(true, detail);
+    }
+
+    /// Before the first sync: not ready, saying what is awaited (a policy source that fails
+    /// holds the first sync back, so nothing is enrolled on a guess).
+    fn update_waiting_readiness(&self) {
+        let mut detail = "waiting for the first sync with the API server".to_owned();
+        if let Some(why) = self.sources.waiting_for() {
+            detail.push_str(&format!(": {why}"));
+        }
+        if self.readiness.get() != (false, detail.clone()) {
+            self.readiness.set(false, detail);
+        }
+    }
+
+    /// Puts back what the agent changed in a pod's namespace (a pod that leaves the mesh but
+    /// lives on): `tcp_migrate_req`, if the agent turned it on.
+    fn undo_in_pod(&self, key: &str, netns: &PodNetns) {
+        let flags = self.capture.pod_flags(netns.cookie()).unwrap_or_default();
+        if flags & crate::capture::POD_SET_MIGRATE_REQ != 0 {
+            if let Err(e) = netns.disable_listener_migration() {
+                warn!(pod = %key, "turning tcp_migrate_req off again: {e}");
+            }
+        }
     }
 
     /// Removes everything of a pod that left the node: capture, inbound program and rules,
@@ -970,9 +1020,22 @@ impl Agent {
             .map_err(|e| fail(Step::InboundProgram, None)(e.into()))?;
         let closed = Some(cookie);
         self.apply_pod_policy(w, cookie).map_err(fail(Step::InboundRules, closed))?;
-        self.capture.enroll(cookie).map_err(|e| fail(Step::Capture, closed)(e.into()))?;
+        // Whether the agent turns tcp_migrate_req on here is recorded with the pod's entry, so
+        // `mtls-agent uninstall` turns it off again (and leaves a pod's own setting alone).
+        let migration = netns.listener_migration();
+        let flags = match migration {
+            Ok(false) => crate::capture::POD_SET_MIGRATE_REQ,
+            _ => 0,
+        };
+        self.capture
+            .enroll_with_flags(cookie, flags)
+            .map_err(|e| fail(Step::Capture, closed)(e.into()))?;
         // Queued connections of a closing listener move to the next instance's (handover).
-        if let Err(e) = netns.enable_listener_migration() {
+        let enabled = match migration {
+            Ok(false) => netns.enable_listener_migration(),
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = enabled {
             warn!(pod = %w.key(), "tcp_migrate_req unavailable, a handover may drop queued connections: {e}");
         }
         // The certificate exists before any listener does, so the first connection waits for

@@ -147,6 +147,9 @@ impl Dialer {
     }
 }
 
+/// The sysctl the agent turns on in every pod it enrolls (read in the current task's netns).
+pub const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
 impl PodNetns {
     /// Opens the namespace file and reads its cookie (the key the eBPF programs use).
     pub fn open(path: &Path) -> Result<PodNetns, InpodError> {
@@ -201,7 +204,17 @@ impl PodNetns {
     /// `SO_REUSEPORT` group instead of being reset.
     pub fn enable_listener_migration(&self) -> Result<(), InpodError> {
         // Net sysctls apply to the namespace of the task that opens the file.
-        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+        self.run(|| std::fs::write(MIGRATE_REQ, "1"))
+    }
+
+    /// Turns `net.ipv4.tcp_migrate_req` off again (the kernel's default).
+    pub fn disable_listener_migration(&self) -> Result<(), InpodError> {
+        self.run(|| std::fs::write(MIGRATE_REQ, "0"))
+    }
+
+    /// Whether `net.ipv4.tcp_migrate_req` is on in the pod's namespace.
+    pub fn listener_migration(&self) -> Result<bool, InpodError> {
+        self.run(|| Ok(std::fs::read_to_string(MIGRATE_REQ)?.trim() != "0"))
     }
 
     /// A non-blocking TCP listener bound to `addr` inside the pod. `SO_REUSEPORT` lets a new

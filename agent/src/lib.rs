@@ -20,6 +20,7 @@ pub mod policy;
 pub mod procnet;
 pub mod services;
 pub mod tunnel;
+pub mod uninstall;
 pub mod workloads;
 pub mod yamlde;
 pub mod yamlpos;

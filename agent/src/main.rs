@@ -52,6 +52,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                         agent_namespace: args.agent_namespace,
                         node: Some(args.node.clone()),
                     },
+                    discovery_interval: args.policy_discovery_interval,
                 }),
             };
             let cfg = AgentConfig {
@@ -121,11 +122,27 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let body = admin::client::get(&endpoint(&client)?, "/certs")?;
             print_answer(&body, client.output, render::certs)
         }
-        Command::Uninstall { node, bpffs } => {
+        Command::Uninstall { node, bpffs, proc_root, verify, then_wait, force } => {
             let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));
-            capture::unpin_all(&dir)
-                .map_err(|e| anyhow::anyhow!("removing pins under {}: {e}", dir.display()))?;
-            eprintln!("mtls-agent: removed the pinned programs and maps under {}", dir.display());
+            if verify {
+                anyhow::ensure!(
+                    !dir.exists(),
+                    "node {node} is not uninstalled: pins remain under {}",
+                    dir.display()
+                );
+                println!("mtls-agent: node {node}: nothing of the agent is pinned");
+                return Ok(());
+            }
+            let report = mtls_agent::uninstall::uninstall(&dir, &proc_root, force)?;
+            for line in report.lines() {
+                println!("mtls-agent: node {node}: {line}");
+            }
+            println!(
+                "mtls-agent: node {node}: uninstall complete; its pods connect directly, without the agent"
+            );
+            if then_wait {
+                wait_for_termination()?;
+            }
             Ok(())
         }
     }
@@ -160,6 +177,19 @@ fn endpoint(c: &ClientArgs) -> anyhow::Result<admin::client::Endpoint> {
         }
     };
     Ok(admin::client::find(&dirs)?)
+}
+
+/// Blocks until SIGTERM or SIGINT (as PID 1 of a container, the default action would ignore
+/// them).
+fn wait_for_termination() -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    let signal = set.wait()?;
+    eprintln!("mtls-agent: {signal}: exiting");
+    Ok(())
 }
 
 /// Raises the soft limit of open files to the hard limit: every connection the agent carries

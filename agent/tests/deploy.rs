@@ -219,3 +219,62 @@ fn the_image_runs_the_agent() {
     assert!(text.contains("cargo xtask build-ebpf"), "the eBPF object is built as xtask does");
     assert!(text.contains(r#"ENTRYPOINT ["/usr/local/bin/mtls-agent"]"#));
 }
+
+#[test]
+fn the_uninstall_daemonset_uninstalls_every_node_and_reports_done() {
+    let ds: DaemonSet = manifest("uninstall.yaml");
+    let agent: DaemonSet = manifest("daemonset.yaml");
+    assert_eq!(ds.metadata.namespace, agent.metadata.namespace);
+    let spec = ds.spec.as_ref().expect("spec");
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    // Every node the agent ran on: the same tolerations, the host's processes.
+    let agent_pod = agent.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("agent");
+    assert_eq!(pod.tolerations, agent_pod.tolerations);
+    assert_eq!(pod.host_pid, Some(true));
+    let c = pod.containers.iter().find(|c| c.name == "uninstall").expect("container uninstall");
+    assert_eq!(c.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    assert_eq!(c.image, agent_container(agent_pod).image);
+
+    let env = sample_env(c);
+    let expand =
+        |arg: &String| env.iter().fold(arg.clone(), |a, (k, v)| a.replace(&format!("$({k})"), v));
+    let mut argv = vec!["mtls-agent".to_owned()];
+    argv.extend(c.args.iter().flatten().map(expand));
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let Command::Uninstall { node, bpffs, proc_root, verify, then_wait, force } = cli.command
+    else {
+        panic!("not `uninstall`: {argv:?}")
+    };
+    assert_eq!(node, "node-1");
+    assert!(then_wait && !verify, "it stays running after the work, reporting done by readiness");
+    assert!(!force, "a running agent must make it fail (and retry), not be pulled from under");
+    // The probe checks that nothing is left; its --node comes from the container's NODE_NAME
+    // (exec probes expand no variables).
+    assert_eq!(env.get("NODE_NAME").map(String::as_str), Some("node-1"));
+    let probe = c.readiness_probe.as_ref().and_then(|p| p.exec.as_ref()).expect("exec probe");
+    let probe_argv = probe.command.clone().unwrap_or_default();
+    assert_eq!(probe_argv.first().map(String::as_str), Some("/usr/local/bin/mtls-agent"));
+    let probe_argv: Vec<String> = probe_argv.into_iter().chain(["--node=node-1".into()]).collect();
+    let probe_cli =
+        Cli::try_parse_from(&probe_argv).unwrap_or_else(|e| panic!("{probe_argv:?}: {e}"));
+    assert!(matches!(probe_cli.command, Command::Uninstall { verify: true, bpffs: None, .. }));
+
+    // It reaches the same pins and processes as the agent.
+    let host_of = |path: &Path| {
+        let m = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| path.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+        let v = pod.volumes.iter().flatten().find(|v| v.name == m.name).expect("volume");
+        let hp = v.host_path.as_ref().expect("hostPath");
+        (Path::new(&hp.path).join(path.strip_prefix(&m.mount_path).expect("under")), m.clone())
+    };
+    let bpffs = bpffs.unwrap_or_else(|| default_bpffs(&node));
+    let (host_bpffs, m) = host_of(&bpffs);
+    assert!(host_bpffs.starts_with("/sys/fs/bpf"), "{}", host_bpffs.display());
+    assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(host_of(&proc_root).0, Path::new("/proc"));
+}

@@ -263,6 +263,10 @@ impl AgentProcess {
     /// Starts `mtls-agent run` for `node` of `bed` and waits until its admin API answers
     /// (the node's pods are enrolled by then).
     pub fn start(bed: &Testbed, opts: AgentOptions) -> Result<AgentProcess> {
+        Self::launch(bed, opts, true)
+    }
+
+    fn launch(bed: &Testbed, opts: AgentOptions, wait_ready: bool) -> Result<AgentProcess> {
         let admin: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let metrics: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let health: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
@@ -336,7 +340,12 @@ impl AgentProcess {
             cgroup,
             _own_ca: own_ca,
         };
-        agent.spawn()?;
+        if wait_ready {
+            agent.spawn()?;
+        } else {
+            agent.spawn_child()?;
+            agent.wait_health_answers(Duration::from_secs(20))?;
+        }
         Ok(agent)
     }
 
@@ -647,5 +656,34 @@ impl Drop for AgentProcess {
         // A killed agent leaves its socket; the directory is this agent's alone.
         let _ = std::fs::remove_dir_all(&self.admin_dir);
         // The pins outlive the agent on purpose; a test bed removes its bpffs directory itself.
+    }
+}
+
+impl AgentProcess {
+    /// Starts the agent like [`AgentProcess::start`] but returns as soon as its health endpoint
+    /// answers, ready or not: for agents that must not become ready.
+    pub fn start_unready(bed: &Testbed, opts: AgentOptions) -> Result<AgentProcess> {
+        Self::launch(bed, opts, false)
+    }
+
+    fn wait_health_answers(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("mtls-agent exited early ({status}); log:\n{}", self.log());
+                }
+            }
+            if self.readiness().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mtls-agent's health endpoint silent after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

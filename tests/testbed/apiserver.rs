@@ -9,6 +9,12 @@
 //! (`410 Gone`, [`ApiServer::expire`]). Lists can be held back ([`ApiServer::hold_lists`]) to
 //! look at the agent in the middle of a relist. Collections not registered with
 //! [`ApiServer::serve`] answer 404, like a kind whose CRD is not installed.
+//!
+//! API discovery (`GET /apis`, `GET /apis/<group>/<version>`) is answered from the served
+//! collections under `/apis/`: a kind is served once [`ApiServer::serve`] (or `apply`) made its
+//! collection, as when its CRD is installed. [`ApiServer::fail`] makes a served collection
+//! answer an error status (403 as with a missing RBAC rule, 500) to lists and watches while
+//! discovery still lists it.
 
 use std::{
     collections::BTreeMap,
@@ -54,6 +60,10 @@ struct State {
     rv: u64,
     collections: BTreeMap<String, Collection>,
     hold_lists: bool,
+    /// Collections that answer this status to lists and watches ([`ApiServer::fail`]).
+    failing: BTreeMap<String, u16>,
+    /// Requests per path, served or not ([`ApiServer::requests`]).
+    requests: BTreeMap<String, usize>,
 }
 
 /// The mock server; it stops when dropped.
@@ -271,6 +281,20 @@ async fn handle(
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    *lock().requests.entry(path.clone()).or_default() += 1;
+    let discovered = discovery(&lock(), &path);
+    if let Some(r) = discovered {
+        return Ok(r);
+    }
+    let failing = lock().failing.get(&path).copied();
+    if let Some(code) = failing {
+        let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        let mut st = lock();
+        if let (false, Some(c)) = (watch, st.collections.get_mut(&path)) {
+            c.lists += 1;
+        }
+        return Ok(failure(code, &path));
+    }
     // Creation (the agent posts Events): stored in the collection at `path`, if served.
     if req.method() == hyper::Method::POST {
         let Ok(body) = req.into_body().collect().await else { return Ok(full(400, json!({}))) };
@@ -354,4 +378,123 @@ pub fn namespace(name: &str, ambient: bool) -> Value {
 /// The path Events of `namespace` are posted to.
 pub fn events_path(namespace: &str) -> String {
     format!("/api/v1/namespaces/{namespace}/events")
+}
+
+impl ApiServer {
+    /// Makes the collection at `path` answer `code` (403, 500, ...) to lists and watches, or
+    /// answer again with `None`. Open watches go on, as a real server's do when RBAC changes:
+    /// end or expire them to make clients meet the error. Discovery still lists the kind: it
+    /// is served, it fails. Failed lists count in [`ApiServer::lists`].
+    pub fn fail(&self, path: &str, code: Option<u16>) {
+        let mut st = self.lock();
+        match code {
+            Some(c) => st.failing.insert(path.to_owned(), c),
+            None => st.failing.remove(path),
+        };
+    }
+}
+
+impl ApiServer {
+    /// How many requests `path` got (lists, watches, creations), whether it is served or not.
+    pub fn requests(&self, path: &str) -> usize {
+        self.lock().requests.get(path).copied().unwrap_or_default()
+    }
+}
+
+/// The served collections under `/apis/` as (group, version, plural).
+fn served_group_resources(st: &State) -> Vec<(String, String, String)> {
+    st.collections
+        .keys()
+        .filter_map(|p| {
+            let rest = p.strip_prefix("/apis/")?;
+            let mut it = rest.split('/');
+            let (g, v, plural) = (it.next()?, it.next()?, it.next()?);
+            it.next().is_none().then(|| (g.to_owned(), v.to_owned(), plural.to_owned()))
+        })
+        .collect()
+}
+
+/// The kind of a plural, for discovery answers.
+fn kind_of(plural: &str) -> String {
+    match plural {
+        "peerauthentications" => "PeerAuthentication".into(),
+        "policies" => "Policy".into(),
+        "meshpolicies" => "MeshPolicy".into(),
+        "endpointslices" => "EndpointSlice".into(),
+        other => {
+            let singular = other.strip_suffix('s').unwrap_or(other);
+            let mut c = singular.chars();
+            c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+        }
+    }
+}
+
+/// `GET /apis` (APIGroupList) and `GET /apis/<group>/<version>` (APIResourceList), from the
+/// served collections; `None` for any other path.
+fn discovery(st: &State, path: &str) -> Option<Response<Body>> {
+    let served = served_group_resources(st);
+    if path == "/apis" {
+        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (g, v, _) in &served {
+            let vs = groups.entry(g).or_default();
+            if !vs.contains(&v.as_str()) {
+                vs.push(v);
+            }
+        }
+        let groups: Vec<Value> = groups
+            .into_iter()
+            .map(|(g, vs)| {
+                let versions: Vec<Value> = vs
+                    .iter()
+                    .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                    .collect();
+                json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+            })
+            .collect();
+        return Some(full(
+            200,
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+        ));
+    }
+    let rest = path.strip_prefix("/apis/")?;
+    let (g, v) = rest.split_once('/')?;
+    if v.contains('/') {
+        return None;
+    }
+    let resources: Vec<Value> = served
+        .iter()
+        .filter(|(sg, sv, _)| sg == g && sv == v)
+        .map(|(_, _, plural)| {
+            json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind_of(plural),
+                   "verbs": ["get", "list", "watch"]})
+        })
+        .collect();
+    if resources.is_empty() {
+        return Some(not_found(path));
+    }
+    Some(full(
+        200,
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{g}/{v}"),
+               "resources": resources}),
+    ))
+}
+
+/// The Status a failing collection answers.
+fn failure(code: u16, path: &str) -> Response<Body> {
+    let reason = match code {
+        403 => "Forbidden",
+        404 => "NotFound",
+        _ => "InternalError",
+    };
+    let message = match code {
+        403 => format!(
+            "system:serviceaccount:mtls-system:mtls-agent cannot list resource at {path}: forbidden"
+        ),
+        _ => format!("the server failed to answer for {path}"),
+    };
+    full(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
 }

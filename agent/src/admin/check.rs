@@ -48,6 +48,9 @@ pub struct CheckReport {
     pub outbound: Vec<OutboundRow>,
     /// What this agent saw of the pod's traffic, as opposed to what the policies say.
     pub observed: Vec<ObservedRow>,
+    /// Policy sources that cannot be read now (Kubernetes mode): the modes above come from
+    /// their last known policies.
+    pub policy_sources_failing: Vec<String>,
 }
 
 /// Connections of a pod that this agent carried or saw accepted (live ones and its bounded
@@ -390,6 +393,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         udp_note,
         outbound,
         observed: observed(&state.mesh.conns.snapshot(), &w.key()),
+        policy_sources_failing: state.policy_sources.failing(),
     })
 }
 
@@ -414,6 +418,7 @@ fn outside(state: &AdminState, m: PodMembership) -> CheckReport {
         ip: m.ip.unwrap_or_else(|| "-".into()),
         enrolled: false,
         enrollment_failure: None,
+        policy_sources_failing: state.policy_sources.failing(),
         membership: Some(m.membership),
         note: Some(note),
         identity: None,

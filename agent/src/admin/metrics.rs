@@ -219,6 +219,40 @@ pub fn render(state: &AdminState) -> String {
         "Seconds until each workload certificate expires.",
         &expiry,
     );
+    let states: Vec<(String, f64)> = state
+        .policy_sources
+        .states()
+        .into_iter()
+        .map(|(kind, st)| {
+            (
+                format!("{{node=\"{node}\",kind=\"{}\",state=\"{}\"}}", escape(&kind), st.as_str()),
+                1.0,
+            )
+        })
+        .collect();
+    family(
+        "mtls_agent_policy_source_state",
+        "gauge",
+        "The state of each Istio policy kind (1 for its current state): ok, failing (served but not readable: its last known policies stay in force), not_served, listing, discovering.",
+        &states,
+    );
+    let errors: Vec<(String, f64)> = state
+        .policy_sources
+        .error_counts()
+        .into_iter()
+        .map(|(kind, reason, n)| {
+            (
+                format!("{{node=\"{node}\",kind=\"{}\",reason=\"{reason}\"}}", escape(&kind)),
+                n as f64,
+            )
+        })
+        .collect();
+    family(
+        "mtls_agent_policy_source_errors_total",
+        "counter",
+        "Failed lists and watches of a served policy kind, by reason (forbidden, not_found, server_error, unreachable, ...).",
+        &errors,
+    );
     out
 }
 

@@ -59,6 +59,8 @@ pub struct AdminState {
     pub enrollment: crate::enrollment::Failures,
     /// Kubernetes mode: whether each pod of this node is in the mesh, and why.
     pub membership: crate::kubernetes::membership::Registry,
+    /// Kubernetes mode: whether each policy kind is served and answers (empty in file mode).
+    pub policy_sources: crate::kubernetes::sources::Sources,
 }
 
 /// Whether the node is ready: every pod of it enrolled and its certificate issued.
@@ -115,6 +117,8 @@ struct ConfigDump {
     /// Every service port and the endpoints a connection from this node goes to, mesh
     /// workloads (`pod`) or not.
     service_endpoints: Vec<crate::services::ServiceRoute>,
+    /// Kubernetes mode: each policy kind, whether it is served and whether it answers.
+    policy_sources: Vec<crate::kubernetes::sources::SourceView>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -165,6 +169,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         not_enrolled: state.enrollment.list(),
         membership: state.membership.list(),
         service_endpoints: state.mesh.services.table(&ws).routes().to_vec(),
+        policy_sources: state.policy_sources.list(),
     }
 }
 

@@ -545,8 +545,16 @@ impl Capture {
     /// Idempotent: an entry left by an earlier instance stays as it is, so its count of
     /// pending records (kept by the programs) is never reset by a restart or a handover.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.enroll_with_flags(netns_cookie, 0)
+    }
+
+    /// [`Capture::enroll`], recording `flags` ([`POD_SET_MIGRATE_REQ`]) with a new entry. An
+    /// entry that exists keeps the flags of the instance that made it: that one knows what it
+    /// changed in the pod.
+    pub fn enroll_with_flags(&mut self, netns_cookie: u64, flags: u32) -> Result<(), CaptureError> {
         const BPF_NOEXIST: u64 = 1;
-        match self.enrolled.insert(netns_cookie, PodInfo::default(), BPF_NOEXIST) {
+        let info = PodInfo { flags, ..PodInfo::default() };
+        match self.enrolled.insert(netns_cookie, info, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
@@ -555,6 +563,11 @@ impl Capture {
             }
             Err(source) => Err(CaptureError::Map { name: map_names::ENROLLED, source }),
         }
+    }
+
+    /// The flags recorded with an enrolled pod ([`POD_SET_MIGRATE_REQ`]).
+    pub fn pod_flags(&self, netns_cookie: u64) -> Option<u32> {
+        self.enrolled.get(&netns_cookie, 0).ok().map(|i| i.flags)
     }
 
     /// Stops capturing for this network namespace.
@@ -592,6 +605,25 @@ impl Capture {
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 
+    /// The pids of the agent instances in a node's pinned `AGENT_CGROUPS` that are running
+    /// (`uninstall` refuses to pull the programs from under a live agent).
+    pub fn running_instances_pinned(bpffs: &Path) -> Result<Vec<u32>, CaptureError> {
+        let name = map_names::AGENT_CGROUPS;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let mut pids: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, pid)| pid)
+            .filter(|p| pid_running(*p))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
     /// The count of pending records each enrolled pod holds, by netns cookie, in a node's
     /// pinned `ENROLLED` map (for tests and diagnostics).
     pub fn pending_by_pod_pinned(bpffs: &Path) -> Result<Vec<(u64, i32)>, CaptureError> {
@@ -601,6 +633,16 @@ impl Capture {
         let map: HashMap<_, u64, PodInfo> = HashMap::try_from(Map::HashMap(data))
             .map_err(|source| CaptureError::Map { name, source })?;
         Ok(map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.pending as i32)).collect())
+    }
+
+    /// The flags of each pod in a node's pinned `ENROLLED` map, by netns cookie (`uninstall`).
+    pub fn enrolled_flags_pinned(bpffs: &Path) -> Result<Vec<(u64, u32)>, CaptureError> {
+        let name = map_names::ENROLLED;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<_, u64, PodInfo> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        Ok(map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.flags)).collect())
     }
 
     /// The handle for looking up original destinations (shared by the connection tasks).
@@ -911,9 +953,24 @@ fn ensure_bpffs(path: &Path) -> Result<(), CaptureError> {
     Err(CaptureError::NotBpffs { path: path.to_owned() })
 }
 
+/// `PodInfo::flags` bit: the agent turned `net.ipv4.tcp_migrate_req` on in the pod's namespace
+/// (it was off), so `uninstall` turns it off again.
+pub const POD_SET_MIGRATE_REQ: u32 = 1;
+
+/// What [`unpin_all`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unpinned {
+    /// Node-wide cgroup links (connect, sock_ops, ...): capture of every pod.
+    pub node_links: usize,
+    /// Per-pod inbound (`sk_lookup`) links: STRICT enforcement in pods' namespaces.
+    pub pod_links: usize,
+    pub maps: usize,
+}
+
 /// Removes every pin of a node (`mtls-agent uninstall`): links first, so capture stops before
 /// the maps it uses disappear.
-pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
+pub fn unpin_all(bpffs: &Path) -> std::io::Result<Unpinned> {
+    let mut done = Unpinned::default();
     for sub in ["links", "maps"] {
         let dir = bpffs.join(sub);
         if dir.exists() {
@@ -924,6 +981,13 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
                     if let Err(err) = detach_pinned_link(&e.path()) {
                         warn!(path = %e.path().display(), "detaching link: {err}");
                     }
+                    if link_name(&e.path()).starts_with(INBOUND_LINK_PREFIX) {
+                        done.pod_links += 1;
+                    } else {
+                        done.node_links += 1;
+                    }
+                } else {
+                    done.maps += 1;
                 }
                 fs::remove_file(e.path())?;
             }
@@ -933,7 +997,7 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<()> {
     if bpffs.exists() {
         fs::remove_dir(bpffs)?;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// `BPF_LINK_DETACH` (5.9) of the link pinned at `path`: the program stops running at once.

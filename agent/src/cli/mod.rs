@@ -61,15 +61,32 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Remove a node's pinned programs and maps, so no pod stays captured (fail-closed) after
-    /// the agent is removed.
+    /// Take a node out of the mesh: undo what the agent set up in its pods' namespaces and
+    /// remove its pinned programs and maps. Until this runs, a node whose agent is gone keeps
+    /// its pods failing closed. Idempotent: a second run says there is nothing left.
     Uninstall {
         /// The node whose pins to remove.
-        #[arg(long)]
+        #[arg(long, env = "NODE_NAME")]
         node: String,
         /// bpffs directory (default /sys/fs/bpf/mtls-agent/<node>).
         #[arg(long)]
         bpffs: Option<PathBuf>,
+        /// The node's /proc, to find pods' network namespaces (run with the host's PID
+        /// namespace).
+        #[arg(long, default_value = "/proc")]
+        proc_root: PathBuf,
+        /// Only check: succeed if nothing of the agent is pinned for the node, fail otherwise
+        /// (the uninstall DaemonSet's readiness probe).
+        #[arg(long, conflicts_with = "then_wait")]
+        verify: bool,
+        /// After uninstalling, stay running until SIGTERM (a DaemonSet pod that reports done
+        /// through its readiness probe).
+        #[arg(long)]
+        then_wait: bool,
+        /// Uninstall even though an agent instance of the node is running (it is refused
+        /// otherwise: the agent would go on enrolling pods).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -162,6 +179,10 @@ pub struct RunArgs {
     /// agent's namespace).
     #[arg(long)]
     pub ca_namespace: Option<String>,
+    /// Kubernetes mode: how often API discovery runs again to learn which Istio policy kinds
+    /// the cluster serves (a CRD installed or removed later); also after a watch error.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub policy_discovery_interval: std::time::Duration,
     /// bpffs directory for this node's pinned programs and maps (default /sys/fs/bpf/mtls-agent/<node>).
     #[arg(long)]
     pub bpffs: Option<PathBuf>,

@@ -123,6 +123,10 @@ pub fn check(v: &Value) -> String {
             "not enrolled by this agent (not in the mesh, or its enrollment failed)".to_owned()
         }
     );
+    // A policy source that cannot be read: the modes below are its last known policies.
+    for f in v["policySourcesFailing"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "WARNING: {}", s(f));
+    }
     let listeners = v["listeners"].as_array().cloned().unwrap_or_default();
     let udp = v["udpListeners"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nChecked {} listeners.", listeners.len() + udp.len());
@@ -334,6 +338,16 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].contains("5/7") && lines[1].contains("1m01s (open)"), "{text}");
         assert!(lines[2].contains("1/2") && lines[2].contains("850ms (closed)"), "{text}");
+    }
+
+    #[test]
+    fn check_warns_when_a_policy_source_fails() {
+        let v = serde_json::json!({"pod": "b.ns", "ip": "10.0.0.3", "node": "node1",
+            "agentNode": "node1", "enrolled": true, "listeners": [], "outbound": [],
+            "policySourcesFailing": ["policy source peerauthentications.security.istio.io/v1 fails (forbidden: no); its last known policies stay in force"]});
+        let out = check(&v);
+        assert!(out.contains("WARNING: policy source peerauthentications"), "{out}");
+        assert!(out.contains("stay in force"), "{out}");
     }
 
     #[test]

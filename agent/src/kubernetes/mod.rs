@@ -7,6 +7,7 @@ pub mod endpoints;
 pub mod events;
 pub mod membership;
 pub mod netns;
+pub mod sources;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub struct Settings {
     pub cgroups: PodCgroups,
     /// Which namespaces are never enrolled (the node is filled in by the agent).
     pub membership: membership::Settings,
+    /// How often API discovery of the policy kinds runs again (a CRD installed later).
+    pub discovery_interval: std::time::Duration,
 }
 
 /// A client for the API server: from `kubeconfig` if given, else inferred.

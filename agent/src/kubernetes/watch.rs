@@ -87,20 +87,26 @@ pub fn watched_resources() -> Vec<(String, String)> {
     v
 }
 
-type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
+pub(super) type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
 /// `None` until the kind's first list is complete.
-type Slot<K> = watch::Receiver<Option<Objects<K>>>;
+pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
 /// The running watchers; dropping it stops them.
 pub struct Feed {
     rx: watch::Receiver<Option<Arc<Snapshot>>>,
     tasks: Vec<JoinHandle<()>>,
+    sources: super::sources::Sources,
 }
 
 impl Feed {
     /// Snapshots: `None` until every kind has been listed once.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.rx.clone()
+    }
+
+    /// Whether each policy kind is served and answers.
+    pub fn sources(&self) -> super::sources::Sources {
+        self.sources.clone()
     }
 }
 
@@ -113,13 +119,21 @@ impl Drop for Feed {
 }
 
 /// Starts watching pods, namespaces, services, EndpointSlices and the policy kinds, with the
-/// default [`membership::Settings`].
+/// default [`membership::Settings`] (policy kinds discovered again every
+/// [`super::sources::DISCOVERY_INTERVAL`]).
 pub fn start(client: Client, root_namespace: &str) -> Feed {
-    start_with(client, root_namespace, membership::Settings::default())
+    let members = membership::Settings::default();
+    start_with(client, root_namespace, members, super::sources::DISCOVERY_INTERVAL)
 }
 
-/// [`start`], with the namespaces that are never enrolled and the node whose decisions to keep.
-pub fn start_with(client: Client, root_namespace: &str, members: membership::Settings) -> Feed {
+/// [`start`], with the namespaces that are never enrolled and the node whose decisions to
+/// keep, running API discovery of the policy kinds every `discovery_interval`.
+pub fn start_with(
+    client: Client,
+    root_namespace: &str,
+    members: membership::Settings,
+    discovery_interval: Duration,
+) -> Feed {
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
@@ -134,30 +148,27 @@ pub fn start_with(client: Client, root_namespace: &str, members: membership::Set
     let (slices, t) =
         spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", false, &notify);
     tasks.push(t);
-    let mut policies = Vec::new();
-    for ar in policy_kinds() {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-        let what = format!("{}.{}/{}", ar.plural, ar.group, ar.version);
-        // Istio's kinds may not be installed (or the legacy ones no longer served).
-        let (rx, t) = spawn_watch(api, what, true, &notify);
-        tasks.push(t);
-        policies.push((ar, rx));
-    }
+    // Istio's kinds may not be installed: only those the cluster serves are watched, and a
+    // served one that cannot be read is an error, not "no policies".
+    let started =
+        super::sources::start(client, policy_kinds().to_vec(), discovery_interval, &notify);
+    tasks.push(started.task);
+    let policies = started.slots;
     let (tx, rx) = watch::channel(None);
     let inputs = Inputs { pods, namespaces, services, slices, policies };
     let root = root_namespace.to_owned();
     tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root, members)));
-    Feed { rx, tasks }
+    Feed { rx, tasks, sources: started.sources }
 }
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
-struct Cache<K> {
-    live: BTreeMap<String, Arc<K>>,
+pub(super) struct Cache<K> {
+    pub(super) live: BTreeMap<String, Arc<K>>,
     relisting: Option<BTreeMap<String, Arc<K>>>,
 }
 
 impl<K: Resource> Cache<K> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Cache { live: BTreeMap::new(), relisting: None }
     }
 
@@ -166,7 +177,7 @@ impl<K: Resource> Cache<K> {
     }
 
     /// Applies an event; true when the complete state changed.
-    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+    pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
@@ -193,18 +204,13 @@ impl<K: Resource> Cache<K> {
     }
 }
 
-/// Whether the API server does not serve the kind, or we may not read it.
-fn unavailable(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(r)) => matches!(r.code, 403 | 404),
-        _ => false,
-    }
-}
-
+/// Watches a kind the agent cannot do without. An error is never taken as "none": the last
+/// complete state stays and the watcher retries. (`_optional` is unused: a kind that may be
+/// missing is found through API discovery, as the policy kinds are in `sources`.)
 fn spawn_watch<K>(
     api: Api<K>,
     what: impl Into<String>,
-    optional: bool,
+    _optional: bool,
     notify: &Arc<Notify>,
 ) -> (Slot<K>, JoinHandle<()>)
 where
@@ -226,14 +232,6 @@ where
                 Ok(event) => {
                     if cache.apply(event) {
                         tx.send_replace(Some(Arc::new(cache.live.clone())));
-                        notify.notify_one();
-                    }
-                }
-                Err(e) if optional && unavailable(&e) => {
-                    if tx.borrow().as_ref().is_none_or(|o| !o.is_empty()) {
-                        info!(resource = %what, "not served or not readable, taken as empty: {e}");
-                        cache.live.clear();
-                        tx.send_replace(Some(Arc::new(BTreeMap::new())));
                         notify.notify_one();
                     }
                 }
