@@ -2,9 +2,11 @@
 //! `workloads.yaml` and the policy directory, and a pod's network namespace is found through
 //! its cgroup.
 
+pub mod binding;
 pub mod convert;
 pub mod events;
 pub mod netns;
+pub mod sandbox;
 pub mod watch;
 
 use std::path::{Path, PathBuf};

@@ -48,6 +48,9 @@ pub struct Snapshot {
     /// identities) and the services.
     pub workloads: WorkloadSet,
     pub policies: PolicySet,
+    /// Every pod bound to a node and not finished, IP or not (a node's agent enrolls its own
+    /// from the binding: [`super::binding::local_pods_to_enroll`]).
+    pub bound: Vec<super::binding::BoundPod>,
     /// Objects left out, each named with the reason.
     pub rejected: Vec<String>,
 }
@@ -296,7 +299,12 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
     let mut rejected = Vec::new();
     let mut workloads: Vec<Workload> = Vec::new();
     let mut ips = HashMap::new();
+    let mut bound = Vec::new();
     for pod in state.pods.values() {
+        // Its errors are the workload conversion's to report (a pod without a uid is both).
+        if let Ok(Some(b)) = super::binding::bound_pod(pod) {
+            bound.push(b);
+        }
         match convert::workload(pod) {
             Ok(Some(w)) => {
                 // Two running pods with one IP: the first (by name) keeps it.
@@ -358,7 +366,7 @@ fn build(state: &State, root_namespace: &str) -> Snapshot {
         root_namespace,
     );
     rejected.extend(errors.iter().map(ToString::to_string));
-    Snapshot { workloads: WorkloadSet { workloads, services }, policies, rejected }
+    Snapshot { workloads: WorkloadSet { workloads, services }, policies, bound, rejected }
 }
 
 #[cfg(test)]
