@@ -96,6 +96,11 @@ impl Agent {
                 }
             }
         }
+        for (uid, p) in &pods {
+            if !self.bound.pods.contains_key(uid) && !self.bound.own_kernel.contains(uid) {
+                info!(pod = %p.key(), uid, "pod bound to this node: held closed from its cgroup's creation until enrolled");
+            }
+        }
         self.bound.pods = pods;
         self.bound.tops = cgroups.top_dirs();
         let gone: Vec<String> = self
