@@ -35,6 +35,10 @@ use crate::{
 pub(super) const HOLD_POLL: Duration = Duration::from_millis(10);
 /// Polls between attempts to enroll held pods early (their sandbox may not exist yet).
 const EARLY_EVERY: u32 = 5;
+/// Failed early attempts made at the polling pace before backing off.
+const EARLY_FAST_TRIES: u32 = 100;
+/// The longest wait between early attempts for one pod.
+const EARLY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A pod enrolled before its IP is known: outbound capture and listeners.
 pub(super) struct EarlyPod {
@@ -59,6 +63,9 @@ pub(super) struct Bound {
     tops: Vec<PathBuf>,
     /// The last reason logged per uid for a failed early enrollment.
     logged: BTreeMap<String, String>,
+    /// Per uid: failed early attempts so far and when the next is due (a pod whose sandbox
+    /// is slow to come is looked at less and less often, up to every [`EARLY_BACKOFF_MAX`]).
+    backoff: BTreeMap<String, (u32, std::time::Instant)>,
     polls: u32,
 }
 
@@ -102,7 +109,10 @@ impl Agent {
             }
         }
         self.bound.pods = pods;
-        self.bound.tops = cgroups.top_dirs();
+        // Looked up again on every retry (`check_sandboxes`); here only until found.
+        if self.bound.tops.is_empty() {
+            self.bound.tops = cgroups.top_dirs();
+        }
         let gone: Vec<String> = self
             .bound
             .early
@@ -129,6 +139,8 @@ impl Agent {
         }
         let live = &self.bound.pods;
         self.bound.own_kernel.retain(|u| live.contains_key(u));
+        self.bound.backoff.retain(|u, _| live.contains_key(u));
+        self.bound.logged.retain(|u, _| live.contains_key(u));
         self.poll_holds(true);
         if first {
             let ours: BTreeSet<u64> = self.bound.held.values().copied().collect();
@@ -182,12 +194,14 @@ impl Agent {
         let ws = self.workloads_tx.borrow().clone();
         let node = self.cfg.node.clone();
         let workloads: BTreeSet<String> = ws.on_node(&node).map(|w| w.key()).collect();
+        let now = std::time::Instant::now();
         let todo: Vec<BoundPod> = self
             .bound
             .pods
             .values()
             .filter(|p| self.bound.held.contains_key(&p.uid))
             .filter(|p| !self.bound.own_kernel.contains(&p.uid))
+            .filter(|p| self.bound.backoff.get(&p.uid).is_none_or(|(_, due)| *due <= now))
             .filter(|p| {
                 let key = p.key();
                 !workloads.contains(&key)
@@ -202,9 +216,14 @@ impl Agent {
                 Ok(early) => {
                     info!(pod = %key, cookie = early.netns.cookie(), "enrolled before its IP is known: outbound captured, inbound tunnel once the IP arrives");
                     self.bound.logged.remove(&p.uid);
+                    self.bound.backoff.remove(&p.uid);
                     self.bound.early.insert(key, early);
                 }
                 Err(e) => {
+                    let tries = self.bound.backoff.get(&p.uid).map_or(0, |(n, _)| *n) + 1;
+                    let wait =
+                        if tries < EARLY_FAST_TRIES { Duration::ZERO } else { EARLY_BACKOFF_MAX };
+                    self.bound.backoff.insert(p.uid.clone(), (tries, now + wait));
                     let reason = crate::error_text(&e);
                     if e.downcast_ref::<kubernetes::NetnsError>()
                         .is_some_and(|e| e.not_capturable())
