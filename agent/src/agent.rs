@@ -776,9 +776,7 @@ impl Agent {
         };
         let netns = match (&w.netns, &w.uid, &self.cfg.source) {
             (Some(path), _, _) => PodNetns::open(path).map_err(anyhow::Error::from),
-            (None, Some(uid), Source::Kubernetes(k)) => {
-                self.kube_netns(&k.cgroups, uid, &w.ips, early)
-            }
+            (None, Some(uid), Source::Kubernetes(_)) => self.kube_netns(uid, &w.ips, early),
             _ => Err(anyhow::anyhow!("no netns for this pod")),
         }
         .map_err(fail(Step::Netns, None))?;

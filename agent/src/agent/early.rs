@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use tracing::{debug, info, warn};
 
 use super::{Agent, Source, Tasks};
@@ -302,12 +303,12 @@ impl Agent {
     /// gives it its own kernel; the one it was enrolled in early if that holds its IPs, else
     /// its sandbox's.
     pub(super) fn kube_netns(
-        &self,
-        cgroups: &kubernetes::PodCgroups,
+        &mut self,
         uid: &str,
         ips: &[std::net::IpAddr],
         early: Option<&PodNetns>,
     ) -> anyhow::Result<PodNetns> {
+        let cgroups = self.pod_cgroups().context("not in Kubernetes mode")?;
         if let Some(rc) = self.bound.own_kernel_runtime(uid) {
             anyhow::bail!(
                 "not capturable: runtimeClassName {rc:?} runs the pod in its own kernel \
@@ -322,7 +323,21 @@ impl Agent {
             }
             warn!(uid, "the namespace enrolled before the IP was known does not hold the pod's IPs: looking again");
         }
-        Ok(cgroups.open_sandbox(uid, ips)?)
+        match cgroups.open_sandbox(uid, ips) {
+            Ok(ns) => Ok(ns),
+            Err(e) => {
+                // Its processes are a VMM or runsc: holding its cgroup would protect nothing.
+                if e.not_capturable() {
+                    self.bound.own_kernel.insert(uid.to_owned());
+                    if let Some(id) = self.bound.held.remove(uid) {
+                        if let Err(e) = self.capture.unhold(id) {
+                            warn!(uid, "lifting a hold: {e}");
+                        }
+                    }
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Releases the namespace of pods whose sandbox was recreated (same pod, a new namespace):
