@@ -316,3 +316,54 @@ fn a_kata_pod_is_reported_not_capturable() -> Result<()> {
     ensure!(reason.contains("not capturable"), "{check:#}");
     Ok(())
 }
+
+/// The lines of an `attempts` run.
+fn attempts(bed: &Testbed, pod: &str, cgroup: &Path, netns: &Path, dst: &str) -> Result<String> {
+    let mut cmd = Command::new(testbed::e2e_tool!());
+    cmd.args(["attempts", "--connect", dst, "--message", "CANARY-held-4b7d1"]);
+    cmd.args(["--count", "5", "--until-ok", "1", "--interval-ms", "10", "--timeout-ms", "1000"]);
+    let out = bed.spawn_in_cgroup_netns(pod, cgroup, netns, cmd)?;
+    Ok(String::from_utf8_lossy(&out.wait_with_output(Duration::from_secs(20))?.stdout).into())
+}
+
+#[test]
+fn a_bound_pod_that_cannot_be_enrolled_yet_cannot_connect_out_until_it_is_gone() -> Result<()> {
+    let (mut bed, _srv_server) = bed_with_server("k8s-held")?;
+    let server = api_server(bed.pod("srv"))?;
+    let dir = tempfile::tempdir()?;
+    let (agent, _ca) = start_agent(&bed, &server, dir.path())?;
+    // Bound, no IP, and no sandbox process: its namespace cannot be told yet, so it is not
+    // enrolled; every TCP connect() from its cgroup is refused, IPv4 and IPv6.
+    server.apply(api::PODS, pod_object("h", &uid(5), None, json!({})));
+    let _ = agent.wait_log("until enrolled pod=h.shop", Duration::from_secs(10));
+    let h =
+        bed.add_pod_in_cgroup("node1", "h", &pod_dir(&uid(5)).join("cri-containerd-h.scope"))?;
+    let _ = agent.wait_log(
+        "cgroup held closed until the pod is enrolled pod=h.shop",
+        Duration::from_secs(5),
+    );
+    let capture = bed.start_capture()?;
+    let srv = bed.pod("srv").clone();
+    let v4 = format!("{}:{PORT}", srv.ip);
+    let v6 = format!("[{}]:{PORT}", srv.ip6);
+    for dst in [&v4, &v6] {
+        let out = attempts(&bed, "h", &h.cgroup, &h.netns, dst)?;
+        ensure!(
+            out.lines().filter(|l| l.starts_with("failed permission_denied")).count() == 5,
+            "{dst}: a process of a held pod got out:\n{out}\n{}",
+            agent.log()
+        );
+    }
+    let held = agent.stats()?["ebpf"]["heldRefused"].as_u64().unwrap_or_default();
+    ensure!(held >= 10, "refusals not counted: {held}");
+    ensure!(!capture.contains(b"CANARY-held-4b7d1"), "plaintext from a held pod");
+    ensure!(!enrolled(&agent)?.contains(&netns_cookie(&bed, "h")?), "enrolled without a sandbox");
+
+    // The pod is gone from the API: its cgroup is no longer held (a leftover process of it
+    // is no longer the mesh's business).
+    ensure!(server.delete(api::PODS, Some(NS), "h"));
+    wait_until("the hold lifted", Duration::from_secs(10), || {
+        Ok(attempts(&bed, "h", &h.cgroup, &h.netns, &v4)?.contains("ok srv:CANARY-held-4b7d1"))
+    })?;
+    Ok(())
+}
