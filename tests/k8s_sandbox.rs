@@ -194,9 +194,9 @@ fn an_init_containers_first_connection_is_captured() -> Result<()> {
     let canary = "CANARY-init-container-7f2e9";
     let mut cmd = Command::new(testbed::e2e_tool!());
     cmd.args(["attempts", "--connect", &format!("{}:{PORT}", bed.pod("srv").ip)]);
-    cmd.args(["--message", canary, "--count", "400", "--until-ok", "3", "--interval-ms", "20"]);
+    cmd.args(["--message", canary, "--count", "1000", "--until-ok", "3", "--interval-ms", "20"]);
     let init = bed.spawn_in_cgroup_netns("p", &init_cgroup, &p.netns, cmd)?;
-    let out = init.wait_with_output(Duration::from_secs(40))?;
+    let out = init.wait_with_output(Duration::from_secs(60))?;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let mut ok = 0;
     for line in stdout.lines() {
