@@ -71,7 +71,9 @@ fn netns_is_found_through_the_kubepods_cgroups_of_both_drivers() -> Result<()> {
     }
     let cgroups = PodCgroups::new(&node.cgroup, "/proc");
     for (name, _, uid) in &layouts {
-        let netns = cgroups.open_netns(uid).with_context(|| format!("pod {name}"))?;
+        // Its processes are no sandbox (pause): the namespace holding the pod's IP is taken.
+        let ip = std::net::IpAddr::V4(bed.pod(name).ip);
+        let netns = cgroups.open_sandbox(uid, &[ip]).with_context(|| format!("pod {name}"))?;
         let want = std::fs::metadata(&bed.pod(name).netns)?;
         let got = netns.file().metadata()?;
         ensure!(

@@ -14,6 +14,10 @@ pub const MAX_AGENT_INSTANCES: u32 = 64;
 
 /// Maximum enrolled pods per node (`ENROLLED` map size).
 pub const MAX_PODS: u32 = 4096;
+/// How many cgroup levels below the root `connect4/6` look for a held pod cgroup: the pod's
+/// directory sits at level 3 to 4 under a bare kubelet, deeper under kind or a custom
+/// `cgroupRoot`, and the container's scope one or two below it.
+pub const MAX_HELD_DEPTH: u32 = 12;
 /// Maximum in-flight captured connections per node (`ORIG_DST`, `PENDING` sizes).
 pub const MAX_CONNS: u32 = 65536;
 
@@ -60,6 +64,9 @@ pub mod map_names {
     /// The agent's own listeners per pod ([`ListenerKey`]): where `inbound` steers the agent's
     /// ports, so an app of the pod cannot squat them.
     pub const LISTENERS: &str = "LISTENERS";
+    /// Pod cgroup id (inode of its cgroup v2 directory) -> flags: pods held closed until
+    /// enrolled (`connect()` from them, or from cgroups below them, is refused).
+    pub const HELD_CGROUPS: &str = "HELD_CGROUPS";
     /// Pin names of earlier layouts, removed by a new instance once its programs are attached.
     pub const RETIRED: &[&str] = &["ENROLLED", "PENDING", "PENDING_DST", "INBOUND", "STATS"];
 }
@@ -164,6 +171,9 @@ pub mod stats {
     /// Connections to the agent's ports in a pod refused because the agent has no listener
     /// there (not enrolled yet, or down): never handed to whatever else listens on the port.
     pub const AGENT_PORT_UNSERVED: u32 = 4;
+    /// TCP connect()s refused because the task's pod cgroup is held closed (the pod is bound to
+    /// this node and in the mesh, its namespace not enrolled yet).
+    pub const HELD_REFUSED: u32 = 5;
     /// Slots of the map; room for more counters without a new layout.
     pub const LEN: u32 = 8;
 }

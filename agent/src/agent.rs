@@ -32,6 +32,8 @@ use crate::{
     workloads::{Workload, WorkloadSet},
 };
 
+mod early;
+
 /// How often the workloads file is checked for changes (changes apply within 1 s).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the agent writes its cgroup id into `AGENT_CGROUPS` again.
@@ -169,6 +171,8 @@ struct Agent {
     sources: kubernetes::sources::Sources,
     /// The failing policy sources readiness named last.
     sources_failing: Vec<String>,
+    /// Kubernetes mode: pods bound to this node, held closed and enrolled before their IP.
+    bound: early::Bound,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -273,6 +277,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         owners_written: None,
         sources: feed.as_ref().map(kubernetes::Feed::sources).unwrap_or_default(),
         sources_failing: Vec::new(),
+        bound: early::Bound::default(),
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -351,6 +356,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut synced = feed.is_none();
     let mut next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    let mut hold_tick = tokio::time::interval(early::HOLD_POLL);
+    hold_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -376,9 +383,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 if synced && tokio::time::Instant::now() >= next_retry {
                     next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
+                    agent.check_sandboxes();
                     agent.retry_enrollment();
                 }
             }
+            _ = hold_tick.tick(), if synced && feed.is_some() => agent.poll_holds(false),
             Some(snapshot) = next_snapshot(&mut snapshots) => {
                 agent.apply_snapshot(&snapshot, !synced);
                 synced = true;
@@ -463,6 +472,8 @@ impl Agent {
         if !first && !workloads_changed && !policies_changed {
             // A pod that opted in and is skipped changes no workload, yet gets its Event.
             self.announce_membership();
+            // A pod bound to this node without an IP yet changes only this.
+            self.take_bound(s, false);
             return;
         }
         if policies_changed {
@@ -471,6 +482,8 @@ impl Agent {
         self.workloads_tx.send_replace(Arc::new(s.workloads.clone()));
         self.policies_tx.send_replace(Arc::new(s.policies.clone()));
         self.log_policy_warnings(first || policies_changed);
+        // Before the reconcile: what a previous instance enrolled early stays enrolled.
+        self.take_bound(s, first);
         self.reconcile(first);
         self.apply_policies();
     }
@@ -695,11 +708,27 @@ impl Agent {
             if self.pods.contains_key(key) {
                 continue;
             }
-            let attempt = self.enroll(w);
+            // Enrolled before its IP: that namespace and its outbound listeners serve until
+            // the full enrollment replaces them (no capture gap).
+            let early = self.bound.early.remove(key);
+            let attempt = self.enroll(w, early.as_ref().map(|e| &e.netns));
             let now_cookie = match &attempt {
                 Ok(pod) => Some(pod.netns.cookie()),
                 Err(e) => e.netns_cookie,
             };
+            if let Some(e) = early {
+                match &attempt {
+                    Err(_) => {
+                        self.bound.early.insert(key.clone(), e);
+                    }
+                    Ok(pod) if pod.netns.cookie() != e.netns.cookie() => {
+                        let old = e.netns.cookie();
+                        drop(e);
+                        self.release_cookie(old);
+                    }
+                    Ok(_) => drop(e),
+                }
+            }
             // The namespace the pod is held closed in so far (a failed pod retried, a changed
             // one, one of a previous instance).
             let old = previous.remove(key).or_else(|| self.failed.get(key)?.netns_cookie);
@@ -797,6 +826,7 @@ impl Agent {
             .values()
             .map(|p| p.netns.cookie())
             .chain(self.failed.values().filter_map(|f| f.netns_cookie))
+            .chain(self.early_cookies())
             .collect()
     }
 
@@ -913,6 +943,10 @@ impl Agent {
         for p in self.pods.values() {
             now.insert(p.netns.cookie(), owner(&p.workload));
         }
+        // Enrolled before their IP: known by name and uid too.
+        for (key, e) in &self.bound.early {
+            now.insert(e.netns.cookie(), Owner { pod: key.clone(), uid: Some(e.uid.clone()) });
+        }
         if self.owners_written.as_ref() == Some(&now) {
             return;
         }
@@ -1002,15 +1036,17 @@ impl Agent {
     /// redirected to the agent's listener, refused until that exists), and only then its
     /// certificate and the agent's listeners. A failure at any step leaves the pod closed,
     /// never open; the caller retries.
-    fn enroll(&mut self, w: &Workload) -> Result<EnrolledPod, EnrollError> {
+    fn enroll(
+        &mut self,
+        w: &Workload,
+        early: Option<&PodNetns>,
+    ) -> Result<EnrolledPod, EnrollError> {
         let fail = |step: Step, netns_cookie: Option<u64>| {
             move |error: anyhow::Error| EnrollError { step, netns_cookie, error }
         };
         let netns = match (&w.netns, &w.uid, &self.cfg.source) {
             (Some(path), _, _) => PodNetns::open(path).map_err(anyhow::Error::from),
-            (None, Some(uid), Source::Kubernetes(k)) => {
-                k.cgroups.open_netns(uid).map_err(anyhow::Error::from)
-            }
+            (None, Some(uid), Source::Kubernetes(_)) => self.kube_netns(uid, &w.ips, early),
             _ => Err(anyhow::anyhow!("no netns for this pod")),
         }
         .map_err(fail(Step::Netns, None))?;
@@ -1060,30 +1096,11 @@ impl Agent {
     /// if an app holds that port, on a free one, and the pod's inbound program hands the
     /// agent's port to it all the same.
     fn start_listeners(&mut self, w: &Workload, netns: &PodNetns) -> anyhow::Result<Tasks> {
-        use mtls_agent_ebpf::{SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6};
+        use mtls_agent_ebpf::{SLOT_TUNNEL_V4, SLOT_TUNNEL_V6};
         let cookie = netns.cookie();
         // Dropped on failure: every task started so far stops.
         let mut tasks = Tasks::default();
-        let ctx = Arc::new(OutboundContext {
-            pod: w.key(),
-            netns: netns.clone(),
-            orig_dst: self.orig_dst.clone(),
-            mesh: self.mesh.clone(),
-            next_endpoint: self.next_endpoint.clone(),
-        });
-        let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
-        let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into();
-        let l4 = listen_steered(netns, v4)?;
-        self.capture.set_listener(cookie, SLOT_OUTBOUND_V4, &l4)?;
-        tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l4)?, ctx.clone())));
-        match listen_steered(netns, v6) {
-            Ok(l6) => {
-                self.capture.set_listener(cookie, SLOT_OUTBOUND_V6, &l6)?;
-                tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l6)?, ctx)));
-            }
-            // A pod without IPv6 loopback still gets IPv4 capture (IPv6 connect()s are refused).
-            Err(e) => warn!(pod = %w.key(), "no IPv6 outbound listener: {e}"),
-        }
+        self.start_outbound(&w.key(), netns, &mut tasks)?;
         let ictx = Arc::new(InboundContext::new(w.key(), w.ip, netns.clone(), self.mesh.clone()));
         let primary = listen_steered(netns, SocketAddr::new(w.ip, HBONE_PORT))?;
         let (slot, other) = match w.ip {
@@ -1103,6 +1120,41 @@ impl Agent {
             Err(e) => tracing::debug!(pod = %w.key(), "no tunnel listener for {other}: {e}"),
         }
         Ok(tasks)
+    }
+}
+
+impl Agent {
+    /// Opens the agent's outbound listeners in the pod (loopback, port 15001) and steers
+    /// captured connections to them; they need no pod IP.
+    fn start_outbound(
+        &mut self,
+        key: &str,
+        netns: &PodNetns,
+        tasks: &mut Tasks,
+    ) -> anyhow::Result<()> {
+        use mtls_agent_ebpf::{SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6};
+        let cookie = netns.cookie();
+        let ctx = Arc::new(OutboundContext {
+            pod: key.to_owned(),
+            netns: netns.clone(),
+            orig_dst: self.orig_dst.clone(),
+            mesh: self.mesh.clone(),
+            next_endpoint: self.next_endpoint.clone(),
+        });
+        let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
+        let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into();
+        let l4 = listen_steered(netns, v4)?;
+        self.capture.set_listener(cookie, SLOT_OUTBOUND_V4, &l4)?;
+        tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l4)?, ctx.clone())));
+        match listen_steered(netns, v6) {
+            Ok(l6) => {
+                self.capture.set_listener(cookie, SLOT_OUTBOUND_V6, &l6)?;
+                tasks.0.push(tokio::spawn(outbound::serve(TcpListener::from_std(l6)?, ctx)));
+            }
+            // A pod without IPv6 loopback still gets IPv4 capture (IPv6 connect()s are refused).
+            Err(e) => warn!(pod = %key, "no IPv6 outbound listener: {e}"),
+        }
+        Ok(())
     }
 }
 

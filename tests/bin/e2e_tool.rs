@@ -150,6 +150,24 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Up to N connection attempts, one after the other (an init container that talks at
+    /// once): each sends the message, half-closes and reads the reply; prints `ok REPLY` or
+    /// `failed KIND DETAIL` per attempt, stops after `until-ok` replies, then prints
+    /// `attempts N ok M`.
+    Attempts {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 1)]
+        until_ok: u32,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// A UDP socket bound to ADDR that answers each datagram with prefix + datagram; prints
     /// `listening ADDR`, then `datagram from PEER` for each.
     UdpEcho {
@@ -248,6 +266,13 @@ fn main() -> ExitCode {
             hold(&connect, Duration::from_secs(seconds), Duration::from_millis(timeout_ms))
         }
         Cmd::UdpEcho { listen, prefix } => udp_echo(&listen, &prefix),
+        Cmd::Attempts { connect, message, count, until_ok, interval_ms, timeout_ms } => attempts(
+            &connect,
+            &message,
+            (count, until_ok),
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::UdpClient { connect, message, timeout_ms } => {
             udp_client(&connect, &message, Duration::from_millis(timeout_ms))
         }
@@ -528,6 +553,39 @@ fn client(addr: &str, message: &str, opts: ClientOptions) -> Outcome<()> {
             .replace('\r', "\\r");
         say(&text);
     }
+    Ok(())
+}
+
+fn attempts(
+    addr: &str,
+    message: &str,
+    (count, until_ok): (u32, u32),
+    interval: Duration,
+    timeout: Duration,
+) -> Outcome<()> {
+    let addr = resolve(addr)?;
+    let once = || -> Outcome<String> {
+        let deadline = Instant::now() + timeout;
+        let mut stream = connect(addr, deadline)?;
+        write_all(&mut stream, message.as_bytes(), deadline)?;
+        stream.shutdown(Shutdown::Write).map_err(|e| Failure::io("shutdown", &e))?;
+        let mut reply = Vec::new();
+        read_to_end(&mut stream, deadline, &mut reply)?;
+        Ok(String::from_utf8_lossy(&reply).replace('\n', "\\n"))
+    };
+    let (mut tried, mut ok) = (0, 0);
+    while tried < count && ok < until_ok {
+        tried += 1;
+        match once() {
+            Ok(reply) => {
+                ok += 1;
+                say(&format!("ok {reply}"));
+            }
+            Err(f) => say(&format!("failed {} {}", f.kind, f.detail)),
+        }
+        std::thread::sleep(interval);
+    }
+    say(&format!("attempts {tried} ok {ok}"));
     Ok(())
 }
 

@@ -870,3 +870,39 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
     errors.into_result().with_context(|| format!("cleanup of stale test beds {report}"))?;
     Ok(ids)
 }
+
+impl Testbed {
+    /// Makes another cgroup beside pod `pod`'s (a second container's scope in the same pod
+    /// directory, as the kubelet's runtime makes one per container); removed with the pod.
+    pub fn add_pod_cgroup(&mut self, pod: &str, name: &str) -> Result<PathBuf> {
+        ensure!(
+            !name.is_empty() && !name.starts_with('.') && !name.contains('/'),
+            "cgroup name {name:?}: one plain path component"
+        );
+        let entry =
+            self.pods.get_mut(pod).with_context(|| format!("add cgroup: no pod {pod:?}"))?;
+        let parent = entry.pod.cgroup.parent().context("pod cgroup has no parent")?.to_owned();
+        let dir = CgroupDir::create(parent.join(name))?;
+        let path = dir.path().to_owned();
+        entry.member.nested.push(dir);
+        Ok(path)
+    }
+
+    /// Starts `cmd` in the cgroup directory `cgroup` and the network namespace `netns`, which
+    /// need not be the pod's (another pod's, or the host's `/proc/self/ns/net`: a runtime's
+    /// helper, a process that made a namespace of its own); killed when pod `pod` goes.
+    pub fn spawn_in_cgroup_netns(
+        &self,
+        pod: &str,
+        cgroup: &Path,
+        netns: &Path,
+        cmd: Command,
+    ) -> Result<PodProcess> {
+        let entry = self.pod_entry(pod)?;
+        let procs = cgroup.join("cgroup.procs");
+        let label = format!("pod {pod} cgroup {} ({})", cgroup.display(), program_name(&cmd));
+        let (process, shared) = process::spawn(cmd, Some(&procs), netns, label)?;
+        entry.member.register(shared);
+        Ok(process)
+    }
+}

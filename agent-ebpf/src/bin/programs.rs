@@ -30,7 +30,10 @@ use aya_ebpf::{
         BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
@@ -41,9 +44,10 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use mtls_agent_ebpf::{
     stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PlaintextEvent, PodInfo, PortKey,
     PortPolicy, ProbeConn, RejectEvent, SockAddr, AF_INET, AF_INET6, CONFIG_FLAG_LOG, INBOUND_PORT,
-    MAX_AGENT_INSTANCES, MAX_CONNS, MAX_INBOUND_RULES, MAX_LISTENERS, MAX_PODS, MAX_PROBE_CONNS,
-    MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED, REJECT_NO_RULES,
-    REJECT_STRICT, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
+    MAX_AGENT_INSTANCES, MAX_CONNS, MAX_HELD_DEPTH, MAX_INBOUND_RULES, MAX_LISTENERS, MAX_PODS,
+    MAX_PROBE_CONNS, MODE_STRICT, OUTBOUND_PORT, PENDING_QUOTA, PLAINTEXT_CLOSED, PLAINTEXT_OPENED,
+    REJECT_NO_RULES, REJECT_STRICT, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4,
+    SLOT_TUNNEL_V6,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -66,6 +70,12 @@ static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// stale one matches nothing meanwhile).
 #[map(name = "AGENT_CGROUP_IDS")]
 static AGENT_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_AGENT_INSTANCES, 0);
+/// Pod cgroups held closed (id = inode of the pod's cgroup v2 directory -> flags): the agent
+/// knows the pod is bound to this node and in the mesh but has not enrolled its namespace yet.
+/// A TCP connect() from a task in one of them, or in a cgroup below (its containers), whose
+/// namespace is not enrolled is refused, so an init container cannot talk before capture.
+#[map(name = "HELD_CGROUPS")]
+static HELD: HashMap<u64, u32> = HashMap::pinned(MAX_PODS, 0);
 /// Per-CPU LRU lists: no global lock on insert (the common LRU list costs about a microsecond).
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
@@ -121,17 +131,74 @@ fn count(index: u32) {
     }
 }
 
-/// Returns 1 (allow) always: capture only rewrites, it never blocks a connect().
+/// Returns 1 (allow), or 0 (EPERM) for a TCP connect() from a held pod cgroup whose namespace
+/// is not enrolled yet: capture only rewrites, and only the hold blocks.
 #[cgroup_sock_addr(connect4)]
 pub fn mtls_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = capture4(&ctx);
-    1
+    match should_capture(&ctx) {
+        Gate::Capture(c) => {
+            let _ = capture4(&ctx, c);
+            1
+        }
+        Gate::NotEnrolled => {
+            // SAFETY: valid for the duration of the program.
+            let ip = unsafe { (*ctx.sock_addr).user_ip4 };
+            // Loopback stays inside the pod's own namespace.
+            if ip.to_ne_bytes()[0] != 127 && held(&ctx) {
+                return 0;
+            }
+            1
+        }
+        Gate::Pass => 1,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mtls_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = capture6(&ctx);
-    1
+    match should_capture(&ctx) {
+        Gate::Capture(c) => {
+            let _ = capture6(&ctx, c);
+            1
+        }
+        Gate::NotEnrolled => {
+            // SAFETY: valid for the duration of the program.
+            let sa = unsafe { &*ctx.sock_addr };
+            let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+            let v4_loopback =
+                w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD && w[3].to_ne_bytes()[0] == 127;
+            let v6_loopback = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == LOOPBACK_V6_LAST;
+            if !v4_loopback && !v6_loopback && held(&ctx) {
+                return 0;
+            }
+            1
+        }
+        Gate::Pass => 1,
+    }
+}
+
+/// Whether the calling task runs in a held pod cgroup or below it. The pod's cgroup sits a
+/// few levels below the root (deeper under kind or a custom cgroupRoot): each ancestor level
+/// is looked up, bounded.
+#[inline(always)]
+fn held(ctx: &SockAddrContext) -> bool {
+    for level in 1..=MAX_HELD_DEPTH {
+        // SAFETY: helper with a plain integer argument; 0 means no ancestor at that level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: read-only presence check.
+        if unsafe { HELD.get(&id) }.is_some() {
+            count(stats::HELD_REFUSED);
+            if let Some(cfg) = CONFIG.get(0) {
+                if cfg.flags & CONFIG_FLAG_LOG != 0 {
+                    debug!(ctx, "refused connect() from held cgroup {}", id);
+                }
+            }
+            return true;
+        }
+    }
+    false
 }
 
 /// What capture needs of an enrolled pod's connect().
@@ -141,29 +208,39 @@ struct Capturing {
     pod: *mut PodInfo,
 }
 
+/// What connect() does with a socket.
+enum Gate {
+    /// An enrolled pod's TCP socket, not the agent's own.
+    Capture(Capturing),
+    /// A TCP socket of a namespace that is not enrolled: refused if its cgroup is held.
+    NotEnrolled,
+    /// Anything else passes untouched.
+    Pass,
+}
+
 /// The config and the pod when this socket belongs to an enrolled pod and is not the agent's
 /// own.
 #[inline(always)]
-fn should_capture(ctx: &SockAddrContext) -> Option<Capturing> {
+fn should_capture(ctx: &SockAddrContext) -> Gate {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the duration of the program.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
-        return None;
+        return Gate::Pass;
     }
-    let cfg = CONFIG.get(0)?;
+    let Some(cfg) = CONFIG.get(0) else { return Gate::Pass };
     // SAFETY: helper call with the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // First, so sockets of pods not enrolled pay nothing more.
-    let pod = ENROLLED.get_ptr_mut(&netns)?;
+    let Some(pod) = ENROLLED.get_ptr_mut(&netns) else { return Gate::NotEnrolled };
     // The agent's own sockets in the pod's namespace: told apart by the cgroup of the task
     // calling connect(), which an app cannot choose.
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: read-only presence check.
     if unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some() {
-        return None;
+        return Gate::Pass;
     }
-    Some(Capturing { cfg, netns, pod })
+    Gate::Capture(Capturing { cfg, netns, pod })
 }
 
 /// The pod's count of `PENDING` records, as it is now.
@@ -236,8 +313,7 @@ pub fn mtls_sock_release(ctx: SockContext) -> i32 {
     1
 }
 
-fn capture4(ctx: &SockAddrContext) -> Option<()> {
-    let c = should_capture(ctx)?;
+fn capture4(ctx: &SockAddrContext, c: Capturing) -> Option<()> {
     let cfg = c.cfg;
     // SAFETY: valid for the duration of the program; connect4 may write user_ip4/user_port.
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -258,8 +334,7 @@ fn capture4(ctx: &SockAddrContext) -> Option<()> {
     Some(())
 }
 
-fn capture6(ctx: &SockAddrContext) -> Option<()> {
-    let c = should_capture(ctx)?;
+fn capture6(ctx: &SockAddrContext, c: Capturing) -> Option<()> {
     let cfg = c.cfg;
     // SAFETY: valid for the duration of the program; connect6 may write user_ip6/user_port.
     let sa = unsafe { &mut *ctx.sock_addr };

@@ -165,6 +165,12 @@ pub fn render(state: &AdminState) -> String {
             "Connections captured by connect4/connect6.",
             &one(e.captured),
         );
+        family(
+            "mtls_agent_held_refused_total",
+            "counter",
+            "TCP connect()s refused from pods held closed until enrolled (bound to this node, namespace not enrolled yet), counted in eBPF.",
+            &one(e.held_refused),
+        );
         let progs = ebpf.programs();
         let runs: Vec<(String, f64)> = progs
             .iter()

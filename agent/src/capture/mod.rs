@@ -131,6 +131,8 @@ pub struct EbpfStats {
     pub pending_over_quota: u64,
     /// Connections to the agent's ports in a pod where the agent had no listener (refused).
     pub agent_port_unserved: u64,
+    /// TCP connect()s refused from a pod held closed until its enrollment (Kubernetes mode).
+    pub held_refused: u64,
 }
 
 /// Loaded and attached programs plus handles on their maps.
@@ -139,6 +141,8 @@ pub struct Capture {
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
     agent_cgroups: HashMap<MapData, u64, u32>,
+    /// Pod cgroups held closed until their pods are enrolled.
+    held: HashMap<MapData, u64, u32>,
     /// This instance's cgroup v2 directory and id (its connect()s are never captured).
     own_cgroup: (PathBuf, u64),
     inbound: HashMap<MapData, PortKey, PortPolicy>,
@@ -252,6 +256,7 @@ impl Capture {
             .insert(own_cgroup.1, std::process::id(), 0)
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
+        let held = take_map(&mut ebpf, map_names::HELD_CGROUPS)?;
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
         let listeners = take_map(&mut ebpf, map_names::LISTENERS)?;
         let stats = take_map(&mut ebpf, map_names::STATS)?;
@@ -347,6 +352,7 @@ impl Capture {
             _ebpf: ebpf,
             enrolled,
             agent_cgroups,
+            held,
             own_cgroup,
             inbound,
             listeners,
@@ -570,6 +576,37 @@ impl Capture {
         self.enrolled.get(&netns_cookie, 0).ok().map(|i| i.flags)
     }
 
+    /// Holds a pod cgroup closed: TCP connect()s from it, or from cgroups below it, whose
+    /// namespace is not enrolled are refused. `cgroup_id` is its directory's inode.
+    pub fn hold(&mut self, cgroup_id: u64) -> Result<(), CaptureError> {
+        self.held
+            .insert(cgroup_id, 1, 0)
+            .map_err(|source| CaptureError::Map { name: map_names::HELD_CGROUPS, source })
+    }
+
+    /// Lifts a hold (the pod is gone or left the mesh).
+    pub fn unhold(&mut self, cgroup_id: u64) -> Result<(), CaptureError> {
+        match self.held.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(CaptureError::Map { name: map_names::HELD_CGROUPS, source }),
+        }
+    }
+
+    /// The cgroups held closed (possibly by an earlier agent instance).
+    pub fn held_cgroups(&self) -> Vec<u64> {
+        self.held.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The cgroups held closed in a node's pinned map (for tests and diagnostics).
+    pub fn held_cgroups_pinned(bpffs: &Path) -> Result<Vec<u64>, CaptureError> {
+        let name = map_names::HELD_CGROUPS;
+        let data = MapData::from_pin(bpffs.join("maps").join(name))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        let map: HashMap<MapData, u64, u32> = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| CaptureError::Map { name, source })?;
+        Ok(map.keys().filter_map(Result::ok).collect())
+    }
+
     /// Stops capturing for this network namespace.
     pub fn release(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         match self.enrolled.remove(&netns_cookie) {
@@ -762,6 +799,7 @@ fn read_stats(map: &PerCpuArray<MapData, u64>) -> EbpfStats {
         captured: sum(stats::CAPTURED),
         pending_over_quota: sum(stats::PENDING_OVER_QUOTA),
         agent_port_unserved: sum(stats::AGENT_PORT_UNSERVED),
+        held_refused: sum(stats::HELD_REFUSED),
     }
 }
 

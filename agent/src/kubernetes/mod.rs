@@ -2,11 +2,13 @@
 //! `workloads.yaml` and the policy directory, and a pod's network namespace is found through
 //! its cgroup.
 
+pub mod binding;
 pub mod convert;
 pub mod endpoints;
 pub mod events;
 pub mod membership;
 pub mod netns;
+pub mod sandbox;
 pub mod sources;
 pub mod watch;
 

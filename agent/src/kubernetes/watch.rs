@@ -48,6 +48,9 @@ pub struct Snapshot {
     /// identities) and the services.
     pub workloads: WorkloadSet,
     pub policies: PolicySet,
+    /// Every pod bound to a node and not finished, IP or not (a node's agent enrolls its own
+    /// from the binding: [`super::binding::local_pods_to_enroll`]).
+    pub bound: Vec<super::binding::BoundPod>,
     /// Objects left out, each named with the reason.
     pub rejected: Vec<String>,
     /// Whether each pod (of the node, if the feed was given one) is in the mesh, and why; pods
@@ -326,12 +329,20 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     let mut workloads: Vec<Workload> = Vec::new();
     let mut decisions = Vec::new();
     let mut ips = HashMap::new();
+    let mut bound = Vec::new();
     for pod in serving_first(&state.pods) {
         let m = pod_membership(pod, state, members);
         let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
         let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
         let ours = m.as_ref().is_some_and(|m| members.node.as_ref().is_none_or(|n| *n == m.node));
         decisions.extend(m.filter(|_| ours));
+        // Pods of the mesh bound to a node, with or without an IP yet (their errors are the
+        // workload conversion's to report: a pod without a uid is both).
+        if is_in {
+            if let Ok(Some(b)) = super::binding::bound_pod(pod) {
+                bound.push(b);
+            }
+        }
         match convert::workload(pod) {
             // Pods out of the mesh are not its workloads: never enrolled, plaintext peers.
             Ok(Some(_)) if !is_in => {}
@@ -408,6 +419,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
         policies,
         rejected,
         membership: decisions,
+        bound,
     }
 }
 

@@ -1,0 +1,381 @@
+//! Kubernetes mode, before and beside a pod's full enrollment: pods known from their binding
+//! to this node are held closed at their cgroup as soon as it appears (`connect()` from it is
+//! refused while its namespace is not enrolled), enrolled before their IP reaches the API
+//! (outbound capture, certificate and outbound listeners: an init container's first
+//! connection is carried), and re-enrolled when their sandbox is recreated.
+//!
+//! The hold stays for as long as the pod is bound here: the programs look at it only for
+//! namespaces that are not enrolled, so an enrolled pod pays nothing, while a process of the
+//! pod in another namespace (a recreated sandbox before its re-enrollment, Docker-in-Docker)
+//! is refused rather than let out uncaptured.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tracing::{debug, info, warn};
+
+use super::{Agent, Source, Tasks};
+use crate::{
+    identity::SpiffeId,
+    inpod::{PodNetns, Registration},
+    kubernetes::{
+        self,
+        binding::{self, BoundPod},
+        netns::open_netns_id,
+        sandbox,
+    },
+};
+
+/// How often the cgroups of bound pods not held yet are looked for: the kubelet creates the
+/// pod's cgroup before its sandbox and init containers, so the hold must come at once.
+pub(super) const HOLD_POLL: Duration = Duration::from_millis(10);
+/// Polls between attempts to enroll held pods early (their sandbox may not exist yet).
+const EARLY_EVERY: u32 = 5;
+/// Failed early attempts made at the polling pace before backing off.
+const EARLY_FAST_TRIES: u32 = 100;
+/// The longest wait between early attempts for one pod.
+const EARLY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A pod enrolled before its IP is known: outbound capture and listeners.
+pub(super) struct EarlyPod {
+    pub uid: String,
+    pub netns: PodNetns,
+    _tasks: Tasks,
+    _netns_entry: Registration,
+}
+
+/// What the agent knows of the pods bound to its node.
+#[derive(Default)]
+pub(super) struct Bound {
+    /// The local pods to enroll, by uid, from the last snapshot.
+    pods: BTreeMap<String, BoundPod>,
+    /// Pod cgroups held closed: uid -> cgroup id (its directory's inode).
+    held: BTreeMap<String, u64>,
+    /// Pods enrolled before their IP, by key.
+    pub early: BTreeMap<String, EarlyPod>,
+    /// Uids found to run in their own kernel: never held nor enrolled.
+    own_kernel: BTreeSet<String>,
+    /// The kubelet's top cgroup directories, looked up again on every retry.
+    tops: Vec<PathBuf>,
+    /// The last reason logged per uid for a failed early enrollment.
+    logged: BTreeMap<String, String>,
+    /// Per uid: failed early attempts so far and when the next is due (a pod whose sandbox
+    /// is slow to come is looked at less and less often, up to every [`EARLY_BACKOFF_MAX`]).
+    backoff: BTreeMap<String, (u32, std::time::Instant)>,
+    polls: u32,
+}
+
+impl Bound {
+    /// The runtime class of the pod with `uid`, when it gives the pod its own kernel.
+    pub fn own_kernel_runtime(&self, uid: &str) -> Option<&str> {
+        let rc = self.pods.get(uid)?.runtime_class.as_deref()?;
+        sandbox::own_kernel_runtime(rc).then_some(rc)
+    }
+}
+
+impl Agent {
+    fn pod_cgroups(&self) -> Option<kubernetes::PodCgroups> {
+        match &self.cfg.source {
+            Source::Kubernetes(k) => Some(k.cgroups.clone()),
+            Source::Files { .. } => None,
+        }
+    }
+
+    /// Takes the bound pods of a snapshot: holds and early-enrolls new ones, releases those
+    /// that are gone. The first snapshot also lifts the holds a previous instance left for
+    /// pods that are gone.
+    pub(super) fn take_bound(&mut self, s: &kubernetes::Snapshot, first: bool) {
+        let Some(cgroups) = self.pod_cgroups() else { return };
+        let node = self.cfg.node.clone();
+        let pods: BTreeMap<String, BoundPod> = binding::local_pods_to_enroll(&s.bound, &node)
+            .map(|p| (p.uid.clone(), p.clone()))
+            .collect();
+        for (uid, p) in &pods {
+            if let Some(rc) =
+                p.runtime_class.as_deref().filter(|rc| sandbox::own_kernel_runtime(rc))
+            {
+                if self.bound.own_kernel.insert(uid.clone()) {
+                    warn!(pod = %p.key(), runtime_class = rc, "not capturable: the runtime class gives the pod its own kernel; never held nor enrolled");
+                }
+            }
+        }
+        for (uid, p) in &pods {
+            if !self.bound.pods.contains_key(uid) && !self.bound.own_kernel.contains(uid) {
+                info!(pod = %p.key(), uid, "pod bound to this node: held closed from its cgroup's creation until enrolled");
+            }
+        }
+        self.bound.pods = pods;
+        // Looked up again on every retry (`check_sandboxes`); here only until found.
+        if self.bound.tops.is_empty() {
+            self.bound.tops = cgroups.top_dirs();
+        }
+        let gone: Vec<String> = self
+            .bound
+            .early
+            .iter()
+            .filter(|(_, e)| !self.bound.pods.contains_key(&e.uid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.release_early(&key, "the pod is gone");
+        }
+        let gone: Vec<(String, u64)> = self
+            .bound
+            .held
+            .iter()
+            .filter(|(uid, _)| !self.bound.pods.contains_key(*uid))
+            .map(|(u, c)| (u.clone(), *c))
+            .collect();
+        for (uid, cgroup) in gone {
+            self.bound.held.remove(&uid);
+            self.bound.logged.remove(&uid);
+            if let Err(e) = self.capture.unhold(cgroup) {
+                warn!(uid, cgroup, "lifting a hold: {e}");
+            }
+        }
+        let live = &self.bound.pods;
+        self.bound.own_kernel.retain(|u| live.contains_key(u));
+        self.bound.backoff.retain(|u, _| live.contains_key(u));
+        self.bound.logged.retain(|u, _| live.contains_key(u));
+        self.poll_holds(true);
+        if first {
+            let ours: BTreeSet<u64> = self.bound.held.values().copied().collect();
+            for cgroup in self.capture.held_cgroups() {
+                if !ours.contains(&cgroup) {
+                    info!(cgroup, "lifting a hold a previous instance left for a pod that is gone");
+                    if let Err(e) = self.capture.unhold(cgroup) {
+                        warn!(cgroup, "lifting a hold: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds the cgroups of bound pods that appeared since the last poll, and now and then
+    /// (or at once, `enroll_now`) tries to enroll held pods that are not enrolled yet.
+    pub(super) fn poll_holds(&mut self, enroll_now: bool) {
+        let Some(cgroups) = self.pod_cgroups() else { return };
+        let mut new = false;
+        let waiting: Vec<(String, String)> = self
+            .bound
+            .pods
+            .values()
+            .filter(|p| !self.bound.held.contains_key(&p.uid))
+            .filter(|p| !self.bound.own_kernel.contains(&p.uid))
+            .map(|p| (p.uid.clone(), p.key()))
+            .collect();
+        for (uid, key) in waiting {
+            let Ok(dir) = cgroups.pod_dir_in(&uid, &self.bound.tops) else { continue };
+            let Ok(meta) = std::fs::metadata(&dir) else { continue };
+            // A cgroup v2 id is its directory's inode.
+            let id = meta.ino();
+            match self.capture.hold(id) {
+                Ok(()) => {
+                    info!(pod = %key, cgroup = %dir.display(), id, "pod cgroup held closed until the pod is enrolled");
+                    self.bound.held.insert(uid, id);
+                    new = true;
+                }
+                Err(e) => warn!(pod = %key, "holding the pod's cgroup: {e}"),
+            }
+        }
+        self.bound.polls = self.bound.polls.wrapping_add(1);
+        if new || enroll_now || self.bound.polls.is_multiple_of(EARLY_EVERY) {
+            self.enroll_early();
+        }
+    }
+
+    /// Enrolls the held pods that are neither enrolled nor workloads yet (no IP in the API).
+    fn enroll_early(&mut self) {
+        let Some(cgroups) = self.pod_cgroups() else { return };
+        let ws = self.workloads_tx.borrow().clone();
+        let node = self.cfg.node.clone();
+        let workloads: BTreeSet<String> = ws.on_node(&node).map(|w| w.key()).collect();
+        let now = std::time::Instant::now();
+        let todo: Vec<BoundPod> = self
+            .bound
+            .pods
+            .values()
+            .filter(|p| self.bound.held.contains_key(&p.uid))
+            .filter(|p| !self.bound.own_kernel.contains(&p.uid))
+            .filter(|p| self.bound.backoff.get(&p.uid).is_none_or(|(_, due)| *due <= now))
+            .filter(|p| {
+                let key = p.key();
+                !workloads.contains(&key)
+                    && !self.pods.contains_key(&key)
+                    && !self.bound.early.contains_key(&key)
+            })
+            .cloned()
+            .collect();
+        for p in todo {
+            let key = p.key();
+            match self.enroll_early_pod(&cgroups, &p) {
+                Ok(early) => {
+                    info!(pod = %key, cookie = early.netns.cookie(), "enrolled before its IP is known: outbound captured, inbound tunnel once the IP arrives");
+                    self.bound.logged.remove(&p.uid);
+                    self.bound.backoff.remove(&p.uid);
+                    self.bound.early.insert(key, early);
+                }
+                Err(e) => {
+                    let tries = self.bound.backoff.get(&p.uid).map_or(0, |(n, _)| *n) + 1;
+                    let wait =
+                        if tries < EARLY_FAST_TRIES { Duration::ZERO } else { EARLY_BACKOFF_MAX };
+                    self.bound.backoff.insert(p.uid.clone(), (tries, now + wait));
+                    let reason = crate::error_text(&e);
+                    if e.downcast_ref::<kubernetes::NetnsError>()
+                        .is_some_and(|e| e.not_capturable())
+                    {
+                        warn!(pod = %key, "{reason}; its hold is lifted, it is never enrolled");
+                        self.bound.own_kernel.insert(p.uid.clone());
+                        if let Some(id) = self.bound.held.remove(&p.uid) {
+                            if let Err(e) = self.capture.unhold(id) {
+                                warn!(pod = %key, "lifting a hold: {e}");
+                            }
+                        }
+                        continue;
+                    }
+                    if self.bound.logged.get(&p.uid) != Some(&reason) {
+                        info!(pod = %key, "not enrolled yet (held closed): {reason}");
+                        self.bound.logged.insert(p.uid.clone(), reason);
+                    } else {
+                        debug!(pod = %key, "not enrolled yet: {reason}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Capture, certificate and outbound listeners of a pod without an IP. Undone on failure
+    /// (its hold keeps it closed).
+    fn enroll_early_pod(
+        &mut self,
+        cgroups: &kubernetes::PodCgroups,
+        p: &BoundPod,
+    ) -> anyhow::Result<EarlyPod> {
+        let netns = cgroups.open_sandbox(&p.uid, &p.ips)?;
+        let cookie = netns.cookie();
+        let key = p.key();
+        let result = (|| -> anyhow::Result<Tasks> {
+            // No rules yet: every connection into the pod from outside is refused.
+            self.capture.attach_inbound(&netns)?;
+            self.capture.enroll(cookie)?;
+            if let Err(e) = netns.enable_listener_migration() {
+                debug!(pod = %key, "tcp_migrate_req unavailable: {e}");
+            }
+            if self.mesh.certs.get(&key).is_none() {
+                let id = SpiffeId::new(&self.cfg.trust_domain, &p.namespace, &p.service_account)?;
+                let cert = self.signer.issue(&id, self.cfg.cert_ttl)?;
+                self.mesh.certs.insert(key.clone(), cert);
+            }
+            let mut tasks = Tasks::default();
+            self.start_outbound(&key, &netns, &mut tasks)?;
+            Ok(tasks)
+        })();
+        match result {
+            Ok(tasks) => {
+                let _netns_entry = self.mesh.netns.register(key, &netns);
+                Ok(EarlyPod { uid: p.uid.clone(), netns, _tasks: tasks, _netns_entry })
+            }
+            Err(e) => {
+                self.release_cookie(cookie);
+                Err(e)
+            }
+        }
+    }
+
+    fn release_early(&mut self, key: &str, why: &str) {
+        if let Some(e) = self.bound.early.remove(key) {
+            let cookie = e.netns.cookie();
+            drop(e);
+            self.release_cookie(cookie);
+            if !self.pods.contains_key(key) {
+                self.mesh.certs.remove(key);
+            }
+            info!(pod = %key, cookie, "released ({why})");
+        }
+    }
+
+    /// The network namespace of a Kubernetes pod being enrolled: not for a pod whose runtime
+    /// gives it its own kernel; the one it was enrolled in early if that holds its IPs, else
+    /// its sandbox's.
+    pub(super) fn kube_netns(
+        &mut self,
+        uid: &str,
+        ips: &[std::net::IpAddr],
+        early: Option<&PodNetns>,
+    ) -> anyhow::Result<PodNetns> {
+        let cgroups = self.pod_cgroups().context("not in Kubernetes mode")?;
+        if let Some(rc) = self.bound.own_kernel_runtime(uid) {
+            anyhow::bail!(
+                "not capturable: runtimeClassName {rc:?} runs the pod in its own kernel \
+                 (Kata, gVisor, Firecracker): its traffic never passes this node's kernel \
+                 sockets, so it is not in the mesh"
+            );
+        }
+        if let Some(ns) = early {
+            let held = ns.run(|| Ok(sandbox::addresses(Path::new("/proc/thread-self/net"))));
+            if held.is_ok_and(|a| ips.iter().all(|ip| a.contains(ip))) {
+                return Ok(ns.clone());
+            }
+            warn!(uid, "the namespace enrolled before the IP was known does not hold the pod's IPs: looking again");
+        }
+        match cgroups.open_sandbox(uid, ips) {
+            Ok(ns) => Ok(ns),
+            Err(e) => {
+                // Its processes are a VMM or runsc: holding its cgroup would protect nothing.
+                if e.not_capturable() {
+                    self.bound.own_kernel.insert(uid.to_owned());
+                    if let Some(id) = self.bound.held.remove(uid) {
+                        if let Err(e) = self.capture.unhold(id) {
+                            warn!(uid, "lifting a hold: {e}");
+                        }
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Releases the namespace of pods whose sandbox was recreated (same pod, a new namespace):
+    /// they are enrolled again in the new one by the next reconcile or early enrollment.
+    pub(super) fn check_sandboxes(&mut self) {
+        let Some(cgroups) = self.pod_cgroups() else { return };
+        self.bound.tops = cgroups.top_dirs();
+        let mut recreated = Vec::new();
+        for (key, p) in &self.pods {
+            let (Some(uid), None) = (&p.workload.uid, &p.workload.netns) else { continue };
+            if let Ok(chosen) = cgroups.sandbox(uid, &p.workload.ips) {
+                if open_netns_id(&p.netns).is_some_and(|id| id != chosen.netns) {
+                    recreated.push((key.clone(), false));
+                }
+            }
+        }
+        for (key, e) in &self.bound.early {
+            let ips = self.bound.pods.get(&e.uid).map(|p| p.ips.clone()).unwrap_or_default();
+            if let Ok(chosen) = cgroups.sandbox(&e.uid, &ips) {
+                if open_netns_id(&e.netns).is_some_and(|id| id != chosen.netns) {
+                    recreated.push((key.clone(), true));
+                }
+            }
+        }
+        for (key, early) in recreated {
+            if early {
+                self.release_early(&key, "its sandbox was recreated: a new network namespace");
+            } else if let Some(pod) = self.pods.remove(&key) {
+                let cookie = pod.netns.cookie();
+                drop(pod);
+                self.release_cookie(cookie);
+                info!(pod = %key, cookie, "sandbox recreated: released its old network namespace; enrolling the new one");
+            }
+        }
+    }
+
+    /// Cookies of the pods enrolled early (kept by a reconcile at start).
+    pub(super) fn early_cookies(&self) -> Vec<u64> {
+        self.bound.early.values().map(|e| e.netns.cookie()).collect()
+    }
+}
