@@ -258,6 +258,8 @@ impl Cluster {
         let pod = format!("pod={pod}");
         log.lines()
             .filter(|l| l.contains(" enrolled") && l.contains(&pod) && !l.contains("not enrolled"))
+            // The MeshEnrolled Event's line is no enrollment of its own.
+            .filter(|l| !l.contains("enrolled in the mesh"))
             .count()
     }
 }

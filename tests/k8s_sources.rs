@@ -304,7 +304,7 @@ fn a_kind_not_served_is_empty_and_its_crd_installed_later_is_enforced() -> Resul
 #[tokio::test]
 async fn a_served_kind_answering_500_holds_the_first_snapshot_back() -> Result<()> {
     let server = ApiServer::start()?;
-    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES] {
+    for path in [api::PODS, api::SERVICES, api::ENDPOINTSLICES, NAMESPACES] {
         server.serve(path);
     }
     server.apply(api::PEERAUTHENTICATIONS_V1, strict());
