@@ -257,9 +257,9 @@ impl Cluster {
         let log = self.agent.log();
         let pod = format!("pod={pod}");
         log.lines()
-            .filter(|l| l.contains(" enrolled") && l.contains(&pod) && !l.contains("not enrolled"))
-            // The MeshEnrolled Event's line is no enrollment of its own.
-            .filter(|l| !l.contains("enrolled in the mesh"))
+            // The agent's own enrollment line, not the Event's or a hold's that mention it.
+            .filter(|l| l.contains(": enrolled pod=") || l.contains(": enrolled (after"))
+            .filter(|l| l.contains(&pod))
             .count()
     }
 }

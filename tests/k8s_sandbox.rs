@@ -367,3 +367,56 @@ fn a_bound_pod_that_cannot_be_enrolled_yet_cannot_connect_out_until_it_is_gone()
     })?;
     Ok(())
 }
+
+/// Plays a peer sending plaintext to `pod`'s app from the server pod `srv`: true if the app
+/// answered.
+fn plaintext_answered(bed: &Testbed, pod: &str) -> Result<bool> {
+    let mut cmd = Command::new(testbed::e2e_tool!());
+    cmd.args(["client", "--connect", &format!("{}:{PORT}", bed.pod(pod).ip)]);
+    cmd.args(["--message", "plaintext-into-early-pod"]);
+    let out = bed.spawn_in_pod("srv", cmd)?.wait_with_output(Duration::from_secs(20))?;
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains("plaintext-into-early-pod"))
+}
+
+/// Issue 15, items 3 and 4 together: a pod enrolled before its IP is known stays closed across
+/// an agent restart even when the new instance cannot find its sandbox (the pause process is
+/// gone and no IP tells the namespace apart): the previous instance's pinned enrollment is
+/// kept for the pod, which is still bound to the node, until the pod is gone.
+#[test]
+fn a_restart_keeps_a_pod_without_an_ip_closed_when_its_sandbox_cannot_be_found() -> Result<()> {
+    let (mut bed, _srv_server) = bed_with_server("k8s-early-restart")?;
+    bed.add_pod_in_cgroup("node1", "p", &pod_dir(&uid(5)).join("cri-containerd-p.scope"))?;
+    let dir = tempfile::tempdir()?;
+    let pause = bed.spawn_in_pod("p", pause_cmd(dir.path())?)?;
+    let _app = echo_server(&bed, "p")?;
+    let server = api_server(bed.pod("srv"))?;
+    server.apply(api::PODS, pod_object("p", &uid(5), None, json!({})));
+    let (mut agent, _ca) = start_agent(&bed, &server, dir.path())?;
+    let cookie = netns_cookie(&bed, "p")?;
+    wait_until("p enrolled before its IP", Duration::from_secs(20), || {
+        Ok(enrolled(&agent)?.contains(&cookie))
+    })
+    .with_context(|| agent.log())?;
+    ensure!(!plaintext_answered(&bed, "p")?, "plaintext reached p before the restart");
+
+    // The sandbox process goes; a new instance cannot tell p's namespace any more.
+    drop(pause);
+    agent.restart()?;
+    // Its first reconcile and a retry of p's early enrollment have run.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        enrolled(&agent)?.contains(&cookie),
+        "the restart released p's pinned enrollment:\n{}",
+        agent.log()
+    );
+    ensure!(!plaintext_answered(&bed, "p")?, "plaintext reached p after the restart");
+
+    // The pod goes: its enrollment goes with it.
+    ensure!(server.delete(api::PODS, Some(NS), "p"));
+    wait_until("p's enrollment released", Duration::from_secs(20), || {
+        Ok(!enrolled(&agent)?.contains(&cookie))
+    })
+    .with_context(|| agent.log())?;
+    Ok(())
+}

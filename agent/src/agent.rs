@@ -846,10 +846,16 @@ impl Agent {
         let kept: Vec<(u64, Option<Owner>)> =
             self.kept.iter().map(|(c, o)| (*c, o.clone())).collect();
         for (cookie, owner) in kept {
-            let pods = &self.pods;
-            let lookup = |k: &str| {
-                let w = wanted.get(k)?;
-                Some(owners::Wanted { uid: w.uid.as_deref(), enrolled: pods.contains_key(k) })
+            let (pods, bound) = (&self.pods, &self.bound);
+            // A pod bound to this node without an IP yet is as wanted as a running one.
+            let lookup = |k: &str| match wanted.get(k) {
+                Some(w) => {
+                    Some(owners::Wanted { uid: w.uid.as_deref(), enrolled: pods.contains_key(k) })
+                }
+                None => Some(owners::Wanted {
+                    uid: Some(bound.uid_of(k)?),
+                    enrolled: bound.early.contains_key(k),
+                }),
             };
             let pod = owner.as_ref().map_or_else(|| "-".to_owned(), |o| o.pod.clone());
             match owners::decide(owner.as_ref(), lookup, self.capture.netns_alive(cookie)) {

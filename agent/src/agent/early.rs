@@ -71,6 +71,11 @@ pub(super) struct Bound {
 }
 
 impl Bound {
+    /// The uid of the pod bound to this node with `key` (`name.namespace`), IP or not.
+    pub fn uid_of(&self, key: &str) -> Option<&str> {
+        self.pods.values().find(|p| p.key() == key).map(|p| p.uid.as_str())
+    }
+
     /// The runtime class of the pod with `uid`, when it gives the pod its own kernel.
     pub fn own_kernel_runtime(&self, uid: &str) -> Option<&str> {
         let rc = self.pods.get(uid)?.runtime_class.as_deref()?;
@@ -226,18 +231,9 @@ impl Agent {
                         if tries < EARLY_FAST_TRIES { Duration::ZERO } else { EARLY_BACKOFF_MAX };
                     self.bound.backoff.insert(p.uid.clone(), (tries, now + wait));
                     let reason = crate::error_text(&e);
-                    if e.downcast_ref::<kubernetes::NetnsError>()
-                        .is_some_and(|e| e.not_capturable())
-                    {
-                        warn!(pod = %key, "{reason}; its hold is lifted, it is never enrolled");
-                        self.bound.own_kernel.insert(p.uid.clone());
-                        if let Some(id) = self.bound.held.remove(&p.uid) {
-                            if let Err(e) = self.capture.unhold(id) {
-                                warn!(pod = %key, "lifting a hold: {e}");
-                            }
-                        }
-                        continue;
-                    }
+                    // A VMM or runsc process in the pod is reported, but only the pod's
+                    // runtimeClassName (the operator's, not the tenant's choice) lifts the hold:
+                    // a tenant renaming a process must not take its pod out of the mesh.
                     if self.bound.logged.get(&p.uid) != Some(&reason) {
                         info!(pod = %key, "not enrolled yet (held closed): {reason}");
                         self.bound.logged.insert(p.uid.clone(), reason);
@@ -262,8 +258,19 @@ impl Agent {
         let result = (|| -> anyhow::Result<Tasks> {
             // No rules yet: every connection into the pod from outside is refused.
             self.capture.attach_inbound(&netns)?;
-            self.capture.enroll(cookie)?;
-            if let Err(e) = netns.enable_listener_migration() {
+            // As in a full enrollment: whether the agent turns tcp_migrate_req on is recorded
+            // with the pod's entry, so `mtls-agent uninstall` turns it off again.
+            let migration = netns.listener_migration();
+            let flags = match migration {
+                Ok(false) => crate::capture::POD_SET_MIGRATE_REQ,
+                _ => 0,
+            };
+            self.capture.enroll_with_flags(cookie, flags)?;
+            let enabled = match migration {
+                Ok(false) => netns.enable_listener_migration(),
+                other => other.map(|_| ()),
+            };
+            if let Err(e) = enabled {
                 debug!(pod = %key, "tcp_migrate_req unavailable: {e}");
             }
             if self.mesh.certs.get(&key).is_none() {
@@ -280,8 +287,12 @@ impl Agent {
                 let _netns_entry = self.mesh.netns.register(key, &netns);
                 Ok(EarlyPod { uid: p.uid.clone(), netns, _tasks: tasks, _netns_entry })
             }
+            // Whatever is in place stays (its inbound program refuses everything, capture
+            // refuses its connect()s: closed, never open), and so does what a previous instance
+            // pinned for this namespace: kept for the pod until it is enrolled or gone.
             Err(e) => {
-                self.release_cookie(cookie);
+                let owner = crate::owners::Owner { pod: key, uid: Some(p.uid.clone()) };
+                self.kept.insert(cookie, Some(owner));
                 Err(e)
             }
         }
@@ -325,18 +336,10 @@ impl Agent {
         }
         match cgroups.open_sandbox(uid, ips) {
             Ok(ns) => Ok(ns),
-            Err(e) => {
-                // Its processes are a VMM or runsc: holding its cgroup would protect nothing.
-                if e.not_capturable() {
-                    self.bound.own_kernel.insert(uid.to_owned());
-                    if let Some(id) = self.bound.held.remove(uid) {
-                        if let Err(e) = self.capture.unhold(id) {
-                            warn!(uid, "lifting a hold: {e}");
-                        }
-                    }
-                }
-                Err(e.into())
-            }
+            // Processes that look like a VMM or runsc fail enrollment (reported as not
+            // capturable) and leave the pod held closed: a process name is the tenant's to
+            // choose, so only the runtimeClassName (above) takes a pod out.
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -13,6 +13,14 @@ use kube::ResourceExt;
 use super::convert::ConvertError;
 use crate::workloads::{Service, SliceEndpoint};
 
+/// Most (service port, endpoint) entries one Service gets: slices are written by tenants
+/// (a selector-less Service's by hand), and every node's agent keeps them, so one Service must
+/// not cost unbounded memory or time. Kubernetes' own bounds (1,000 endpoints and 100 ports per
+/// slice) still allow far more than any Service of a real cluster uses through one VIP.
+pub const MAX_SERVICE_ENTRIES: usize = 20_000;
+/// Most invalid entries reported per Service (the rest are left out silently).
+const MAX_ERRORS: usize = 16;
+
 /// The endpoints `slices` give `svc`'s ports, and the slice entries left out as invalid.
 pub fn of_service(
     svc: &Service,
@@ -35,12 +43,23 @@ pub fn of_service(
             let served = svc.ports.iter().filter(|sp| sp.name.as_deref().unwrap_or("") == name);
             for sp in served {
                 for (i, e) in slice.endpoints.iter().enumerate() {
+                    if endpoints.len() >= MAX_SERVICE_ENTRIES {
+                        errors.push(ConvertError {
+                            object: format!("Service {}/{}", svc.namespace, svc.name),
+                            message: format!(
+                                "more than {MAX_SERVICE_ENTRIES} (port, endpoint) entries in its \
+                                 EndpointSlices: the rest are left out"
+                            ),
+                        });
+                        return (endpoints, errors);
+                    }
                     let Some(text) = e.addresses.first() else { continue };
                     let address = match endpoint_address(text) {
                         Ok(a) => a,
                         Err(why) => {
                             let message = format!("endpoints[{i}].addresses[0]: {why}");
-                            if !errors.iter().any(|e: &ConvertError| e.message == message) {
+                            let new = !errors.iter().any(|e: &ConvertError| e.message == message);
+                            if new && errors.len() < MAX_ERRORS {
                                 errors.push(ConvertError { object: object.clone(), message });
                             }
                             continue;
@@ -106,6 +125,25 @@ mod tests {
 
     fn slice(json: serde_json::Value) -> EndpointSlice {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_services_entries_are_bounded_and_the_excess_is_reported() {
+        // A tenant's slices, many ports times many endpoints: bounded, with one error.
+        let ports: Vec<(Option<&str>, u16)> = vec![(Some("a"), 1), (Some("b"), 2), (Some("c"), 3)];
+        let addresses: Vec<serde_json::Value> = (0..MAX_SERVICE_ENTRIES as u32 / 2)
+            .map(|i| serde_json::json!({"addresses": [std::net::Ipv4Addr::from(0x0a00_0001 + i).to_string()]}))
+            .collect();
+        let s = slice(serde_json::json!({
+            "metadata": {"name": "big", "namespace": "default"},
+            "addressType": "IPv4",
+            "ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}, {"name": "c", "port": 3}],
+            "endpoints": addresses,
+        }));
+        let (endpoints, errors) = of_service(&svc(&ports), &[&s]);
+        assert_eq!(endpoints.len(), MAX_SERVICE_ENTRIES);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("the rest are left out"), "{}", errors[0]);
     }
 
     #[test]

@@ -105,7 +105,13 @@ pub fn choose(
         }
     }
     if !ips.is_empty() {
+        // Each namespace's addresses are read once, however many processes share it: a pod
+        // with thousands of processes must not cost thousands of reads per look.
+        let mut looked_at = BTreeSet::new();
         for (c, comm) in sandbox.iter().chain(&others) {
+            if !looked_at.insert(c.netns) {
+                continue;
+            }
             let held = addresses(&proc_root.join(c.pid.to_string()).join("net"));
             let missing: Vec<String> =
                 ips.iter().filter(|ip| !held.contains(ip)).map(ToString::to_string).collect();
