@@ -342,3 +342,70 @@ async fn a_served_kind_answering_500_holds_the_first_snapshot_back() -> Result<(
     ensure!(sources.failing().is_empty(), "{:?}", sources.failing());
     Ok(())
 }
+
+/// Issue 15 follow-up (items 3 and 5 together): while a served policy kind cannot be read at
+/// first start there is no snapshot and nothing is enrolled, yet a pod of the mesh that starts
+/// on the node meanwhile is held from the pods and namespaces watches alone: its connect()s
+/// are refused (counted as `heldRefused`) and plaintext from outside the mesh does not reach
+/// it. Once the kind answers, the pod is enrolled and carried in mTLS under STRICT.
+#[test]
+fn a_pod_started_while_peer_authentication_is_forbidden_at_first_start_is_held_closed() -> Result<()>
+{
+    let mut k = Cluster::new("src-held", true)?;
+    k.server.fail(api::PEERAUTHENTICATIONS_V1, Some(403));
+    let agent = AgentProcess::start_unready(&k.bed, k.options())?;
+    until(Duration::from_secs(15), "readiness naming the kind", || {
+        let (ready, detail) = agent.readiness()?;
+        ensure!(!ready, "ready while a served policy kind cannot be read: {detail}");
+        Ok((detail.contains(PA_KIND) && detail.contains("forbidden")).then_some(()))
+    })?;
+    // The scheduler binds pod c to node1 and its containers start.
+    let c = k.bed.add_pod_in_cgroup("node1", "c", &pod_cgroup(&uid(3)))?;
+    let _app = echo_server(&k.bed, "c")?;
+    k.server.apply(api::PODS, pod_object(&c, &uid(3)));
+    // A sync, not an assertion: an agent that holds nothing before its first sync fails below.
+    let _ =
+        agent.wait_log("held closed until the pod is enrolled pod=c.shop", Duration::from_secs(10));
+    let _ = agent.wait_log(
+        "closed to inbound traffic until the pod is enrolled pod=c.shop",
+        Duration::from_secs(5),
+    );
+
+    let capture = k.bed.start_capture()?;
+    let mut cmd = Command::new(testbed::e2e_tool!());
+    cmd.args(["attempts", "--connect", &format!("{}:{PORT}", k.bed.pod("b").ip)]);
+    cmd.args(["--message", "CANARY-before-sync-3d9a", "--count", "5", "--until-ok", "1"]);
+    cmd.args(["--interval-ms", "10", "--timeout-ms", "1000"]);
+    let out = k.bed.spawn_in_pod("c", cmd)?.wait_with_output(Duration::from_secs(20))?;
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.lines().filter(|l| l.starts_with("failed permission_denied")).count() == 5,
+        "a pod of the mesh got out before the first sync:\n{out}\n{}",
+        agent.log()
+    );
+    let held = agent.stats()?["ebpf"]["heldRefused"].as_u64().unwrap_or_default();
+    ensure!(held >= 5, "refusals not counted: {held}");
+    let (out, ok) = k.client("outsider", "c", "plaintext-before-sync")?;
+    ensure!(!ok && !out.contains("c:plaintext"), "plaintext reached c before the sync: {out}");
+    ensure!(!capture.contains(b"CANARY-before-sync-3d9a"), "plaintext from a held pod");
+    let (ready, detail) = agent.readiness()?;
+    ensure!(!ready, "ready before the first sync: {detail}");
+    let dump = config_dump(&agent)?;
+    ensure!(dump["effective"].as_array().is_some_and(Vec::is_empty), "enrolled: {dump:#}");
+
+    // The RBAC is fixed: c is enrolled under STRICT and carried in mTLS.
+    k.server.fail(api::PEERAUTHENTICATIONS_V1, None);
+    until(Duration::from_secs(20), "ready once the kind answers", || {
+        let (ready, detail) = agent.readiness()?;
+        Ok((ready && detail.contains("3 of 3 pods enrolled")).then_some(()))
+    })?;
+    let (out, ok) = k.client("c", "b", "from-c")?;
+    ensure!(ok && out == "b:from-c", "{out}\n{}", agent.log());
+    let rec = agent.wait_connection(Duration::from_secs(5), |r| {
+        r["direction"] == "outbound" && r["sourcePod"] == "c.shop"
+    })?;
+    ensure!(rec["mode"] == "mTLS", "{rec}");
+    let (out, ok) = k.client("outsider", "c", "plaintext-after-sync")?;
+    ensure!(!ok && !out.contains("c:plaintext"), "plaintext reached STRICT c: {out}");
+    Ok(())
+}

@@ -352,6 +352,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut watcher = cfg.workloads_file().map(Watch::new);
     let mut policy_watch = cfg.policy_dir().map(Watch::new);
     let mut snapshots = feed.as_ref().map(kubernetes::Feed::subscribe);
+    // Before the first snapshot: the node's pods of the mesh, to hold closed (not enroll).
+    let mut bound_before_sync = feed.as_ref().map(kubernetes::Feed::subscribe_bound);
     // File mode has its workloads from the start; Kubernetes mode after the first snapshot.
     let mut synced = feed.is_none();
     let mut next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
@@ -387,7 +389,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     agent.retry_enrollment();
                 }
             }
-            _ = hold_tick.tick(), if synced && feed.is_some() => agent.poll_holds(false),
+            _ = hold_tick.tick(), if feed.is_some() => agent.poll_holds(false),
+            Some(bound) = next_bound(&mut bound_before_sync), if !synced => {
+                agent.take_bound_before_sync(&bound);
+            }
             Some(snapshot) = next_snapshot(&mut snapshots) => {
                 agent.apply_snapshot(&snapshot, !synced);
                 synced = true;
@@ -432,6 +437,21 @@ async fn next_snapshot(
         }
         if let Some(s) = rx.borrow_and_update().clone() {
             return Some(s);
+        }
+    }
+}
+
+/// The bound pods published before the first snapshot; never resolves in file mode.
+async fn next_bound(
+    rx: &mut Option<watch::Receiver<Option<Arc<Vec<kubernetes::binding::BoundPod>>>>>,
+) -> Option<Arc<Vec<kubernetes::binding::BoundPod>>> {
+    let Some(rx) = rx else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(b) = rx.borrow_and_update().clone() {
+            return Some(b);
         }
     }
 }
@@ -820,8 +840,16 @@ impl Agent {
         self.save_owners();
     }
 
-    /// Cookies of the pods this instance enrolled or holds closed.
+    /// Cookies of the pods this instance enrolled or holds closed, and of the namespaces it
+    /// closed for held pods.
     fn our_cookies(&self) -> Vec<u64> {
+        let mut v = self.enrolled_cookies();
+        v.extend(self.closed_cookies());
+        v
+    }
+
+    /// Cookies of the pods this instance enrolled or holds closed.
+    fn enrolled_cookies(&self) -> Vec<u64> {
         self.pods
             .values()
             .map(|p| p.netns.cookie())
@@ -936,6 +964,13 @@ impl Agent {
     fn save_owners(&mut self) {
         let owner = |w: &Workload| Owner { pod: w.key(), uid: w.uid.clone() };
         let mut now: BTreeMap<u64, Owner> = BTreeMap::new();
+        // Before the first sync nothing of a previous instance is reviewed yet: its owners
+        // stay recorded for the next instance.
+        if !self.bound_synced() {
+            now.extend(self.owners_at_start.iter().map(|(c, o)| (*c, o.clone())));
+        }
+        // Closed for held pods: a restart keeps them closed for their pod.
+        now.extend(self.closed_owners());
         for (c, o) in &self.kept {
             if let Some(o) = o {
                 now.insert(*c, o.clone());

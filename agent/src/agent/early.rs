@@ -40,6 +40,9 @@ const EARLY_EVERY: u32 = 5;
 const EARLY_FAST_TRIES: u32 = 100;
 /// The longest wait between early attempts for one pod.
 const EARLY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most network namespaces of one held pod closed to inbound traffic (its sandbox's, plus
+/// those of Docker-in-Docker or a sandboxing browser): bounded work per tenant.
+const MAX_CLOSED_PER_POD: usize = 16;
 
 /// A pod enrolled before its IP is known: outbound capture and listeners.
 pub(super) struct EarlyPod {
@@ -58,6 +61,14 @@ pub(super) struct Bound {
     held: BTreeMap<String, u64>,
     /// Pods enrolled before their IP, by key.
     pub early: BTreeMap<String, EarlyPod>,
+    /// Per held uid not enrolled yet: the namespaces of its processes closed to inbound
+    /// traffic (an inbound program with no rules), netns id -> cookie. Until the pod is
+    /// enrolled its app is not reachable in plaintext from the network; an enrollment in
+    /// one of them takes it over, the others go with the pod.
+    closed: BTreeMap<String, BTreeMap<(u64, u64), u64>>,
+    /// Whether a full snapshot was taken: before that, pods are held and closed, never
+    /// enrolled (the policies are not known).
+    synced: bool,
     /// Uids found to run in their own kernel: never held nor enrolled.
     own_kernel: BTreeSet<String>,
     /// The kubelet's top cgroup directories, looked up again on every retry.
@@ -95,9 +106,22 @@ impl Agent {
     /// that are gone. The first snapshot also lifts the holds a previous instance left for
     /// pods that are gone.
     pub(super) fn take_bound(&mut self, s: &kubernetes::Snapshot, first: bool) {
+        self.bound.synced = true;
+        self.take_bound_pods(&s.bound, first);
+    }
+
+    /// Before the first full sync (a policy kind that cannot be read holds it back): the
+    /// bound pods from the pods and namespaces watches alone, held and closed, not enrolled.
+    pub(super) fn take_bound_before_sync(&mut self, bound: &[BoundPod]) {
+        if !self.bound.synced {
+            self.take_bound_pods(bound, false);
+        }
+    }
+
+    fn take_bound_pods(&mut self, bound: &[BoundPod], first: bool) {
         let Some(cgroups) = self.pod_cgroups() else { return };
         let node = self.cfg.node.clone();
-        let pods: BTreeMap<String, BoundPod> = binding::local_pods_to_enroll(&s.bound, &node)
+        let pods: BTreeMap<String, BoundPod> = binding::local_pods_to_enroll(bound, &node)
             .map(|p| (p.uid.clone(), p.clone()))
             .collect();
         for (uid, p) in &pods {
@@ -136,6 +160,22 @@ impl Agent {
             .filter(|(uid, _)| !self.bound.pods.contains_key(*uid))
             .map(|(u, c)| (u.clone(), *c))
             .collect();
+        let gone_closed: Vec<String> = self
+            .bound
+            .closed
+            .keys()
+            .filter(|uid| !self.bound.pods.contains_key(*uid))
+            .cloned()
+            .collect();
+        let ours: BTreeSet<u64> = self.enrolled_cookies().into_iter().collect();
+        for uid in gone_closed {
+            for cookie in self.bound.closed.remove(&uid).unwrap_or_default().into_values() {
+                if !ours.contains(&cookie) {
+                    self.release_cookie(cookie);
+                    info!(uid, cookie, "reopened a namespace closed for a pod that is gone");
+                }
+            }
+        }
         for (uid, cgroup) in gone {
             self.bound.held.remove(&uid);
             self.bound.logged.remove(&uid);
@@ -190,8 +230,109 @@ impl Agent {
         }
         self.bound.polls = self.bound.polls.wrapping_add(1);
         if new || enroll_now || self.bound.polls.is_multiple_of(EARLY_EVERY) {
-            self.enroll_early();
+            // Before the first full sync nothing is enrolled (the policies are not known).
+            if self.bound.synced {
+                self.enroll_early();
+            }
+            self.close_inbound();
         }
+    }
+
+    /// Closes to inbound traffic the namespaces of held pods that are not enrolled: an
+    /// inbound program with no rules refuses every connection from outside the pod, so a
+    /// pod whose sandbox cannot be told yet (no single pause process, no IP), or whose
+    /// sandbox was recreated, is not reachable in plaintext meanwhile.
+    fn close_inbound(&mut self) {
+        let Some(cgroups) = self.pod_cgroups() else { return };
+        let ours: BTreeSet<u64> = self.enrolled_cookies().into_iter().collect();
+        let linked: BTreeSet<u64> = self.capture.inbound_link_cookies().into_iter().collect();
+        let mut changed = false;
+        // Taken over by an enrollment, or detached since (a release of the same namespace):
+        // forgotten here, so a namespace still in use is closed again below.
+        for closed in self.bound.closed.values_mut() {
+            let before = closed.len();
+            closed.retain(|_, c| !ours.contains(c) && linked.contains(c));
+            changed |= closed.len() != before;
+        }
+        let dead: Vec<(String, (u64, u64), u64)> = self
+            .bound
+            .closed
+            .iter()
+            .flat_map(|(u, m)| m.iter().map(move |(id, c)| (u.clone(), *id, *c)))
+            .filter(|(_, _, c)| self.capture.netns_alive(*c) == Some(false))
+            .collect();
+        for (uid, id, cookie) in dead {
+            self.capture.detach_inbound(cookie);
+            if let Some(m) = self.bound.closed.get_mut(&uid) {
+                m.remove(&id);
+            }
+            changed = true;
+        }
+        let todo: Vec<BoundPod> = self
+            .bound
+            .pods
+            .values()
+            .filter(|p| self.bound.held.contains_key(&p.uid))
+            .filter(|p| !self.bound.own_kernel.contains(&p.uid))
+            .filter(|p| {
+                let key = p.key();
+                !self.pods.contains_key(&key) && !self.bound.early.contains_key(&key)
+            })
+            .cloned()
+            .collect();
+        for p in todo {
+            let closed = self.bound.closed.get(&p.uid).cloned().unwrap_or_default();
+            let room = MAX_CLOSED_PER_POD.saturating_sub(closed.len());
+            if room == 0 {
+                continue;
+            }
+            let skip: BTreeSet<(u64, u64)> = closed.keys().copied().collect();
+            let found = match cgroups.open_namespaces(&p.uid, &skip, room) {
+                Ok(f) => f,
+                Err(e) => {
+                    debug!(pod = %p.key(), "looking for the held pod's namespaces: {e}");
+                    continue;
+                }
+            };
+            for (chosen, netns) in found {
+                let cookie = netns.cookie();
+                // Enrolled (or held in) already by this instance: closed by its enrollment.
+                if !ours.contains(&cookie) {
+                    if let Err(e) = self.capture.attach_inbound(&netns) {
+                        warn!(pod = %p.key(), cookie, "closing a held pod's namespace to inbound traffic: {e}");
+                        continue;
+                    }
+                    info!(pod = %p.key(), pid = chosen.pid, cookie, "held pod's namespace closed to inbound traffic until the pod is enrolled");
+                }
+                self.bound.closed.entry(p.uid.clone()).or_default().insert(chosen.netns, cookie);
+                changed = true;
+            }
+        }
+        if changed {
+            self.save_owners();
+        }
+    }
+
+    /// The cookies of the namespaces closed for held pods, with the pod each is for.
+    pub(super) fn closed_owners(&self) -> Vec<(u64, crate::owners::Owner)> {
+        let mut v = Vec::new();
+        for (uid, m) in &self.bound.closed {
+            let Some(p) = self.bound.pods.get(uid) else { continue };
+            for c in m.values() {
+                v.push((*c, crate::owners::Owner { pod: p.key(), uid: Some(uid.clone()) }));
+            }
+        }
+        v
+    }
+
+    /// Cookies of the namespaces closed for held pods.
+    pub(super) fn closed_cookies(&self) -> Vec<u64> {
+        self.bound.closed.values().flat_map(|m| m.values().copied()).collect()
+    }
+
+    /// Whether the first full snapshot was taken (always, outside Kubernetes mode).
+    pub(super) fn bound_synced(&self) -> bool {
+        self.bound.synced || self.pod_cgroups().is_none()
     }
 
     /// Enrolls the held pods that are neither enrolled nor workloads yet (no IP in the API).

@@ -231,6 +231,29 @@ impl PodCgroups {
         Ok(netns)
     }
 
+    /// Opens the network namespaces of the pod's processes that are not the host's nor in
+    /// `skip`, at most `max` (see [`sandbox::namespaces`]); a process that left its cgroup
+    /// between the read and the open is not taken (its pid may be another's by now).
+    pub fn open_namespaces(
+        &self,
+        uid: &str,
+        skip: &std::collections::BTreeSet<(u64, u64)>,
+        max: usize,
+    ) -> Result<Vec<(Chosen, PodNetns)>, NetnsError> {
+        let (_, members) = self.members(uid)?;
+        let mut out = Vec::new();
+        for chosen in sandbox::namespaces(&self.proc_root, &members, skip, max) {
+            let path = self.proc_root.join(chosen.pid.to_string()).join("ns/net");
+            let netns = PodNetns::open(&path)
+                .map_err(|source| NetnsError::Open { uid: uid.into(), source })?;
+            let same = sandbox::netns_id(&path).ok() == Some(chosen.netns);
+            if same && read_procs(uid, &chosen.cgroup)?.contains(&chosen.pid) {
+                out.push((chosen, netns));
+            }
+        }
+        Ok(out)
+    }
+
     /// Opens the pod's network namespace before its IPs are known.
     pub fn open_netns(&self, uid: &str) -> Result<PodNetns, NetnsError> {
         self.open_sandbox(uid, &[])

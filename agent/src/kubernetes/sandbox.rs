@@ -143,6 +143,34 @@ pub fn choose(
     }
 }
 
+/// The distinct network namespaces of `members` that are not the host's nor in `skip`, at
+/// most `max`, each with the first process found in it: where a held pod's processes are,
+/// whatever its sandbox (the namespaces to close to inbound traffic until it is enrolled).
+pub fn namespaces(
+    proc_root: &Path,
+    members: &[Member],
+    skip: &BTreeSet<(u64, u64)>,
+    max: usize,
+) -> Vec<Chosen> {
+    let host = netns_id(&proc_root.join("1/ns/net")).ok();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for m in members {
+        if out.len() >= max {
+            break;
+        }
+        // Gone since cgroup.procs was read: nothing to close.
+        let Ok(netns) = netns_id(&proc_root.join(m.pid.to_string()).join("ns/net")) else {
+            continue;
+        };
+        if Some(netns) == host || skip.contains(&netns) || !seen.insert(netns) {
+            continue;
+        }
+        out.push(Chosen { pid: m.pid, cgroup: m.cgroup.clone(), netns });
+    }
+    out
+}
+
 fn describe(skipped: Vec<String>) -> String {
     if skipped.is_empty() {
         "no process left to try".into()
@@ -255,6 +283,24 @@ mod tests {
 
     fn ip() -> Vec<IpAddr> {
         vec![IP.parse().unwrap()]
+    }
+
+    #[test]
+    fn the_namespaces_to_close_are_each_non_host_one_once_bounded_and_skipping_known_ones() {
+        let p = FakeProc::new();
+        let members = vec![
+            p.process(10, "conmon", "host", None),
+            p.process(11, "app", "a", None),
+            p.process(12, "worker", "a", None),
+            p.process(13, "dind", "b", None),
+            p.process(14, "nested", "c", None),
+        ];
+        let pids = |v: Vec<Chosen>| v.into_iter().map(|c| c.pid).collect::<Vec<_>>();
+        let none = BTreeSet::new();
+        assert_eq!(pids(namespaces(p.root(), &members, &none, 8)), [11, 13, 14]);
+        assert_eq!(pids(namespaces(p.root(), &members, &none, 2)), [11, 13]);
+        let a = netns_id(&p.netns("a")).unwrap();
+        assert_eq!(pids(namespaces(p.root(), &members, &[a].into(), 8)), [13, 14]);
     }
 
     #[test]

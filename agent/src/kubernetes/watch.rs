@@ -97,6 +97,7 @@ pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 /// The running watchers; dropping it stops them.
 pub struct Feed {
     rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    bound: watch::Receiver<Option<Arc<Vec<super::binding::BoundPod>>>>,
     tasks: Vec<JoinHandle<()>>,
     sources: super::sources::Sources,
 }
@@ -105,6 +106,13 @@ impl Feed {
     /// Snapshots: `None` until every kind has been listed once.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.rx.clone()
+    }
+
+    /// Before the first snapshot: the pods bound to nodes and in the mesh, from the pods and
+    /// namespaces watches alone (`None` until both are listed), so the node's pods are held
+    /// closed while another kind (a policy source that cannot be read) holds the snapshot back.
+    pub fn subscribe_bound(&self) -> watch::Receiver<Option<Arc<Vec<super::binding::BoundPod>>>> {
+        self.bound.clone()
     }
 
     /// Whether each policy kind is served and answers.
@@ -158,10 +166,12 @@ pub fn start_with(
     tasks.push(started.task);
     let policies = started.slots;
     let (tx, rx) = watch::channel(None);
+    let (bound_tx, bound) = watch::channel(None);
     let inputs = Inputs { pods, namespaces, services, slices, policies };
     let root = root_namespace.to_owned();
-    tasks.push(tokio::spawn(build_loop(inputs, notify, tx, root, members)));
-    Feed { rx, tasks, sources: started.sources }
+    let out = Outputs { snapshots: tx, bound: bound_tx };
+    tasks.push(tokio::spawn(build_loop(inputs, notify, out, root, members)));
+    Feed { rx, bound, tasks, sources: started.sources }
 }
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
@@ -279,18 +289,36 @@ impl Inputs {
     }
 }
 
+struct Outputs {
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    bound: watch::Sender<Option<Arc<Vec<super::binding::BoundPod>>>>,
+}
+
 async fn build_loop(
     inputs: Inputs,
     notify: Arc<Notify>,
-    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    out: Outputs,
     root_namespace: String,
     members: membership::Settings,
 ) {
+    let tx = out.snapshots;
     let mut reported = HashSet::new();
     loop {
         notify.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
-        let Some(state) = inputs.state() else { continue };
+        let Some(state) = inputs.state() else {
+            // Not every kind listed yet: the pods to hold are known from pods and namespaces.
+            let pods = inputs.pods.borrow().clone();
+            let namespaces = inputs.namespaces.borrow().clone();
+            if let (Some(pods), Some(namespaces), true) = (pods, namespaces, tx.borrow().is_none())
+            {
+                let bound = bound_only(&pods, &namespaces, &members);
+                if out.bound.borrow().as_deref() != Some(&bound) {
+                    out.bound.send_replace(Some(Arc::new(bound)));
+                }
+            }
+            continue;
+        };
         let snapshot = build(&state, &root_namespace, &members);
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
@@ -331,7 +359,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     let mut ips = HashMap::new();
     let mut bound = Vec::new();
     for pod in serving_first(&state.pods) {
-        let m = pod_membership(pod, state, members);
+        let m = pod_membership(pod, &state.namespaces, members);
         let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
         let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
         let ours = m.as_ref().is_some_and(|m| members.node.as_ref().is_none_or(|n| *n == m.node));
@@ -423,11 +451,24 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     }
 }
 
+/// The pods of the mesh bound to a node (as in [`Snapshot::bound`]), from pods and namespaces
+/// alone.
+fn bound_only(
+    pods: &Objects<Pod>,
+    namespaces: &Objects<Namespace>,
+    members: &membership::Settings,
+) -> Vec<super::binding::BoundPod> {
+    serving_first(pods)
+        .filter(|p| pod_membership(p, namespaces, members).is_some_and(|m| m.membership.is_in()))
+        .filter_map(|p| super::binding::bound_pod(p).ok().flatten())
+        .collect()
+}
+
 /// The mesh membership of a pod that is or may become running (not of finished ones, nor of
 /// pods without a name, namespace or node).
 fn pod_membership(
     pod: &Pod,
-    state: &State,
+    namespaces: &Objects<Namespace>,
     members: &membership::Settings,
 ) -> Option<membership::PodMembership> {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -438,7 +479,7 @@ fn pod_membership(
     let namespace = pod.metadata.namespace.clone().filter(|n| !n.is_empty())?;
     let node = pod.spec.as_ref()?.node_name.clone().filter(|n| !n.is_empty())?;
     // Namespaces are cluster-scoped: cached as `/name`.
-    let ns = state.namespaces.get(&format!("/{namespace}"));
+    let ns = namespaces.get(&format!("/{namespace}"));
     Some(membership::PodMembership {
         pod: format!("{name}.{namespace}"),
         membership: membership::decide(pod, ns.map(|n| &**n), members),
@@ -557,6 +598,30 @@ mod tests {
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
         assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
         assert!(s.rejected[0].contains("Pod ns/broken"), "{:?}", s.rejected);
+    }
+
+    #[test]
+    fn the_bound_pods_are_known_from_pods_and_namespaces_alone() {
+        let objects = |pods: Vec<Pod>| -> Objects<Pod> {
+            Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
+        };
+        let mut pending = pod("pending", "10.0.0.9");
+        pending.status = None;
+        let mut plain = pod("plain", "10.0.0.2");
+        plain.metadata.labels = None;
+        let pods = objects(vec![pod("a", "10.0.0.1"), pending, plain]);
+        let bound = bound_only(&pods, &Arc::default(), &membership::Settings::default());
+        let keys: Vec<String> = bound.iter().map(|b| b.key()).collect();
+        assert_eq!(keys, ["a.ns", "pending.ns"]);
+        // The same as a full snapshot's.
+        let state = State {
+            pods,
+            namespaces: Arc::default(),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        assert_eq!(build(&state, "istio-system", &membership::Settings::default()).bound, bound);
     }
 
     #[test]
