@@ -8,6 +8,11 @@
 //! namespaces that are not enrolled, so an enrolled pod pays nothing, while a process of the
 //! pod in another namespace (a recreated sandbox before its re-enrollment, Docker-in-Docker)
 //! is refused rather than let out uncaptured.
+//!
+//! Inbound is closed the same way: until a held pod is enrolled, the namespaces of its
+//! processes get its inbound program with no rules (nothing from outside the pod gets in).
+//! Holds and closures start before the first full sync, from the bound pods the feed
+//! publishes while the snapshot is held back; enrollment waits for that sync.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -43,6 +48,8 @@ const EARLY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Most network namespaces of one held pod closed to inbound traffic (its sandbox's, plus
 /// those of Docker-in-Docker or a sandboxing browser): bounded work per tenant.
 const MAX_CLOSED_PER_POD: usize = 16;
+/// Closing rounds between looks for closed namespaces that are gone.
+const DEAD_EVERY: u32 = 20;
 
 /// A pod enrolled before its IP is known: outbound capture and listeners.
 pub(super) struct EarlyPod {
@@ -254,10 +261,14 @@ impl Agent {
             closed.retain(|_, c| !ours.contains(c) && linked.contains(c));
             changed |= closed.len() != before;
         }
+        // Namespaces gone with their processes: looked for about once a second (each look
+        // reads the pinned links).
+        let look = self.bound.polls.is_multiple_of(EARLY_EVERY * DEAD_EVERY);
         let dead: Vec<(String, (u64, u64), u64)> = self
             .bound
             .closed
             .iter()
+            .filter(|_| look)
             .flat_map(|(u, m)| m.iter().map(move |(id, c)| (u.clone(), *id, *c)))
             .filter(|(_, _, c)| self.capture.netns_alive(*c) == Some(false))
             .collect();
