@@ -441,7 +441,7 @@ fn a_held_pod_whose_sandbox_cannot_be_told_yet_refuses_plaintext_from_the_networ
     bed.add_pod("node1", "outsider")?;
     let server = api_server(bed.pod("srv"))?;
     let dir = tempfile::tempdir()?;
-    let (agent, _ca) = start_agent(&bed, &server, dir.path())?;
+    let (mut agent, _ca) = start_agent(&bed, &server, dir.path())?;
     server.apply(api::PODS, pod_object("c", &uid(6), None, json!({})));
     let _ = agent.wait_log("until enrolled pod=c.shop", Duration::from_secs(10));
     let c = bed.add_pod_in_cgroup("node1", "c", &pod_dir(&uid(6)).join("crio-c.scope"))?;
@@ -464,6 +464,13 @@ fn a_held_pod_whose_sandbox_cannot_be_told_yet_refuses_plaintext_from_the_networ
         );
     }
     ensure!(!capture.contains(b"c:CANARY-into-held-pod"), "the held pod answered in plaintext");
+    // A restart does not open it either.
+    agent.restart()?;
+    ensure!(
+        !answered(&bed, "outsider", "c", "CANARY-after-restart")?,
+        "plaintext reached the held pod after a restart:\n{}",
+        agent.log()
+    );
 
     // The IP arrives: enrolled in its namespace, carried in mTLS from the mesh (PERMISSIVE:
     // plaintext from outside the mesh is accepted again).
