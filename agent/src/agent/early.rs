@@ -254,11 +254,12 @@ impl Agent {
         let ours: BTreeSet<u64> = self.enrolled_cookies().into_iter().collect();
         let linked: BTreeSet<u64> = self.capture.inbound_link_cookies().into_iter().collect();
         let mut changed = false;
-        // Taken over by an enrollment, or detached since (a release of the same namespace):
-        // forgotten here, so a namespace still in use is closed again below.
+        // Detached since (released by an enrollment of the same namespace, which took it
+        // over): forgotten here, so a namespace still in use is closed again below. One
+        // enrolled (by this pod or another) stays known, so it is not opened again.
         for closed in self.bound.closed.values_mut() {
             let before = closed.len();
-            closed.retain(|_, c| !ours.contains(c) && linked.contains(c));
+            closed.retain(|_, c| linked.contains(c));
             changed |= closed.len() != before;
         }
         // Namespaces gone with their processes: looked for about once a second (each look
@@ -279,25 +280,37 @@ impl Agent {
             }
             changed = true;
         }
-        let todo: Vec<BoundPod> = self
+        // Held pods not enrolled, at once; enrolled ones about once a second (a recreated
+        // sandbox before `check_sandboxes` releases the old one, Docker-in-Docker), their
+        // enrolled namespace left out.
+        let todo: Vec<(BoundPod, Option<(u64, u64)>)> = self
             .bound
             .pods
             .values()
             .filter(|p| self.bound.held.contains_key(&p.uid))
             .filter(|p| !self.bound.own_kernel.contains(&p.uid))
-            .filter(|p| {
+            .filter_map(|p| {
                 let key = p.key();
-                !self.pods.contains_key(&key) && !self.bound.early.contains_key(&key)
+                let enrolled = self
+                    .pods
+                    .get(&key)
+                    .map(|e| &e.netns)
+                    .or_else(|| self.bound.early.get(&key).map(|e| &e.netns));
+                match enrolled {
+                    None => Some((p.clone(), None)),
+                    Some(ns) if look => Some((p.clone(), Some(open_netns_id(ns)?))),
+                    Some(_) => None,
+                }
             })
-            .cloned()
             .collect();
-        for p in todo {
+        for (p, enrolled_in) in todo {
             let closed = self.bound.closed.get(&p.uid).cloned().unwrap_or_default();
             let room = MAX_CLOSED_PER_POD.saturating_sub(closed.len());
             if room == 0 {
                 continue;
             }
-            let skip: BTreeSet<(u64, u64)> = closed.keys().copied().collect();
+            let mut skip: BTreeSet<(u64, u64)> = closed.keys().copied().collect();
+            skip.extend(enrolled_in);
             let found = match cgroups.open_namespaces(&p.uid, &skip, room) {
                 Ok(f) => f,
                 Err(e) => {
