@@ -122,6 +122,12 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let body = admin::client::get(&endpoint(&client)?, "/certs")?;
             print_answer(&body, client.output, render::certs)
         }
+        Command::Probe { kind, admin_dir, node, proc_root } => {
+            let dirs = admin_dirs(admin_dir.as_ref(), node.as_ref())?;
+            let body = admin::probe::probe(&dirs, &proc_root, kind)?;
+            print!("{body}");
+            Ok(())
+        }
         Command::Uninstall { node, bpffs, proc_root, verify, then_wait, force } => {
             let dir = bpffs.unwrap_or_else(|| default_bpffs(&node));
             if verify {
@@ -158,7 +164,15 @@ fn endpoint(c: &ClientArgs) -> anyhow::Result<admin::client::Endpoint> {
     if let Some(p) = &c.admin_socket {
         return Ok(Endpoint::Unix(p.clone()));
     }
-    let dirs = match (&c.admin_dir, &c.node) {
+    Ok(admin::client::find(&admin_dirs(c.admin_dir.as_ref(), c.node.as_ref())?)?)
+}
+
+/// The socket directories to look in: the one given, else the node's, else every node's.
+fn admin_dirs(
+    admin_dir: Option<&std::path::PathBuf>,
+    node: Option<&String>,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let dirs = match (admin_dir, node) {
         (Some(d), _) => vec![d.clone()],
         (None, Some(node)) => vec![admin::socket::default_dir(node)],
         (None, None) => {
@@ -176,7 +190,7 @@ fn endpoint(c: &ClientArgs) -> anyhow::Result<admin::client::Endpoint> {
             dirs
         }
     };
-    Ok(admin::client::find(&dirs)?)
+    Ok(dirs)
 }
 
 /// Blocks until SIGTERM or SIGINT (as PID 1 of a container, the default action would ignore

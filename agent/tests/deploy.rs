@@ -72,13 +72,16 @@ fn parsed_args(c: &Container) -> RunArgs {
     }
 }
 
-fn http_probe(p: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, u16) {
-    let get = p.and_then(|p| p.http_get.as_ref()).expect("an httpGet probe");
-    let port = match &get.port {
-        IntOrString::Int(n) => u16::try_from(*n).expect("port"),
-        IntOrString::String(s) => panic!("named probe port {s}: use the number the agent binds"),
-    };
-    (get.path.clone().unwrap_or_default(), port)
+/// An exec probe's command, parsed by the agent's own command line with the container's
+/// environment (exec probes expand no `$(VAR)`, but the process gets the container's env).
+fn exec_probe(c: &Container, p: Option<&k8s_openapi::api::core::v1::Probe>) -> Command {
+    let exec = p.and_then(|p| p.exec.as_ref()).expect("an exec probe");
+    let argv = exec.command.clone().unwrap_or_default();
+    assert_eq!(argv.first().map(String::as_str), Some("/usr/local/bin/mtls-agent"), "{argv:?}");
+    assert!(!argv.iter().any(|a| a.contains("$(")), "exec probes expand no variables: {argv:?}");
+    let env = sample_env(c);
+    std::env::set_var("NODE_NAME", env.get("NODE_NAME").expect("NODE_NAME"));
+    Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command
 }
 
 #[test]
@@ -107,19 +110,38 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
         "--node-ip grants nothing any more: the DaemonSet must not pass it"
     );
 
-    // Probes: readiness and liveness on the health port, at the paths the agent serves.
-    let (ready_path, ready_port) = http_probe(c.readiness_probe.as_ref());
-    let (live_path, live_port) = http_probe(c.liveness_probe.as_ref());
-    assert_eq!((ready_path.as_str(), ready_port), ("/healthz/ready", args.health.port()));
-    assert_eq!((live_path.as_str(), live_port), ("/healthz/live", args.health.port()));
-    let ports: BTreeMap<String, u16> = c
-        .ports
+    // Probes: exec `mtls-agent probe`, which asks this container's own instance over its
+    // admin socket in the node's directory (where the agent puts it), never a TCP port that
+    // the old and the new instance of a surge share.
+    use mtls_agent::admin::probe::ProbeKind;
+    for (probe, want) in [
+        (c.readiness_probe.as_ref(), ProbeKind::Ready),
+        (c.liveness_probe.as_ref(), ProbeKind::Live),
+    ] {
+        let Command::Probe { kind, admin_dir, node, proc_root } = exec_probe(c, probe) else {
+            panic!("not `mtls-agent probe`: {probe:?}")
+        };
+        assert_eq!(kind, want);
+        let probe_dir = admin_dir
+            .unwrap_or_else(|| mtls_agent::admin::socket::default_dir(&node.expect("node")));
+        let agent_dir = args
+            .admin_dir
+            .clone()
+            .unwrap_or_else(|| mtls_agent::admin::socket::default_dir(&args.node));
+        assert_eq!(probe_dir, agent_dir, "the probe looks where the agent's sockets are");
+        // The container's own /proc shows the agent's process (hostPID).
+        assert_eq!(proc_root, Path::new("/proc"));
+        assert!(pod.host_pid == Some(true), "the probe must see the agent's pid");
+    }
+    // A hostNetwork pod's container ports are host ports: with any, the new pod of a surge
+    // cannot be scheduled beside the old one and the rollout stalls on every node.
+    let declared: Vec<_> = pod
+        .containers
         .iter()
-        .flatten()
-        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port as u16))
+        .chain(pod.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten())
         .collect();
-    assert_eq!(ports.get("health"), Some(&args.health.port()));
-    assert_eq!(ports.get("metrics"), Some(&args.metrics.port()));
+    assert!(declared.is_empty(), "a hostNetwork pod declares ports (host ports): {declared:?}");
     let annotations = spec.template.metadata.as_ref().and_then(|m| m.annotations.clone());
     let scrape_port = annotations.unwrap_or_default().get("prometheus.io/port").cloned();
     assert_eq!(scrape_port, Some(args.metrics.port().to_string()));

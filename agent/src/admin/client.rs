@@ -46,20 +46,26 @@ const MAX_BODY: u64 = 64 << 20;
 
 /// `GET path`; the body of a 200 answer.
 pub fn get(at: &Endpoint, path: &str) -> Result<String, ClientError> {
+    get_within(at, path, TIMEOUT)
+}
+
+/// `GET path` with reads bounded by `timeout`; the body of a 200 answer.
+pub fn get_within(at: &Endpoint, path: &str, timeout: Duration) -> Result<String, ClientError> {
     let io = |source| ClientError::Io { at: at.clone(), source };
     let connect = |source| ClientError::Connect { at: at.clone(), source };
     let request = format!("GET {path} HTTP/1.1\r\nHost: mtls-agent\r\nConnection: close\r\n\r\n");
     let mut buf = Vec::new();
     match at {
         Endpoint::Tcp(addr) => {
-            let mut s = TcpStream::connect_timeout(addr, TIMEOUT).map_err(connect)?;
-            s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+            let mut s = TcpStream::connect_timeout(addr, timeout).map_err(connect)?;
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
             s.write_all(request.as_bytes()).map_err(io)?;
             s.take(MAX_BODY).read_to_end(&mut buf).map_err(io)?;
         }
         Endpoint::Unix(p) => {
             let mut s = UnixStream::connect(p).map_err(connect)?;
-            s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
+            s.set_write_timeout(Some(timeout)).map_err(io)?;
             s.write_all(request.as_bytes()).map_err(io)?;
             s.take(MAX_BODY).read_to_end(&mut buf).map_err(io)?;
         }

@@ -13,8 +13,9 @@
 //! - `GET /check?pod=NAME.NAMESPACE`: the pod's listeners and outbound destinations, each with
 //!   its mTLS mode and the policy that decided; for a pod of this node that is not in the
 //!   mesh, why not;
-//! - `GET /healthz`: liveness; `GET /healthz/ready`: readiness, as on the health address (the
-//!   CLI asks it to pick the ready instance);
+//! - `GET /healthz` (or `/healthz/live`): liveness; `GET /healthz/ready`: readiness, as on the
+//!   health address (the CLI asks it to pick the ready instance; `mtls-agent probe` asks it for
+//!   the kubelet, see `probe`);
 //! - `POST /logging?level=debug` (any `RUST_LOG`-style filter): change the log level at run time.
 //!
 //! Beside it, on their own addresses: `/metrics` (Prometheus) and `/healthz/ready` (readiness).
@@ -22,6 +23,7 @@
 pub mod check;
 pub mod client;
 pub mod metrics;
+pub mod probe;
 pub mod socket;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -405,7 +407,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 None => text(StatusCode::BAD_REQUEST, "usage: /check?pod=NAME.NAMESPACE\n"),
             }
         }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" | "/healthz/live" => text(StatusCode::OK, "ok\n"),
         "/healthz/ready" => ready(state),
         _ => text(
             StatusCode::NOT_FOUND,

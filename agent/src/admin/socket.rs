@@ -87,7 +87,7 @@ impl Drop for AdminSocket {
 }
 
 /// The pid in an admin socket's name.
-fn socket_pid(path: &Path) -> Option<u32> {
+pub(crate) fn socket_pid(path: &Path) -> Option<u32> {
     let name = path.file_name()?.to_str()?;
     name.strip_prefix("admin-")?.strip_suffix(".sock")?.parse().ok()
 }

@@ -56,6 +56,26 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The kubelet's exec probe of the agent instance of this container (the one whose process
+    /// shares this process's cgroup), over its admin socket: exits 0 and prints its answer when
+    /// it is ready (or live), 1 otherwise, and 1 when this container has no instance. Never
+    /// answered by another instance on the node (two run side by side during a rollout).
+    Probe {
+        /// `ready`: the instance serves; `live`: it answers.
+        #[arg(value_enum)]
+        kind: crate::admin::probe::ProbeKind,
+        /// Directory of the agent instances' admin sockets (default /run/mtls-agent/<node>;
+        /// without `--node`, every node directory under /run/mtls-agent).
+        #[arg(long)]
+        admin_dir: Option<PathBuf>,
+        /// The node whose socket directory to look in.
+        #[arg(long, env = "NODE_NAME")]
+        node: Option<String>,
+        /// Where this process's and the instances' cgroups are read (`self/cgroup`,
+        /// `<pid>/cgroup`): the container's /proc, which shows the node's processes (hostPID).
+        #[arg(long, default_value = "/proc")]
+        proc_root: PathBuf,
+    },
     /// mTLS policy tools.
     Policy {
         #[command(subcommand)]
