@@ -65,7 +65,9 @@ pub struct AdminState {
     pub policy_sources: crate::kubernetes::sources::Sources,
 }
 
-/// Whether the node is ready: every pod of it enrolled and its certificate issued.
+/// Whether this instance serves: programs attached, first sync done, listeners up in the pods it
+/// enrolled. What fails beside that (a pod not enrolled, a certificate, a policy source) is
+/// named in the detail, never made unready: one tenant must not stall a rollout.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<std::sync::Mutex<(bool, String)>>);
 
@@ -260,7 +262,7 @@ pub async fn serve_metrics(listener: impl Into<Listener>, state: AdminState) {
     .await
 }
 
-/// Serves `/healthz/ready`: 200 once the node's pods are enrolled, 503 before.
+/// Serves `/healthz/ready`: 200 once this instance serves (see [`Readiness`]), 503 before.
 pub async fn serve_health(listener: impl Into<Listener>, state: AdminState) {
     serve_with(listener.into(), "health", state, |state, req| match req.uri().path() {
         "/healthz/ready" => ready(state),

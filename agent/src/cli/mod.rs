@@ -218,7 +218,9 @@ pub struct RunArgs {
     /// Prometheus metrics address (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics: SocketAddr,
-    /// Health address (`/healthz/ready`: ready once every pod of the node is enrolled).
+    /// Health address (`/healthz/ready`: ready once this instance serves; `/healthz/live`).
+    /// Two instances of a rollout share it (SO_REUSEPORT), so either may answer: the kubelet
+    /// probes each instance with `mtls-agent probe` instead.
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub health: SocketAddr,
     /// CA directory in Istio's plug-in CA layout (`mtls-agent ca init` makes one). The agent
