@@ -600,10 +600,7 @@ impl Capture {
     /// The cgroups held closed in a node's pinned map (for tests and diagnostics).
     pub fn held_cgroups_pinned(bpffs: &Path) -> Result<Vec<u64>, CaptureError> {
         let name = map_names::HELD_CGROUPS;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<MapData, u64, u32> = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<u32>(bpffs, name)?;
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 
@@ -625,20 +622,14 @@ impl Capture {
     /// Records in a node's pinned `PENDING` map (for tests and diagnostics).
     pub fn pending_len_pinned(bpffs: &Path) -> Result<usize, CaptureError> {
         let name = map_names::PENDING;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, PendingDst> = HashMap::try_from(Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<PendingDst>(bpffs, name)?;
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
     /// The cgroup ids in a node's pinned `AGENT_CGROUPS` map (for tests and diagnostics).
     pub fn agent_cgroups_pinned(bpffs: &Path) -> Result<Vec<u64>, CaptureError> {
         let name = map_names::AGENT_CGROUPS;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<u32>(bpffs, name)?;
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 
@@ -646,10 +637,7 @@ impl Capture {
     /// (`uninstall` refuses to pull the programs from under a live agent).
     pub fn running_instances_pinned(bpffs: &Path) -> Result<Vec<u32>, CaptureError> {
         let name = map_names::AGENT_CGROUPS;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, u32> = HashMap::try_from(Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<u32>(bpffs, name)?;
         let mut pids: Vec<u32> = map
             .iter()
             .filter_map(Result::ok)
@@ -665,20 +653,14 @@ impl Capture {
     /// pinned `ENROLLED` map (for tests and diagnostics).
     pub fn pending_by_pod_pinned(bpffs: &Path) -> Result<Vec<(u64, i32)>, CaptureError> {
         let name = map_names::ENROLLED;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, PodInfo> = HashMap::try_from(Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<PodInfo>(bpffs, name)?;
         Ok(map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.pending as i32)).collect())
     }
 
     /// The flags of each pod in a node's pinned `ENROLLED` map, by netns cookie (`uninstall`).
     pub fn enrolled_flags_pinned(bpffs: &Path) -> Result<Vec<(u64, u32)>, CaptureError> {
         let name = map_names::ENROLLED;
-        let data = MapData::from_pin(bpffs.join("maps").join(name))
-            .map_err(|source| CaptureError::Map { name, source })?;
-        let map: HashMap<_, u64, PodInfo> = HashMap::try_from(Map::HashMap(data))
-            .map_err(|source| CaptureError::Map { name, source })?;
+        let map = open_pinned_hash::<PodInfo>(bpffs, name)?;
         Ok(map.iter().filter_map(Result::ok).map(|(k, v)| (k, v.flags)).collect())
     }
 
@@ -1003,6 +985,17 @@ pub struct Unpinned {
     /// Per-pod inbound (`sk_lookup`) links: STRICT enforcement in pods' namespaces.
     pub pod_links: usize,
     pub maps: usize,
+}
+
+/// A node's pinned hash map keyed by u64 (netns cookie, cgroup id), opened read-write from
+/// its pin: what the `*_pinned` readers for tests, diagnostics and `uninstall` share.
+fn open_pinned_hash<V: aya::Pod>(
+    bpffs: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, u64, V>, CaptureError> {
+    let data = MapData::from_pin(bpffs.join("maps").join(name))
+        .map_err(|source| CaptureError::Map { name, source })?;
+    HashMap::try_from(Map::HashMap(data)).map_err(|source| CaptureError::Map { name, source })
 }
 
 /// Removes every pin of a node (`mtls-agent uninstall`): links first, so capture stops before
