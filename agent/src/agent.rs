@@ -329,6 +329,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         enrollment: agent.failures.clone(),
         membership: agent.membership.clone(),
         policy_sources: agent.sources.clone(),
+        refusal: None,
     };
     let metrics_listener = bind_shared(cfg.metrics)
         .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
@@ -472,7 +473,7 @@ async fn return_freed_memory(mesh: Arc<Mesh>) {
 }
 
 /// A listener on a node address that a new agent instance can bind too during a handover.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;

@@ -18,6 +18,7 @@ pub mod loglimit;
 pub mod owners;
 pub mod policy;
 pub mod procnet;
+pub mod refused;
 pub mod services;
 pub mod tunnel;
 pub mod uninstall;

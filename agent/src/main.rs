@@ -7,7 +7,9 @@ use mtls_agent::{
     capture,
     cli::{default_bpffs, CaCommand, Cli, Command, LogFormat, PolicyCommand},
     cli::{render, ClientArgs, Output},
-    identity, kubernetes, policy, workloads,
+    identity, kubernetes, policy,
+    refused::{self, Refusal},
+    workloads,
 };
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
@@ -37,9 +39,25 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => {
-            // Refuse at once, before reading any configuration, on a kernel we cannot serve.
-            capture::probe::probe()?;
+        Command::Run(mut args) => {
+            // Refuse at once, before reading any configuration, on a node we cannot serve (its
+            // kernel, no cgroup v2): in file mode by exiting, in Kubernetes mode by staying up
+            // to say why without capturing anything (`refused`).
+            let kubernetes_mode = args.workloads.is_none();
+            let refusal = match capture::probe::probe_with(args.min_kernel) {
+                Err(missing) => Some(Refusal::from(missing)),
+                Ok(()) => resolve_cgroups(&mut args, kubernetes_mode).err().map(Refusal::from),
+            };
+            if let Some(r) = &refusal {
+                if !kubernetes_mode || !r.is_node_property() {
+                    return Err(r.clone().into());
+                }
+            }
+            let own_pod = args.pod_name.clone().map(|name| refused::OwnPod {
+                name,
+                namespace: args.agent_namespace.clone(),
+                uid: args.pod_uid.clone(),
+            });
             let source = match args.workloads {
                 Some(workloads) => Source::Files { workloads, policies: args.policies },
                 None => Source::Kubernetes(kubernetes::Settings {
@@ -83,7 +101,10 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                     .enable_all()
                     .build()?
             };
-            rt.block_on(agent::run(cfg))
+            match refusal {
+                Some(r) => rt.block_on(refused::run(cfg, r, own_pod)),
+                None => rt.block_on(agent::run(cfg)),
+            }
         }
         Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
             let ca = identity::init_ca(&dir, &trust_domain)?;
@@ -152,6 +173,23 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The cgroup v2 directories the cgroup arguments stand for (on a hybrid node, below
+/// `unified`); `--cgroup-root` only matters in Kubernetes mode.
+fn resolve_cgroups(
+    args: &mut mtls_agent::cli::RunArgs,
+    kubernetes_mode: bool,
+) -> Result<(), capture::cgroup2::Cgroup2Error> {
+    use capture::cgroup2::resolve;
+    args.cgroup = resolve(&args.cgroup)?;
+    if kubernetes_mode {
+        args.cgroup_root = resolve(&args.cgroup_root)?;
+    }
+    if let Some(k) = &args.kubelet_cgroup {
+        args.kubelet_cgroup = Some(resolve(k)?);
+    }
+    Ok(())
 }
 
 /// Where the operator commands find the admin API: `--admin`, `--admin-socket`, else the ready

@@ -9,7 +9,8 @@ use clap::Parser;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, Namespace, PodSpec, ServiceAccount},
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, ResourceQuota, ServiceAccount},
+        networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -29,16 +30,31 @@ fn agent_container(spec: &PodSpec) -> &Container {
 
 /// The namespace the sample pod runs in.
 const SAMPLE_NAMESPACE: &str = "sample-mtls-ns";
+/// The sample pod's name and uid.
+const SAMPLE_POD: &str = "mtls-agent-x7k2p";
+const SAMPLE_UID: &str = "6f1c2d3e-0000-4000-8000-000000000001";
 
 /// The values the kubelet gives the downward-API variables, for a sample node.
 fn sample_env(c: &Container) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for e in c.env.iter().flatten() {
         let field = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        // A ConfigMap key comes from the ConfigMap in deploy/, which must have it.
+        if let Some(k) = e.value_from.as_ref().and_then(|v| v.config_map_key_ref.as_ref()) {
+            let cm: ConfigMap = manifest("configmap.yaml");
+            assert_eq!(cm.metadata.name.as_deref(), Some(k.name.as_str()), "env {}", e.name);
+            let value = cm.data.unwrap_or_default().get(&k.key).cloned();
+            let value = value
+                .unwrap_or_else(|| panic!("env {}: no key {} in configmap.yaml", e.name, k.key));
+            env.insert(e.name.clone(), value);
+            continue;
+        }
         let value = match (field.map(|f| f.field_path.as_str()), &e.value) {
             (Some("spec.nodeName"), _) => "node-1".to_owned(),
             (Some("status.hostIP"), _) => "192.0.2.10".to_owned(),
             (Some("metadata.namespace"), _) => SAMPLE_NAMESPACE.to_owned(),
+            (Some("metadata.name"), _) => SAMPLE_POD.to_owned(),
+            (Some("metadata.uid"), _) => SAMPLE_UID.to_owned(),
             (Some(other), _) => panic!("env {}: unexpected fieldRef {other}", e.name),
             (None, Some(v)) => v.clone(),
             (None, None) => String::new(),
@@ -61,9 +77,11 @@ fn parsed_args(c: &Container) -> RunArgs {
     let node = env.get("NODE_NAME").expect("NODE_NAME in the container's env");
     // Only the test of the DaemonSet parses arguments in this binary, so nothing races on it.
     std::env::set_var("NODE_NAME", node);
-    match env.get("POD_NAMESPACE") {
-        Some(ns) => std::env::set_var("POD_NAMESPACE", ns),
-        None => std::env::remove_var("POD_NAMESPACE"),
+    for var in ["POD_NAMESPACE", "POD_NAME", "POD_UID"] {
+        match env.get(var) {
+            Some(v) => std::env::set_var(var, v),
+            None => std::env::remove_var(var),
+        }
     }
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     match cli.command {
@@ -104,6 +122,10 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
     assert_eq!(args.node, "node-1");
     // The agent's own namespace (never enrolled) is the one it runs in, from the downward API.
     assert_eq!(args.agent_namespace, SAMPLE_NAMESPACE);
+    // Events about the agent itself (a node it refuses) go on its own pod.
+    assert_eq!(args.pod_name.as_deref(), Some(SAMPLE_POD));
+    assert_eq!(args.pod_uid.as_deref(), Some(SAMPLE_UID));
+    assert_eq!(args.min_kernel, None, "--min-kernel is for tests only");
     // Probes are admitted by who opened them (`--kubelet-cgroup`), never by source address.
     assert_eq!(
         args.node_ip, None,
@@ -210,6 +232,32 @@ fn the_service_account_may_read_what_the_watchers_watch() {
             assert!(granted, "ClusterRole does not grant {verb} on {resource} in {group:?}");
         }
     }
+    // Exactly what the agent uses, no more: every (group, resource, verb) the rules grant is
+    // one it needs, and the reverse; no wildcard, no resourceNames, no non-resource URLs.
+    let mut granted = Vec::new();
+    for r in role.rules.iter().flatten() {
+        assert!(r.resource_names.is_none() && r.non_resource_urls.is_none(), "{r:?}");
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    assert!(![g, res, v].iter().any(|x| x.contains('*')), "a wildcard: {r:?}");
+                    granted.push((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    granted.sort();
+    let required: Vec<(String, String, String)> = mtls_agent::kubernetes::rbac::required()
+        .into_iter()
+        .map(|(g, r, v)| (g, r, v.to_owned()))
+        .collect();
+    assert_eq!(granted, required, "the ClusterRole grants other than what the agent uses");
+    // AuthorizationPolicy is granted ahead of issue 18.
+    assert!(granted.contains(&(
+        "security.istio.io".into(),
+        "authorizationpolicies".into(),
+        "watch".into()
+    )));
 }
 
 #[test]
@@ -299,4 +347,213 @@ fn the_uninstall_daemonset_uninstalls_every_node_and_reports_done() {
     assert!(host_bpffs.starts_with("/sys/fs/bpf"), "{}", host_bpffs.display());
     assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
     assert_eq!(host_of(&proc_root).0, Path::new("/proc"));
+}
+
+/// Every manifest in deploy/ (one object per file) parses as the typed object of its kind, so
+/// a misspelt field or a wrong type fails here rather than at `kubectl apply`.
+#[test]
+fn every_manifest_parses_as_its_kind() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("deploy/")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut kinds = Vec::new();
+    for name in &files {
+        let v: serde_yaml::Value = manifest(name);
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        // Unknown fields are an error: the typed structs would drop them silently.
+        let strict = |kind: &str| {
+            let typed: serde_json::Value = match kind {
+                "Namespace" => serde_json::to_value(manifest::<Namespace>(name)),
+                "ConfigMap" => serde_json::to_value(manifest::<ConfigMap>(name)),
+                "ServiceAccount" => serde_json::to_value(manifest::<ServiceAccount>(name)),
+                "ClusterRole" => serde_json::to_value(manifest::<ClusterRole>(name)),
+                "ClusterRoleBinding" => serde_json::to_value(manifest::<ClusterRoleBinding>(name)),
+                "DaemonSet" => serde_json::to_value(manifest::<DaemonSet>(name)),
+                "ResourceQuota" => serde_json::to_value(manifest::<ResourceQuota>(name)),
+                "NetworkPolicy" => serde_json::to_value(manifest::<NetworkPolicy>(name)),
+                "CustomResourceDefinition" => {
+                    serde_json::to_value(manifest::<CustomResourceDefinition>(name))
+                }
+                other => panic!("{name}: a kind this test does not know: {other:?}"),
+            }
+            .expect("serialises");
+            let raw: serde_json::Value =
+                serde_json::to_value(&v).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if let Some(path) = dropped(&raw, &typed, String::new()) {
+                panic!("{name}: {path} is not a field of {kind}");
+            }
+        };
+        strict(&kind);
+        kinds.push(kind);
+    }
+    for want in ["Namespace", "ConfigMap", "ResourceQuota", "DaemonSet", "NetworkPolicy"] {
+        assert!(kinds.iter().any(|k| k == want), "no {want} in deploy/: {files:?}");
+    }
+}
+
+/// The first key of `raw` that the typed round trip `typed` lost (an unknown field).
+fn dropped(raw: &serde_json::Value, typed: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value::{Array, Object};
+    match (raw, typed) {
+        (Object(r), Object(t)) => r.iter().find_map(|(k, v)| match t.get(k) {
+            Some(tv) => dropped(v, tv, format!("{at}.{k}")),
+            // An empty value may be left out by the typed side.
+            None if v.is_null() || v == &serde_json::json!({}) || v == &serde_json::json!([]) => {
+                None
+            }
+            None => Some(format!("{at}.{k}")),
+        }),
+        (Array(r), Array(t)) => {
+            r.iter().zip(t).enumerate().find_map(|(i, (r, t))| dropped(r, t, format!("{at}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn the_agent_namespace_admits_privileged_pods() {
+    let ns: Namespace = manifest("namespace.yaml");
+    let labels = ns.metadata.labels.unwrap_or_default();
+    // Pod Security admission: a cluster defaulting to baseline or restricted refuses
+    // privileged, hostNetwork, hostPID pods unless their namespace says privileged.
+    for mode in ["enforce", "audit", "warn"] {
+        let key = format!("pod-security.kubernetes.io/{mode}");
+        assert_eq!(labels.get(&key).map(String::as_str), Some("privileged"), "{key}");
+    }
+    // Never in the mesh itself.
+    assert!(!labels.contains_key(mtls_agent::kubernetes::membership::DATAPLANE_MODE));
+}
+
+#[test]
+fn both_daemonsets_run_on_linux_at_node_critical_priority_from_a_qualified_image() {
+    let quota: ResourceQuota = manifest("resourcequota.yaml");
+    for file in ["daemonset.yaml", "uninstall.yaml"] {
+        let ds: DaemonSet = manifest(file);
+        let pod = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+        let selector = pod.node_selector.clone().unwrap_or_default();
+        assert_eq!(selector.get("kubernetes.io/os").map(String::as_str), Some("linux"), "{file}");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{file}");
+
+        // The image: registry host, repository, and this version's tag (never latest, never
+        // a bare name that each node's runtime resolves its own way).
+        for c in &pod.containers {
+            let image = c.image.as_deref().expect("image");
+            let (repo, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{file}: {image}"));
+            let host = repo.split('/').next().unwrap_or_default();
+            assert!(host.contains('.') && repo.matches('/').count() >= 2, "{file}: {image}");
+            assert_eq!(tag, env!("CARGO_PKG_VERSION"), "{file}: {image}");
+            assert!(repo.ends_with("/mtls-agent"), "{file}: {image}");
+        }
+
+        // GKE admits system-node-critical outside kube-system only with a quota scoped to
+        // it in the pod's namespace: this one, covering the class.
+        assert_eq!(quota.metadata.namespace, ds.metadata.namespace, "{file}");
+        let scope = quota.spec.as_ref().and_then(|s| s.scope_selector.as_ref());
+        let exprs = scope.and_then(|s| s.match_expressions.clone()).unwrap_or_default();
+        let covered = exprs.iter().any(|e| {
+            e.scope_name == "PriorityClass"
+                && e.operator == "In"
+                && e.values.iter().flatten().any(|v| Some(v) == pod.priority_class_name.as_ref())
+        });
+        assert!(covered, "{file}: the quota does not cover its priority class: {exprs:?}");
+    }
+    // It must leave room for a surge on every node of a large cluster (2 pods per node).
+    let hard = quota.spec.and_then(|s| s.hard).unwrap_or_default();
+    let pods = hard.get("pods").expect("hard.pods").0.clone();
+    let n: u64 = match pods.strip_suffix('k') {
+        Some(k) => k.parse::<u64>().expect("a number") * 1000,
+        None => pods.parse().expect("a number"),
+    };
+    assert!(n >= 2 * 5000, "{n} pods: less than a surge across 5,000 nodes");
+}
+
+#[test]
+fn the_trust_domain_is_the_configmaps_and_passed_explicitly() {
+    let ds: DaemonSet = manifest("daemonset.yaml");
+    let pod = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let c = agent_container(pod);
+    // Given on the command line, not left to the flag's default.
+    let given = c.args.iter().flatten().filter(|a| a.starts_with("--trust-domain")).count();
+    assert_eq!(given, 1, "--trust-domain is not passed: {:?}", c.args);
+    let cm: ConfigMap = manifest("configmap.yaml");
+    assert_eq!(cm.metadata.namespace, ds.metadata.namespace);
+    let from_cm = cm.data.unwrap_or_default().get("trustDomain").cloned().expect("trustDomain");
+    let args = parsed_args(c);
+    assert_eq!(args.trust_domain, from_cm);
+    mtls_agent::identity::validate_trust_domain(&args.trust_domain).expect("a valid trust domain");
+    // The pod must not start without it.
+    let env = c.env.iter().flatten().find(|e| e.name == "TRUST_DOMAIN").expect("TRUST_DOMAIN");
+    let key = env.value_from.as_ref().and_then(|v| v.config_map_key_ref.as_ref()).expect("ref");
+    assert_ne!(key.optional, Some(true), "an optional trust domain falls back to nothing");
+}
+
+#[test]
+fn the_image_builds_for_amd64_and_arm64() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let text = std::fs::read_to_string(&path).expect("deploy/Dockerfile");
+    // Backslash continuations make one instruction.
+    let joined = text.replace("\\\n", " ");
+    let instructions: Vec<&str> =
+        joined.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let stages: Vec<&&str> = instructions.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(stages.len() >= 2, "a multi-stage build");
+    // The build stage runs on the builder's platform and cross-compiles; the runtime stage is
+    // the target platform's (no --platform), so buildx pulls its base for each architecture.
+    assert!(stages[0].contains("--platform=$BUILDPLATFORM"), "{}", stages[0]);
+    let last = stages.last().expect("a runtime stage");
+    assert!(!last.contains("--platform"), "{last}");
+    let build: Vec<&&str> = instructions
+        .iter()
+        .skip_while(|l| !l.starts_with("FROM "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "))
+        .collect();
+    assert!(build.contains(&&"ARG TARGETARCH"), "ARG TARGETARCH in the build stage");
+    let all = build.iter().map(|l| **l).collect::<Vec<_>>().join("\n");
+    for (arch, target) in
+        [("amd64", "x86_64-unknown-linux-gnu"), ("arm64", "aarch64-unknown-linux-gnu")]
+    {
+        let mapped = all.lines().any(|l| l.contains(&format!("{arch})")) && l.contains(target));
+        assert!(mapped, "TARGETARCH {arch} is not mapped to {target}");
+        let linker = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
+        assert!(all.contains(&linker), "no cross linker for {target} ({linker})");
+    }
+    assert!(all.contains("cargo xtask build-ebpf"), "the eBPF object is built as xtask does");
+    assert!(all.contains("cargo build --release --locked -p mtls-agent --target"));
+    assert!(text.contains(r#"ENTRYPOINT ["/usr/local/bin/mtls-agent"]"#));
+}
+
+/// The README's NetworkPolicy (deploy/networkpolicy-example.yaml): meshed pods reach each
+/// other's tunnel port, which is what the agent dials.
+#[test]
+fn the_example_network_policy_opens_the_tunnel_port_between_meshed_pods() {
+    let np: NetworkPolicy = manifest("networkpolicy-example.yaml");
+    let spec = np.spec.expect("spec");
+    assert_eq!(spec.pod_selector.unwrap_or_default(), Default::default(), "every pod");
+    let types = spec.policy_types.clone().unwrap_or_default();
+    assert!(types.contains(&"Ingress".into()) && types.contains(&"Egress".into()), "{types:?}");
+    let hbone = i32::from(mtls_agent::tunnel::hbone::HBONE_PORT);
+    let meshed = |peers: &[k8s_openapi::api::networking::v1::NetworkPolicyPeer]| {
+        peers.iter().any(|p| {
+            let labels = p.namespace_selector.as_ref().and_then(|s| s.match_labels.clone());
+            labels.unwrap_or_default().get(mtls_agent::kubernetes::membership::DATAPLANE_MODE)
+                == Some(&"ambient".to_owned())
+        })
+    };
+    let opens = |ports: &[k8s_openapi::api::networking::v1::NetworkPolicyPort]| {
+        ports.iter().any(|p| {
+            p.port == Some(IntOrString::Int(hbone)) && p.protocol.as_deref() == Some("TCP")
+        })
+    };
+    let ingress = spec.ingress.unwrap_or_default();
+    assert!(ingress.iter().any(|r| meshed(r.from.as_deref().unwrap_or_default())
+        && opens(r.ports.as_deref().unwrap_or_default())));
+    let egress = spec.egress.unwrap_or_default();
+    assert!(egress.iter().any(|r| meshed(r.to.as_deref().unwrap_or_default())
+        && opens(r.ports.as_deref().unwrap_or_default())));
 }

@@ -70,6 +70,14 @@ pub fn render(state: &AdminState) -> String {
         "Pods of this node whose enrollment failed (held closed, retried).",
         &[(format!("{{node=\"{node}\"}}"), state.enrollment.list().len() as f64)],
     );
+    if let Some(r) = &state.refusal {
+        family(
+            "mtls_agent_capture_refused",
+            "gauge",
+            "1: the agent refuses this node (reason: kernel, cgroup_v1) and captures nothing.",
+            &[(format!("{{node=\"{node}\",reason=\"{}\"}}", r.reason()), 1.0)],
+        );
+    }
     family(
         "mtls_agent_connections_open",
         "gauge",

@@ -63,6 +63,8 @@ pub struct AdminState {
     pub membership: crate::kubernetes::membership::Registry,
     /// Kubernetes mode: whether each policy kind is served and answers (empty in file mode).
     pub policy_sources: crate::kubernetes::sources::Sources,
+    /// Kubernetes mode on a node the agent refuses: why it captures nothing (`refused`).
+    pub refusal: Option<Arc<crate::refused::Refusal>>,
 }
 
 /// Whether this instance serves: programs attached, first sync done, listeners up in the pods it
@@ -123,6 +125,8 @@ struct ConfigDump {
     service_endpoints: Vec<crate::services::ServiceRoute>,
     /// Kubernetes mode: each policy kind, whether it is served and whether it answers.
     policy_sources: Vec<crate::kubernetes::sources::SourceView>,
+    /// Why nothing on this node is captured, on a node the agent refuses.
+    capture_refused: Option<String>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -174,6 +178,7 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         membership: state.membership.list(),
         service_endpoints: state.mesh.services.table(&ws).routes().to_vec(),
         policy_sources: state.policy_sources.list(),
+        capture_refused: state.refusal.as_ref().map(|r| r.describe(&state.node)),
     }
 }
 
@@ -392,6 +397,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/certs" => json(&certs(state)),
         "/stats" => {
             json(&Stats { tunnel: state.mesh.stats(), ebpf: state.ebpf.as_ref().map(|r| r.read()) })
+        }
+        "/check" if state.refusal.is_some() => {
+            let why = state.refusal.as_ref().map(|r| r.describe(&state.node)).unwrap_or_default();
+            text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n"))
         }
         "/check" => {
             let pod = req

@@ -30,6 +30,7 @@ use mtls_agent_ebpf::{
 };
 use tracing::{debug, info, warn};
 
+pub mod cgroup2;
 pub mod probe;
 pub mod self_cgroup;
 

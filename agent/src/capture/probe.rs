@@ -18,7 +18,7 @@ use aya::util::KernelVersion;
 pub struct MissingFeature {
     pub kernel: String,
     pub feature: &'static str,
-    pub min: &'static str,
+    pub min: String,
 }
 
 /// One requirement: what, the kernel that brought it, and how to tell.
@@ -281,6 +281,38 @@ fn so_netns_cookie() -> bool {
 /// Checks every requirement. Of the missing ones, the one needing the newest kernel is named
 /// (the others are logged at debug level).
 pub fn probe() -> Result<(), MissingFeature> {
+    probe_with(None)
+}
+
+/// `--min-kernel`, for tests: `MAJOR.MINOR`.
+pub fn parse_min_kernel(s: &str) -> Result<(u32, u32), String> {
+    let (major, minor) = s.split_once('.').ok_or_else(|| format!("{s:?}: expected MAJOR.MINOR"))?;
+    let n = |p: &str| p.parse::<u32>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((n(major)?, n(minor)?))
+}
+
+/// As [`probe`], and (tests only, `--min-kernel`) refuses a kernel older than `min_kernel` as
+/// if a feature it lacks were missing, so a refused node can be played on a kernel that has
+/// everything.
+pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), MissingFeature> {
+    let current = || {
+        KernelVersion::current().map(|k| k.to_string()).unwrap_or_else(|_| "unknown version".into())
+    };
+    if let Some((major, minor)) = min_kernel {
+        let wanted = KernelVersion::new(
+            u8::try_from(major).unwrap_or(u8::MAX),
+            u8::try_from(minor).unwrap_or(u8::MAX),
+            0,
+        );
+        // An unreadable version is refused too: the override asks for a known kernel.
+        if KernelVersion::current().map_or(true, |k| k < wanted) {
+            return Err(MissingFeature {
+                kernel: current(),
+                feature: "the kernel version --min-kernel asks for (a test override)",
+                min: format!("{major}.{minor}"),
+            });
+        }
+    }
     let missing: Vec<&Requirement> = REQUIREMENTS.iter().filter(|r| !(r.present)()).collect();
     for r in &missing {
         tracing::debug!(feature = r.feature, min = r.min, "kernel feature missing");
@@ -291,13 +323,7 @@ pub fn probe() -> Result<(), MissingFeature> {
     });
     match worst {
         None => Ok(()),
-        Some(r) => Err(MissingFeature {
-            kernel: KernelVersion::current()
-                .map(|k| k.to_string())
-                .unwrap_or_else(|_| "unknown version".into()),
-            feature: r.feature,
-            min: r.min,
-        }),
+        Some(r) => Err(MissingFeature { kernel: current(), feature: r.feature, min: r.min.into() }),
     }
 }
 
@@ -334,12 +360,22 @@ mod tests {
         let e = MissingFeature {
             kernel: "5.10.0".into(),
             feature: "bpf_get_netns_cookie in sock_ops programs",
-            min: "5.15",
+            min: "5.15".into(),
         };
         assert_eq!(
             e.to_string(),
             "this kernel (5.10.0) lacks bpf_get_netns_cookie in sock_ops programs (needs Linux 5.15 or newer)"
         );
+    }
+
+    #[test]
+    fn min_kernel_refuses_an_older_kernel_only() {
+        assert_eq!(parse_min_kernel("99.0"), Ok((99, 0)));
+        assert!(parse_min_kernel("6").is_err() && parse_min_kernel("6.x").is_err());
+        let e = probe_with(Some((99, 0))).unwrap_err();
+        assert_eq!(e.min, "99.0");
+        assert!(e.to_string().contains("needs Linux 99.0 or newer"), "{e}");
+        assert_eq!(probe_with(Some((4, 0))), Ok(()));
     }
 
     #[test]

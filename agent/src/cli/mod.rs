@@ -261,6 +261,17 @@ pub struct RunArgs {
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90s.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,
+    /// Kubernetes mode: the agent's own pod (downward API), for Events about the agent itself
+    /// (a kernel it refuses).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Kubernetes mode: the uid of the agent's own pod (`kubectl describe pod` shows Events by it).
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+    /// For tests only: refuse kernels older than this (e.g. 99.0), as if a feature they lack
+    /// were missing, so the refused-kernel path can be run on a kernel that has everything.
+    #[arg(long, hide = true, value_parser = crate::capture::probe::parse_min_kernel)]
+    pub min_kernel: Option<(u32, u32)>,
 }
 
 fn kubernetes_default_namespace() -> &'static str {

@@ -88,6 +88,12 @@ impl TrustBundle {
         Ok(Self { store: Arc::new(store), certs: certs.into() })
     }
 
+    /// A bundle that trusts no root: every peer chain fails. For an agent that carries
+    /// nothing (a node it refuses), whose admin API still shows a mesh.
+    pub(crate) fn trusting_nothing() -> Self {
+        Self { store: Arc::new(RootCertStore::empty()), certs: Vec::new().into() }
+    }
+
     /// The roots, in file order.
     pub fn certs(&self) -> &[CertificateDer<'static>] {
         &self.certs

@@ -67,23 +67,64 @@ pub async fn post(
     message: String,
     node: String,
 ) {
-    let now = k8s_openapi::chrono::Utc::now();
     let key = format!("{}.{}", pod.name, pod.namespace);
+    let involved = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.name.clone()),
+        namespace: Some(pod.namespace.clone()),
+        uid: pod.uid.clone(),
+        ..Default::default()
+    };
+    create(client, &pod.namespace, involved, &key, type_, reason, message, node).await
+}
+
+/// The namespace Events about cluster-scoped objects (a Node) are posted in, as the kubelet
+/// does.
+pub const NODE_EVENTS_NAMESPACE: &str = "default";
+
+/// Posts an Event on the Node `node`, where `kubectl describe node` shows it. Its uid is the
+/// node's name, as the kubelet's Events on its Node carry (kubectl looks them up by it). Best
+/// effort, as [`post`].
+pub async fn post_on_node(
+    client: kube::Client,
+    type_: &str,
+    reason: &str,
+    message: String,
+    node: String,
+) {
+    let involved = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.clone()),
+        uid: Some(node.clone()),
+        ..Default::default()
+    };
+    let key = format!("node {node}");
+    create(client, NODE_EVENTS_NAMESPACE, involved, &key, type_, reason, message, node).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create(
+    client: kube::Client,
+    namespace: &str,
+    involved: ObjectReference,
+    key: &str,
+    type_: &str,
+    reason: &str,
+    message: String,
+    node: String,
+) {
+    let now = k8s_openapi::chrono::Utc::now();
+    let object = involved.name.clone().unwrap_or_default();
     let event = Event {
         metadata: ObjectMeta {
             // As the kubelet names them: the object's name and a unique suffix.
-            name: Some(format!("{}.{:x}", pod.name, now.timestamp_nanos_opt().unwrap_or_default())),
-            namespace: Some(pod.namespace.clone()),
+            name: Some(format!("{object}.{:x}", now.timestamp_nanos_opt().unwrap_or_default())),
+            namespace: Some(namespace.to_owned()),
             ..Default::default()
         },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: pod.uid.clone(),
-            ..Default::default()
-        },
+        involved_object: involved,
         reason: Some(reason.into()),
         message: Some(message),
         type_: Some(type_.into()),
@@ -98,9 +139,9 @@ pub async fn post(
         count: Some(1),
         ..Default::default()
     };
-    let api: Api<Event> = Api::namespaced(client, &pod.namespace);
+    let api: Api<Event> = Api::namespaced(client, namespace);
     match api.create(&PostParams::default(), &event).await {
-        Ok(_) => debug!(pod = %key, "Event {reason} posted"),
-        Err(e) => warn!(pod = %key, "posting Event {reason}: {e}"),
+        Ok(_) => debug!(object = %key, "Event {reason} posted"),
+        Err(e) => warn!(object = %key, "posting Event {reason}: {e}"),
     }
 }

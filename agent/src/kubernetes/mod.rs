@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod events;
 pub mod membership;
 pub mod netns;
+pub mod rbac;
 pub mod sandbox;
 pub mod sources;
 pub mod watch;

@@ -1,0 +1,174 @@
+//! A node the agent refuses: its kernel lacks a feature the programs need, or it has no cgroup
+//! v2 hierarchy (a cgroup v1-only node). In file mode the agent exits with the reason. In
+//! Kubernetes mode a DaemonSet pod that exits is restarted forever (CrashLoopBackOff), which
+//! says nothing useful and, with `maxUnavailable: 0`, stalls every rollout on that node; so the
+//! agent stays up instead and:
+//! - captures nothing and enrolls nothing (no program is loaded, nothing is pinned, no pod is
+//!   watched);
+//! - says why: a Warning Event on its own pod and on the Node, the metric
+//!   `mtls_agent_capture_refused{node,reason} 1`, and the body of its readiness probe,
+//!   `/config_dump` (`captureRefused`) and `/check`;
+//! - is Ready: readiness means "this instance serves", and on this node serving is saying why
+//!   nothing is captured. A failed probe would stall the rollout on a node no rollout can fix.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::{
+    admin,
+    agent::{bind_shared, AgentConfig, Source},
+    capture::{cgroup2::Cgroup2Error, probe::MissingFeature},
+    identity::{CertStore, TrustBundle},
+    kubernetes::{self, events},
+    policy::PolicySet,
+    tunnel::{hbone, ConnectionTable, Mesh},
+    workloads::WorkloadSet,
+};
+
+/// The Event's reason, on the agent's pod and on the Node.
+pub const CAPTURE_REFUSED: &str = "MeshCaptureRefused";
+
+/// Why the agent captures nothing on this node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Kernel(#[from] MissingFeature),
+    #[error(transparent)]
+    Cgroup(#[from] Cgroup2Error),
+}
+
+impl Refusal {
+    /// The metric's `reason` label: one of a few fixed words.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Kernel(_) => "kernel",
+            Refusal::Cgroup(_) => "cgroup_v1",
+        }
+    }
+
+    /// Whether it is a property of the node (stay up and say so), not a wrong argument.
+    pub fn is_node_property(&self) -> bool {
+        !matches!(self, Refusal::Cgroup(Cgroup2Error::Missing { .. }))
+    }
+
+    /// What every report of it says (Event, probe body, check).
+    pub fn describe(&self, node: &str) -> String {
+        format!(
+            "mtls-agent captures nothing on node {node}: {self}; no pod of this node is \
+             enrolled, their connections go without the mesh (STRICT peers refuse their \
+             plaintext)"
+        )
+    }
+}
+
+/// The agent's own pod, for its Event.
+#[derive(Debug, Clone)]
+pub struct OwnPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+}
+
+/// Serves the refusal until SIGINT or SIGTERM (Kubernetes mode).
+pub async fn run(cfg: AgentConfig, refusal: Refusal, own: Option<OwnPod>) -> anyhow::Result<()> {
+    let detail = refusal.describe(&cfg.node);
+    // Pins of an earlier instance (an agent version this kernel could run) hold its pods
+    // closed until uninstalled: say so rather than leave them to be found.
+    let leftover = cfg.bpffs.read_dir().is_ok_and(|mut d| d.next().is_some());
+    let detail = if leftover {
+        format!(
+            "{detail}; an earlier instance's programs stay pinned in {} and hold the pods it \
+             enrolled closed until `mtls-agent uninstall`",
+            cfg.bpffs.display()
+        )
+    } else {
+        detail
+    };
+    error!(reason = refusal.reason(), "{detail}; staying up (Kubernetes mode) to say so");
+
+    if let Source::Kubernetes(k) = &cfg.source {
+        match kubernetes::client(k.kubeconfig.as_deref()).await {
+            Ok(client) => {
+                tokio::spawn(announce(client, cfg.node.clone(), own, detail.clone()));
+            }
+            Err(e) => error!("no Events about the refusal: {e}"),
+        }
+    }
+
+    let readiness = admin::Readiness::default();
+    readiness.set(true, format!("capture refused: {detail}"));
+    let state = admin::AdminState {
+        node: cfg.node.clone(),
+        mesh: Arc::new(empty_mesh(&cfg)),
+        ebpf: None,
+        set_log_level: cfg.set_log_level.clone(),
+        readiness,
+        enrollment: Default::default(),
+        membership: Default::default(),
+        policy_sources: Default::default(),
+        refusal: Some(Arc::new(refusal)),
+    };
+    let (_admin_socket, admin_unix) = admin::socket::AdminSocket::bind(&cfg.admin_dir)?;
+    info!(socket = %_admin_socket.path().display(), "admin API listening");
+    if let Some(addr) = cfg.admin {
+        let l = bind_shared(addr).with_context(|| format!("binding the admin API on {addr}"))?;
+        tokio::spawn(admin::serve(l, state.clone()));
+    }
+    let metrics = bind_shared(cfg.metrics)
+        .with_context(|| format!("binding the metrics endpoint on {}", cfg.metrics))?;
+    let health = bind_shared(cfg.health)
+        .with_context(|| format!("binding the health endpoint on {}", cfg.health))?;
+    tokio::spawn(admin::serve_metrics(metrics, state.clone()));
+    tokio::spawn(admin::serve_health(health, state.clone()));
+    tokio::spawn(admin::serve(admin::Listener::Unix(admin_unix), state));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: exiting (nothing was captured)"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting (nothing was captured)"),
+    }
+    Ok(())
+}
+
+/// Posts the Warning Events: on the agent's pod (`kubectl describe pod`, the DaemonSet's
+/// owner looks there) and on the Node (`kubectl describe node`, the node's owner looks there).
+async fn announce(client: kube::Client, node: String, own: Option<OwnPod>, message: String) {
+    if let Some(own) = own {
+        let pod = events::PodRef { name: own.name, namespace: own.namespace, uid: own.uid };
+        events::post(
+            client.clone(),
+            pod,
+            "Warning",
+            CAPTURE_REFUSED,
+            message.clone(),
+            node.clone(),
+        )
+        .await;
+    } else {
+        tracing::warn!("no POD_NAME (--pod-name): the refusal's Event goes on the Node only");
+    }
+    events::post_on_node(client, "Warning", CAPTURE_REFUSED, message, node).await;
+}
+
+/// A mesh with nothing in it: no workload, no certificate, trusting no root. The admin
+/// servers read it; nothing listens that could use it.
+fn empty_mesh(cfg: &AgentConfig) -> Mesh {
+    let (_, workloads) = watch::channel(Arc::new(WorkloadSet::default()));
+    let (_, policies) = watch::channel(Arc::new(PolicySet::empty()));
+    Mesh {
+        trust_domain: cfg.trust_domain.clone(),
+        trust: Arc::new(TrustBundle::trusting_nothing()),
+        certs: Arc::new(CertStore::new()),
+        pool: hbone::Pool::new(hbone::PoolConfig::default()),
+        conns: ConnectionTable::default(),
+        drain: Default::default(),
+        workloads,
+        services: crate::services::ServiceCache::new(&cfg.node),
+        policies,
+        stats: Default::default(),
+        netns: Default::default(),
+    }
+}
