@@ -1,0 +1,457 @@
+//! Nodes as real clusters have them, for the DaemonSet of deploy/. Runs as root.
+//!
+//! - A node whose kernel the agent refuses: in Kubernetes mode the agent stays up (no crash
+//!   loop), captures nothing, enrolls nothing and says why: a Warning Event on its own pod and
+//!   on the Node (on the scripted API server, `testbed::apiserver`), the metric
+//!   `mtls_agent_capture_refused`, the body of its readiness probe (Ready: the rollout goes
+//!   on) and `mtls-agent check`. This kernel has every feature, so the refusal is forced with
+//!   `--min-kernel 99.0`, a hidden flag that exists for this test only.
+//! - A cgroup v1/hybrid node: the DaemonSet's own arguments (`--cgroup=/host/sys/fs/cgroup`,
+//!   read from deploy/daemonset.yaml) work there, the agent finds cgroup v2 below `unified`.
+//!   The node is played in the agent's own mount and cgroup namespaces: a tmpfs stands for
+//!   the host's /sys/fs/cgroup, with a v1 hierarchy bound in and cgroup v2 mounted at
+//!   `unified`, whose root (the cgroup namespace's) is the test's node cgroup, so the agent
+//!   attaches there and never to this machine's root.
+
+use std::{
+    ffi::CString,
+    io::BufRead,
+    net::{Ipv4Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use testbed::{
+    agent::{agent_bin, http, AgentOptions, AgentProcess, CaDir},
+    apiserver::{self as api, ApiServer},
+    mesh::{echo_server, PORT},
+    Pod, Testbed,
+};
+
+const NS: &str = "shop";
+const AGENT_NS: &str = "mtls-system";
+const AGENT_POD: &str = "mtls-agent-q8v4n";
+
+fn uid(n: u32) -> String {
+    format!("{:08x}-7c1e-4d2a-8b3f-{:012x}", std::process::id(), n)
+}
+
+fn systemd_cgroup(uid: &str) -> PathBuf {
+    let u = uid.replace('-', "_");
+    Path::new(&format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"))
+        .join("cri-containerd-5d6e7f.scope")
+}
+
+fn pod_object(pod: &Pod, uid: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": NS, "uid": uid, "labels": {"app": pod.name}},
+        "spec": {"nodeName": node, "serviceAccountName": pod.name,
+                 "containers": [{"name": "app", "ports": [{"containerPort": PORT}]}]},
+        "status": {"phase": "Running", "podIP": pod.ip.to_string()},
+    })
+}
+
+/// An API server with the kinds the agent watches, the namespace in the mesh, the pods, and
+/// the Events collections of the agent's namespace and of `default` (Node Events).
+fn api_server(pods: &[(&Pod, String)], node: &str) -> Result<ApiServer> {
+    let server = ApiServer::start()?;
+    for path in [api::PODS, api::NAMESPACES, api::SERVICES, api::ENDPOINTSLICES] {
+        server.serve(path);
+    }
+    server.serve(api::PEERAUTHENTICATIONS_V1);
+    server.serve(&api::events_path(AGENT_NS));
+    server.serve(&api::events_path("default"));
+    server.serve(&api::events_path(NS));
+    server.apply(api::NAMESPACES, api::namespace(NS, true));
+    server.apply(api::NAMESPACES, api::namespace(AGENT_NS, false));
+    for (pod, uid) in pods {
+        server.apply(api::PODS, pod_object(pod, uid, node));
+    }
+    Ok(server)
+}
+
+fn client(bed: &Testbed, pod: &str, dst: &Pod, message: &str) -> Result<String> {
+    let mut cmd = Command::new(testbed::e2e_tool!());
+    cmd.args(["client", "--connect", &format!("{}:{PORT}", dst.ip), "--message", message]);
+    let out = bed.spawn_in_pod(pod, cmd)?.wait_with_output(Duration::from_secs(30))?;
+    ensure!(out.status.success(), "client in {pod}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The Events stored at `path` with `reason`.
+fn events(server: &ApiServer, path: &str, reason: &str) -> Vec<Value> {
+    server.objects(path).into_iter().filter(|e| e["reason"] == reason).collect()
+}
+
+fn wait_events(server: &ApiServer, path: &str, reason: &str) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = events(server, path, reason);
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no {reason} Event at {path}: {:?}",
+            server.objects(path)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Result<()> {
+    let mut bed = Testbed::new("k8s-refused")?;
+    let node = bed.add_node("n1")?;
+    let a = bed.add_pod_in_cgroup("n1", "a", &systemd_cgroup(&uid(1)))?;
+    let b = bed.add_pod_in_cgroup("n1", "b", &systemd_cgroup(&uid(2)))?;
+    let _servers = [echo_server(&bed, "a")?, echo_server(&bed, "b")?];
+    let server = api_server(&[(&a, uid(1)), (&b, uid(2))], "n1")?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+
+    let mut opts = AgentOptions::kubernetes("n1", &kubeconfig, &node.cgroup);
+    let agent_uid = uid(99);
+    opts.extra_args.extend([
+        "--agent-namespace".into(),
+        AGENT_NS.into(),
+        "--pod-name".into(),
+        AGENT_POD.into(),
+        "--pod-uid".into(),
+        agent_uid.clone(),
+        // Test only: this kernel has every feature; refuse it as one lacking them.
+        "--min-kernel".into(),
+        "99.0".into(),
+    ]);
+    // Ready (start waits for it): a refused node must not stall the rollout.
+    let mut agent = AgentProcess::start(&bed, opts)?;
+    let (ready, detail) = agent.readiness()?;
+    ensure!(ready, "{detail}");
+    ensure!(detail.contains("capture refused") && detail.contains("needs Linux 99.0"), "{detail}");
+
+    // A Warning Event on its own pod, found by `kubectl describe pod` (by uid)...
+    let on_pod = wait_events(&server, &api::events_path(AGENT_NS), "MeshCaptureRefused")?;
+    let e = &on_pod[0];
+    ensure!(e["type"] == "Warning", "{e}");
+    ensure!(
+        e["involvedObject"]["kind"] == "Pod" && e["involvedObject"]["name"] == AGENT_POD,
+        "{e}"
+    );
+    ensure!(e["involvedObject"]["uid"] == agent_uid.as_str(), "{e}");
+    let message = e["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("captures nothing on node n1") && message.contains("99.0"), "{e}");
+    // ...and on the Node, in `default`, with the node's name as uid (as the kubelet's).
+    let on_node = wait_events(&server, &api::events_path("default"), "MeshCaptureRefused")?;
+    let e = &on_node[0];
+    ensure!(e["type"] == "Warning" && e["involvedObject"]["kind"] == "Node", "{e}");
+    ensure!(e["involvedObject"]["name"] == "n1" && e["involvedObject"]["uid"] == "n1", "{e}");
+
+    // The metric.
+    let metrics = agent.metrics_text()?;
+    ensure!(
+        metrics.lines().any(|l| l == r#"mtls_agent_capture_refused{node="n1",reason="kernel"} 1"#),
+        "{metrics}"
+    );
+
+    // The kubelet's exec probe of this container says ready, and why nothing is captured.
+    let probe = Command::new(agent_bin())
+        .args(["probe", "ready", "--admin-dir"])
+        .arg(&agent.admin_dir)
+        .output()?;
+    let body = String::from_utf8_lossy(&probe.stdout);
+    ensure!(probe.status.success(), "probe: {body} {}", String::from_utf8_lossy(&probe.stderr));
+    ensure!(body.contains("capture refused"), "{body}");
+    // `mtls-agent check` of a pod of the node says why it is not in the mesh.
+    let check = Command::new(agent_bin())
+        .args(["check", "a.shop", "--admin-dir"])
+        .arg(&agent.admin_dir)
+        .output()?;
+    let said = String::from_utf8_lossy(&check.stderr);
+    ensure!(!check.status.success() && said.contains("captures nothing on node n1"), "{said}");
+
+    // Enrolls nothing: no pod was even listed, nothing is pinned, no Event on the tenants'
+    // pods, no certificate; the pods talk without the mesh, in plaintext on the wire.
+    ensure!(server.requests(api::PODS) == 0, "the refused agent watched pods");
+    ensure!(!agent.bpffs.exists(), "{} was made", agent.bpffs.display());
+    ensure!(server.objects(&api::events_path(NS)).is_empty(), "Events on tenants' pods");
+    ensure!(agent.certs()?.is_empty(), "certificates issued");
+    let capture = bed.start_capture()?;
+    let canary = "CANARY-refused-node-61f0";
+    ensure!(client(&bed, "a", &b, canary)? == format!("b:{canary}"));
+    ensure!(capture.contains(canary.as_bytes()), "the connection did not go in plaintext");
+    ensure!(agent.connections()?.is_empty(), "the agent carried a connection");
+
+    // It stays up: no crash loop.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(agent.readiness()?.0, "not ready any more");
+    let status = agent.terminate()?;
+    ensure!(status.success(), "exit on SIGTERM: {status}; log:\n{}", agent.log());
+    Ok(())
+}
+
+/// The `agent` container's arguments in deploy/daemonset.yaml, with the host paths of its
+/// mounts given as `hosts` (mount path prefix -> where the test has it) and `$(VAR)` expanded
+/// from `env`.
+fn manifest_args(hosts: &[(&str, &Path)], env: &[(&str, &str)]) -> Result<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let ds: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    let containers =
+        ds["spec"]["template"]["spec"]["containers"].as_sequence().context("containers")?;
+    let agent = containers.iter().find(|c| c["name"] == "agent").context("container agent")?;
+    let args = agent["args"].as_sequence().context("args")?;
+    let mut out = Vec::new();
+    for a in args {
+        let mut a = a.as_str().context("an argument")?.to_owned();
+        for (prefix, host) in hosts {
+            if let Some((flag, value)) = a.split_once('=') {
+                if let Some(rest) = value.strip_prefix(prefix) {
+                    a = format!("{flag}={}{rest}", host.display());
+                }
+            }
+        }
+        for (k, v) in env {
+            a = a.replace(&format!("$({k})"), v);
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// A cgroup directory this test made; removed (bounded retries) when dropped, after the
+/// agent in it is gone.
+struct CgroupGuard(PathBuf);
+
+impl CgroupGuard {
+    fn create(path: PathBuf) -> Result<CgroupGuard> {
+        std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(CgroupGuard(path))
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        for _ in 0..250 {
+            match std::fs::remove_dir(&self.0) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return,
+            }
+        }
+        eprintln!("cleanup: {} stays busy", self.0.display());
+    }
+}
+
+/// An agent process in its own mount and cgroup namespaces that show it a hybrid node; killed
+/// by its PID on drop.
+struct HybridAgent {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    admin: SocketAddr,
+    health: SocketAddr,
+}
+
+impl HybridAgent {
+    fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().context("not running")?.try_wait()? {
+                bail!("mtls-agent exited ({status}); log:\n{}", self.log());
+            }
+            if let Ok(body) = http(self.health, "GET", "/healthz/ready") {
+                return Ok(body);
+            }
+            ensure!(Instant::now() < deadline, "not ready after {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for HybridAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `args` as the agent in a hybrid node's view: moved into `node_cgroup`, a new cgroup
+/// namespace there (its root) and a private mount namespace, a tmpfs at `host_cgroup` (the
+/// host's /sys/fs/cgroup) holding this machine's `cpu` v1 hierarchy and cgroup v2 at
+/// `unified`; then moved into `agent_cgroup` (below the node's, as the agent's pod is).
+fn start_hybrid(
+    args: &[String],
+    node_cgroup: &Path,
+    agent_cgroup: &Path,
+    host_cgroup: &Path,
+    admin: SocketAddr,
+    health: SocketAddr,
+) -> Result<HybridAgent> {
+    let open = |dir: &Path| {
+        let p = dir.join("cgroup.procs");
+        std::fs::OpenOptions::new().write(true).open(&p).with_context(|| p.display().to_string())
+    };
+    let (node_procs, agent_procs) = (open(node_cgroup)?, open(agent_cgroup)?);
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).context("a path");
+    let (tmpfs_at, unified_at, v1_at) =
+        (c(host_cgroup)?, c(&host_cgroup.join("unified"))?, c(&host_cgroup.join("cpu"))?);
+    // This machine's `cpu` v1 hierarchy, when it has one (a hybrid machine does).
+    let v1_source = Path::new("/sys/fs/cgroup/cpu");
+    let v1_from = if v1_source.join("cgroup.procs").exists() { Some(c(v1_source)?) } else { None };
+    let (node_fd, agent_fd) = (node_procs.as_raw_fd(), agent_procs.as_raw_fd());
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args)
+        .env("RUST_LOG", "info,mtls_agent=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only raw syscalls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::write(node_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return fail();
+            }
+            if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) != 0 {
+                return fail();
+            }
+            let none = std::ptr::null();
+            let root = c"/".as_ptr();
+            if libc::mount(none, root, none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+            {
+                return fail();
+            }
+            let tmpfs = c"tmpfs".as_ptr();
+            if libc::mount(tmpfs, tmpfs_at.as_ptr(), tmpfs, 0, c"mode=755".as_ptr().cast()) != 0 {
+                return fail();
+            }
+            for dir in [&unified_at, &v1_at] {
+                if libc::mkdir(dir.as_ptr(), 0o755) != 0 {
+                    return fail();
+                }
+            }
+            if let Some(from) = &v1_from {
+                let bind = libc::MS_BIND;
+                if libc::mount(from.as_ptr(), v1_at.as_ptr(), none, bind, std::ptr::null()) != 0 {
+                    return fail();
+                }
+            }
+            let cg2 = c"cgroup2".as_ptr();
+            if libc::mount(cg2, unified_at.as_ptr(), cg2, 0, std::ptr::null()) != 0 {
+                return fail();
+            }
+            if libc::write(agent_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting mtls-agent")?;
+    drop((node_procs, agent_procs));
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().context("stderr")?;
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut l) = sink.lock() {
+                if l.len() < 16 << 20 {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        }
+    });
+    Ok(HybridAgent { child: Some(child), log, admin, health })
+}
+
+#[test]
+fn the_daemonsets_arguments_work_on_a_hybrid_cgroup_node() -> Result<()> {
+    let mut bed = Testbed::new("k8s-hybrid")?;
+    let node = bed.add_node("n1")?;
+    let a = bed.add_pod_in_cgroup("n1", "a", &systemd_cgroup(&uid(1)))?;
+    let b = bed.add_pod_in_cgroup("n1", "b", &systemd_cgroup(&uid(2)))?;
+    let _servers = [echo_server(&bed, "a")?, echo_server(&bed, "b")?];
+    let server = api_server(&[(&a, uid(1)), (&b, uid(2))], "n1")?;
+    server.apply(
+        api::PEERAUTHENTICATIONS_V1,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": NS},
+               "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    // Where the container has the host's /sys/fs/cgroup (a mount point only: the tmpfs is
+    // mounted in the agent's own mount namespace).
+    let host_cgroup = dir.path().join("host-sys-fs-cgroup");
+    std::fs::create_dir(&host_cgroup)?;
+    // The agent's pod and container cgroups, below the node's (removed after the agent).
+    let pod_cgroup = CgroupGuard::create(node.cgroup.join("kubepods.slice/mtls-agent-pod.slice"))?;
+    let agent_cgroup = CgroupGuard::create(pod_cgroup.0.join("agent"))?;
+    let ca = CaDir::init(&format!("{}-hybrid", bed.id()), "cluster.local")?;
+
+    let trust_domain = "cluster.local";
+    let mut args = manifest_args(
+        &[("/host/sys/fs/cgroup", host_cgroup.as_path()), ("/host/proc", Path::new("/proc"))],
+        &[("TRUST_DOMAIN", trust_domain)],
+    )?;
+    // The manifest's cgroup arguments, as they are: the host's cgroup mount.
+    for flag in ["--cgroup", "--cgroup-root"] {
+        let want = format!("{flag}={}", host_cgroup.display());
+        ensure!(
+            args.contains(&want),
+            "the DaemonSet does not pass {flag}=/host/sys/fs/cgroup: {args:?}"
+        );
+    }
+    // What differs on the test bed: the test's own CA, ports, pin and socket directories.
+    let (admin, health, metrics): (SocketAddr, SocketAddr, SocketAddr) = (
+        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
+        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
+        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
+    );
+    args.retain(|a| !["--ca-dir=", "--health=", "--metrics="].iter().any(|f| a.starts_with(f)));
+    let admin_dir = dir.path().join("admin");
+    args.extend([
+        format!("--ca-dir={}", ca.path.display()),
+        format!("--health={health}"),
+        format!("--metrics={metrics}"),
+        format!("--admin={admin}"),
+        format!("--admin-dir={}", admin_dir.display()),
+        format!("--bpffs={}", bed.bpffs_dir("n1").display()),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--node=n1".into(),
+        format!("--agent-namespace={AGENT_NS}"),
+    ]);
+    let mut agent =
+        start_hybrid(&args, &node.cgroup, &agent_cgroup.0, &host_cgroup, admin, health)?;
+    let ready = agent.wait_ready(Duration::from_secs(30))?;
+    ensure!(ready.contains("2 of 2 pods enrolled"), "{ready}; log:\n{}", agent.log());
+    ensure!(agent.log().contains("using the cgroup v2 hierarchy below it"), "{}", agent.log());
+
+    // Captured and carried in mutual TLS, nothing in plaintext on the wire.
+    let capture = bed.start_capture()?;
+    let canary = "CANARY-hybrid-node-2b7d";
+    ensure!(client(&bed, "a", &b, canary)? == format!("b:{canary}"));
+    ensure!(!capture.contains(canary.as_bytes()), "plaintext on the fabric");
+    let conns: Vec<Value> = serde_json::from_str(&http(agent.admin, "GET", "/connections")?)?;
+    let inbound = conns
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["destinationPod"] == "b.shop")
+        .with_context(|| format!("no inbound connection to b: {conns:?}"))?;
+    ensure!(inbound["mode"] == "mTLS", "{inbound}");
+    ensure!(inbound["peerIdentity"] == "spiffe://cluster.local/ns/shop/sa/a", "{inbound}");
+    drop(agent);
+    Ok(())
+}
