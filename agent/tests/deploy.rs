@@ -557,3 +557,22 @@ fn the_example_network_policy_opens_the_tunnel_port_between_meshed_pods() {
     assert!(egress.iter().any(|r| meshed(r.to.as_deref().unwrap_or_default())
         && opens(r.ports.as_deref().unwrap_or_default())));
 }
+
+/// The README gives the same NetworkPolicy as deploy/networkpolicy-example.yaml.
+#[test]
+fn the_readme_gives_the_example_network_policy() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.contains("kind: NetworkPolicy"))
+        .expect("a NetworkPolicy YAML block in README.md");
+    // The block is indented under its list item.
+    let indent = block.lines().map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    let text: String = block.lines().map(|l| format!("{}\n", &l[indent.min(l.len())..])).collect();
+    let readme_np: NetworkPolicy = serde_yaml::from_str(&text).expect("the README's YAML parses");
+    let file_np: NetworkPolicy = manifest("networkpolicy-example.yaml");
+    assert_eq!(readme_np, file_np);
+}
