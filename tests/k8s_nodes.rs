@@ -12,6 +12,8 @@
 //!   the host's /sys/fs/cgroup, with a v1 hierarchy bound in and cgroup v2 mounted at
 //!   `unified`, whose root (the cgroup namespace's) is the test's node cgroup, so the agent
 //!   attaches there and never to this machine's root.
+//! - A cgroup v1-only node (the same without `unified`): refused as a kernel is, reason
+//!   `cgroup_v1`, the agent up and Ready, nothing captured.
 
 use std::{
     ffi::CString,
@@ -249,16 +251,18 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// An agent process in its own mount and cgroup namespaces that show it a hybrid node; killed
+/// An agent process in its own mount and cgroup namespaces that show it a hybrid or v1-only
+/// node; killed
 /// by its PID on drop.
-struct HybridAgent {
+struct NodeAgent {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     admin: SocketAddr,
     health: SocketAddr,
+    metrics: SocketAddr,
 }
 
-impl HybridAgent {
+impl NodeAgent {
     fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
@@ -278,7 +282,7 @@ impl HybridAgent {
     }
 }
 
-impl Drop for HybridAgent {
+impl Drop for NodeAgent {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -287,18 +291,28 @@ impl Drop for HybridAgent {
     }
 }
 
-/// Starts `args` as the agent in a hybrid node's view: moved into `node_cgroup`, a new cgroup
-/// namespace there (its root) and a private mount namespace, a tmpfs at `host_cgroup` (the
-/// host's /sys/fs/cgroup) holding this machine's `cpu` v1 hierarchy and cgroup v2 at
-/// `unified`; then moved into `agent_cgroup` (below the node's, as the agent's pod is).
-fn start_hybrid(
+/// Which cgroup layout the node has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// v1 hierarchies and cgroup v2 at `unified`.
+    Hybrid,
+    /// v1 hierarchies only.
+    V1Only,
+}
+
+/// Starts `args` as the agent in a hybrid (or v1-only) node's view: moved into `node_cgroup`,
+/// a new cgroup namespace there (its root) and a private mount namespace, a tmpfs at
+/// `host_cgroup` (the host's /sys/fs/cgroup) holding this machine's `cpu` v1 hierarchy and
+/// (hybrid) cgroup v2 at `unified`; then moved into `agent_cgroup` (below the node's, as the
+/// agent's pod is).
+fn start_on_node(
+    layout: Layout,
     args: &[String],
     node_cgroup: &Path,
     agent_cgroup: &Path,
     host_cgroup: &Path,
-    admin: SocketAddr,
-    health: SocketAddr,
-) -> Result<HybridAgent> {
+    [admin, health, metrics]: [SocketAddr; 3],
+) -> Result<NodeAgent> {
     let open = |dir: &Path| {
         let p = dir.join("cgroup.procs");
         std::fs::OpenOptions::new().write(true).open(&p).with_context(|| p.display().to_string())
@@ -311,6 +325,7 @@ fn start_hybrid(
     let v1_source = Path::new("/sys/fs/cgroup/cpu");
     let v1_from = if v1_source.join("cgroup.procs").exists() { Some(c(v1_source)?) } else { None };
     let (node_fd, agent_fd) = (node_procs.as_raw_fd(), agent_procs.as_raw_fd());
+    let hybrid = layout == Layout::Hybrid;
     let mut cmd = Command::new(agent_bin());
     cmd.args(args)
         .env("RUST_LOG", "info,mtls_agent=debug")
@@ -337,10 +352,11 @@ fn start_hybrid(
             if libc::mount(tmpfs, tmpfs_at.as_ptr(), tmpfs, 0, c"mode=755".as_ptr().cast()) != 0 {
                 return fail();
             }
-            for dir in [&unified_at, &v1_at] {
-                if libc::mkdir(dir.as_ptr(), 0o755) != 0 {
-                    return fail();
-                }
+            // A v1-only node has no `unified` at all.
+            if (hybrid && libc::mkdir(unified_at.as_ptr(), 0o755) != 0)
+                || libc::mkdir(v1_at.as_ptr(), 0o755) != 0
+            {
+                return fail();
             }
             if let Some(from) = &v1_from {
                 let bind = libc::MS_BIND;
@@ -349,7 +365,7 @@ fn start_hybrid(
                 }
             }
             let cg2 = c"cgroup2".as_ptr();
-            if libc::mount(cg2, unified_at.as_ptr(), cg2, 0, std::ptr::null()) != 0 {
+            if hybrid && libc::mount(cg2, unified_at.as_ptr(), cg2, 0, std::ptr::null()) != 0 {
                 return fail();
             }
             if libc::write(agent_fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -373,16 +389,30 @@ fn start_hybrid(
             }
         }
     });
-    Ok(HybridAgent { child: Some(child), log, admin, health })
+    Ok(NodeAgent { child: Some(child), log, admin, health, metrics })
 }
 
-#[test]
-fn the_daemonsets_arguments_work_on_a_hybrid_cgroup_node() -> Result<()> {
-    let mut bed = Testbed::new("k8s-hybrid")?;
+/// A node of `layout` on the test bed with pods `a` and `b` in the mesh (STRICT), and the agent
+/// started there with the DaemonSet's arguments.
+struct NodeRun {
+    // Dropped in this order: the agent, its cgroups, the API server, the bed.
+    agent: NodeAgent,
+    _agent_cgroup: CgroupGuard,
+    _pod_cgroup: CgroupGuard,
+    server: ApiServer,
+    b: Pod,
+    bed: Testbed,
+    _servers: Vec<testbed::PodProcess>,
+    _dir: tempfile::TempDir,
+    _ca: CaDir,
+}
+
+fn run_on_node(layout: Layout, name: &str) -> Result<NodeRun> {
+    let mut bed = Testbed::new(name)?;
     let node = bed.add_node("n1")?;
     let a = bed.add_pod_in_cgroup("n1", "a", &systemd_cgroup(&uid(1)))?;
     let b = bed.add_pod_in_cgroup("n1", "b", &systemd_cgroup(&uid(2)))?;
-    let _servers = [echo_server(&bed, "a")?, echo_server(&bed, "b")?];
+    let servers = vec![echo_server(&bed, "a")?, echo_server(&bed, "b")?];
     let server = api_server(&[(&a, uid(1)), (&b, uid(2))], "n1")?;
     server.apply(
         api::PEERAUTHENTICATIONS_V1,
@@ -400,12 +430,11 @@ fn the_daemonsets_arguments_work_on_a_hybrid_cgroup_node() -> Result<()> {
     // The agent's pod and container cgroups, below the node's (removed after the agent).
     let pod_cgroup = CgroupGuard::create(node.cgroup.join("kubepods.slice/mtls-agent-pod.slice"))?;
     let agent_cgroup = CgroupGuard::create(pod_cgroup.0.join("agent"))?;
-    let ca = CaDir::init(&format!("{}-hybrid", bed.id()), "cluster.local")?;
+    let ca = CaDir::init(&format!("{}-{name}", bed.id()), "cluster.local")?;
 
-    let trust_domain = "cluster.local";
     let mut args = manifest_args(
         &[("/host/sys/fs/cgroup", host_cgroup.as_path()), ("/host/proc", Path::new("/proc"))],
-        &[("TRUST_DOMAIN", trust_domain)],
+        &[("TRUST_DOMAIN", "cluster.local")],
     )?;
     // The manifest's cgroup arguments, as they are: the host's cgroup mount.
     for flag in ["--cgroup", "--cgroup-root"] {
@@ -416,42 +445,84 @@ fn the_daemonsets_arguments_work_on_a_hybrid_cgroup_node() -> Result<()> {
         );
     }
     // What differs on the test bed: the test's own CA, ports, pin and socket directories.
-    let (admin, health, metrics): (SocketAddr, SocketAddr, SocketAddr) = (
-        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
-        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
-        (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into(),
-    );
+    let port = || -> SocketAddr { (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into() };
+    let (admin, health, metrics) = (port(), port(), port());
     args.retain(|a| !["--ca-dir=", "--health=", "--metrics="].iter().any(|f| a.starts_with(f)));
-    let admin_dir = dir.path().join("admin");
     args.extend([
         format!("--ca-dir={}", ca.path.display()),
         format!("--health={health}"),
         format!("--metrics={metrics}"),
         format!("--admin={admin}"),
-        format!("--admin-dir={}", admin_dir.display()),
+        format!("--admin-dir={}", dir.path().join("admin").display()),
         format!("--bpffs={}", bed.bpffs_dir("n1").display()),
         format!("--kubeconfig={}", kubeconfig.display()),
         "--node=n1".into(),
         format!("--agent-namespace={AGENT_NS}"),
+        format!("--pod-name={AGENT_POD}"),
     ]);
-    let mut agent =
-        start_hybrid(&args, &node.cgroup, &agent_cgroup.0, &host_cgroup, admin, health)?;
+    let addrs = [admin, health, metrics];
+    let agent = start_on_node(layout, &args, &node.cgroup, &agent_cgroup.0, &host_cgroup, addrs)?;
+    Ok(NodeRun {
+        agent,
+        _agent_cgroup: agent_cgroup,
+        _pod_cgroup: pod_cgroup,
+        server,
+        b,
+        bed,
+        _servers: servers,
+        _dir: dir,
+        _ca: ca,
+    })
+}
+
+#[test]
+fn the_daemonsets_arguments_work_on_a_hybrid_cgroup_node() -> Result<()> {
+    let mut run = run_on_node(Layout::Hybrid, "k8s-hybrid")?;
+    let agent = &mut run.agent;
     let ready = agent.wait_ready(Duration::from_secs(30))?;
     ensure!(ready.contains("2 of 2 pods enrolled"), "{ready}; log:\n{}", agent.log());
     ensure!(agent.log().contains("using the cgroup v2 hierarchy below it"), "{}", agent.log());
 
     // Captured and carried in mutual TLS, nothing in plaintext on the wire.
-    let capture = bed.start_capture()?;
+    let capture = run.bed.start_capture()?;
     let canary = "CANARY-hybrid-node-2b7d";
-    ensure!(client(&bed, "a", &b, canary)? == format!("b:{canary}"));
+    ensure!(client(&run.bed, "a", &run.b, canary)? == format!("b:{canary}"));
     ensure!(!capture.contains(canary.as_bytes()), "plaintext on the fabric");
-    let conns: Vec<Value> = serde_json::from_str(&http(agent.admin, "GET", "/connections")?)?;
+    let conns: Vec<Value> = serde_json::from_str(&http(run.agent.admin, "GET", "/connections")?)?;
     let inbound = conns
         .iter()
         .find(|c| c["direction"] == "inbound" && c["destinationPod"] == "b.shop")
         .with_context(|| format!("no inbound connection to b: {conns:?}"))?;
     ensure!(inbound["mode"] == "mTLS", "{inbound}");
     ensure!(inbound["peerIdentity"] == "spiffe://cluster.local/ns/shop/sa/a", "{inbound}");
-    drop(agent);
+    Ok(())
+}
+
+/// A v1-only node has no cgroup v2 for the programs: the agent refuses it as it refuses a
+/// kernel, staying up with the reason `cgroup_v1`.
+#[test]
+fn on_a_cgroup_v1_only_node_the_agent_stays_up_and_says_why() -> Result<()> {
+    let mut run = run_on_node(Layout::V1Only, "k8s-v1only")?;
+    let ready = run.agent.wait_ready(Duration::from_secs(30))?;
+    ensure!(ready.contains("capture refused") && ready.contains("cgroup v1-only node"), "{ready}");
+    let on_node = wait_events(&run.server, &api::events_path("default"), "MeshCaptureRefused")?;
+    ensure!(on_node[0]["involvedObject"]["name"] == "n1", "{}", on_node[0]);
+    let on_pod = wait_events(&run.server, &api::events_path(AGENT_NS), "MeshCaptureRefused")?;
+    ensure!(on_pod[0]["involvedObject"]["name"] == AGENT_POD, "{}", on_pod[0]);
+    let metrics = http(run.agent.metrics, "GET", "/metrics")?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l == r#"mtls_agent_capture_refused{node="n1",reason="cgroup_v1"} 1"#),
+        "{metrics}"
+    );
+    // Nothing captured: the STRICT pods of this node talk in plaintext, as if no agent ran.
+    ensure!(run.server.requests(api::PODS) == 0, "the refused agent watched pods");
+    let capture = run.bed.start_capture()?;
+    let canary = "CANARY-v1-node-93ac";
+    ensure!(client(&run.bed, "a", &run.b, canary)? == format!("b:{canary}"));
+    ensure!(capture.contains(canary.as_bytes()), "the connection did not go in plaintext");
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(run.agent.wait_ready(Duration::from_secs(1)).is_ok(), "{}", run.agent.log());
     Ok(())
 }
