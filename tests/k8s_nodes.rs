@@ -252,8 +252,7 @@ impl Drop for CgroupGuard {
 }
 
 /// An agent process in its own mount and cgroup namespaces that show it a hybrid or v1-only
-/// node; killed
-/// by its PID on drop.
+/// node; killed by its PID on drop.
 struct NodeAgent {
     child: Option<Child>,
     log: Arc<Mutex<String>>,

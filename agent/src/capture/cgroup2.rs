@@ -77,6 +77,14 @@ mod tests {
             let v1 = root.parent().unwrap();
             assert!(!is_cgroup2(v1));
             assert_eq!(resolve(v1), Ok(root.clone()));
+            // A directory below it (`--cgroup=/sys/fs/cgroup/kubepods.slice`), which the v1
+            // tmpfs does not have, is found below `unified` too.
+            let name = format!("mtls-unit-cgroup2-{}", std::process::id());
+            let dir = root.join(&name);
+            std::fs::create_dir(&dir).unwrap();
+            let found = resolve(&v1.join(&name));
+            std::fs::remove_dir(&dir).unwrap();
+            assert_eq!(found, Ok(dir));
         }
     }
 
