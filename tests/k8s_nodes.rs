@@ -184,6 +184,10 @@ fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Res
     ensure!(!agent.bpffs.exists(), "{} was made", agent.bpffs.display());
     ensure!(server.objects(&api::events_path(NS)).is_empty(), "Events on tenants' pods");
     ensure!(agent.certs()?.is_empty(), "certificates issued");
+    let dump: Value = serde_json::from_str(&agent.get("/config_dump")?)?;
+    let refused = dump["captureRefused"].as_str().unwrap_or_default();
+    ensure!(refused.contains("captures nothing on node n1"), "{dump}");
+    ensure!(dump["workloads"]["workloads"].as_array().is_some_and(Vec::is_empty), "{dump}");
     let capture = bed.start_capture()?;
     let canary = "CANARY-refused-node-61f0";
     ensure!(client(&bed, "a", &b, canary)? == format!("b:{canary}"));
