@@ -29,10 +29,12 @@ use mtls_agent_ebpf::{
     map_names, prog_names, stats, Config, PodInfo, PortKey, PortPolicy, LAYOUT_VERSION,
     MODE_STRICT, OUTBOUND_PORT,
 };
+use serde_json::json;
 use testbed::{
     agent::{AgentOptions, AgentProcess, CaDir},
-    mesh::{namespace_pa, Mesh, PolicyDir},
-    PodProcess,
+    apiserver::{self as api, ApiServer},
+    mesh::{echo_server, namespace_pa, Mesh, PolicyDir, PORT},
+    PodProcess, Testbed,
 };
 
 /// Layout 1's programs, built by `cargo xtask build-ebpf` before layouts were versioned.
@@ -41,28 +43,27 @@ static V1_OBJECT: &[u8] = aya::include_bytes_aligned!("fixtures/layout-v1/progra
 const NS: &str = "layout";
 
 /// The netns cookie of a pod (`SO_NETNS_COOKIE` of a socket made there).
-fn netns_cookie(m: &Mesh, pod: &str) -> Result<u64> {
-    m.bed
-        .in_pod_netns(pod, || -> std::io::Result<u64> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            let mut cookie = 0u64;
-            let mut len = size_of::<u64>() as libc::socklen_t;
-            // SAFETY: a valid socket and an 8-byte out buffer with its length.
-            let rc = unsafe {
-                libc::getsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::SOL_SOCKET,
-                    libc::SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(cookie)
-        })?
-        .context("SO_NETNS_COOKIE")
+fn netns_cookie(bed: &Testbed, pod: &str) -> Result<u64> {
+    bed.in_pod_netns(pod, || -> std::io::Result<u64> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid socket and an 8-byte out buffer with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(cookie)
+    })?
+    .context("SO_NETNS_COOKIE")
 }
 
 /// What layout 1's agent left pinned.
@@ -76,8 +77,8 @@ struct V1Pins {
 /// pods cgroup, and `pods` enrolled and STRICT on every port with their inbound program
 /// attached. Its `Ebpf` handles are dropped at once: the pins keep everything, as after that
 /// agent exited.
-fn pin_layout_v1(m: &Mesh, pods: &[&str]) -> Result<V1Pins> {
-    let bpffs = m.bed.bpffs_dir("node1");
+fn pin_layout_v1(bed: &Testbed, pods: &[&str]) -> Result<V1Pins> {
+    let bpffs = bed.bpffs_dir("node1");
     let (maps, links_dir) = (bpffs.join("maps"), bpffs.join("links"));
     for d in [&maps, &links_dir] {
         fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
@@ -93,7 +94,7 @@ fn pin_layout_v1(m: &Mesh, pods: &[&str]) -> Result<V1Pins> {
         ebpf.take_map(map_names::ENROLLED).context("ENROLLED")?.try_into()?;
     let mut inbound: HashMap<_, PortKey, PortPolicy> =
         ebpf.take_map(map_names::INBOUND).context("INBOUND")?.try_into()?;
-    let cgroup = fs::File::open(&m.bed.node("node1").cgroup)?;
+    let cgroup = fs::File::open(&bed.node("node1").cgroup)?;
     macro_rules! attach {
         ($ty:ty, $name:expr) => {{
             let prog: &mut $ty = ebpf.program_mut($name).context($name)?.try_into()?;
@@ -110,7 +111,7 @@ fn pin_layout_v1(m: &Mesh, pods: &[&str]) -> Result<V1Pins> {
     attach!(SockOps, prog_names::SOCK_OPS);
     attach!(CgroupSock, prog_names::SOCK_RELEASE);
     for pod in pods {
-        let cookie = netns_cookie(m, pod)?;
+        let cookie = netns_cookie(bed, pod)?;
         enrolled.insert(cookie, PodInfo::default(), 0)?;
         let strict = PortPolicy { mode: MODE_STRICT, ..PortPolicy::default() };
         inbound.insert(PortKey { netns_cookie: cookie, port: 0, _pad: [0; 3] }, strict, 0)?;
@@ -121,7 +122,7 @@ fn pin_layout_v1(m: &Mesh, pods: &[&str]) -> Result<V1Pins> {
         let prog: &mut SkLookup =
             per_pod.program_mut(prog_names::INBOUND).context("inbound")?.try_into()?;
         prog.load()?;
-        let netns = fs::File::open(&m.bed.pod(pod).netns)?;
+        let netns = fs::File::open(&bed.pod(pod).netns)?;
         let id = prog.attach(netns)?;
         let link: FdLink = prog.take_link(id)?.into();
         let path = links_dir.join(format!("inbound_{cookie}_{generation}"));
@@ -142,11 +143,17 @@ fn counters(path: &Path) -> Result<PerCpuArray<MapData, u64>> {
 }
 
 /// `attempts` of the e2e tool in `pod`: `count` connections to `dst`, one every 20 ms.
-fn attempts(m: &Mesh, pod: &str, dst: &str, count: u32, timeout_ms: u32) -> Result<PodProcess> {
+fn attempts(
+    bed: &Testbed,
+    pod: &str,
+    dst: &str,
+    count: u32,
+    timeout_ms: u32,
+) -> Result<PodProcess> {
     let mut cmd = Command::new(testbed::e2e_tool_path()?);
     cmd.args(["attempts", "--connect", dst, "--message", "hi", "--count", &count.to_string()]);
     cmd.args(["--until-ok", &count.to_string(), "--timeout-ms", &timeout_ms.to_string()]);
-    m.bed.spawn_in_pod(pod, cmd)
+    bed.spawn_in_pod(pod, cmd)
 }
 
 /// (attempts, successes) from the tool's last line, waiting (bounded) for it.
@@ -157,6 +164,27 @@ fn tally(p: &PodProcess) -> Result<(u64, u64)> {
         [tried, ok] => Ok((tried, ok)),
         _ => bail!("unexpected line {line:?}"),
     }
+}
+
+/// Every connect() the `attempts` tool made was captured, by layout 1's programs or by this
+/// layout's (and none of the agent's own dials was): their `captured` counters add up to it.
+fn every_connect_captured(
+    bed: &Testbed,
+    client: &PodProcess,
+    v1_counters: &PerCpuArray<MapData, u64>,
+    v1_before: u64,
+) -> Result<()> {
+    let (tried, _) = tally(client)?;
+    let own = bed.bpffs_dir("node1").join(format!("maps/v{LAYOUT_VERSION}/{}", map_names::STATS));
+    let by_v1 = captured(v1_counters)? - v1_before;
+    let by_v2 = captured(&counters(&own)?)?;
+    ensure!(
+        by_v1 + by_v2 == tried,
+        "{tried} connect()s of the enrolled pod, captured {by_v1} by layout 1 and {by_v2} by \
+         layout {LAYOUT_VERSION}: some went uncaptured (or the agent's own were captured)\n{}",
+        client.stdout()
+    );
+    Ok(())
 }
 
 /// Regular pins straight under `maps/` (layout 1's) and its subdirectories.
@@ -196,7 +224,7 @@ fn an_upgrade_over_layout_v1_pins_keeps_capture_and_strict_and_retires_the_old_l
     let policies = PolicyDir::new(m.bed.id())?;
     policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
     let ca = m.ca("ca")?;
-    let v1 = pin_layout_v1(&m, &["client", "server"])?;
+    let v1 = pin_layout_v1(&m.bed, &["client", "server"])?;
     let v1_counters = counters(&v1.maps.join(map_names::STATS))?;
     let server = m.dst("server");
     let outsider = m.dst("outsider");
@@ -218,8 +246,8 @@ fn an_upgrade_over_layout_v1_pins_keeps_capture_and_strict_and_retires_the_old_l
 
     // The handover, under fire: both loops run before the new agent starts and end after.
     let v1_before = captured(&v1_counters)?;
-    let attacker = attempts(&m, "outsider", &server, 400, 300)?;
-    let client = attempts(&m, "client", &outsider, 400, 300)?;
+    let attacker = attempts(&m.bed, "outsider", &server, 400, 300)?;
+    let client = attempts(&m.bed, "client", &outsider, 400, 300)?;
     std::thread::sleep(Duration::from_millis(300));
     let mut agent = AgentProcess::start(&m.bed, agent_options(&m, &workloads, &ca, &policies.0))?;
     agent.wait_log("map layout handover done", Duration::from_secs(10))?;
@@ -238,17 +266,7 @@ fn an_upgrade_over_layout_v1_pins_keeps_capture_and_strict_and_retires_the_old_l
         attacker.stdout()
     );
     ensure!(m.accepted("server") == 0, "the STRICT pod's app accepted plaintext");
-    let (tried, _) = tally(&client)?;
-    let v2_counters =
-        counters(&m.bed.bpffs_dir("node1").join(format!("maps/v{LAYOUT_VERSION}/COUNTERS")))?;
-    let by_v1 = captured(&v1_counters)? - v1_before;
-    let by_v2 = captured(&v2_counters)?;
-    ensure!(
-        by_v1 + by_v2 == tried,
-        "{tried} connect()s of the enrolled pod, captured {by_v1} by layout 1 and {by_v2} by \
-         layout {LAYOUT_VERSION}: some went uncaptured (or the agent's own were captured)\n{}",
-        client.stdout()
-    );
+    every_connect_captured(&m.bed, &client, &v1_counters, v1_before)?;
 
     // After it: layout 1's links and pins are gone, this layout's are in its directory.
     for link in &v1.links {
@@ -299,5 +317,112 @@ fn pins_of_a_newer_layout_are_refused_and_left_untouched() -> Result<()> {
     ensure!(newer.exists(), "the newer layout's directory was removed");
     ensure!(!bpffs.join("links").exists(), "links were made over a newer layout");
     ensure!(!bpffs.join(format!("maps/v{LAYOUT_VERSION}")).exists(), "own maps were pinned");
+    Ok(())
+}
+
+/// The kubelet's systemd-driver cgroup of a burstable pod, with one container.
+fn pod_cgroup(uid: &str) -> PathBuf {
+    let u = uid.replace('-', "_");
+    Path::new(&format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"))
+        .join("cri-containerd-5f6e7d.scope")
+}
+
+fn pod_object(name: &str, ip: std::net::Ipv4Addr, uid: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "uid": uid, "labels": {}},
+        "spec": {"nodeName": "node1", "serviceAccountName": name,
+                 "containers": [{"name": "app", "ports": [{"containerPort": PORT}]}]},
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
+    })
+}
+
+/// Kubernetes mode, the new instance's first sync held back by the API server: for that whole
+/// time the older layout's programs stay attached and its pins stay (nothing of it is retired
+/// before the new instance enforces), plaintext to the STRICT pod is refused and the enrolled
+/// pod's connect()s stay captured; once the sync is let through the handover completes.
+#[test]
+fn in_kubernetes_mode_the_old_layout_stays_until_the_new_instance_has_synced() -> Result<()> {
+    let mut bed = Testbed::new("layout-k8s")?;
+    let node = bed.add_node("node1")?;
+    let api = ApiServer::start()?;
+    for path in [
+        api::NAMESPACES,
+        api::PODS,
+        api::SERVICES,
+        api::ENDPOINTSLICES,
+        api::PEERAUTHENTICATIONS_V1,
+    ] {
+        api.serve(path);
+    }
+    api.apply(api::NAMESPACES, api::namespace(NS, true));
+    api.apply(
+        api::PEERAUTHENTICATIONS_V1,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": NS}, "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let mut servers = Vec::new();
+    for (n, name) in ["client", "server"].iter().enumerate() {
+        let uid = format!("{:08x}-7a1c-4f0e-8d2b-{:012x}", std::process::id(), n + 1);
+        let pod = bed.add_pod_in_cgroup("node1", name, &pod_cgroup(&uid))?;
+        servers.push(echo_server(&bed, name)?);
+        api.apply(api::PODS, pod_object(name, pod.ip, &uid));
+    }
+    bed.add_pod("node1", "outsider")?;
+    servers.push(echo_server(&bed, "outsider")?);
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let ca = CaDir::init(&format!("{}-k8s", bed.id()), "cluster.local")?;
+    let mut opts = AgentOptions::kubernetes("node1", &kubeconfig, &node.cgroup);
+    opts.ca_dir = Some(ca.path.clone());
+    opts.cgroup = Some(node.cgroup.join("agent"));
+
+    let v1 = pin_layout_v1(&bed, &["client", "server"])?;
+    let v1_counters = counters(&v1.maps.join(map_names::STATS))?;
+    let v1_before = captured(&v1_counters)?;
+    let server = format!("{}:{PORT}", bed.pod("server").ip);
+    let outsider = format!("{}:{PORT}", bed.pod("outsider").ip);
+    let attacker = attempts(&bed, "outsider", &server, 600, 300)?;
+    let client = attempts(&bed, "client", &outsider, 600, 300)?;
+    api.hold_lists(true);
+    let started = AgentProcess::start_unready(&bed, opts);
+    let held = (|| -> Result<AgentProcess> {
+        let agent = started?;
+        agent.wait_log("map layout handover: own maps beside", Duration::from_secs(10))?;
+        // Well into the wait for the first sync: the old layout is all still there.
+        std::thread::sleep(Duration::from_millis(1500));
+        ensure!(!agent.log().contains("map layout handover done"), "{}", agent.log());
+        for link in &v1.links {
+            ensure!(link.exists(), "{} retired before the first sync", link.display());
+        }
+        let (pins, _) = maps_entries(&v1.maps)?;
+        ensure!(pins.contains(&map_names::ENROLLED.to_owned()), "layout 1's pins went: {pins:?}");
+        Ok(agent)
+    })();
+    api.hold_lists(false);
+    let agent = held?;
+    agent.wait_log("map layout handover done", Duration::from_secs(15))?;
+    ensure!(
+        !attacker.stdout().contains("attempts ") && !client.stdout().contains("attempts "),
+        "the attempts ended before the handover did: make them longer\nattacker: {}\nclient: {}",
+        attacker.stdout(),
+        client.stdout()
+    );
+    let (tried, ok) = tally(&attacker)?;
+    ensure!(
+        ok == 0,
+        "{ok} of {tried} plaintext attempts reached the STRICT pod:\n{}",
+        attacker.stdout()
+    );
+    every_connect_captured(&bed, &client, &v1_counters, v1_before)?;
+    for link in &v1.links {
+        ensure!(!link.exists(), "{} still pinned", link.display());
+    }
+    let (pins, _) = maps_entries(&v1.maps)?;
+    ensure!(pins.is_empty(), "layout 1's pins left: {pins:?}");
+    // Drop order: the agent and the servers before the bed.
+    drop(agent);
+    drop(servers);
     Ok(())
 }

@@ -167,6 +167,8 @@ pub struct Capture {
     bpffs: PathBuf,
     generation: u128,
     orig_dst: Option<OrigDstMap>,
+    /// The older layout's `ORIG_DST`, shared with [`OrigDstMap`] until the handover ends.
+    legacy_orig_dst: LegacySlot,
     events: Option<RingBuf<MapData>>,
     plaintext_events: Option<RingBuf<MapData>>,
     /// Kernel ids of the programs this instance loaded.
@@ -285,8 +287,14 @@ impl Capture {
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let plaintext_events = Some(take_map(&mut ebpf, map_names::PLAINTEXT_EVENTS)?);
-        let legacy = if found.older.contains(&1) { upgrade::v1_orig_dst(&cfg.bpffs) } else { None };
-        let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)?, legacy });
+        let legacy = found.older.contains(&1).then(|| upgrade::v1_orig_dst(&cfg.bpffs)).flatten();
+        let legacy_orig_dst = std::sync::Arc::new(std::sync::Mutex::new(
+            legacy.map(|map| LegacyOrigDst { map, until: None }),
+        ));
+        let orig_dst = Some(OrigDstMap {
+            map: take_map(&mut ebpf, map_names::ORIG_DST)?,
+            legacy: legacy_orig_dst.clone(),
+        });
 
         let cgroup = fs::File::open(&cfg.cgroup)
             .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
@@ -382,6 +390,7 @@ impl Capture {
             bpffs: cfg.bpffs.clone(),
             generation,
             orig_dst,
+            legacy_orig_dst,
             events,
             plaintext_events,
             program_ids,
@@ -405,6 +414,10 @@ impl Capture {
             debug!(path = %old.display(), "detached an older layout's link");
         }
         let removed: usize = h.older.iter().map(|v| layout::remove_version(&self.bpffs, *v)).sum();
+        // Connections the old programs captured are accepted within moments; then its map goes.
+        if let Some(l) = lock_slot(&self.legacy_orig_dst).as_mut() {
+            l.until = Some(std::time::Instant::now() + LEGACY_ORIG_DST_GRACE);
+        }
         let pods_left =
             self.inbound_link_cookies().len().saturating_sub(self.enrolled_cookies().len());
         info!(from = ?h.older, to = LAYOUT_VERSION, node_links = h.node_links.len(), pins = removed,
@@ -884,7 +897,22 @@ impl StatsReader {
 pub struct OrigDstMap {
     map: HashMap<MapData, ConnKey, OrigDst>,
     /// An older layout's, while its programs may still have captured a connection.
-    legacy: Option<HashMap<MapData, ConnKey, OrigDst>>,
+    legacy: LegacySlot,
+}
+
+/// An older layout's `ORIG_DST` and when to let it go (set once its programs are detached).
+struct LegacyOrigDst {
+    map: HashMap<MapData, ConnKey, OrigDst>,
+    until: Option<std::time::Instant>,
+}
+
+type LegacySlot = std::sync::Arc<std::sync::Mutex<Option<LegacyOrigDst>>>;
+
+/// How long the older layout's `ORIG_DST` is still read after its programs are detached.
+const LEGACY_ORIG_DST_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn lock_slot(slot: &LegacySlot) -> std::sync::MutexGuard<'_, Option<LegacyOrigDst>> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl OrigDstMap {
@@ -895,7 +923,7 @@ impl OrigDstMap {
             .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
         let map = HashMap::try_from(Map::LruHashMap(data))
             .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
-        Ok(OrigDstMap { map, legacy: None })
+        Ok(OrigDstMap { map, legacy: Default::default() })
     }
 
     /// The destination a captured client meant to reach. `client` is the peer address seen
@@ -904,7 +932,15 @@ impl OrigDstMap {
         let key = ConnKey { netns_cookie, client: to_sock_addr(client), _pad: 0 };
         let v = match self.map.get(&key, 0) {
             Ok(v) => v,
-            Err(_) => self.legacy.as_ref()?.get(&key, 0).ok()?,
+            // Only on a miss: captured by an older layout's programs during a handover.
+            Err(_) => {
+                let mut slot = lock_slot(&self.legacy);
+                if slot.as_ref()?.until.is_some_and(|t| std::time::Instant::now() >= t) {
+                    *slot = None;
+                    return None;
+                }
+                slot.as_ref()?.map.get(&key, 0).ok()?
+            }
         };
         from_sock_addr(v.dst)
     }
