@@ -426,3 +426,67 @@ fn in_kubernetes_mode_the_old_layout_stays_until_the_new_instance_has_synced() -
     drop(servers);
     Ok(())
 }
+
+/// A pod the new instance cannot enroll again (what it is told is not a network namespace)
+/// stays guarded and captured across the handover: its old inbound link stays, and once the
+/// old node-wide programs are gone the new ones capture its connect()s from the state taken
+/// over, so its plaintext is neither let in nor let out.
+#[test]
+fn a_pod_the_new_layout_cannot_enroll_again_stays_captured_and_strict_after_the_handover(
+) -> Result<()> {
+    let mut m = Mesh::build(
+        "layout-keep",
+        NS,
+        &[("node1", "client"), ("node1", "server"), ("node1", "outsider")],
+    )?;
+    let (file, mut w) = m.workloads("workloads", &["client", "server"])?;
+    let not_netns = std::env::temp_dir().join(format!("{}-not-a-netns", m.bed.id()));
+    fs::write(&not_netns, b"")?;
+    m.files.push(not_netns.clone());
+    for e in &mut w.workloads {
+        if e.name == "server" {
+            e.netns = not_netns.clone();
+        }
+    }
+    w.write(&file)?;
+    let policies = PolicyDir::new(m.bed.id())?;
+    policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
+    let ca = m.ca("ca")?;
+    let v1 = pin_layout_v1(&m.bed, &["client", "server"])?;
+    let server_cookie = netns_cookie(&m.bed, "server")?;
+    let agent = AgentProcess::start(&m.bed, agent_options(&m, &file, &ca, &policies.0))?;
+    agent.wait_log("map layout handover done", Duration::from_secs(10))?;
+
+    // The old node-wide links are gone; the server's old inbound link is what guards it.
+    let (pod_links, node_links): (Vec<&PathBuf>, Vec<&PathBuf>) = v1
+        .links
+        .iter()
+        .partition(|l| l.file_name().is_some_and(|n| n.to_string_lossy().starts_with("inbound_")));
+    for link in node_links {
+        ensure!(!link.exists(), "{} still pinned", link.display());
+    }
+    let kept: Vec<&&PathBuf> = pod_links.iter().filter(|l| l.exists()).collect();
+    ensure!(
+        kept.len() == 1 && kept[0].to_string_lossy().contains(&format!("inbound_{server_cookie}_")),
+        "old inbound links left: {kept:?}"
+    );
+    let own_counters = counters(
+        &m.bed.bpffs_dir("node1").join(format!("maps/v{LAYOUT_VERSION}/{}", map_names::STATS)),
+    )?;
+    let before = captured(&own_counters)?;
+    let server = m.dst("server");
+    let outsider = m.dst("outsider");
+    let (out, ok) =
+        m.client("outsider", &["--connect", &server, "--message", "x", "--timeout-ms", "500"])?;
+    ensure!(!ok, "plaintext reached the pod not enrolled again: {out}");
+    let (out, ok) =
+        m.client("server", &["--connect", &outsider, "--message", "x", "--timeout-ms", "500"])?;
+    ensure!(!ok, "the pod not enrolled again reached {outsider}: {out}");
+    ensure!(captured(&own_counters)? == before + 1, "its connect() was not captured");
+    ensure!(
+        m.accepted("server") == 0 && m.accepted("outsider") == 0,
+        "a connection got through; agent log:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
