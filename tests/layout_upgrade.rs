@@ -470,6 +470,11 @@ fn a_pod_the_new_layout_cannot_enroll_again_stays_captured_and_strict_after_the_
         kept.len() == 1 && kept[0].to_string_lossy().contains(&format!("inbound_{server_cookie}_")),
         "old inbound links left: {kept:?}"
     );
+    ensure!(
+        agent.log().contains("older inbound links stay on pods not enrolled again"),
+        "{}",
+        agent.log()
+    );
     let own_counters = counters(
         &m.bed.bpffs_dir("node1").join(format!("maps/v{LAYOUT_VERSION}/{}", map_names::STATS)),
     )?;

@@ -418,21 +418,20 @@ impl Capture {
         if let Some(l) = lock_slot(&self.legacy_orig_dst).as_mut() {
             l.until = Some(std::time::Instant::now() + LEGACY_ORIG_DST_GRACE);
         }
-        let pods_left =
-            self.inbound_link_cookies().len().saturating_sub(self.enrolled_cookies().len());
+        let ours = format!("_{}", self.generation);
+        let old_pod_links = existing_links(&self.links_dir)
+            .iter()
+            .map(|p| link_name(p))
+            .filter(|n| n.starts_with(INBOUND_LINK_PREFIX) && !n.ends_with(&ours))
+            .count();
         info!(from = ?h.older, to = LAYOUT_VERSION, node_links = h.node_links.len(), pins = removed,
             "map layout handover done: the older layout's programs detached, its pins removed");
-        if pods_left > 0 {
+        if old_pod_links > 0 {
             warn!(
-                pods = pods_left,
-                "inbound links of an older layout stay on pods not enrolled again"
+                pods = old_pod_links,
+                "older inbound links stay on pods not enrolled again: they guard them until then"
             );
         }
-    }
-
-    /// Whether an older layout's programs still run beside ours.
-    pub fn layout_handover_pending(&self) -> bool {
-        self.handover.is_some()
     }
 
     /// Attaches inbound enforcement to a pod's network namespace, replacing the link an
