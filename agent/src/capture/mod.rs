@@ -222,11 +222,14 @@ impl Capture {
         let found = layout::inspect(&cfg.bpffs)?;
         let maps_dir = layout::maps_dir(&cfg.bpffs);
         let links_dir = cfg.bpffs.join("links");
+        let fresh = !maps_dir.exists();
         for dir in [&cfg.bpffs, &maps_dir, &links_dir] {
             fs::create_dir_all(dir)
                 .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
-        if found.older.is_empty() {
+        if found.older.is_empty() && fresh {
+            info!(version = LAYOUT_VERSION, dir = %maps_dir.display(), "map layout: none pinned yet, maps pinned fresh");
+        } else if found.older.is_empty() {
             info!(version = LAYOUT_VERSION, dir = %maps_dir.display(), "map layout: same version, pinned maps re-opened");
         } else {
             info!(from = ?found.older, to = LAYOUT_VERSION, dir = %maps_dir.display(),
