@@ -246,8 +246,8 @@ fn an_upgrade_over_layout_v1_pins_keeps_capture_and_strict_and_retires_the_old_l
 
     // The handover, under fire: both loops run before the new agent starts and end after.
     let v1_before = captured(&v1_counters)?;
-    let attacker = attempts(&m.bed, "outsider", &server, 400, 300)?;
-    let client = attempts(&m.bed, "client", &outsider, 400, 300)?;
+    let attacker = attempts(&m.bed, "outsider", &server, 700, 300)?;
+    let client = attempts(&m.bed, "client", &outsider, 700, 300)?;
     std::thread::sleep(Duration::from_millis(300));
     let mut agent = AgentProcess::start(&m.bed, agent_options(&m, &workloads, &ca, &policies.0))?;
     agent.wait_log("map layout handover done", Duration::from_secs(10))?;
@@ -383,8 +383,8 @@ fn in_kubernetes_mode_the_old_layout_stays_until_the_new_instance_has_synced() -
     let v1_before = captured(&v1_counters)?;
     let server = format!("{}:{PORT}", bed.pod("server").ip);
     let outsider = format!("{}:{PORT}", bed.pod("outsider").ip);
-    let attacker = attempts(&bed, "outsider", &server, 600, 300)?;
-    let client = attempts(&bed, "client", &outsider, 600, 300)?;
+    let attacker = attempts(&bed, "outsider", &server, 800, 300)?;
+    let client = attempts(&bed, "client", &outsider, 800, 300)?;
     api.hold_lists(true);
     let started = AgentProcess::start_unready(&bed, opts);
     let held = (|| -> Result<AgentProcess> {
