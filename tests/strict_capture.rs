@@ -490,9 +490,10 @@ fn pin_a_map(path: &std::path::Path, entry: Option<u64>) -> Result<()> {
 }
 
 /// A node upgraded from a version whose `ENROLLED` and `PENDING_DST` had other layouts: the new
-/// agent creates `ENROLLED_PODS` and `PENDING_CONNS` instead of reopening them with the wrong
-/// sizes, carries the pods `ENROLLED` held over before its programs replace the old ones (so no
-/// pod is uncaptured until the first reconcile), and removes the old pins.
+/// agent creates `ENROLLED_PODS` and `PENDING_CONNS` (in its layout's directory, `maps/v<N>`,
+/// since issue 16) instead of reopening them with the wrong sizes, carries the pods `ENROLLED`
+/// held over before its programs replace the old ones (so no pod is uncaptured until the first
+/// reconcile), and removes the old pins.
 #[test]
 fn pins_of_the_old_map_layouts_are_not_reused_and_are_removed() -> Result<()> {
     let mut bed = Testbed::new("sc-old-pins")?;
@@ -514,8 +515,9 @@ fn pins_of_the_old_map_layouts_are_not_reused_and_are_removed() -> Result<()> {
     for old in ["ENROLLED", "PENDING_DST"] {
         assert!(!maps.join(old).exists(), "{old} still pinned");
     }
+    let own = maps.join(format!("v{}", mtls_agent_ebpf::LAYOUT_VERSION));
     for new in ["ENROLLED_PODS", "PENDING_CONNS", "AGENT_CGROUP_IDS", "PROBE_CONNS"] {
-        assert!(maps.join(new).exists(), "{new} not pinned");
+        assert!(own.join(new).exists(), "{new} not pinned");
     }
     Ok(())
 }

@@ -38,6 +38,15 @@ pub const MAX_PROBE_CONNS: u32 = 16384;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Version of the layout of the pinned maps: their names, kinds, key and value types, sizes
+/// and flags. **Bump it with any change to one of them** (and teach the agent's
+/// `capture/upgrade.rs` to read the layout it replaces). A new agent over pins of an older
+/// layout never reopens them: it loads its own maps in `maps/v<N>/` of the node's bpffs
+/// directory, copies the enforcement state over, attaches beside the old programs and retires
+/// those and their pins once its own enforce. Pins straight under `maps/` are version 1, the
+/// layout before versions were recorded; version 2 has the same maps as version 1, in `maps/v2/`.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Names of the maps (also their pin names in bpffs).
 pub mod map_names {
     /// Netns cookie -> [`super::PodInfo`] (`ENROLLED` held a `PodInfo` without the pending
@@ -67,8 +76,6 @@ pub mod map_names {
     /// Pod cgroup id (inode of its cgroup v2 directory) -> flags: pods held closed until
     /// enrolled (`connect()` from them, or from cgroups below them, is refused).
     pub const HELD_CGROUPS: &str = "HELD_CGROUPS";
-    /// Pin names of earlier layouts, removed by a new instance once its programs are attached.
-    pub const RETIRED: &[&str] = &["ENROLLED", "PENDING", "PENDING_DST", "INBOUND", "STATS"];
 }
 
 /// Key of `LISTENERS`: a pod's netns cookie and one of the `SLOT_*` listeners.

@@ -282,6 +282,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if feed.is_none() {
         agent.log_policy_warnings(true);
         agent.reconcile(true);
+        // Our programs and maps enforce for every pod now: an older map layout's go.
+        agent.capture.finish_layout_handover();
     } else {
         agent.readiness.set(false, "waiting for the first sync with the API server".into());
     }
@@ -396,6 +398,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             Some(snapshot) = next_snapshot(&mut snapshots) => {
                 agent.apply_snapshot(&snapshot, !synced);
+                if !synced {
+                    // As in file mode: after the first reconcile, an older layout's go.
+                    agent.capture.finish_layout_handover();
+                }
                 synced = true;
                 next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
             }

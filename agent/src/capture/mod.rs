@@ -5,10 +5,18 @@
 //! listener and fails fast: fail closed, never silently plaintext.
 //!
 //! Layout under `--bpffs DIR`:
-//! - `maps/<NAME>`: the maps, reused by the next agent instance;
+//! - `maps/v<N>/<NAME>`: the maps of layout version N ([`mtls_agent_ebpf::LAYOUT_VERSION`];
+//!   pins straight under `maps/` are version 1), reused by the next instance of the same
+//!   layout;
 //! - `links/<program>_<generation>` (bpffs forbids dots in names): the cgroup links. A new instance attaches its programs
 //!   next to the old ones (cgroup links always stack; the programs are idempotent) and only then
 //!   removes the old links, so there is no moment without capture.
+//!
+//! Over pins of an older layout a new instance never reopens the old maps: it loads its own in
+//! its version's directory, takes the enforcement state over ([`upgrade`]), attaches beside the
+//! old programs, and detaches those and removes the old pins only after its first reconcile
+//! ([`Capture::finish_layout_handover`]), when its own programs and maps enforce for the pods.
+//! Pins of a newer layout are refused (a downgrade), leaving them enforcing.
 
 use std::{
     fs,
@@ -25,14 +33,16 @@ use aya::{
 };
 use mtls_agent_ebpf::{
     map_names, prog_names, stats, Config, ConnKey, ListenerKey, OrigDst, PendingDst, PodInfo,
-    PortKey, PortPolicy, SockAddr, AF_INET, AF_INET6, MODE_DISABLE, MODE_PERMISSIVE, MODE_STRICT,
-    OUTBOUND_PORT,
+    PortKey, PortPolicy, SockAddr, AF_INET, AF_INET6, LAYOUT_VERSION, MODE_DISABLE,
+    MODE_PERMISSIVE, MODE_STRICT, OUTBOUND_PORT,
 };
 use tracing::{debug, info, warn};
 
 pub mod cgroup2;
+pub mod layout;
 pub mod probe;
 pub mod self_cgroup;
+pub mod upgrade;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MTLS_AGENT_EBPF_OBJ"));
@@ -75,6 +85,8 @@ pub enum CaptureError {
     KubeletCgroupDir(self_cgroup::SelfCgroupError),
     #[error("the agent's own cgroup: {0}")]
     SelfCgroup(#[from] self_cgroup::SelfCgroupError),
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
 }
 
 /// Where and how to attach.
@@ -151,8 +163,13 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     maps_dir: PathBuf,
     links_dir: PathBuf,
+    /// Set while an older layout's programs still run beside ours.
+    handover: Option<Handover>,
+    bpffs: PathBuf,
     generation: u128,
     orig_dst: Option<OrigDstMap>,
+    /// The older layout's `ORIG_DST`, shared with [`OrigDstMap`] until the handover ends.
+    legacy_orig_dst: LegacySlot,
     events: Option<RingBuf<MapData>>,
     plaintext_events: Option<RingBuf<MapData>>,
     /// Kernel ids of the programs this instance loaded.
@@ -161,6 +178,13 @@ pub struct Capture {
     _stats_enabled: Option<std::os::fd::OwnedFd>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     log_switch: std::sync::Arc<EbpfLogSwitch>,
+}
+
+/// What is left of an older layout until this instance enforces on its own.
+struct Handover {
+    older: Vec<u32>,
+    /// The old node-wide links (capture of every pod), detached at the end.
+    node_links: Vec<PathBuf>,
 }
 
 /// Turns the programs' debug lines on and off at run time (the `CONFIG` log flag), so that
@@ -195,24 +219,28 @@ impl Capture {
     pub fn load(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
         probe::probe()?;
         ensure_bpffs(&cfg.bpffs)?;
-        let maps_dir = cfg.bpffs.join("maps");
+        // Before anything is created: a newer layout's pins are refused untouched.
+        let found = layout::inspect(&cfg.bpffs)?;
+        let maps_dir = layout::maps_dir(&cfg.bpffs);
         let links_dir = cfg.bpffs.join("links");
+        let fresh = !maps_dir.exists();
         for dir in [&cfg.bpffs, &maps_dir, &links_dir] {
             fs::create_dir_all(dir)
                 .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
+        if found.older.is_empty() && fresh {
+            info!(version = LAYOUT_VERSION, dir = %maps_dir.display(), "map layout: none pinned yet, maps pinned fresh");
+        } else if found.older.is_empty() {
+            info!(version = LAYOUT_VERSION, dir = %maps_dir.display(), "map layout: same version, pinned maps re-opened");
+        } else {
+            info!(from = ?found.older, to = LAYOUT_VERSION, dir = %maps_dir.display(),
+                "map layout handover: own maps beside the older layout's, old programs detached after the first reconcile");
+        }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
-        // Inbound rules keyed by address lived in `INBOUND` before they were keyed by netns
-        // cookie: its pin goes (the programs of an earlier version that still use it keep the
-        // map until their pods are re-enrolled; then the kernel frees it).
-        let legacy = maps_dir.join(LEGACY_INBOUND_PIN);
-        if legacy.exists() {
-            match fs::remove_file(&legacy) {
-                Ok(()) => {
-                    info!(pin = %legacy.display(), "removed the pin of the address-keyed inbound rules")
-                }
-                Err(e) => warn!(pin = %legacy.display(), "removing a legacy pin: {e}"),
-            }
+        // Before the new programs run: the pods the older layout captured, held and guarded
+        // stay so in between (the first reconcile then keeps or releases each).
+        if found.older.contains(&1) {
+            upgrade::take_over_v1(&cfg.bpffs, &maps_dir, pid_running);
         }
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -243,10 +271,7 @@ impl Capture {
             .set(0, value, 0)
             .map_err(|source| CaptureError::Map { name: map_names::CONFIG, source })?;
 
-        let mut enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
-        // Before the new programs replace the old ones: the pods the previous layout captured
-        // stay captured in between (the first reconcile then keeps or releases each).
-        carry_over_enrolled(&maps_dir, &mut enrolled);
+        let enrolled = take_map(&mut ebpf, map_names::ENROLLED)?;
         // Before any program is attached: from then on this instance's connect()s inside pods'
         // namespaces must already be recognised as its own.
         let own_cgroup = self_cgroup::own_cgroup()?;
@@ -256,6 +281,9 @@ impl Capture {
         agent_cgroups
             .insert(own_cgroup.1, std::process::id(), 0)
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
+        if found.older.contains(&1) {
+            upgrade::register_in_v1(&cfg.bpffs, own_cgroup.1);
+        }
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let held = take_map(&mut ebpf, map_names::HELD_CGROUPS)?;
         let inbound = take_map(&mut ebpf, map_names::INBOUND)?;
@@ -263,7 +291,14 @@ impl Capture {
         let stats = take_map(&mut ebpf, map_names::STATS)?;
         let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
         let plaintext_events = Some(take_map(&mut ebpf, map_names::PLAINTEXT_EVENTS)?);
-        let orig_dst = Some(OrigDstMap { map: take_map(&mut ebpf, map_names::ORIG_DST)? });
+        let legacy = found.older.contains(&1).then(|| upgrade::v1_orig_dst(&cfg.bpffs)).flatten();
+        let legacy_orig_dst = std::sync::Arc::new(std::sync::Mutex::new(
+            legacy.map(|map| LegacyOrigDst { map, until: None }),
+        ));
+        let orig_dst = Some(OrigDstMap {
+            map: take_map(&mut ebpf, map_names::ORIG_DST)?,
+            legacy: legacy_orig_dst.clone(),
+        });
 
         let cgroup = fs::File::open(&cfg.cgroup)
             .map_err(|source| CaptureError::Cgroup { path: cfg.cgroup.clone(), source })?;
@@ -332,22 +367,17 @@ impl Capture {
             }
         };
 
-        // The new programs are live: retire the previous instance's links.
-        for old in old_links {
-            remove_link_pin(&old);
-            debug!(path = %old.display(), "detached previous link");
-        }
-        // Pins of map layouts this version no longer uses (their programs are retired above;
-        // a map lives on while a program still holds it, so only the name goes).
-        for stale in map_names::RETIRED {
-            let path = maps_dir.join(stale);
-            if path.exists() {
-                match fs::remove_file(&path) {
-                    Ok(()) => info!(path = %path.display(), "removed the pin of a retired map"),
-                    Err(e) => warn!(path = %path.display(), "removing a retired map's pin: {e}"),
-                }
+        // The new programs are live: retire the previous instance's links, at once when it
+        // shared our maps; an older layout's only once ours are populated.
+        let handover = if found.older.is_empty() {
+            for old in old_links {
+                remove_link_pin(&old);
+                debug!(path = %old.display(), "detached previous link");
             }
-        }
+            None
+        } else {
+            Some(Handover { older: found.older, node_links: old_links })
+        };
         info!(bpffs = %cfg.bpffs.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
             _ebpf: ebpf,
@@ -360,8 +390,11 @@ impl Capture {
             stats,
             maps_dir,
             links_dir,
+            handover,
+            bpffs: cfg.bpffs.clone(),
             generation,
             orig_dst,
+            legacy_orig_dst,
             events,
             plaintext_events,
             program_ids,
@@ -371,6 +404,38 @@ impl Capture {
                 config: std::sync::Mutex::new(config),
             }),
         })
+    }
+
+    /// Ends a handover from an older map layout, once this instance enforces on its own (after
+    /// its first reconcile: every pod it keeps has its entries in our maps and our inbound
+    /// program): detaches the old node-wide links and removes the old layouts' pins. A pod's
+    /// old inbound link went when this instance attached its own; one that is left (its pod
+    /// not enrolled again yet) keeps guarding it until then. No-op without a handover.
+    pub fn finish_layout_handover(&mut self) {
+        let Some(h) = self.handover.take() else { return };
+        for old in &h.node_links {
+            remove_link_pin(old);
+            debug!(path = %old.display(), "detached an older layout's link");
+        }
+        let removed: usize = h.older.iter().map(|v| layout::remove_version(&self.bpffs, *v)).sum();
+        // Connections the old programs captured are accepted within moments; then its map goes.
+        if let Some(l) = lock_slot(&self.legacy_orig_dst).as_mut() {
+            l.until = Some(std::time::Instant::now() + LEGACY_ORIG_DST_GRACE);
+        }
+        let ours = format!("_{}", self.generation);
+        let old_pod_links = existing_links(&self.links_dir)
+            .iter()
+            .map(|p| link_name(p))
+            .filter(|n| n.starts_with(INBOUND_LINK_PREFIX) && !n.ends_with(&ours))
+            .count();
+        info!(from = ?h.older, to = LAYOUT_VERSION, node_links = h.node_links.len(), pins = removed,
+            "map layout handover done: the older layout's programs detached, its pins removed");
+        if old_pod_links > 0 {
+            warn!(
+                pods = old_pod_links,
+                "older inbound links stay on pods not enrolled again: they guard them until then"
+            );
+        }
     }
 
     /// Attaches inbound enforcement to a pod's network namespace, replacing the link an
@@ -716,35 +781,6 @@ fn check_kubelet_cgroup(kubelet: &Path, pods: &Path) -> Result<(), CaptureError>
     Ok(())
 }
 
-/// Copies the pods of a previous layout's `ENROLLED` map (same key, an 8-byte value whose
-/// second half was padding, now the pending count) into `ENROLLED_PODS`, so that an upgrade
-/// never leaves an enrolled pod's connect()s uncaptured between the new programs' attach and the
-/// first reconcile (which, in Kubernetes mode, waits for the API server).
-fn carry_over_enrolled(maps_dir: &Path, enrolled: &mut HashMap<MapData, u64, PodInfo>) {
-    const LEGACY: &str = "ENROLLED";
-    const BPF_NOEXIST: u64 = 1;
-    let path = maps_dir.join(LEGACY);
-    if !path.exists() {
-        return;
-    }
-    let legacy = MapData::from_pin(&path).map_err(|e| e.to_string()).and_then(|d| {
-        HashMap::<_, u64, PodInfo>::try_from(Map::HashMap(d)).map_err(|e| e.to_string())
-    });
-    let legacy = match legacy {
-        Ok(m) => m,
-        Err(e) => {
-            warn!(path = %path.display(), "reading the previous layout's enrolled pods: {e}");
-            return;
-        }
-    };
-    let cookies: Vec<u64> = legacy.keys().filter_map(Result::ok).collect();
-    let carried = cookies
-        .iter()
-        .filter(|c| enrolled.insert(**c, PodInfo::default(), BPF_NOEXIST).is_ok())
-        .count();
-    info!("carried over the previous layout's {LEGACY} map: {carried} enrolled pod(s)");
-}
-
 /// Removes the cgroup ids of agent instances that are no longer running (their pid is gone),
 /// so ids of crashed instances never fill `AGENT_CGROUPS`. The ids of running instances (the
 /// old one during a rolling update) stay.
@@ -847,7 +883,7 @@ impl StatsReader {
         bpffs: &Path,
         programs: std::sync::Arc<ProgramIds>,
     ) -> Result<StatsReader, CaptureError> {
-        let path = bpffs.join("maps").join(map_names::STATS);
+        let path = layout::maps_dir(bpffs).join(map_names::STATS);
         let data = MapData::from_pin(&path)
             .map_err(|source| CaptureError::Map { name: map_names::STATS, source })?;
         let map = PerCpuArray::try_from(Map::PerCpuArray(data))
@@ -863,24 +899,52 @@ impl StatsReader {
 /// Read-only view of `ORIG_DST`, shared by the connection tasks.
 pub struct OrigDstMap {
     map: HashMap<MapData, ConnKey, OrigDst>,
+    /// An older layout's, while its programs may still have captured a connection.
+    legacy: LegacySlot,
+}
+
+/// An older layout's `ORIG_DST` and when to let it go (set once its programs are detached).
+struct LegacyOrigDst {
+    map: HashMap<MapData, ConnKey, OrigDst>,
+    until: Option<std::time::Instant>,
+}
+
+type LegacySlot = std::sync::Arc<std::sync::Mutex<Option<LegacyOrigDst>>>;
+
+/// How long the older layout's `ORIG_DST` is still read after its programs are detached.
+const LEGACY_ORIG_DST_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn lock_slot(slot: &LegacySlot) -> std::sync::MutexGuard<'_, Option<LegacyOrigDst>> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl OrigDstMap {
     /// Opens the pinned map of a node (used by tests and diagnostics).
     pub fn open_pinned(bpffs: &Path) -> Result<OrigDstMap, CaptureError> {
-        let path = bpffs.join("maps").join(map_names::ORIG_DST);
+        let path = layout::maps_dir(bpffs).join(map_names::ORIG_DST);
         let data = MapData::from_pin(&path)
             .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
         let map = HashMap::try_from(Map::LruHashMap(data))
             .map_err(|source| CaptureError::Map { name: map_names::ORIG_DST, source })?;
-        Ok(OrigDstMap { map })
+        Ok(OrigDstMap { map, legacy: Default::default() })
     }
 
     /// The destination a captured client meant to reach. `client` is the peer address seen
     /// by the in-pod listener of the pod whose netns has `netns_cookie`.
     pub fn lookup(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = ConnKey { netns_cookie, client: to_sock_addr(client), _pad: 0 };
-        let v = self.map.get(&key, 0).ok()?;
+        let v = match self.map.get(&key, 0) {
+            Ok(v) => v,
+            // Only on a miss: captured by an older layout's programs during a handover.
+            Err(_) => {
+                let mut slot = lock_slot(&self.legacy);
+                if slot.as_ref()?.until.is_some_and(|t| std::time::Instant::now() >= t) {
+                    *slot = None;
+                    return None;
+                }
+                slot.as_ref()?.map.get(&key, 0).ok()?
+            }
+        };
         from_sock_addr(v.dst)
     }
 
@@ -907,9 +971,6 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     link.pin(path).map_err(|source| CaptureError::Pin { path: path.to_owned(), source })?;
     Ok(())
 }
-
-/// The pin of the inbound rules keyed by (address, port), before `INBOUND_RULES`.
-const LEGACY_INBOUND_PIN: &str = "INBOUND";
 
 /// Pin names of per-pod inbound links: `inbound_<netns cookie>_<generation>`.
 const INBOUND_LINK_PREFIX: &str = "inbound_";
@@ -994,8 +1055,12 @@ fn open_pinned_hash<V: aya::Pod>(
     bpffs: &Path,
     name: &'static str,
 ) -> Result<HashMap<MapData, u64, V>, CaptureError> {
-    let data = MapData::from_pin(bpffs.join("maps").join(name))
-        .map_err(|source| CaptureError::Map { name, source })?;
+    // A node still on layout 1 (an agent of the version before) is read where it pinned.
+    let mut path = layout::maps_dir(bpffs).join(name);
+    if !path.exists() {
+        path = layout::version_dir(bpffs, 1).join(name);
+    }
+    let data = MapData::from_pin(path).map_err(|source| CaptureError::Map { name, source })?;
     HashMap::try_from(Map::HashMap(data)).map_err(|source| CaptureError::Map { name, source })
 }
 
@@ -1018,6 +1083,14 @@ pub fn unpin_all(bpffs: &Path) -> std::io::Result<Unpinned> {
                     } else {
                         done.node_links += 1;
                     }
+                } else if e.file_type()?.is_dir() {
+                    // A layout version's directory (`maps/v<N>`).
+                    for pin in fs::read_dir(e.path())?.flatten() {
+                        fs::remove_file(pin.path())?;
+                        done.maps += 1;
+                    }
+                    fs::remove_dir(e.path())?;
+                    continue;
                 } else {
                     done.maps += 1;
                 }
