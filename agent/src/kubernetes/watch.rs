@@ -7,7 +7,7 @@
 //! again after each change (debounced).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt::Debug,
     sync::Arc,
     time::Duration,
@@ -90,7 +90,10 @@ pub fn watched_resources() -> Vec<(String, String)> {
     v
 }
 
-pub(super) type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
+/// A kind's objects by `namespace/name`: a persistent map, so handing the builder the state
+/// after an event costs O(1) (shared structure), not a copy of every key.
+pub(super) type Objects<K> = Arc<Map<K>>;
+pub(super) type Map<K> = imbl::OrdMap<String, Arc<K>>;
 /// `None` until the kind's first list is complete.
 pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
@@ -176,13 +179,13 @@ pub fn start_with(
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
 pub(super) struct Cache<K> {
-    pub(super) live: BTreeMap<String, Arc<K>>,
-    relisting: Option<BTreeMap<String, Arc<K>>>,
+    pub(super) live: Map<K>,
+    relisting: Option<Map<K>>,
 }
 
 impl<K: Resource> Cache<K> {
     pub(super) fn new() -> Self {
-        Cache { live: BTreeMap::new(), relisting: None }
+        Cache { live: Map::new(), relisting: None }
     }
 
     fn key(o: &K) -> String {
@@ -193,12 +196,12 @@ impl<K: Resource> Cache<K> {
     pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
         match event {
             watcher::Event::Init => {
-                self.relisting = Some(BTreeMap::new());
+                self.relisting = Some(Map::new());
                 false
             }
             watcher::Event::InitApply(o) => {
                 let key = Self::key(&o);
-                self.relisting.get_or_insert_with(BTreeMap::new).insert(key, Arc::new(o));
+                self.relisting.get_or_insert_with(Map::new).insert(key, Arc::new(o));
                 false
             }
             watcher::Event::InitDone => {
@@ -244,6 +247,7 @@ where
             match item {
                 Ok(event) => {
                     if cache.apply(event) {
+                        // O(1): the map's structure is shared, not copied.
                         tx.send_replace(Some(Arc::new(cache.live.clone())));
                         notify.notify_one();
                     }
@@ -535,6 +539,25 @@ mod tests {
     }
 
     #[test]
+    fn a_state_handed_out_stays_as_it_was_and_shares_its_objects() {
+        let mut c = Cache::new();
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        c.apply(watcher::Event::InitDone);
+        // What the builder got (an O(1) clone) ...
+        let before = c.live.clone();
+        assert!(before.ptr_eq(&c.live));
+        c.apply(watcher::Event::Apply(pod("b", "10.0.0.2")));
+        c.apply(watcher::Event::Delete(pod("a", "10.0.0.1")));
+        // ... is not changed by later events, and unchanged objects are the same objects.
+        assert_eq!(before.keys().collect::<Vec<_>>(), ["ns/a"]);
+        assert_eq!(keys(&c), ["ns/b"]);
+        let again = c.live.clone();
+        c.apply(watcher::Event::Apply(pod("c", "10.0.0.3")));
+        assert!(Arc::ptr_eq(&again["ns/b"], &c.live["ns/b"]));
+    }
+
+    #[test]
     fn a_second_running_pod_with_the_same_ip_is_rejected_by_name() {
         let objects = |pods: Vec<Pod>| {
             Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
@@ -592,7 +615,7 @@ mod tests {
             "metadata": {"name": "ns", "labels": {membership::DATAPLANE_MODE: membership::AMBIENT}},
         }))
         .unwrap();
-        state.namespaces = Arc::new([("/ns".to_owned(), Arc::new(ns))].into());
+        state.namespaces = Arc::new(Map::unit("/ns".to_owned(), Arc::new(ns)));
         let s = build(&state, "istio-system", &node);
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
