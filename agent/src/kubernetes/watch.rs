@@ -6,12 +6,7 @@
 //! builder task turns the caches into a [`Snapshot`] once every kind has been listed, and
 //! again after each change (debounced).
 
-use std::{
-    collections::{BTreeSet, HashMap, HashSet},
-    fmt::Debug,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, fmt::Debug, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
@@ -30,16 +25,20 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{convert, membership};
-use crate::{
-    policy::PolicySet,
-    workloads::{Workload, WorkloadSet},
-};
+use super::{incremental::Builder, membership, podview::PodView};
+// The reference build, for the tests.
+#[cfg(test)]
+use super::convert;
+#[cfg(test)]
+use crate::workloads::Workload;
+use crate::{policy::PolicySet, workloads::WorkloadSet};
+#[cfg(test)]
+use std::collections::{BTreeSet, HashMap};
 
 /// Changes arriving together (a rollout, a relist) are built into one snapshot.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// What the agent learns from the API server.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,8 +91,8 @@ pub fn watched_resources() -> Vec<(String, String)> {
 
 /// A kind's objects by `namespace/name`: a persistent map, so handing the builder the state
 /// after an event costs O(1) (shared structure), not a copy of every key.
-pub(super) type Objects<K> = Arc<Map<K>>;
-pub(super) type Map<K> = imbl::OrdMap<String, Arc<K>>;
+pub(crate) type Objects<K> = Arc<Map<K>>;
+pub(crate) type Map<K> = imbl::OrdMap<String, Arc<K>>;
 /// `None` until the kind's first list is complete.
 pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
@@ -150,17 +149,36 @@ pub fn start_with(
 ) -> Feed {
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
-    let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
-    tasks.push(t);
+    // With a node: its own pods whole, every pod as the compact projection of what the agent
+    // needs of a remote one. Without: every pod whole.
+    let (pods, views) = match &members.node {
+        Some(node) => {
+            let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+            let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", config, &notify);
+            tasks.push(t);
+            let api = Api::<PodView>::all(client.clone());
+            let (views, t) =
+                spawn_watch(api, "pods (projection)", watcher::Config::default(), &notify);
+            tasks.push(t);
+            (pods, Some(views))
+        }
+        None => {
+            let api = Api::<Pod>::all(client.clone());
+            let (pods, t) = spawn_watch(api, "pods", watcher::Config::default(), &notify);
+            tasks.push(t);
+            (pods, None)
+        }
+    };
     // Not optional: without namespaces' labels nobody can be known to be in the mesh.
+    let all = watcher::Config::default;
     let (namespaces, t) =
-        spawn_watch(Api::<Namespace>::all(client.clone()), "namespaces", false, &notify);
+        spawn_watch(Api::<Namespace>::all(client.clone()), "namespaces", all(), &notify);
     tasks.push(t);
     let (services, t) =
-        spawn_watch(Api::<KubeService>::all(client.clone()), "services", false, &notify);
+        spawn_watch(Api::<KubeService>::all(client.clone()), "services", all(), &notify);
     tasks.push(t);
     let (slices, t) =
-        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", false, &notify);
+        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", all(), &notify);
     tasks.push(t);
     // Istio's kinds may not be installed: only those the cluster serves are watched, and a
     // served one that cannot be read is an error, not "no policies".
@@ -170,7 +188,7 @@ pub fn start_with(
     let policies = started.slots;
     let (tx, rx) = watch::channel(None);
     let (bound_tx, bound) = watch::channel(None);
-    let inputs = Inputs { pods, namespaces, services, slices, policies };
+    let inputs = Inputs { pods, views, namespaces, services, slices, policies };
     let root = root_namespace.to_owned();
     let out = Outputs { snapshots: tx, bound: bound_tx };
     tasks.push(tokio::spawn(build_loop(inputs, notify, out, root, members)));
@@ -220,17 +238,40 @@ impl<K: Resource> Cache<K> {
     }
 }
 
+/// What a cache keeps of an object: not the managed fields (never read, and often the bulk
+/// of an object); of a pod's projection, not even the annotations it does not read.
+pub(super) trait Trim {
+    fn trim(&mut self);
+}
+
+macro_rules! trim_managed_fields {
+    ($($k:ty),*) => {$(
+        impl Trim for $k {
+            fn trim(&mut self) {
+                self.metadata.managed_fields = None;
+            }
+        }
+    )*};
+}
+trim_managed_fields!(Pod, Namespace, KubeService, EndpointSlice);
+
+impl Trim for PodView {
+    fn trim(&mut self) {
+        PodView::trim(self)
+    }
+}
+
 /// Watches a kind the agent cannot do without. An error is never taken as "none": the last
-/// complete state stays and the watcher retries. (`_optional` is unused: a kind that may be
-/// missing is found through API discovery, as the policy kinds are in `sources`.)
+/// complete state stays and the watcher retries. (A kind that may be missing is found through
+/// API discovery, as the policy kinds are in `sources`.)
 fn spawn_watch<K>(
     api: Api<K>,
     what: impl Into<String>,
-    _optional: bool,
+    config: watcher::Config,
     notify: &Arc<Notify>,
 ) -> (Slot<K>, JoinHandle<()>)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let what = what.into();
     let (tx, rx) = watch::channel(None);
@@ -238,10 +279,7 @@ where
     let task = tokio::spawn(async move {
         let mut cache = Cache::new();
         // The watcher relists by itself after a lost watch; the backoff paces the retries.
-        let events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            // Not read, and often the bulk of an object: kept out of the caches.
-            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let events = watcher(api, config).default_backoff().modify(|o: &mut K| o.trim());
         let mut events = std::pin::pin!(events);
         while let Some(item) = events.next().await {
             match item {
@@ -262,6 +300,8 @@ where
 
 struct Inputs {
     pods: Slot<Pod>,
+    /// With a node: every pod, projected.
+    views: Option<Slot<PodView>>,
     namespaces: Slot<Namespace>,
     services: Slot<KubeService>,
     slices: Slot<EndpointSlice>,
@@ -269,12 +309,15 @@ struct Inputs {
 }
 
 /// Every kind's objects, once each has been listed.
-struct State {
-    pods: Objects<Pod>,
-    namespaces: Objects<Namespace>,
-    services: Objects<KubeService>,
-    slices: Objects<EndpointSlice>,
-    policies: Vec<(ApiResource, Objects<DynamicObject>)>,
+pub(super) struct State {
+    /// The node's pods (every pod, without a node), whole.
+    pub(super) pods: Objects<Pod>,
+    /// With a node: every pod, projected (a pod also in `pods` is taken from there).
+    pub(super) views: Option<Objects<PodView>>,
+    pub(super) namespaces: Objects<Namespace>,
+    pub(super) services: Objects<KubeService>,
+    pub(super) slices: Objects<EndpointSlice>,
+    pub(super) policies: Vec<(ApiResource, Objects<DynamicObject>)>,
 }
 
 impl Inputs {
@@ -283,8 +326,13 @@ impl Inputs {
         for (ar, rx) in &self.policies {
             policies.push((ar.clone(), rx.borrow().clone()?));
         }
+        let views = match &self.views {
+            Some(rx) => Some(rx.borrow().clone()?),
+            None => None,
+        };
         Some(State {
             pods: self.pods.borrow().clone()?,
+            views,
             namespaces: self.namespaces.borrow().clone()?,
             services: self.services.borrow().clone()?,
             slices: self.slices.borrow().clone()?,
@@ -307,23 +355,32 @@ async fn build_loop(
 ) {
     let tx = out.snapshots;
     let mut reported = HashSet::new();
+    let mut builder = Builder::new(&root_namespace, members);
     loop {
         notify.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
         let Some(state) = inputs.state() else {
             // Not every kind listed yet: the pods to hold are known from pods and namespaces.
             let pods = inputs.pods.borrow().clone();
+            let views = inputs.views.as_ref().map(|rx| rx.borrow().clone());
             let namespaces = inputs.namespaces.borrow().clone();
+            let views = match views {
+                Some(None) => continue,
+                Some(Some(v)) => Some(v),
+                None => None,
+            };
             if let (Some(pods), Some(namespaces), true) = (pods, namespaces, tx.borrow().is_none())
             {
-                let bound = bound_only(&pods, &namespaces, &members);
-                if out.bound.borrow().as_deref() != Some(&bound) {
-                    out.bound.send_replace(Some(Arc::new(bound)));
+                if let Some(bound) = builder.bound(&pods, views.as_ref(), &namespaces) {
+                    if out.bound.borrow().as_deref() != Some(&bound) {
+                        out.bound.send_replace(Some(Arc::new(bound)));
+                    }
                 }
             }
             continue;
         };
-        let snapshot = build(&state, &root_namespace, &members);
+        // Only parts that changed are converted again; nothing changed, nothing to send.
+        let Some(snapshot) = builder.build(&state) else { continue };
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
         for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
@@ -339,15 +396,14 @@ async fn build_loop(
                 "synced with the API server"
             );
         }
-        if tx.borrow().as_deref() != Some(&snapshot) {
-            tx.send_replace(Some(Arc::new(snapshot)));
-        }
+        tx.send_replace(Some(Arc::new(snapshot)));
     }
 }
 
 /// Pods in the order they claim their IPs: those not terminating first, each group by name. An
 /// IP freed by a terminating pod and already given to a new one is the new pod's: the old
 /// pod's identity and policy must not answer for it.
+#[cfg(test)]
 fn serving_first(pods: &Objects<Pod>) -> impl Iterator<Item = &Pod> {
     let terminating = |p: &Pod| p.metadata.deletion_timestamp.is_some();
     let (mut first, rest): (Vec<&Pod>, Vec<&Pod>) =
@@ -356,7 +412,14 @@ fn serving_first(pods: &Objects<Pod>) -> impl Iterator<Item = &Pod> {
     first.into_iter()
 }
 
-fn build(state: &State, root_namespace: &str, members: &membership::Settings) -> Snapshot {
+/// The snapshot of `state` from scratch: the reference the incremental [`Builder`] is tested
+/// against.
+#[cfg(test)]
+pub(super) fn build(
+    state: &State,
+    root_namespace: &str,
+    members: &membership::Settings,
+) -> Snapshot {
     let mut rejected = Vec::new();
     let mut workloads: Vec<Workload> = Vec::new();
     let mut decisions = Vec::new();
@@ -447,7 +510,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     );
     rejected.extend(errors.iter().map(ToString::to_string));
     Snapshot {
-        workloads: WorkloadSet { workloads, services },
+        workloads: WorkloadSet::new(workloads, services),
         policies,
         rejected,
         membership: decisions,
@@ -457,6 +520,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
 
 /// The pods of the mesh bound to a node (as in [`Snapshot::bound`]), from pods and namespaces
 /// alone.
+#[cfg(test)]
 fn bound_only(
     pods: &Objects<Pod>,
     namespaces: &Objects<Namespace>,
@@ -470,7 +534,7 @@ fn bound_only(
 
 /// The mesh membership of a pod that is or may become running (not of finished ones, nor of
 /// pods without a name, namespace or node).
-fn pod_membership(
+pub(super) fn pod_membership(
     pod: &Pod,
     namespaces: &Objects<Namespace>,
     members: &membership::Settings,
@@ -567,6 +631,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let s = build(&state, "istio-system", &membership::Settings::default());
@@ -598,6 +663,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let node = membership::Settings { node: Some("n1".into()), ..Default::default() };
@@ -642,6 +708,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         assert_eq!(build(&state, "istio-system", &membership::Settings::default()).bound, bound);
@@ -658,6 +725,7 @@ mod tests {
                 namespaces: Arc::default(),
                 services: Arc::default(),
                 slices: Arc::default(),
+                views: None,
                 policies: vec![],
             };
             let s = build(&state, "istio-system", &membership::Settings::default());
@@ -678,6 +746,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let s = build(&state, "istio-system", &membership::Settings::default());
