@@ -373,7 +373,9 @@ async fn handle(
             } else {
                 for (i, (rv, kind, object)) in c.log.iter().enumerate() {
                     let old = c.replaced.get(&i);
-                    if let (true, Some(kind)) = (*rv > from, as_selected(&fields, kind, old, object)) {
+                    if let (true, Some(kind)) =
+                        (*rv > from, as_selected(&fields, kind, old, object))
+                    {
                         let _ = tx.send(event(kind, object));
                     }
                 }
@@ -414,11 +416,13 @@ async fn handle(
     // version is.
     let (list_rv, after) = match query.get("continue").filter(|t| !t.is_empty()) {
         None => (st.rv, None),
-        Some(token) => match token.split_once(':').and_then(|(rv, k)| Some((rv.parse().ok()?, k))) {
-            Some((rv, _)) if rv < c.expired_before => return Ok(expired_continue()),
-            Some((rv, key)) => (rv, Some(key.to_owned())),
-            None => return Ok(full(400, json!({"kind": "Status", "code": 400}))),
-        },
+        Some(token) => {
+            match token.split_once(':').and_then(|(rv, k)| Some((rv.parse().ok()?, k))) {
+                Some((rv, _)) if rv < c.expired_before => return Ok(expired_continue()),
+                Some((rv, key)) => (rv, Some(key.to_owned())),
+                None => return Ok(full(400, json!({"kind": "Status", "code": 400}))),
+            }
+        }
     };
     let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let page = match (limit, st.max_page) {

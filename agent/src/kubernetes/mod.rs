@@ -12,6 +12,7 @@ pub mod netns;
 pub mod podview;
 pub mod sandbox;
 pub mod sources;
+pub mod thread;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub enum KubeError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    #[error("Kubernetes feed thread: {0}")]
+    Runtime(String),
 }
 
 /// Where Kubernetes mode gets its facts.

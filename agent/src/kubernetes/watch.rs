@@ -102,6 +102,8 @@ pub struct Feed {
     bound: watch::Receiver<Option<Arc<Vec<super::binding::BoundPod>>>>,
     tasks: Vec<JoinHandle<()>>,
     sources: super::sources::Sources,
+    /// On its own thread ([`super::thread`]): how to stop it, and the thread to wait for.
+    thread: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Feed {
@@ -121,12 +123,43 @@ impl Feed {
     pub fn sources(&self) -> super::sources::Sources {
         self.sources.clone()
     }
+
+    /// A feed with this one's channels and sources and none of its tasks.
+    pub(super) fn handle(&self) -> Feed {
+        Feed {
+            rx: self.rx.clone(),
+            bound: self.bound.clone(),
+            tasks: Vec::new(),
+            sources: self.sources.clone(),
+            thread: None,
+        }
+    }
+
+    /// This handle stops `thread` (through `stop`) when dropped.
+    pub(super) fn on_thread(
+        mut self,
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> Feed {
+        self.thread = Some((stop, thread));
+        self
+    }
+
+    /// Whether the feed's own thread runs (`None`: it runs on the caller's runtime).
+    pub fn thread_alive(&self) -> Option<bool> {
+        self.thread.as_ref().map(|(_, t)| !t.is_finished())
+    }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some((stop, thread)) = self.thread.take() {
+            let _ = stop.send(());
+            // Its tasks end with its runtime; nothing there blocks.
+            let _ = thread.join();
         }
     }
 }
@@ -192,7 +225,7 @@ pub fn start_with(
     let root = root_namespace.to_owned();
     let out = Outputs { snapshots: tx, bound: bound_tx };
     tasks.push(tokio::spawn(build_loop(inputs, notify, out, root, members)));
-    Feed { rx, bound, tasks, sources: started.sources }
+    Feed { rx, bound, tasks, sources: started.sources, thread: None }
 }
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
