@@ -727,3 +727,18 @@ impl ApiServer {
         self.lock().bookmarks.get(path).copied().unwrap_or_default()
     }
 }
+
+impl ApiServer {
+    /// Compacts `path`'s history as etcd does: watching from a version before now is `410
+    /// Gone` (so is continuing a list begun before), while open watches go on. A client that
+    /// kept its version current (bookmarks) re-watches; one that did not must list again.
+    pub fn compact(&self, path: &str) {
+        let mut st = self.lock();
+        let rv = st.rv;
+        if let Some(c) = st.collections.get_mut(path) {
+            c.expired_before = rv;
+            c.log.clear();
+            c.replaced.clear();
+        }
+    }
+}
