@@ -172,7 +172,7 @@ impl Builder {
     ) -> bool {
         let round = self.round;
         let mut changed = false;
-        let mut ns_of: HashMap<String, Option<Arc<Namespace>>> = HashMap::new();
+        let mut ns_of: HashMap<&str, Option<Arc<Namespace>>> = HashMap::new();
         // Whole objects first: they win over a projection of the same pod.
         let full = pods.iter().map(|(k, p)| (k, Source::Full(p.clone())));
         let projected = views
@@ -183,7 +183,7 @@ impl Builder {
         for (key, source) in full.chain(projected) {
             let ns_name = key.split_once('/').map_or("", |(ns, _)| ns);
             let namespace = ns_of
-                .entry(ns_name.to_owned())
+                .entry(ns_name)
                 .or_insert_with(|| namespaces.get(&format!("/{ns_name}")).cloned())
                 .clone();
             if let Some(parts) = self.pods.get_mut(key.as_str()) {
