@@ -310,3 +310,54 @@ fn a_rollout_sized_burst_ends_with_exactly_the_final_pods() -> Result<()> {
     ensure!(c.check("local.shop")?["enrolled"] == true);
     Ok(())
 }
+
+/// The stand-in's own answers, as a client sees them on the wire: what the tests above rely on.
+#[test]
+fn the_stand_in_pages_selects_and_expires_continue_tokens_as_a_real_server() -> Result<()> {
+    let server = ApiServer::start()?;
+    server.serve(api::PODS);
+    for n in 0..5 {
+        let node = if n % 2 == 0 { "node1" } else { "node2" };
+        server
+            .apply(api::PODS, pod_object(&format!("p{n}"), node, &uid(n), &format!("10.9.0.{n}")));
+    }
+    let addr: std::net::SocketAddr = server.url().trim_start_matches("http://").parse()?;
+    let get = |q: &str| -> Result<Value> {
+        let body = testbed::agent::http(addr, "GET", &format!("{}?{q}", api::PODS))?;
+        Ok(serde_json::from_str(&body)?)
+    };
+    let names = |v: &Value| -> Vec<String> {
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        items.iter().filter_map(|i| i["metadata"]["name"].as_str().map(str::to_owned)).collect()
+    };
+    // Pages of two, then the rest; the version is the first page's throughout.
+    let first = get("limit=2")?;
+    ensure!(
+        names(&first) == ["p0", "p1"] && first["metadata"]["remainingItemCount"] == 3,
+        "{first:#}"
+    );
+    let token = first["metadata"]["continue"].as_str().context("no continue token")?.to_owned();
+    server.apply(api::PODS, pod_object("p9", "node1", &uid(9), "10.9.0.9"));
+    let second = get(&format!("limit=10&continue={token}"))?;
+    ensure!(names(&second) == ["p2", "p3", "p4", "p9"], "{second:#}");
+    ensure!(second["metadata"].get("continue").is_none(), "{second:#}");
+    ensure!(second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]);
+    // The field selector, URL-encoded as clients send it, both ways.
+    let ours = get("fieldSelector=spec.nodeName%3Dnode1")?;
+    ensure!(names(&ours) == ["p0", "p2", "p4", "p9"], "{ours:#}");
+    let theirs = get("fieldSelector=spec.nodeName%21%3Dnode1")?;
+    ensure!(names(&theirs) == ["p1", "p3"], "{theirs:#}");
+    // A server-side cap on pages, whatever the limit asked.
+    server.max_page(Some(1));
+    ensure!(names(&get("limit=500")?) == ["p0"]);
+    // After a compaction the old token is gone: 410, the client lists again.
+    server.compact(api::PODS);
+    let e = get(&format!("limit=2&continue={token}")).err().map(|e| e.to_string());
+    ensure!(e.as_deref().is_some_and(|e| e.contains("410")), "{e:?}");
+    let queries = server.requests_with_query(api::PODS);
+    ensure!(
+        queries.len() == 6 && queries[2]["fieldSelector"] == "spec.nodeName=node1",
+        "{queries:#?}"
+    );
+    Ok(())
+}
