@@ -742,3 +742,33 @@ impl ApiServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(node: &str) -> Value {
+        json!({"metadata": {"name": "p"}, "spec": {"nodeName": node}})
+    }
+
+    #[test]
+    fn a_selected_watch_sees_objects_enter_and_leave_its_selection() {
+        let q: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), decode("spec.nodeName%3Dn1"))].into();
+        let f = field_selector(&q).unwrap();
+        // Bound to the node: ADDED for this watch, whatever the change was.
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("")), &on("n1")), Some("ADDED"));
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("n1")), &on("n1")), Some("MODIFIED"));
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("n1")), &on("n2")), Some("DELETED"));
+        assert_eq!(as_selected(&f, "ADDED", None, &on("n2")), None);
+        assert_eq!(as_selected(&f, "DELETED", None, &on("n1")), Some("DELETED"));
+        assert_eq!(as_selected(&[], "ADDED", None, &on("n2")), Some("ADDED"));
+        let not: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), "spec.nodeName!=n1".to_owned())].into();
+        assert!(selects(&field_selector(&not).unwrap(), &on("n2")));
+        let bad: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), "spec.nodeName".to_owned())].into();
+        assert!(field_selector(&bad).is_err());
+        assert_eq!(decode("a%2Cb+c%zz%4"), "a,b c%zz%4");
+    }
+}
