@@ -114,6 +114,8 @@ pub(super) struct Builder {
     policies: Option<(PolicySet, Vec<String>)>,
     /// A part changed since the last snapshot was assembled.
     dirty: bool,
+    /// [`Builder::bound`] answered once (an empty cluster is an answer too).
+    bound_once: bool,
 }
 
 impl Builder {
@@ -128,6 +130,7 @@ impl Builder {
             policy_docs: BTreeMap::new(),
             policies: None,
             dirty: true,
+            bound_once: false,
         }
     }
 
@@ -155,7 +158,9 @@ impl Builder {
         let changed = self.update_pod_parts(pods, views, namespaces);
         // The full build must still assemble: these changes are not in a snapshot yet.
         self.dirty |= changed;
-        changed.then(|| self.serving_first().filter_map(|p| p.derived.bound.clone()).collect())
+        let first = !std::mem::replace(&mut self.bound_once, true);
+        (changed || first)
+            .then(|| self.serving_first().filter_map(|p| p.derived.bound.clone()).collect())
     }
 
     fn update_pods(&mut self, state: &State) {
@@ -640,6 +645,40 @@ mod tests {
             }
             assert!(workloads > 0 && clashes > 0 && endpoints > 0 && policed > 0, "seed {seed}");
         }
+    }
+
+    #[test]
+    fn the_bound_pods_before_the_first_snapshot_are_told_once_per_change() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut b = Builder::new("istio-system", membership::Settings::default());
+        let empty: Objects<Pod> = Arc::default();
+        // An empty cluster is known to be empty.
+        assert_eq!(b.bound(&empty, None, &Arc::default()), Some(vec![]));
+        assert_eq!(b.bound(&empty, None, &Arc::default()), None);
+        let mut p = pod(&mut rng, "a");
+        p.metadata.labels =
+            Some([(membership::DATAPLANE_MODE.to_owned(), membership::AMBIENT.to_owned())].into());
+        p.metadata.deletion_timestamp = None;
+        if let Some(spec) = p.spec.as_mut() {
+            spec.host_network = None;
+        }
+        if let Some(status) = p.status.as_mut() {
+            status.phase = Some("Running".into());
+        }
+        let pods: Objects<Pod> = Arc::new(Map::unit(key(&p), Arc::new(p)));
+        let bound = b.bound(&pods, None, &Arc::default()).unwrap_or_default();
+        assert_eq!(bound.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(b.bound(&pods, None, &Arc::default()), None);
+        // What was told before the first snapshot is in the first snapshot.
+        let state = State {
+            pods,
+            views: None,
+            namespaces: Arc::default(),
+            services: Arc::default(),
+            slices: Arc::default(),
+            policies: vec![],
+        };
+        assert_eq!(b.build(&state).map(|s| s.bound), Some(bound));
     }
 
     #[test]
