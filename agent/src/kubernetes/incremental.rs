@@ -396,7 +396,7 @@ fn derive(
     let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
     let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
     let ours = m.as_ref().is_some_and(|m| members.node.as_ref().is_none_or(|n| *n == m.node));
-    let bound = if is_in { super::binding::bound_pod(pod).ok().flatten() } else { None };
+    let bound = if is_in && ours { super::binding::bound_pod(pod).ok().flatten() } else { None };
     Derived {
         terminating: pod.metadata.deletion_timestamp.is_some(),
         is_in,

@@ -47,8 +47,9 @@ pub struct Snapshot {
     /// identities) and the services.
     pub workloads: WorkloadSet,
     pub policies: PolicySet,
-    /// Every pod bound to a node and not finished, IP or not (a node's agent enrolls its own
-    /// from the binding: [`super::binding::local_pods_to_enroll`]).
+    /// Every pod of the mesh bound to a node (to the feed's node, if it was given one: no
+    /// agent reads another node's) and not finished, IP or not (a node's agent enrolls its
+    /// own from the binding: [`super::binding::local_pods_to_enroll`]).
     pub bound: Vec<super::binding::BoundPod>,
     /// Objects left out, each named with the reason.
     pub rejected: Vec<String>,
@@ -466,7 +467,7 @@ pub(super) fn build(
         decisions.extend(m.filter(|_| ours));
         // Pods of the mesh bound to a node, with or without an IP yet (their errors are the
         // workload conversion's to report: a pod without a uid is both).
-        if is_in {
+        if is_in && ours {
             if let Ok(Some(b)) = super::binding::bound_pod(pod) {
                 bound.push(b);
             }
@@ -560,7 +561,12 @@ fn bound_only(
     members: &membership::Settings,
 ) -> Vec<super::binding::BoundPod> {
     serving_first(pods)
-        .filter(|p| pod_membership(p, namespaces, members).is_some_and(|m| m.membership.is_in()))
+        .filter(|p| {
+            let m = pod_membership(p, namespaces, members);
+            let ours =
+                |m: &membership::PodMembership| members.node.as_ref().is_none_or(|n| *n == m.node);
+            m.is_some_and(|m| m.membership.is_in() && ours(&m))
+        })
         .filter_map(|p| super::binding::bound_pod(p).ok().flatten())
         .collect()
 }
@@ -719,6 +725,9 @@ mod tests {
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
         assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        // Only this node's bound pods: no agent reads another node's.
+        let bound: Vec<String> = s.bound.iter().map(|b| b.key()).collect();
+        assert_eq!(bound, ["a.ns", "broken.ns", "plain.ns"]);
         assert!(s.rejected[0].contains("Pod ns/broken"), "{:?}", s.rejected);
     }
 
