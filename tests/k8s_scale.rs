@@ -252,6 +252,10 @@ fn a_bookmarked_watch_survives_a_compaction_without_a_relist() -> Result<()> {
     c.server.bookmark_every(Some(Duration::from_millis(200)));
     c.start_agent()?;
     c.wait_enrolled()?;
+    // The enrollment's Event is a write too: made before the bookmarks that must cover it.
+    c.wait("the enrollment Event", LIVE, || {
+        Ok(!c.server.objects(&api::events_path("shop")).is_empty())
+    })?;
     // Changes elsewhere move the server's version past the pods' last event ...
     for n in 0..3 {
         c.server.apply(api::NAMESPACES, api::namespace(&format!("other{n}"), false));
