@@ -4,7 +4,10 @@
 //! after a lost watch or `410 Gone`) is buffered and replaces the cache only once complete,
 //! so a relist never shows a partial or empty cluster and never releases enrolled pods. A
 //! builder task turns the caches into a [`Snapshot`] once every kind has been listed, and
-//! again after each change (debounced).
+//! again after each change (debounced), converting only what changed
+//! ([`super::incremental`]). The caches are persistent maps: an event costs O(log n) and the
+//! builder gets the state without a copy. With a node, its pods are watched whole
+//! (`spec.nodeName=<node>`) and every pod as a [`PodView`] (what a remote pod is needed for).
 
 use std::{collections::HashSet, fmt::Debug, sync::Arc, time::Duration};
 
