@@ -192,12 +192,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Source::Kubernetes(k) => {
             let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
             info!(node = %cfg.node, "Kubernetes mode: watching the API server");
-            let feed = kubernetes::start_with(
-                client.clone(),
-                &cfg.root_namespace,
-                k.membership.clone(),
-                k.discovery_interval,
-            );
+            // Off the data plane's runtime: the watchers and the builder have a thread.
+            let feed = kubernetes::thread::start_on_thread(kubernetes::thread::FeedSettings {
+                kubeconfig: k.kubeconfig.clone(),
+                root_namespace: cfg.root_namespace.clone(),
+                membership: k.membership.clone(),
+                discovery_interval: k.discovery_interval,
+            })
+            .await?;
             (Some(feed), Some(client))
         }
         Source::Files { .. } => (None, None),

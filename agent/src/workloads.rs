@@ -204,6 +204,11 @@ impl Service {
 }
 
 impl WorkloadSet {
+    /// The set of these workloads and services.
+    pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+        WorkloadSet { workloads, services }
+    }
+
     /// Reads and parses `path`, then checks that every pod of `node` has a
     /// netns that exists on disk.
     pub fn load(path: &Path, node: &str) -> Result<Self, WorkloadsError> {

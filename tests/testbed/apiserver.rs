@@ -10,6 +10,13 @@
 //! look at the agent in the middle of a relist. Collections not registered with
 //! [`ApiServer::serve`] answer 404, like a kind whose CRD is not installed.
 //!
+//! Lists are paginated as a real server's are (`limit` and `continue`, with
+//! `metadata.continue` and `remainingItemCount`; a continue token from before an expiry is
+//! `410 Gone`; [`ApiServer::max_page`] caps pages), `fieldSelector` (`a.b=v`, `a.b!=v`) is
+//! honoured by lists and watches (an object moving into or out of a watch's selection is
+//! ADDED or DELETED for it), and watches with `allowWatchBookmarks=true` get a BOOKMARK with
+//! the latest version every second ([`ApiServer::bookmark_every`]).
+//!
 //! API discovery (`GET /apis`, `GET /apis/<group>/<version>`) is answered from the served
 //! collections under `/apis/`: a kind is served once [`ApiServer::serve`] (or `apply`) made its
 //! collection, as when its CRD is installed. [`ApiServer::fail`] makes a served collection
@@ -49,10 +56,19 @@ struct Collection {
     objects: BTreeMap<String, Value>,
     /// (resourceVersion, event type, object) of every change.
     log: Vec<(u64, &'static str, Value)>,
+    /// The object each logged change replaced (by log index), for field-selected watches.
+    replaced: BTreeMap<usize, Value>,
     /// Watches from before this version get `410 Gone`.
     expired_before: u64,
     lists: usize,
-    watches: Vec<mpsc::UnboundedSender<Bytes>>,
+    watches: Vec<Watch>,
+}
+
+/// An open watch: where its events go, and which objects it selects.
+struct Watch {
+    id: u64,
+    tx: mpsc::UnboundedSender<Bytes>,
+    fields: Vec<FieldTerm>,
 }
 
 #[derive(Default)]
@@ -64,6 +80,15 @@ struct State {
     failing: BTreeMap<String, u16>,
     /// Requests per path, served or not ([`ApiServer::requests`]).
     requests: BTreeMap<String, usize>,
+    /// Every request's path and (decoded) query, in order ([`ApiServer::requests_with_query`]).
+    queries: Vec<(String, BTreeMap<String, String>)>,
+    /// The most items a list page holds, whatever the client's `limit` ([`ApiServer::max_page`]).
+    max_page: Option<usize>,
+    /// How often watches that allow them get a BOOKMARK ([`ApiServer::bookmark_every`]).
+    bookmark_every: Option<Duration>,
+    /// Bookmarks sent, per path.
+    bookmarks: BTreeMap<String, usize>,
+    next_watch: u64,
 }
 
 /// The mock server; it stops when dropped.
@@ -81,7 +106,11 @@ impl ApiServer {
             std::net::TcpListener::bind("127.0.0.1:0").context("bind mock API server")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        // Like a real server, bookmarks now and then to watches that allow them.
+        let state = Arc::new(Mutex::new(State {
+            bookmark_every: Some(Duration::from_secs(1)),
+            ..State::default()
+        }));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let shared = state.clone();
         let thread = std::thread::Builder::new()
@@ -144,10 +173,13 @@ impl ApiServer {
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let c = st.collections.entry(path.to_owned()).or_default();
         let key = key_of(&object);
-        let kind =
-            if c.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        let old = c.objects.insert(key, object.clone());
+        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        if let Some(old) = &old {
+            c.replaced.insert(c.log.len(), old.clone());
+        }
         c.log.push((rv, kind, object.clone()));
-        c.broadcast(kind, &object);
+        c.broadcast_change(kind, old.as_ref(), &object);
     }
 
     /// Deletes an object and tells the watches; false if there was none.
@@ -181,8 +213,9 @@ impl ApiServer {
         if let Some(c) = st.collections.get_mut(path) {
             c.expired_before = rv;
             c.log.clear();
+            c.replaced.clear();
             for w in c.watches.drain(..) {
-                let _ = w.send(gone());
+                let _ = w.tx.send(gone());
             }
         }
     }
@@ -210,9 +243,17 @@ impl Drop for ApiServer {
 }
 
 impl Collection {
-    fn broadcast(&mut self, kind: &str, object: &Value) {
-        let line = event(kind, object);
-        self.watches.retain(|w| w.send(line.clone()).is_ok());
+    fn broadcast(&mut self, kind: &'static str, object: &Value) {
+        self.broadcast_change(kind, None, object);
+    }
+
+    /// Tells each watch the change as it sees it through its field selector: an object that
+    /// comes into its selection is ADDED, one that leaves it DELETED, as a real server does.
+    fn broadcast_change(&mut self, kind: &'static str, old: Option<&Value>, object: &Value) {
+        self.watches.retain(|w| match as_selected(&w.fields, kind, old, object) {
+            Some(kind) => w.tx.send(event(kind, object)).is_ok(),
+            None => !w.tx.is_closed(),
+        });
     }
 }
 
@@ -278,10 +319,11 @@ async fn handle(
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (decode(k), decode(v)))
         .collect();
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     *lock().requests.entry(path.clone()).or_default() += 1;
+    lock().queries.push((path.clone(), query.clone()));
     let discovered = discovery(&lock(), &path);
     if let Some(r) = discovered {
         return Ok(r);
@@ -313,20 +355,35 @@ async fn handle(
     }
     if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Ok(fields) = field_selector(&query) else {
+            return Ok(full(400, json!({"kind": "Status", "code": 400, "reason": "BadRequest"})));
+        };
+        let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let id;
+        let every;
         {
             let mut st = lock();
+            st.next_watch += 1;
+            id = st.next_watch;
+            every = st.bookmark_every;
             let Some(c) = st.collections.get_mut(&path) else { return Ok(not_found(&path)) };
             if from < c.expired_before {
                 let _ = tx.send(gone());
             } else {
-                for (rv, kind, object) in &c.log {
-                    if *rv > from {
+                for (i, (rv, kind, object)) in c.log.iter().enumerate() {
+                    let old = c.replaced.get(&i);
+                    if let (true, Some(kind)) =
+                        (*rv > from, as_selected(&fields, kind, old, object))
+                    {
                         let _ = tx.send(event(kind, object));
                     }
                 }
-                c.watches.push(tx);
+                c.watches.push(Watch { id, tx, fields });
             }
+        }
+        if let (true, Some(every)) = (bookmarks, every) {
+            tokio::spawn(send_bookmarks(state.clone(), path.clone(), id, every));
         }
         let (mut body_tx, body) = Channel::<Bytes, Infallible>::new(16);
         tokio::spawn(async move {
@@ -351,12 +408,41 @@ async fn handle(
     }
     let st = lock();
     let Some(c) = st.collections.get(&path) else { return Ok(not_found(&path)) };
-    let items: Vec<&Value> = c.objects.values().collect();
-    Ok(full(
-        200,
-        json!({"apiVersion": "v1", "kind": "List",
-               "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
-    ))
+    let Ok(fields) = field_selector(&query) else {
+        return Ok(full(400, json!({"kind": "Status", "code": 400, "reason": "BadRequest"})));
+    };
+    // A continued list goes on after the last key of the page before, at the version the
+    // list started at; a token from before an expiry is gone, as a real server's compacted
+    // version is.
+    let (list_rv, after) = match query.get("continue").filter(|t| !t.is_empty()) {
+        None => (st.rv, None),
+        Some(token) => {
+            match token.split_once(':').and_then(|(rv, k)| Some((rv.parse().ok()?, k))) {
+                Some((rv, _)) if rv < c.expired_before => return Ok(expired_continue()),
+                Some((rv, key)) => (rv, Some(key.to_owned())),
+                None => return Ok(full(400, json!({"kind": "Status", "code": 400}))),
+            }
+        }
+    };
+    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let page = match (limit, st.max_page) {
+        (Some(l), Some(m)) => Some(l.min(m)),
+        (l, m) => l.or(m),
+    };
+    let selected = c
+        .objects
+        .iter()
+        .filter(|(k, _)| after.as_ref().is_none_or(|a| k.as_str() > a.as_str()))
+        .filter(|(_, o)| selects(&fields, o));
+    let all: Vec<(&String, &Value)> = selected.collect();
+    let n = page.map_or(all.len(), |p| p.min(all.len()));
+    let items: Vec<&Value> = all[..n].iter().map(|(_, o)| *o).collect();
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if n < all.len() {
+        metadata["continue"] = json!(format!("{list_rv}:{}", all[n - 1].0));
+        metadata["remainingItemCount"] = json!(all.len() - n);
+    }
+    Ok(full(200, json!({"apiVersion": "v1", "kind": "List", "metadata": metadata, "items": items})))
 }
 
 /// Namespaces (cluster-scoped: their objects have no namespace). A Kubernetes-mode agent needs
@@ -497,4 +583,192 @@ fn failure(code: u16, path: &str) -> Response<Body> {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "message": message, "reason": reason, "code": code}),
     )
+}
+
+/// One term of a field selector: `path=value` (also `==`) or `path!=value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FieldTerm {
+    path: Vec<String>,
+    value: String,
+    equal: bool,
+}
+
+/// The `fieldSelector` of a request (terms joined by `,`); an error for a term that is neither.
+fn field_selector(query: &BTreeMap<String, String>) -> Result<Vec<FieldTerm>, ()> {
+    let Some(sel) = query.get("fieldSelector").filter(|s| !s.is_empty()) else { return Ok(vec![]) };
+    sel.split(',')
+        .map(|term| {
+            let (path, value, equal) = if let Some((p, v)) = term.split_once("!=") {
+                (p, v, false)
+            } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (p, v, true)
+            } else {
+                return Err(());
+            };
+            let path = path.trim().split('.').map(str::to_owned).collect();
+            Ok(FieldTerm { path, value: value.trim().to_owned(), equal })
+        })
+        .collect()
+}
+
+/// Whether the object is selected (a missing field is the empty string, as in the real one).
+fn selects(fields: &[FieldTerm], object: &Value) -> bool {
+    fields.iter().all(|t| {
+        let v = t.path.iter().fold(object, |o, p| &o[p.as_str()]);
+        let v = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        (v == t.value) == t.equal
+    })
+}
+
+/// The event a watch with `fields` gets for a change, if any.
+fn as_selected(
+    fields: &[FieldTerm],
+    kind: &'static str,
+    old: Option<&Value>,
+    object: &Value,
+) -> Option<&'static str> {
+    if fields.is_empty() {
+        return Some(kind);
+    }
+    let now = kind != "DELETED" && selects(fields, object);
+    let before = match kind {
+        "DELETED" => selects(fields, object),
+        _ => old.is_some_and(|o| selects(fields, o)),
+    };
+    match (before, now) {
+        (false, true) => Some("ADDED"),
+        (true, false) => Some("DELETED"),
+        (true, true) => Some(kind),
+        (false, false) => None,
+    }
+}
+
+/// Percent-decodes a query component (`+` is a space).
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The Status of a list continued with a token whose version is gone.
+fn expired_continue() -> Response<Body> {
+    full(
+        410,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "The provided continue parameter is too old to display a consistent \
+                           list result. You can start a new list without the continue parameter.",
+               "reason": "Expired", "code": 410}),
+    )
+}
+
+/// Sends the watch `id` of `path` a BOOKMARK with the latest version every `every`, while it
+/// is open (through its own channel, after every event up to that version).
+async fn send_bookmarks(state: Arc<Mutex<State>>, path: String, id: u64, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let rv = st.rv;
+        let Some(c) = st.collections.get_mut(&path) else { return };
+        let Some(w) = c.watches.iter().find(|w| w.id == id) else { return };
+        let kind = kind_of(path.rsplit('/').next().unwrap_or_default());
+        let mark = json!({"kind": kind, "apiVersion": "v1",
+                          "metadata": {"resourceVersion": rv.to_string()}});
+        if w.tx.send(event("BOOKMARK", &mark)).is_err() {
+            return;
+        }
+        *st.bookmarks.entry(path.clone()).or_default() += 1;
+    }
+}
+
+impl ApiServer {
+    /// Every request of `path` so far, with its decoded query (`limit`, `continue`,
+    /// `fieldSelector`, `watch`, `resourceVersion`, `allowWatchBookmarks`, ...).
+    pub fn requests_with_query(&self, path: &str) -> Vec<BTreeMap<String, String>> {
+        let st = self.lock();
+        st.queries.iter().filter(|(p, _)| p == path).map(|(_, q)| q.clone()).collect()
+    }
+
+    /// Lists answer at most `n` items a page (with a `continue` token for the rest), whatever
+    /// the client asked; `None`: the client's `limit` alone.
+    pub fn max_page(&self, n: Option<usize>) {
+        self.lock().max_page = n;
+    }
+
+    /// Watches that allow bookmarks get one every `every` (`None`: never).
+    pub fn bookmark_every(&self, every: Option<Duration>) {
+        self.lock().bookmark_every = every;
+    }
+
+    /// How many BOOKMARK events the watches of `path` were sent.
+    pub fn bookmarks(&self, path: &str) -> usize {
+        self.lock().bookmarks.get(path).copied().unwrap_or_default()
+    }
+}
+
+impl ApiServer {
+    /// Compacts `path`'s history as etcd does: watching from a version before now is `410
+    /// Gone` (so is continuing a list begun before), while open watches go on. A client that
+    /// kept its version current (bookmarks) re-watches; one that did not must list again.
+    pub fn compact(&self, path: &str) {
+        let mut st = self.lock();
+        let rv = st.rv;
+        if let Some(c) = st.collections.get_mut(path) {
+            c.expired_before = rv;
+            c.log.clear();
+            c.replaced.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(node: &str) -> Value {
+        json!({"metadata": {"name": "p"}, "spec": {"nodeName": node}})
+    }
+
+    #[test]
+    fn a_selected_watch_sees_objects_enter_and_leave_its_selection() {
+        let q: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), decode("spec.nodeName%3Dn1"))].into();
+        let f = field_selector(&q).unwrap();
+        // Bound to the node: ADDED for this watch, whatever the change was.
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("")), &on("n1")), Some("ADDED"));
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("n1")), &on("n1")), Some("MODIFIED"));
+        assert_eq!(as_selected(&f, "MODIFIED", Some(&on("n1")), &on("n2")), Some("DELETED"));
+        assert_eq!(as_selected(&f, "ADDED", None, &on("n2")), None);
+        assert_eq!(as_selected(&f, "DELETED", None, &on("n1")), Some("DELETED"));
+        assert_eq!(as_selected(&[], "ADDED", None, &on("n2")), Some("ADDED"));
+        let not: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), "spec.nodeName!=n1".to_owned())].into();
+        assert!(selects(&field_selector(&not).unwrap(), &on("n2")));
+        let bad: BTreeMap<String, String> =
+            [("fieldSelector".to_owned(), "spec.nodeName".to_owned())].into();
+        assert!(field_selector(&bad).is_err());
+        assert_eq!(decode("a%2Cb+c%zz%4"), "a,b c%zz%4");
+    }
 }

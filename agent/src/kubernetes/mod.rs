@@ -6,11 +6,14 @@ pub mod binding;
 pub mod convert;
 pub mod endpoints;
 pub mod events;
+pub mod incremental;
 pub mod membership;
 pub mod netns;
 pub mod rbac;
+pub mod podview;
 pub mod sandbox;
 pub mod sources;
+pub mod thread;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ pub enum KubeError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    #[error("Kubernetes feed thread: {0}")]
+    Runtime(String),
 }
 
 /// Where Kubernetes mode gets its facts.

@@ -4,14 +4,12 @@
 //! after a lost watch or `410 Gone`) is buffered and replaces the cache only once complete,
 //! so a relist never shows a partial or empty cluster and never releases enrolled pods. A
 //! builder task turns the caches into a [`Snapshot`] once every kind has been listed, and
-//! again after each change (debounced).
+//! again after each change (debounced), converting only what changed
+//! ([`super::incremental`]). The caches are persistent maps: an event costs O(log n) and the
+//! builder gets the state without a copy. With a node, its pods are watched whole
+//! (`spec.nodeName=<node>`) and every pod as a [`PodView`] (what a remote pod is needed for).
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    fmt::Debug,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, fmt::Debug, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
@@ -30,16 +28,20 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{convert, membership};
-use crate::{
-    policy::PolicySet,
-    workloads::{Workload, WorkloadSet},
-};
+use super::{incremental::Builder, membership, podview::PodView};
+// The reference build, for the tests.
+#[cfg(test)]
+use super::convert;
+#[cfg(test)]
+use crate::workloads::Workload;
+use crate::{policy::PolicySet, workloads::WorkloadSet};
+#[cfg(test)]
+use std::collections::{BTreeSet, HashMap};
 
 /// Changes arriving together (a rollout, a relist) are built into one snapshot.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// What the agent learns from the API server.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,8 +50,9 @@ pub struct Snapshot {
     /// identities) and the services.
     pub workloads: WorkloadSet,
     pub policies: PolicySet,
-    /// Every pod bound to a node and not finished, IP or not (a node's agent enrolls its own
-    /// from the binding: [`super::binding::local_pods_to_enroll`]).
+    /// Every pod of the mesh bound to a node (to the feed's node, if it was given one: no
+    /// agent reads another node's) and not finished, IP or not (a node's agent enrolls its
+    /// own from the binding: [`super::binding::local_pods_to_enroll`]).
     pub bound: Vec<super::binding::BoundPod>,
     /// Objects left out, each named with the reason.
     pub rejected: Vec<String>,
@@ -90,7 +93,10 @@ pub fn watched_resources() -> Vec<(String, String)> {
     v
 }
 
-pub(super) type Objects<K> = Arc<BTreeMap<String, Arc<K>>>;
+/// A kind's objects by `namespace/name`: a persistent map, so handing the builder the state
+/// after an event costs O(1) (shared structure), not a copy of every key.
+pub(crate) type Objects<K> = Arc<Map<K>>;
+pub(crate) type Map<K> = imbl::OrdMap<String, Arc<K>>;
 /// `None` until the kind's first list is complete.
 pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
@@ -100,6 +106,8 @@ pub struct Feed {
     bound: watch::Receiver<Option<Arc<Vec<super::binding::BoundPod>>>>,
     tasks: Vec<JoinHandle<()>>,
     sources: super::sources::Sources,
+    /// On its own thread ([`super::thread`]): how to stop it, and the thread to wait for.
+    thread: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Feed {
@@ -119,12 +127,43 @@ impl Feed {
     pub fn sources(&self) -> super::sources::Sources {
         self.sources.clone()
     }
+
+    /// A feed with this one's channels and sources and none of its tasks.
+    pub(super) fn handle(&self) -> Feed {
+        Feed {
+            rx: self.rx.clone(),
+            bound: self.bound.clone(),
+            tasks: Vec::new(),
+            sources: self.sources.clone(),
+            thread: None,
+        }
+    }
+
+    /// This handle stops `thread` (through `stop`) when dropped.
+    pub(super) fn on_thread(
+        mut self,
+        stop: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> Feed {
+        self.thread = Some((stop, thread));
+        self
+    }
+
+    /// Whether the feed's own thread runs (`None`: it runs on the caller's runtime).
+    pub fn thread_alive(&self) -> Option<bool> {
+        self.thread.as_ref().map(|(_, t)| !t.is_finished())
+    }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some((stop, thread)) = self.thread.take() {
+            let _ = stop.send(());
+            // Its tasks end with its runtime; nothing there blocks.
+            let _ = thread.join();
         }
     }
 }
@@ -147,17 +186,36 @@ pub fn start_with(
 ) -> Feed {
     let notify = Arc::new(Notify::new());
     let mut tasks = Vec::new();
-    let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", false, &notify);
-    tasks.push(t);
+    // With a node: its own pods whole, every pod as the compact projection of what the agent
+    // needs of a remote one. Without: every pod whole.
+    let (pods, views) = match &members.node {
+        Some(node) => {
+            let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+            let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", config, &notify);
+            tasks.push(t);
+            let api = Api::<PodView>::all(client.clone());
+            let (views, t) =
+                spawn_watch(api, "pods (projection)", watcher::Config::default(), &notify);
+            tasks.push(t);
+            (pods, Some(views))
+        }
+        None => {
+            let api = Api::<Pod>::all(client.clone());
+            let (pods, t) = spawn_watch(api, "pods", watcher::Config::default(), &notify);
+            tasks.push(t);
+            (pods, None)
+        }
+    };
     // Not optional: without namespaces' labels nobody can be known to be in the mesh.
+    let all = watcher::Config::default;
     let (namespaces, t) =
-        spawn_watch(Api::<Namespace>::all(client.clone()), "namespaces", false, &notify);
+        spawn_watch(Api::<Namespace>::all(client.clone()), "namespaces", all(), &notify);
     tasks.push(t);
     let (services, t) =
-        spawn_watch(Api::<KubeService>::all(client.clone()), "services", false, &notify);
+        spawn_watch(Api::<KubeService>::all(client.clone()), "services", all(), &notify);
     tasks.push(t);
     let (slices, t) =
-        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", false, &notify);
+        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", all(), &notify);
     tasks.push(t);
     // Istio's kinds may not be installed: only those the cluster serves are watched, and a
     // served one that cannot be read is an error, not "no policies".
@@ -167,22 +225,22 @@ pub fn start_with(
     let policies = started.slots;
     let (tx, rx) = watch::channel(None);
     let (bound_tx, bound) = watch::channel(None);
-    let inputs = Inputs { pods, namespaces, services, slices, policies };
+    let inputs = Inputs { pods, views, namespaces, services, slices, policies };
     let root = root_namespace.to_owned();
     let out = Outputs { snapshots: tx, bound: bound_tx };
     tasks.push(tokio::spawn(build_loop(inputs, notify, out, root, members)));
-    Feed { rx, bound, tasks, sources: started.sources }
+    Feed { rx, bound, tasks, sources: started.sources, thread: None }
 }
 
 /// A kind's objects by `namespace/name`, with a list in progress kept apart.
 pub(super) struct Cache<K> {
-    pub(super) live: BTreeMap<String, Arc<K>>,
-    relisting: Option<BTreeMap<String, Arc<K>>>,
+    pub(super) live: Map<K>,
+    relisting: Option<Map<K>>,
 }
 
 impl<K: Resource> Cache<K> {
     pub(super) fn new() -> Self {
-        Cache { live: BTreeMap::new(), relisting: None }
+        Cache { live: Map::new(), relisting: None }
     }
 
     fn key(o: &K) -> String {
@@ -193,12 +251,12 @@ impl<K: Resource> Cache<K> {
     pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
         match event {
             watcher::Event::Init => {
-                self.relisting = Some(BTreeMap::new());
+                self.relisting = Some(Map::new());
                 false
             }
             watcher::Event::InitApply(o) => {
                 let key = Self::key(&o);
-                self.relisting.get_or_insert_with(BTreeMap::new).insert(key, Arc::new(o));
+                self.relisting.get_or_insert_with(Map::new).insert(key, Arc::new(o));
                 false
             }
             watcher::Event::InitDone => {
@@ -217,17 +275,40 @@ impl<K: Resource> Cache<K> {
     }
 }
 
+/// What a cache keeps of an object: not the managed fields (never read, and often the bulk
+/// of an object); of a pod's projection, not even the annotations it does not read.
+pub(super) trait Trim {
+    fn trim(&mut self);
+}
+
+macro_rules! trim_managed_fields {
+    ($($k:ty),*) => {$(
+        impl Trim for $k {
+            fn trim(&mut self) {
+                self.metadata.managed_fields = None;
+            }
+        }
+    )*};
+}
+trim_managed_fields!(Pod, Namespace, KubeService, EndpointSlice);
+
+impl Trim for PodView {
+    fn trim(&mut self) {
+        PodView::trim(self)
+    }
+}
+
 /// Watches a kind the agent cannot do without. An error is never taken as "none": the last
-/// complete state stays and the watcher retries. (`_optional` is unused: a kind that may be
-/// missing is found through API discovery, as the policy kinds are in `sources`.)
+/// complete state stays and the watcher retries. (A kind that may be missing is found through
+/// API discovery, as the policy kinds are in `sources`.)
 fn spawn_watch<K>(
     api: Api<K>,
     what: impl Into<String>,
-    _optional: bool,
+    config: watcher::Config,
     notify: &Arc<Notify>,
 ) -> (Slot<K>, JoinHandle<()>)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let what = what.into();
     let (tx, rx) = watch::channel(None);
@@ -235,15 +316,13 @@ where
     let task = tokio::spawn(async move {
         let mut cache = Cache::new();
         // The watcher relists by itself after a lost watch; the backoff paces the retries.
-        let events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            // Not read, and often the bulk of an object: kept out of the caches.
-            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let events = watcher(api, config).default_backoff().modify(|o: &mut K| o.trim());
         let mut events = std::pin::pin!(events);
         while let Some(item) = events.next().await {
             match item {
                 Ok(event) => {
                     if cache.apply(event) {
+                        // O(1): the map's structure is shared, not copied.
                         tx.send_replace(Some(Arc::new(cache.live.clone())));
                         notify.notify_one();
                     }
@@ -258,6 +337,8 @@ where
 
 struct Inputs {
     pods: Slot<Pod>,
+    /// With a node: every pod, projected.
+    views: Option<Slot<PodView>>,
     namespaces: Slot<Namespace>,
     services: Slot<KubeService>,
     slices: Slot<EndpointSlice>,
@@ -265,12 +346,15 @@ struct Inputs {
 }
 
 /// Every kind's objects, once each has been listed.
-struct State {
-    pods: Objects<Pod>,
-    namespaces: Objects<Namespace>,
-    services: Objects<KubeService>,
-    slices: Objects<EndpointSlice>,
-    policies: Vec<(ApiResource, Objects<DynamicObject>)>,
+pub(super) struct State {
+    /// The node's pods (every pod, without a node), whole.
+    pub(super) pods: Objects<Pod>,
+    /// With a node: every pod, projected (a pod also in `pods` is taken from there).
+    pub(super) views: Option<Objects<PodView>>,
+    pub(super) namespaces: Objects<Namespace>,
+    pub(super) services: Objects<KubeService>,
+    pub(super) slices: Objects<EndpointSlice>,
+    pub(super) policies: Vec<(ApiResource, Objects<DynamicObject>)>,
 }
 
 impl Inputs {
@@ -279,8 +363,13 @@ impl Inputs {
         for (ar, rx) in &self.policies {
             policies.push((ar.clone(), rx.borrow().clone()?));
         }
+        let views = match &self.views {
+            Some(rx) => Some(rx.borrow().clone()?),
+            None => None,
+        };
         Some(State {
             pods: self.pods.borrow().clone()?,
+            views,
             namespaces: self.namespaces.borrow().clone()?,
             services: self.services.borrow().clone()?,
             slices: self.slices.borrow().clone()?,
@@ -303,23 +392,32 @@ async fn build_loop(
 ) {
     let tx = out.snapshots;
     let mut reported = HashSet::new();
+    let mut builder = Builder::new(&root_namespace, members);
     loop {
         notify.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
         let Some(state) = inputs.state() else {
             // Not every kind listed yet: the pods to hold are known from pods and namespaces.
             let pods = inputs.pods.borrow().clone();
+            let views = inputs.views.as_ref().map(|rx| rx.borrow().clone());
             let namespaces = inputs.namespaces.borrow().clone();
+            let views = match views {
+                Some(None) => continue,
+                Some(Some(v)) => Some(v),
+                None => None,
+            };
             if let (Some(pods), Some(namespaces), true) = (pods, namespaces, tx.borrow().is_none())
             {
-                let bound = bound_only(&pods, &namespaces, &members);
-                if out.bound.borrow().as_deref() != Some(&bound) {
-                    out.bound.send_replace(Some(Arc::new(bound)));
+                if let Some(bound) = builder.bound(&pods, views.as_ref(), &namespaces) {
+                    if out.bound.borrow().as_deref() != Some(&bound) {
+                        out.bound.send_replace(Some(Arc::new(bound)));
+                    }
                 }
             }
             continue;
         };
-        let snapshot = build(&state, &root_namespace, &members);
+        // Only parts that changed are converted again; nothing changed, nothing to send.
+        let Some(snapshot) = builder.build(&state) else { continue };
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
         for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
@@ -335,15 +433,14 @@ async fn build_loop(
                 "synced with the API server"
             );
         }
-        if tx.borrow().as_deref() != Some(&snapshot) {
-            tx.send_replace(Some(Arc::new(snapshot)));
-        }
+        tx.send_replace(Some(Arc::new(snapshot)));
     }
 }
 
 /// Pods in the order they claim their IPs: those not terminating first, each group by name. An
 /// IP freed by a terminating pod and already given to a new one is the new pod's: the old
 /// pod's identity and policy must not answer for it.
+#[cfg(test)]
 fn serving_first(pods: &Objects<Pod>) -> impl Iterator<Item = &Pod> {
     let terminating = |p: &Pod| p.metadata.deletion_timestamp.is_some();
     let (mut first, rest): (Vec<&Pod>, Vec<&Pod>) =
@@ -352,7 +449,14 @@ fn serving_first(pods: &Objects<Pod>) -> impl Iterator<Item = &Pod> {
     first.into_iter()
 }
 
-fn build(state: &State, root_namespace: &str, members: &membership::Settings) -> Snapshot {
+/// The snapshot of `state` from scratch: the reference the incremental [`Builder`] is tested
+/// against.
+#[cfg(test)]
+pub(super) fn build(
+    state: &State,
+    root_namespace: &str,
+    members: &membership::Settings,
+) -> Snapshot {
     let mut rejected = Vec::new();
     let mut workloads: Vec<Workload> = Vec::new();
     let mut decisions = Vec::new();
@@ -366,7 +470,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
         decisions.extend(m.filter(|_| ours));
         // Pods of the mesh bound to a node, with or without an IP yet (their errors are the
         // workload conversion's to report: a pod without a uid is both).
-        if is_in {
+        if is_in && ours {
             if let Ok(Some(b)) = super::binding::bound_pod(pod) {
                 bound.push(b);
             }
@@ -443,7 +547,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     );
     rejected.extend(errors.iter().map(ToString::to_string));
     Snapshot {
-        workloads: WorkloadSet { workloads, services },
+        workloads: WorkloadSet::new(workloads, services),
         policies,
         rejected,
         membership: decisions,
@@ -453,20 +557,26 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
 
 /// The pods of the mesh bound to a node (as in [`Snapshot::bound`]), from pods and namespaces
 /// alone.
+#[cfg(test)]
 fn bound_only(
     pods: &Objects<Pod>,
     namespaces: &Objects<Namespace>,
     members: &membership::Settings,
 ) -> Vec<super::binding::BoundPod> {
     serving_first(pods)
-        .filter(|p| pod_membership(p, namespaces, members).is_some_and(|m| m.membership.is_in()))
+        .filter(|p| {
+            let m = pod_membership(p, namespaces, members);
+            let ours =
+                |m: &membership::PodMembership| members.node.as_ref().is_none_or(|n| *n == m.node);
+            m.is_some_and(|m| m.membership.is_in() && ours(&m))
+        })
         .filter_map(|p| super::binding::bound_pod(p).ok().flatten())
         .collect()
 }
 
 /// The mesh membership of a pod that is or may become running (not of finished ones, nor of
 /// pods without a name, namespace or node).
-fn pod_membership(
+pub(super) fn pod_membership(
     pod: &Pod,
     namespaces: &Objects<Namespace>,
     members: &membership::Settings,
@@ -535,6 +645,25 @@ mod tests {
     }
 
     #[test]
+    fn a_state_handed_out_stays_as_it_was_and_shares_its_objects() {
+        let mut c = Cache::new();
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        c.apply(watcher::Event::InitDone);
+        // What the builder got (an O(1) clone) ...
+        let before = c.live.clone();
+        assert!(before.ptr_eq(&c.live));
+        c.apply(watcher::Event::Apply(pod("b", "10.0.0.2")));
+        c.apply(watcher::Event::Delete(pod("a", "10.0.0.1")));
+        // ... is not changed by later events, and unchanged objects are the same objects.
+        assert_eq!(before.keys().collect::<Vec<_>>(), ["ns/a"]);
+        assert_eq!(keys(&c), ["ns/b"]);
+        let again = c.live.clone();
+        c.apply(watcher::Event::Apply(pod("c", "10.0.0.3")));
+        assert!(Arc::ptr_eq(&again["ns/b"], &c.live["ns/b"]));
+    }
+
+    #[test]
     fn a_second_running_pod_with_the_same_ip_is_rejected_by_name() {
         let objects = |pods: Vec<Pod>| {
             Arc::new(pods.into_iter().map(|p| (Cache::key(&p), Arc::new(p))).collect())
@@ -544,6 +673,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let s = build(&state, "istio-system", &membership::Settings::default());
@@ -575,6 +705,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let node = membership::Settings { node: Some("n1".into()), ..Default::default() };
@@ -592,11 +723,14 @@ mod tests {
             "metadata": {"name": "ns", "labels": {membership::DATAPLANE_MODE: membership::AMBIENT}},
         }))
         .unwrap();
-        state.namespaces = Arc::new([("/ns".to_owned(), Arc::new(ns))].into());
+        state.namespaces = Arc::new(Map::unit("/ns".to_owned(), Arc::new(ns)));
         let s = build(&state, "istio-system", &node);
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
         assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        // Only this node's bound pods: no agent reads another node's.
+        let bound: Vec<String> = s.bound.iter().map(|b| b.key()).collect();
+        assert_eq!(bound, ["a.ns", "broken.ns", "plain.ns"]);
         assert!(s.rejected[0].contains("Pod ns/broken"), "{:?}", s.rejected);
     }
 
@@ -619,6 +753,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         assert_eq!(build(&state, "istio-system", &membership::Settings::default()).bound, bound);
@@ -635,6 +770,7 @@ mod tests {
                 namespaces: Arc::default(),
                 services: Arc::default(),
                 slices: Arc::default(),
+                views: None,
                 policies: vec![],
             };
             let s = build(&state, "istio-system", &membership::Settings::default());
@@ -655,6 +791,7 @@ mod tests {
             namespaces: Arc::default(),
             services: Arc::default(),
             slices: Arc::default(),
+            views: None,
             policies: vec![],
         };
         let s = build(&state, "istio-system", &membership::Settings::default());

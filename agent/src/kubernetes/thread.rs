@@ -1,0 +1,124 @@
+//! The feed on a thread of its own: the watchers and the builder run on their own tokio
+//! runtime, so listing, decoding and building never take turns with the data plane on the
+//! agent's runtime. Snapshots reach the agent through the feed's `watch` channels, which work
+//! across runtimes; dropping the [`Feed`] stops the thread and waits for it.
+
+use std::{path::PathBuf, time::Duration};
+
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::{membership, watch::Feed, KubeError};
+
+/// What the feed thread runs.
+pub struct FeedSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub root_namespace: String,
+    pub membership: membership::Settings,
+    pub discovery_interval: Duration,
+}
+
+/// Starts the feed on a thread of its own, with a client made there (a `kube::Client` keeps
+/// its connection tasks on the runtime it is made on).
+pub async fn start_on_thread(settings: FeedSettings) -> Result<Feed, KubeError> {
+    let (ready_tx, ready) = oneshot::channel::<Result<Feed, KubeError>>();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("kube-feed".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(KubeError::Runtime(e.to_string())));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let client = match super::client(settings.kubeconfig.as_deref()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let feed = super::watch::start_with(
+                    client,
+                    &settings.root_namespace,
+                    settings.membership,
+                    settings.discovery_interval,
+                );
+                // The agent's copy: the channels and the sources, not the tasks.
+                if ready_tx.send(Ok(feed.handle())).is_err() {
+                    return;
+                }
+                // Until the agent's copy is dropped (or the agent is gone).
+                let _ = stopped.await;
+                drop(feed);
+            });
+        })
+        .map_err(|e| KubeError::Runtime(e.to_string()))?;
+    match ready.await {
+        Ok(Ok(feed)) => Ok(feed.on_thread(stop, thread)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            error!("the Kubernetes feed thread ended before it started");
+            let _ = thread.join();
+            Err(KubeError::Runtime("the feed thread ended before it started".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_the_feed_ends_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        // Nothing listens there: the watchers keep retrying until stopped.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
+                 http://{addr}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  \
+                 context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
+            ),
+        )
+        .unwrap();
+        let feed = start_on_thread(FeedSettings {
+            kubeconfig: Some(kubeconfig),
+            root_namespace: "istio-system".into(),
+            membership: membership::Settings::default(),
+            discovery_interval: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+        let alive = feed.thread_alive();
+        assert_eq!(alive, Some(true));
+        let rx = feed.subscribe();
+        drop(feed);
+        // The builder (on the thread) is gone with its runtime: its sender is dropped.
+        assert!(rx.has_changed().is_err(), "the feed's tasks outlived the Feed");
+    }
+
+    #[tokio::test]
+    async fn a_bad_kubeconfig_is_an_error_and_no_thread_stays() {
+        let err = start_on_thread(FeedSettings {
+            kubeconfig: Some("/nonexistent/kubeconfig".into()),
+            root_namespace: "istio-system".into(),
+            membership: membership::Settings::default(),
+            discovery_interval: Duration::from_secs(60),
+        })
+        .await
+        .err()
+        .map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("/nonexistent/kubeconfig")), "{err:?}");
+    }
+}
