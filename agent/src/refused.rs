@@ -8,8 +8,12 @@
 //! - says why: a Warning Event on its own pod and on the Node, the metric
 //!   `mtls_agent_capture_refused{node,reason} 1`, and the body of its readiness probe,
 //!   `/config_dump` (`captureRefused`) and `/check`;
-//! - is Ready: readiness means "this instance serves", and on this node serving is saying why
-//!   nothing is captured. A failed probe would stall the rollout on a node no rollout can fix.
+//! - is Ready only where nothing served before it: readiness means "this instance serves", and
+//!   on a node no agent ever served, serving is saying why nothing is captured (a failed probe
+//!   would stall the rollout on a node no rollout can fix). Where another instance served (its
+//!   pins are there, or its admin socket is live), it is NOT ready: during a surge rollout the
+//!   kubelet would otherwise delete the working agent and the node would lose its mesh, so the
+//!   rollout stops at this node and the old agent keeps serving.
 
 use std::sync::Arc;
 
@@ -87,6 +91,7 @@ pub async fn run(cfg: AgentConfig, refusal: Refusal, own: Option<OwnPod>) -> any
     } else {
         detail
     };
+    let others = live_other_instances(&cfg.admin_dir);
     error!(reason = refusal.reason(), "{detail}; staying up (Kubernetes mode) to say so");
 
     if let Source::Kubernetes(k) = &cfg.source {
@@ -99,7 +104,19 @@ pub async fn run(cfg: AgentConfig, refusal: Refusal, own: Option<OwnPod>) -> any
     }
 
     let readiness = admin::Readiness::default();
-    readiness.set(true, format!("capture refused: {detail}"));
+    match served_before(leftover, &others) {
+        None => readiness.set(true, format!("capture refused: {detail}")),
+        Some(why) => {
+            error!("not ready: {why}; the rollout stops at this node");
+            readiness.set(
+                false,
+                format!(
+                    "capture refused: {detail}; {why}: not ready, so that a rollout does not \
+                     replace the serving agent with this one"
+                ),
+            );
+        }
+    }
     let state = admin::AdminState {
         node: cfg.node.clone(),
         mesh: Arc::new(empty_mesh(&cfg)),
@@ -131,6 +148,30 @@ pub async fn run(cfg: AgentConfig, refusal: Refusal, own: Option<OwnPod>) -> any
         _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting (nothing was captured)"),
     }
     Ok(())
+}
+
+/// The pids of other agent instances with a live admin socket in `dir` (a serving agent
+/// beside this one during a surge rollout).
+fn live_other_instances(dir: &std::path::Path) -> Vec<u32> {
+    let own = std::process::id();
+    let Ok(sockets) = admin::socket::discover(dir) else { return Vec::new() };
+    sockets
+        .iter()
+        .filter_map(|s| admin::socket::socket_pid(s))
+        .filter(|&pid| pid != own && std::path::Path::new("/proc").join(pid.to_string()).exists())
+        .collect()
+}
+
+/// Why this refused instance must not be Ready: another instance served on this node.
+fn served_before(leftover_pins: bool, others: &[u32]) -> Option<String> {
+    match (leftover_pins, others) {
+        (false, []) => None,
+        (_, [_, ..]) => Some(format!(
+            "another agent instance serves on this node (pid {})",
+            others.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        )),
+        (true, []) => Some("an earlier instance served on this node (its pins are there)".into()),
+    }
 }
 
 /// Posts the Warning Events: on the agent's pod (`kubectl describe pod`, the DaemonSet's
@@ -170,5 +211,19 @@ fn empty_mesh(cfg: &AgentConfig) -> Mesh {
         policies,
         stats: Default::default(),
         netns: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_where_nothing_served() {
+        assert_eq!(served_before(false, &[]), None);
+        let pins = served_before(true, &[]).unwrap_or_default();
+        assert!(pins.contains("pins"), "{pins}");
+        let live = served_before(true, &[41, 42]).unwrap_or_default();
+        assert!(live.contains("pid 41, 42"), "{live}");
     }
 }
