@@ -45,7 +45,9 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             // to say why without capturing anything (`refused`).
             let kubernetes_mode = args.workloads.is_none();
             let refusal = match capture::probe::probe_with(args.min_kernel) {
-                Err(missing) => Some(Refusal::from(missing)),
+                Err(capture::probe::ProbeError::Missing(missing)) => Some(Refusal::from(missing)),
+                // Denied bpf() is this container's privileges, never the node's: exit.
+                Err(denied) => return Err(denied.into()),
                 Ok(()) => resolve_cgroups(&mut args, kubernetes_mode).err().map(Refusal::from),
             };
             if let Some(r) = &refusal {
