@@ -14,8 +14,9 @@
 //!   the host's /sys/fs/cgroup, with a v1 hierarchy bound in and cgroup v2 mounted at
 //!   `unified`, whose root (the cgroup namespace's) is the test's node cgroup, so the agent
 //!   attaches there and never to this machine's root.
-//! - A cgroup v1-only node (the same without `unified`): refused as a kernel is, reason
-//!   `cgroup_v1`, the agent up and Ready, nothing captured.
+//! - A cgroup v1-only node (the same without `unified`, and this machine's cgroup2 mounts
+//!   unmounted in the agent's mount namespace): refused as a kernel is, reason `cgroup_v1`,
+//!   the agent up and Ready, nothing captured.
 
 use std::{
     ffi::CString,
@@ -331,6 +332,21 @@ fn start_on_node(
     let v1_from = if v1_source.join("cgroup.procs").exists() { Some(c(v1_source)?) } else { None };
     let (node_fd, agent_fd) = (node_procs.as_raw_fd(), agent_procs.as_raw_fd());
     let hybrid = layout == Layout::Hybrid;
+    // A v1-only node has no cgroup2 mount anywhere: this machine's are unmounted in the agent's
+    // own mount namespace (deepest first), so the agent sees none.
+    let mut cgroup2_mounts = Vec::new();
+    if !hybrid {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        for line in mountinfo.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else { continue };
+            if post.starts_with("cgroup2 ") {
+                if let Some(at) = pre.split(' ').nth(4) {
+                    cgroup2_mounts.push(c(Path::new(at))?);
+                }
+            }
+        }
+        cgroup2_mounts.reverse();
+    }
     let mut cmd = Command::new(agent_bin());
     cmd.args(args)
         .env("RUST_LOG", "info,mtls_agent=debug")
@@ -352,6 +368,10 @@ fn start_on_node(
             if libc::mount(none, root, none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
             {
                 return fail();
+            }
+            for m in &cgroup2_mounts {
+                // One below another already detached is gone with it.
+                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
             }
             let tmpfs = c"tmpfs".as_ptr();
             if libc::mount(tmpfs, tmpfs_at.as_ptr(), tmpfs, 0, c"mode=755".as_ptr().cast()) != 0 {

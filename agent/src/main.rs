@@ -184,12 +184,12 @@ fn resolve_cgroups(
     kubernetes_mode: bool,
 ) -> Result<(), capture::cgroup2::Cgroup2Error> {
     use capture::cgroup2::resolve;
-    args.cgroup = resolve(&args.cgroup)?;
+    args.cgroup = resolve("--cgroup", &args.cgroup)?;
     if kubernetes_mode {
-        args.cgroup_root = resolve(&args.cgroup_root)?;
+        args.cgroup_root = resolve("--cgroup-root", &args.cgroup_root)?;
     }
     if let Some(k) = &args.kubelet_cgroup {
-        args.kubelet_cgroup = Some(resolve(k)?);
+        args.kubelet_cgroup = Some(resolve("--kubelet-cgroup", k)?);
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ impl Refusal {
 
     /// Whether it is a property of the node (stay up and say so), not a wrong argument.
     pub fn is_node_property(&self) -> bool {
-        !matches!(self, Refusal::Cgroup(Cgroup2Error::Missing { .. }))
+        matches!(self, Refusal::Kernel(_) | Refusal::Cgroup(Cgroup2Error::NoV2 { .. }))
     }
 
     /// What every report of it says (Event, probe body, check).
