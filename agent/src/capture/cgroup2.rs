@@ -6,7 +6,10 @@
 //! `--cgroup=/host/sys/fs/cgroup`) then works on the first two: a path that is not on cgroup v2
 //! is looked for below the `unified` mount of itself or of an ancestor.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 /// Where hybrid systems (systemd, older distributions) mount the v2 hierarchy, below the v1
 /// tmpfs.
@@ -29,6 +32,15 @@ pub enum Cgroup2Error {
 fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// Whether `dir` is where a filesystem is mounted (its device differs from its parent's).
+fn is_mount_point(dir: &Path) -> bool {
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+    match (dev(dir), dir.parent()) {
+        (Ok(d), Some(parent)) => dev(parent).map_or(true, |p| p != d),
+        _ => true,
+    }
 }
 
 /// The cgroup v2 directory `path` (the value of `flag`) stands for: itself when it is on
@@ -60,8 +72,10 @@ fn resolve_on(
         if !ancestor.exists() {
             continue;
         }
+        // A `unified` below a cgroup v2 directory is an ordinary child cgroup, not a hybrid
+        // mount; and the hybrid mount sits on the v1 tmpfs, never above its mount point.
         let unified = ancestor.join(HYBRID_DIR);
-        if is_cgroup2(&unified) {
+        if !is_cgroup2(ancestor) && is_cgroup2(&unified) && is_mount_point(&unified) {
             let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
             let candidate = unified.join(rest);
             if is_cgroup2(&candidate) {
@@ -73,6 +87,9 @@ fn resolve_on(
                 return Ok(candidate);
             }
             tried.push(candidate.display().to_string());
+        }
+        if is_mount_point(ancestor) {
+            break;
         }
     }
     let tried_text = || {
@@ -135,6 +152,22 @@ mod tests {
         assert!(!text.contains("v1-only"), "{text}");
         assert!(text.starts_with(&format!("--cgroup={}", tmp.path().display())), "{text}");
         let e = resolve_on(FLAG, &tmp.path().join("kubepods.slice"), || None).unwrap_err();
+        assert!(matches!(e, Cgroup2Error::Missing { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_v2_child_cgroup_named_unified_is_not_a_hybrid_mount() {
+        let Ok(root) = super::super::self_cgroup::cgroup2_root() else { return };
+        // A v2 cgroup with an ordinary child named `unified`, holding `x`; `--cgroup=<it>/x`
+        // (a typo: there is no such child) must not be taken for `<it>/unified/x`.
+        let parent = root.join(format!("mtls-unit-unified-{}", std::process::id()));
+        let x = parent.join(HYBRID_DIR).join("x");
+        std::fs::create_dir_all(&x).unwrap();
+        let got = resolve(FLAG, &parent.join("x"));
+        for d in [x.as_path(), x.parent().unwrap(), parent.as_path()] {
+            std::fs::remove_dir(d).unwrap();
+        }
+        let e = got.unwrap_err();
         assert!(matches!(e, Cgroup2Error::Missing { .. }), "{e}");
     }
 }
