@@ -135,8 +135,18 @@ fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Res
         "--min-kernel".into(),
         "99.0".into(),
     ]);
+    // The Node's Events are refused at first (an API server hiccup): retried until accepted.
+    let node_events = api::events_path("default");
+    server.fail(&node_events, Some(500));
     // Ready (start waits for it): a refused node must not stall the rollout.
     let mut agent = AgentProcess::start(&bed, opts)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.requests(&node_events) < 2 {
+        ensure!(Instant::now() < deadline, "the Node's Event was not retried");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(events(&server, &node_events, "MeshCaptureRefused").is_empty());
+    server.fail(&node_events, None);
     let (ready, detail) = agent.readiness()?;
     ensure!(ready, "{detail}");
     ensure!(detail.contains("capture refused") && detail.contains("needs Linux 99.0"), "{detail}");
@@ -157,6 +167,8 @@ fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Res
     let e = &on_node[0];
     ensure!(e["type"] == "Warning" && e["involvedObject"]["kind"] == "Node", "{e}");
     ensure!(e["involvedObject"]["name"] == "n1" && e["involvedObject"]["uid"] == "n1", "{e}");
+    // The pod's Event, accepted at once, was not posted again with the Node's retries.
+    ensure!(events(&server, &api::events_path(AGENT_NS), "MeshCaptureRefused").len() == 1);
 
     // The metric.
     let metrics = agent.metrics_text()?;
@@ -604,6 +616,10 @@ fn a_refused_instance_beside_a_serving_one_is_not_ready_and_the_old_keeps_servin
     let old = AgentProcess::start(&bed, options("agent-old"))?;
     let (ok, text) = probe_ready_in(&bed, &old_cg)?;
     ensure!(ok && text.contains("2 of 2 pods enrolled"), "old instance: {text}");
+    // A serving agent exports the gauge too, 0: an alert sees every node.
+    let metrics = old.metrics_text()?;
+    let want = format!(r#"mtls_agent_capture_refused{{node="{SURGE_NODE}",reason="none"}} 0"#);
+    ensure!(metrics.lines().any(|l| l == want), "{metrics}");
 
     // The new version, refusing this kernel (test override), started beside it.
     let mut opts = options("agent-new");

@@ -7,7 +7,8 @@
 //!   watched);
 //! - says why: a Warning Event on its own pod and on the Node, the metric
 //!   `mtls_agent_capture_refused{node,reason} 1`, and the body of its readiness probe,
-//!   `/config_dump` (`captureRefused`) and `/check`;
+//!   `/config_dump` (`captureRefused`) and `/check`; the Events are retried until accepted and
+//!   posted again every 30 minutes (Events expire after an hour);
 //! - is Ready only where nothing served before it: readiness means "this instance serves", and
 //!   on a node no agent ever served, serving is saying why nothing is captured (a failed probe
 //!   would stall the rollout on a node no rollout can fix). Where another instance served (its
@@ -15,7 +16,7 @@
 //!   kubelet would otherwise delete the working agent and the node would lose its mesh, so the
 //!   rollout stops at this node and the old agent keeps serving.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -174,24 +175,65 @@ fn served_before(leftover_pins: bool, others: &[u32]) -> Option<String> {
     }
 }
 
+/// First wait before posting a refused Event again; doubled up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often the Events are posted again while refused: Events expire after an hour (the API
+/// server's default `--event-ttl`), and a refusal must not go quiet.
+const REPOST: Duration = Duration::from_secs(30 * 60);
+
+/// The wait after a failed attempt that waited `last` (none yet: `None`).
+fn next_retry(last: Option<Duration>) -> Duration {
+    last.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
+
 /// Posts the Warning Events: on the agent's pod (`kubectl describe pod`, the DaemonSet's
-/// owner looks there) and on the Node (`kubectl describe node`, the node's owner looks there).
+/// owner looks there) and on the Node (`kubectl describe node`, the node's owner looks there);
+/// each retried with backoff until the API server accepts it, and all posted again every
+/// [`REPOST`] while the agent runs.
 async fn announce(client: kube::Client, node: String, own: Option<OwnPod>, message: String) {
-    if let Some(own) = own {
-        let pod = events::PodRef { name: own.name, namespace: own.namespace, uid: own.uid };
-        events::post(
-            client.clone(),
-            pod,
-            "Warning",
-            CAPTURE_REFUSED,
-            message.clone(),
-            node.clone(),
-        )
-        .await;
-    } else {
+    if own.is_none() {
         tracing::warn!("no POD_NAME (--pod-name): the refusal's Event goes on the Node only");
     }
-    events::post_on_node(client, "Warning", CAPTURE_REFUSED, message, node).await;
+    loop {
+        let (mut on_pod, mut on_node) = (own.is_none(), false);
+        let mut wait = None;
+        while !(on_pod && on_node) {
+            if let (false, Some(own)) = (on_pod, &own) {
+                let pod = events::PodRef {
+                    name: own.name.clone(),
+                    namespace: own.namespace.clone(),
+                    uid: own.uid.clone(),
+                };
+                on_pod = events::post(
+                    client.clone(),
+                    pod,
+                    "Warning",
+                    CAPTURE_REFUSED,
+                    message.clone(),
+                    node.clone(),
+                )
+                .await;
+            }
+            if !on_node {
+                on_node = events::post_on_node(
+                    client.clone(),
+                    "Warning",
+                    CAPTURE_REFUSED,
+                    message.clone(),
+                    node.clone(),
+                )
+                .await;
+            }
+            if !(on_pod && on_node) {
+                let w = next_retry(wait);
+                tracing::debug!(retry_in = ?w, "the refusal's Events are not all accepted yet");
+                tokio::time::sleep(w).await;
+                wait = Some(w);
+            }
+        }
+        tokio::time::sleep(REPOST).await;
+    }
 }
 
 /// A mesh with nothing in it: no workload, no certificate, trusting no root. The admin
@@ -225,5 +267,19 @@ mod tests {
         assert!(pins.contains("pins"), "{pins}");
         let live = served_before(true, &[41, 42]).unwrap_or_default();
         assert!(live.contains("pid 41, 42"), "{live}");
+    }
+
+    #[test]
+    fn event_retries_back_off_to_a_minute_and_reposts_come_before_events_expire() {
+        let mut wait = None;
+        let waits: Vec<u64> = (0..9)
+            .map(|_| {
+                let w = next_retry(wait);
+                wait = Some(w);
+                w.as_secs()
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert!(REPOST < Duration::from_secs(3600));
     }
 }
