@@ -46,6 +46,7 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let kubernetes_mode = args.workloads.is_none();
             let refusal = match capture::probe::probe_with(args.min_kernel) {
                 Err(capture::probe::ProbeError::Missing(missing)) => Some(Refusal::from(missing)),
+                Err(capture::probe::ProbeError::MinKernel(m)) => Some(Refusal::MinKernel(m)),
                 // Denied bpf() is this container's privileges, never the node's: exit.
                 Err(denied) => return Err(denied.into()),
                 Ok(()) => resolve_cgroups(&mut args, kubernetes_mode).err().map(Refusal::from),

@@ -43,6 +43,10 @@ pub enum Refusal {
     Kernel(#[from] MissingFeature),
     #[error(transparent)]
     Cgroup(#[from] Cgroup2Error),
+    /// `--min-kernel` (tests only) refused this kernel: its own reason, so that metrics never
+    /// take it for a kernel that lacks a feature.
+    #[error(transparent)]
+    MinKernel(MissingFeature),
 }
 
 impl Refusal {
@@ -51,12 +55,17 @@ impl Refusal {
         match self {
             Refusal::Kernel(_) => "kernel",
             Refusal::Cgroup(_) => "cgroup_v1",
+            Refusal::MinKernel(_) => "min_kernel",
         }
     }
 
     /// Whether it is a property of the node (stay up and say so), not a wrong argument.
     pub fn is_node_property(&self) -> bool {
-        matches!(self, Refusal::Kernel(_) | Refusal::Cgroup(Cgroup2Error::NoV2 { .. }))
+        // A --min-kernel refusal plays a refused node (for the tests of that mode).
+        matches!(
+            self,
+            Refusal::Kernel(_) | Refusal::MinKernel(_) | Refusal::Cgroup(Cgroup2Error::NoV2 { .. })
+        )
     }
 
     /// What every report of it says (Event, probe body, check).
@@ -267,6 +276,13 @@ mod tests {
         assert!(pins.contains("pins"), "{pins}");
         let live = served_before(true, &[41, 42]).unwrap_or_default();
         assert!(live.contains("pid 41, 42"), "{live}");
+    }
+
+    #[test]
+    fn a_min_kernel_refusal_has_its_own_reason() {
+        let m = MissingFeature { kernel: "6.18.0".into(), feature: "x", min: "99.0".into() };
+        assert_eq!(Refusal::MinKernel(m.clone()).reason(), "min_kernel");
+        assert_eq!(Refusal::Kernel(m).reason(), "kernel");
     }
 
     #[test]

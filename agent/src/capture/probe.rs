@@ -31,6 +31,9 @@ pub enum ProbeError {
     /// The kernel lacks a feature: a property of the node.
     #[error(transparent)]
     Missing(#[from] MissingFeature),
+    /// `--min-kernel` (a test knob) refused the kernel: played as a node property, never one.
+    #[error(transparent)]
+    MinKernel(MissingFeature),
     /// bpf() was denied: the agent's privileges, not the node's kernel.
     #[error("bpf() denied while probing {what}: {errno}: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN; the DaemonSet's container is privileged) and no seccomp profile or LSM that denies bpf(); this says nothing about the kernel")]
     NotPermitted { what: &'static str, errno: String },
@@ -347,12 +350,11 @@ pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), ProbeError> {
         );
         // An unreadable version is refused too: the override asks for a known kernel.
         if KernelVersion::current().map_or(true, |k| k < wanted) {
-            return Err(MissingFeature {
+            return Err(ProbeError::MinKernel(MissingFeature {
                 kernel: current(),
                 feature: "the kernel version --min-kernel asks for (a test override)",
                 min: format!("{major}.{minor}"),
-            }
-            .into());
+            }));
         }
     }
     // First the plainest call there is: denied, it is the agent's privileges, not the kernel.
@@ -432,7 +434,9 @@ mod tests {
     fn min_kernel_refuses_an_older_kernel_only() {
         assert_eq!(parse_min_kernel("99.0"), Ok((99, 0)));
         assert!(parse_min_kernel("6").is_err() && parse_min_kernel("6.x").is_err());
-        let Err(ProbeError::Missing(e)) = probe_with(Some((99, 0))) else { panic!("not refused") };
+        let Err(ProbeError::MinKernel(e)) = probe_with(Some((99, 0))) else {
+            panic!("not refused")
+        };
         assert_eq!(e.min, "99.0");
         assert!(e.to_string().contains("needs Linux 99.0 or newer"), "{e}");
         assert_eq!(probe_with(Some((4, 0))), Ok(()));
