@@ -6,14 +6,17 @@
 //!   `mtls_agent_capture_refused`, the body of its readiness probe (Ready: the rollout goes
 //!   on) and `mtls-agent check`. This kernel has every feature, so the refusal is forced with
 //!   `--min-kernel 99.0`, a hidden flag that exists for this test only.
+//! - The same refused version rolled out beside a serving agent (surge): it is NOT Ready, so the
+//!   rollout stops there, and the old agent keeps enforcing STRICT and carrying mTLS.
 //! - A cgroup v1/hybrid node: the DaemonSet's own arguments (`--cgroup=/host/sys/fs/cgroup`,
 //!   read from deploy/daemonset.yaml) work there, the agent finds cgroup v2 below `unified`.
 //!   The node is played in the agent's own mount and cgroup namespaces: a tmpfs stands for
 //!   the host's /sys/fs/cgroup, with a v1 hierarchy bound in and cgroup v2 mounted at
 //!   `unified`, whose root (the cgroup namespace's) is the test's node cgroup, so the agent
 //!   attaches there and never to this machine's root.
-//! - A cgroup v1-only node (the same without `unified`): refused as a kernel is, reason
-//!   `cgroup_v1`, the agent up and Ready, nothing captured.
+//! - A cgroup v1-only node (the same without `unified`, and this machine's cgroup2 mounts
+//!   unmounted in the agent's mount namespace): refused as a kernel is, reason `cgroup_v1`,
+//!   the agent up and Ready, nothing captured.
 
 use std::{
     ffi::CString,
@@ -29,7 +32,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::{
-    agent::{agent_bin, http, AgentOptions, AgentProcess, CaDir},
+    agent::{agent_bin, http, AdminFlags, AgentOptions, AgentProcess, CaDir},
     apiserver::{self as api, ApiServer},
     mesh::{echo_server, PORT},
     Pod, Testbed,
@@ -132,8 +135,18 @@ fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Res
         "--min-kernel".into(),
         "99.0".into(),
     ]);
+    // The Node's Events are refused at first (an API server hiccup): retried until accepted.
+    let node_events = api::events_path("default");
+    server.fail(&node_events, Some(500));
     // Ready (start waits for it): a refused node must not stall the rollout.
     let mut agent = AgentProcess::start(&bed, opts)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.requests(&node_events) < 2 {
+        ensure!(Instant::now() < deadline, "the Node's Event was not retried");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(events(&server, &node_events, "MeshCaptureRefused").is_empty());
+    server.fail(&node_events, None);
     let (ready, detail) = agent.readiness()?;
     ensure!(ready, "{detail}");
     ensure!(detail.contains("capture refused") && detail.contains("needs Linux 99.0"), "{detail}");
@@ -154,11 +167,15 @@ fn on_a_refused_kernel_the_agent_stays_up_captures_nothing_and_says_why() -> Res
     let e = &on_node[0];
     ensure!(e["type"] == "Warning" && e["involvedObject"]["kind"] == "Node", "{e}");
     ensure!(e["involvedObject"]["name"] == "n1" && e["involvedObject"]["uid"] == "n1", "{e}");
+    // The pod's Event, accepted at once, was not posted again with the Node's retries.
+    ensure!(events(&server, &api::events_path(AGENT_NS), "MeshCaptureRefused").len() == 1);
 
-    // The metric.
+    // The metric, with the test override's own reason: never taken for a kernel's.
     let metrics = agent.metrics_text()?;
     ensure!(
-        metrics.lines().any(|l| l == r#"mtls_agent_capture_refused{node="n1",reason="kernel"} 1"#),
+        metrics
+            .lines()
+            .any(|l| l == r#"mtls_agent_capture_refused{node="n1",reason="min_kernel"} 1"#),
         "{metrics}"
     );
 
@@ -329,6 +346,21 @@ fn start_on_node(
     let v1_from = if v1_source.join("cgroup.procs").exists() { Some(c(v1_source)?) } else { None };
     let (node_fd, agent_fd) = (node_procs.as_raw_fd(), agent_procs.as_raw_fd());
     let hybrid = layout == Layout::Hybrid;
+    // A v1-only node has no cgroup2 mount anywhere: this machine's are unmounted in the agent's
+    // own mount namespace (deepest first), so the agent sees none.
+    let mut cgroup2_mounts = Vec::new();
+    if !hybrid {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        for line in mountinfo.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else { continue };
+            if post.starts_with("cgroup2 ") {
+                if let Some(at) = pre.split(' ').nth(4) {
+                    cgroup2_mounts.push(c(Path::new(at))?);
+                }
+            }
+        }
+        cgroup2_mounts.reverse();
+    }
     let mut cmd = Command::new(agent_bin());
     cmd.args(args)
         .env("RUST_LOG", "info,mtls_agent=debug")
@@ -350,6 +382,10 @@ fn start_on_node(
             if libc::mount(none, root, none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
             {
                 return fail();
+            }
+            for m in &cgroup2_mounts {
+                // One below another already detached is gone with it.
+                libc::umount2(m.as_ptr(), libc::MNT_DETACH);
             }
             let tmpfs = c"tmpfs".as_ptr();
             if libc::mount(tmpfs, tmpfs_at.as_ptr(), tmpfs, 0, c"mode=755".as_ptr().cast()) != 0 {
@@ -527,5 +563,105 @@ fn on_a_cgroup_v1_only_node_the_agent_stays_up_and_says_why() -> Result<()> {
     ensure!(capture.contains(canary.as_bytes()), "the connection did not go in plaintext");
     std::thread::sleep(Duration::from_secs(2));
     ensure!(run.agent.wait_ready(Duration::from_secs(1)).is_ok(), "{}", run.agent.log());
+    Ok(())
+}
+
+/// Unique to this test: both instances use the node's default socket directory,
+/// /run/mtls-agent/<node>, shared as the DaemonSet's hostPath is.
+const SURGE_NODE: &str = "nodes-surge";
+
+/// `mtls-agent probe ready --node SURGE_NODE` run in `cgroup`, as the kubelet execs it in the
+/// container: (exit 0, stdout and stderr).
+fn probe_ready_in(bed: &Testbed, cgroup: &Path) -> Result<(bool, String)> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["probe", "ready", "--node", SURGE_NODE]);
+    let out = bed
+        .spawn_in_node_cgroup(SURGE_NODE, cgroup, cmd)?
+        .wait_with_output(Duration::from_secs(10))?;
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text.trim().to_owned()))
+}
+
+/// A surge rollout onto a kernel the new version refuses: the new instance must not be Ready
+/// (the kubelet would then delete the serving one and the node lose its mesh); the old one
+/// keeps enforcing STRICT against a plaintext attacker and carrying mTLS.
+#[test]
+fn a_refused_instance_beside_a_serving_one_is_not_ready_and_the_old_keeps_serving() -> Result<()> {
+    let mut bed = Testbed::new("k8s-refused-surge")?;
+    let node = bed.add_node(SURGE_NODE)?;
+    let a = bed.add_pod_in_cgroup(SURGE_NODE, "a", &systemd_cgroup(&uid(1)))?;
+    let b = bed.add_pod_in_cgroup(SURGE_NODE, "b", &systemd_cgroup(&uid(2)))?;
+    // Not in the API server: a plaintext client of the node that the mesh does not know.
+    bed.add_pod(SURGE_NODE, "outsider")?;
+    let _servers = [echo_server(&bed, "a")?, echo_server(&bed, "b")?];
+    let server = api_server(&[(&a, uid(1)), (&b, uid(2))], SURGE_NODE)?;
+    server.apply(
+        api::PEERAUTHENTICATIONS_V1,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": NS},
+               "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let ca = CaDir::init(&format!("{}-surge", bed.id()), "cluster.local")?;
+    let options = |container: &str| {
+        let mut o = AgentOptions::kubernetes(SURGE_NODE, &kubeconfig, &node.cgroup);
+        o.ca_dir = Some(ca.path.clone());
+        o.admin = AdminFlags::Defaults;
+        o.cgroup = Some(node.cgroup.join(container));
+        o
+    };
+    let (old_cg, new_cg) = (node.cgroup.join("agent-old"), node.cgroup.join("agent-new"));
+
+    let old = AgentProcess::start(&bed, options("agent-old"))?;
+    let (ok, text) = probe_ready_in(&bed, &old_cg)?;
+    ensure!(ok && text.contains("2 of 2 pods enrolled"), "old instance: {text}");
+    // A serving agent exports the gauge too, 0: an alert sees every node.
+    let metrics = old.metrics_text()?;
+    let want = format!(r#"mtls_agent_capture_refused{{node="{SURGE_NODE}",reason="none"}} 0"#);
+    ensure!(metrics.lines().any(|l| l == want), "{metrics}");
+
+    // The new version, refusing this kernel (test override), started beside it.
+    let mut opts = options("agent-new");
+    opts.extra_args.extend(["--min-kernel".into(), "99.0".into()]);
+    let new = AgentProcess::start_unready(&bed, opts)?;
+    let (ok, text) = probe_ready_in(&bed, &new_cg)?;
+    ensure!(!ok, "the refused instance is Ready beside a serving one: {text}");
+    ensure!(
+        text.contains("capture refused") && text.contains("another agent instance serves"),
+        "{text}"
+    );
+    let (ok, text) = probe_ready_in(&bed, &old_cg)?;
+    ensure!(ok && text.contains("2 of 2 pods enrolled"), "old instance: {text}");
+
+    // The old instance still serves: STRICT refuses the outsider's plaintext...
+    let mut cmd = Command::new(testbed::e2e_tool!());
+    cmd.args(["client", "--connect", &format!("{}:{PORT}", b.ip), "--message", "x"]);
+    cmd.args(["--timeout-ms", "2000"]);
+    let out = bed.spawn_in_pod("outsider", cmd)?.wait_with_output(Duration::from_secs(30))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(!out.status.success() && !said.contains("b:x"), "plaintext reached b: {said}");
+    // ...and carries a's connection to b in mTLS.
+    let capture = bed.start_capture()?;
+    let canary = "CANARY-refused-surge-7c41";
+    ensure!(client(&bed, "a", &b, canary)? == format!("b:{canary}"));
+    ensure!(!capture.contains(canary.as_bytes()), "plaintext on the fabric");
+    let conns = old.connections()?;
+    ensure!(
+        conns.iter().any(|c| c["direction"] == "inbound"
+            && c["destinationPod"] == "b.shop"
+            && c["mode"] == "mTLS"),
+        "{conns:?}"
+    );
+
+    // Still not ready a while later: nothing changed on the node.
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, text) = probe_ready_in(&bed, &new_cg)?;
+    ensure!(!ok, "{text}");
+    // Drop order: the new agent, then the old one (last, it removes the shared directory).
+    drop(new);
+    drop(old);
     Ok(())
 }

@@ -45,7 +45,10 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             // to say why without capturing anything (`refused`).
             let kubernetes_mode = args.workloads.is_none();
             let refusal = match capture::probe::probe_with(args.min_kernel) {
-                Err(missing) => Some(Refusal::from(missing)),
+                Err(capture::probe::ProbeError::Missing(missing)) => Some(Refusal::from(missing)),
+                Err(capture::probe::ProbeError::MinKernel(m)) => Some(Refusal::MinKernel(m)),
+                // Denied bpf() is this container's privileges, never the node's: exit.
+                Err(denied) => return Err(denied.into()),
                 Ok(()) => resolve_cgroups(&mut args, kubernetes_mode).err().map(Refusal::from),
             };
             if let Some(r) = &refusal {
@@ -182,12 +185,12 @@ fn resolve_cgroups(
     kubernetes_mode: bool,
 ) -> Result<(), capture::cgroup2::Cgroup2Error> {
     use capture::cgroup2::resolve;
-    args.cgroup = resolve(&args.cgroup)?;
+    args.cgroup = resolve("--cgroup", &args.cgroup)?;
     if kubernetes_mode {
-        args.cgroup_root = resolve(&args.cgroup_root)?;
+        args.cgroup_root = resolve("--cgroup-root", &args.cgroup_root)?;
     }
     if let Some(k) = &args.kubelet_cgroup {
-        args.kubelet_cgroup = Some(resolve(k)?);
+        args.kubelet_cgroup = Some(resolve("--kubelet-cgroup", k)?);
     }
     Ok(())
 }

@@ -70,14 +70,14 @@ pub fn render(state: &AdminState) -> String {
         "Pods of this node whose enrollment failed (held closed, retried).",
         &[(format!("{{node=\"{node}\"}}"), state.enrollment.list().len() as f64)],
     );
-    if let Some(r) = &state.refusal {
-        family(
-            "mtls_agent_capture_refused",
-            "gauge",
-            "1: the agent refuses this node (reason: kernel, cgroup_v1) and captures nothing.",
-            &[(format!("{{node=\"{node}\",reason=\"{}\"}}", r.reason()), 1.0)],
-        );
-    }
+    // Always there, so an alert on `== 1` (or on its absence) sees every node.
+    let (reason, refused) = state.refusal.as_ref().map_or(("none", 0.0), |r| (r.reason(), 1.0));
+    family(
+        "mtls_agent_capture_refused",
+        "gauge",
+        "1: the agent refuses this node (reason: kernel, cgroup_v1, min_kernel) and captures nothing; 0 (reason none): it serves.",
+        &[(format!("{{node=\"{node}\",reason=\"{reason}\"}}"), refused)],
+    );
     family(
         "mtls_agent_connections_open",
         "gauge",

@@ -78,7 +78,7 @@ pub enum CaptureError {
     #[error("eBPF link: {0}")]
     Link(#[from] aya::programs::links::LinkError),
     #[error(transparent)]
-    Kernel(#[from] probe::MissingFeature),
+    Kernel(#[from] probe::ProbeError),
     #[error("--kubelet-cgroup {kubelet}: {why} the pods' cgroup {pods}; give the kubelet's own cgroup, outside the pods' hierarchy")]
     KubeletCgroup { kubelet: PathBuf, pods: PathBuf, why: &'static str },
     #[error("--kubelet-cgroup: {0}")]

@@ -7,6 +7,10 @@
 //! calls them (the verifier refuses a helper the type may not call), bpf_link by asking the kernel
 //! to create one for a bad target. When several are missing, the one with the newest minimum
 //! kernel is named: that is the version the node needs.
+//!
+//! A bpf() the kernel denies (EPERM/EACCES: no privileges, a seccomp profile, an LSM) says
+//! nothing about the kernel: it is reported as such ([`ProbeError::NotPermitted`]), never as a
+//! missing feature, so a container without privileges is not taken for a refused node.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -21,11 +25,29 @@ pub struct MissingFeature {
     pub min: String,
 }
 
+/// Why the probe cannot pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The kernel lacks a feature: a property of the node.
+    #[error(transparent)]
+    Missing(#[from] MissingFeature),
+    /// `--min-kernel` (a test knob) refused the kernel: played as a node property, never one.
+    #[error(transparent)]
+    MinKernel(MissingFeature),
+    /// bpf() was denied: the agent's privileges, not the node's kernel.
+    #[error("bpf() denied while probing {what}: {errno}: the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN; the DaemonSet's container is privileged) and no seccomp profile or LSM that denies bpf(); this says nothing about the kernel")]
+    NotPermitted { what: &'static str, errno: String },
+}
+
+/// A bpf() the kernel denied (its errno); any other failure means "not supported".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Denied(i32);
+
 /// One requirement: what, the kernel that brought it, and how to tell.
 struct Requirement {
     feature: &'static str,
     min: &'static str,
-    present: fn() -> bool,
+    present: fn() -> Result<bool, Denied>,
 }
 
 // Kernel ABI numbers (include/uapi/linux/bpf.h); stable by definition.
@@ -58,9 +80,9 @@ const REQUIREMENTS: &[Requirement] = &[
         feature: "hash, array and per-CPU array maps",
         min: "4.6",
         present: || {
-            create_map(MAP_HASH, 8, 8, 1, 0)
-                && create_map(MAP_ARRAY, 4, 8, 1, 0)
-                && create_map(MAP_PERCPU_ARRAY, 4, 8, 1, 0)
+            Ok(create_map(MAP_HASH, 8, 8, 1, 0)?
+                && create_map(MAP_ARRAY, 4, 8, 1, 0)?
+                && create_map(MAP_PERCPU_ARRAY, 4, 8, 1, 0)?)
         },
     },
     Requirement {
@@ -71,48 +93,41 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement {
         feature: "sock_ops programs",
         min: "4.13",
-        present: || load_prog(PROG_SOCK_OPS, 0, None).is_some(),
+        present: || loads(PROG_SOCK_OPS, 0, None),
     },
     Requirement {
         feature: "cgroup sock_addr programs (connect4/connect6)",
         min: "4.17",
         present: || {
-            load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, None).is_some()
-                && load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, None).is_some()
+            Ok(loads(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, None)?
+                && loads(PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT, None)?)
         },
     },
     Requirement {
         feature: "bpf_sock_ops_cb_flags_set in sock_ops programs (close callbacks)",
         min: "4.16",
-        present: || load_prog(PROG_SOCK_OPS, 0, Some(HELPER_SOCK_OPS_CB_FLAGS_SET)).is_some(),
+        present: || loads(PROG_SOCK_OPS, 0, Some(HELPER_SOCK_OPS_CB_FLAGS_SET)),
     },
     Requirement {
         feature: "bpf_get_socket_cookie in cgroup sock_addr and sock_ops programs",
         min: "4.19",
         present: || {
-            load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_SOCKET_COOKIE))
-                .is_some()
-                && load_prog(PROG_SOCK_OPS, 0, Some(HELPER_GET_SOCKET_COOKIE)).is_some()
+            Ok(loads(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_SOCKET_COOKIE))?
+                && loads(PROG_SOCK_OPS, 0, Some(HELPER_GET_SOCKET_COOKIE))?)
         },
     },
     Requirement {
         feature: "bpf_get_netns_cookie in cgroup sock_addr programs",
         min: "5.7",
         present: || {
-            load_prog(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_NETNS_COOKIE))
-                .is_some()
+            loads(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_NETNS_COOKIE))
         },
     },
     Requirement {
         feature: "bpf_get_current_cgroup_id in cgroup sock_addr programs (the agent's own sockets)",
         min: "5.7",
         present: || {
-            load_prog(
-                PROG_CGROUP_SOCK_ADDR,
-                ATTACH_INET4_CONNECT,
-                Some(HELPER_GET_CURRENT_CGROUP_ID),
-            )
-            .is_some()
+            loads(PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT, Some(HELPER_GET_CURRENT_CGROUP_ID))
         },
     },
     Requirement {
@@ -125,29 +140,28 @@ const REQUIREMENTS: &[Requirement] = &[
         feature: "cgroup sock_release programs with bpf_get_socket_cookie (pending records freed)",
         min: "5.9",
         present: || {
-            load_prog(PROG_CGROUP_SOCK, ATTACH_INET_SOCK_RELEASE, Some(HELPER_GET_SOCKET_COOKIE))
-                .is_some()
+            loads(PROG_CGROUP_SOCK, ATTACH_INET_SOCK_RELEASE, Some(HELPER_GET_SOCKET_COOKIE))
         },
     },
     Requirement {
         feature: "sk_lookup programs",
         min: "5.9",
-        present: || load_prog(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, None).is_some(),
+        present: || loads(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, None),
     },
     Requirement {
         feature: "the SO_NETNS_COOKIE socket option",
         min: "5.14",
-        present: so_netns_cookie,
+        present: || Ok(so_netns_cookie()),
     },
     Requirement {
         feature: "net.ipv4.tcp_migrate_req (connections kept across agent updates)",
         min: "5.14",
-        present: || std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req").exists(),
+        present: || Ok(std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req").exists()),
     },
     Requirement {
         feature: "bpf_get_netns_cookie in sock_ops programs",
         min: "5.15",
-        present: || load_prog(PROG_SOCK_OPS, 0, Some(HELPER_GET_NETNS_COOKIE)).is_some(),
+        present: || loads(PROG_SOCK_OPS, 0, Some(HELPER_GET_NETNS_COOKIE)),
     },
 ];
 
@@ -224,19 +238,42 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> Result<OwnedFd, i32> {
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
 
-fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, flags: u32) -> bool {
-    let attr = MapCreateAttr { map_type, key_size, value_size, max_entries, map_flags: flags };
-    bpf(BPF_MAP_CREATE, &attr).is_ok()
+/// Whether a bpf() result means "supported": a denial is not an answer.
+fn supported<T>(r: Result<T, i32>) -> Result<bool, Denied> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(e @ (libc::EPERM | libc::EACCES)) => Err(Denied(e)),
+        Err(_) => Ok(false),
+    }
 }
 
-fn ringbuf_supported() -> bool {
+fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> Result<bool, Denied> {
+    let attr = MapCreateAttr { map_type, key_size, value_size, max_entries, map_flags: flags };
+    supported(bpf(BPF_MAP_CREATE, &attr))
+}
+
+fn loads(prog_type: u32, expected_attach_type: u32, helper: Option<i32>) -> Result<bool, Denied> {
+    supported(load_prog(prog_type, expected_attach_type, helper))
+}
+
+fn ringbuf_supported() -> Result<bool, Denied> {
     // A ring buffer's size is a power-of-two multiple of the page size; keys and values are 0.
     create_map(MAP_RINGBUF, 0, 0, 4096, 0)
 }
 
 /// Loads `r2 = 0; r0 = helper(ctx, 0); r0 = 1; exit` (or only the return), which every
 /// program type used here accepts, and keeps it open.
-fn load_prog(prog_type: u32, expected_attach_type: u32, helper: Option<i32>) -> Option<OwnedFd> {
+fn load_prog(
+    prog_type: u32,
+    expected_attach_type: u32,
+    helper: Option<i32>,
+) -> Result<OwnedFd, i32> {
     let mut insns = Vec::with_capacity(4);
     if let Some(h) = helper {
         // r1 holds the context on entry: the helpers probed here take it as their first
@@ -255,13 +292,16 @@ fn load_prog(prog_type: u32, expected_attach_type: u32, helper: Option<i32>) -> 
         expected_attach_type,
         ..Default::default()
     };
-    bpf(BPF_PROG_LOAD, &attr).ok()
+    bpf(BPF_PROG_LOAD, &attr)
 }
 
 /// BPF_LINK_CREATE with a real program and a bad target: a kernel that has the command
 /// fails on the target (EBADF), an older one does not know the command (EINVAL).
-fn link_create_supported() -> bool {
-    let Some(prog) = load_prog(PROG_SOCK_OPS, 0, None) else { return false };
+fn link_create_supported() -> Result<bool, Denied> {
+    let prog = match load_prog(PROG_SOCK_OPS, 0, None) {
+        Ok(p) => p,
+        Err(e) => return supported(Err::<(), _>(e)),
+    };
     use std::os::fd::AsRawFd;
     let attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -269,7 +309,11 @@ fn link_create_supported() -> bool {
         attach_type: ATTACH_CGROUP_SOCK_OPS,
         flags: 0,
     };
-    matches!(bpf(BPF_LINK_CREATE, &attr), Err(libc::EBADF))
+    match bpf(BPF_LINK_CREATE, &attr) {
+        Err(libc::EBADF) => Ok(true),
+        Err(e @ (libc::EPERM | libc::EACCES)) => Err(Denied(e)),
+        _ => Ok(false),
+    }
 }
 
 fn so_netns_cookie() -> bool {
@@ -280,7 +324,7 @@ fn so_netns_cookie() -> bool {
 
 /// Checks every requirement. Of the missing ones, the one needing the newest kernel is named
 /// (the others are logged at debug level).
-pub fn probe() -> Result<(), MissingFeature> {
+pub fn probe() -> Result<(), ProbeError> {
     probe_with(None)
 }
 
@@ -294,7 +338,7 @@ pub fn parse_min_kernel(s: &str) -> Result<(u32, u32), String> {
 /// As [`probe`], and (tests only, `--min-kernel`) refuses a kernel older than `min_kernel` as
 /// if a feature it lacks were missing, so a refused node can be played on a kernel that has
 /// everything.
-pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), MissingFeature> {
+pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), ProbeError> {
     let current = || {
         KernelVersion::current().map(|k| k.to_string()).unwrap_or_else(|_| "unknown version".into())
     };
@@ -306,14 +350,25 @@ pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), MissingFeature> 
         );
         // An unreadable version is refused too: the override asks for a known kernel.
         if KernelVersion::current().map_or(true, |k| k < wanted) {
-            return Err(MissingFeature {
+            return Err(ProbeError::MinKernel(MissingFeature {
                 kernel: current(),
                 feature: "the kernel version --min-kernel asks for (a test override)",
                 min: format!("{major}.{minor}"),
-            });
+            }));
         }
     }
-    let missing: Vec<&Requirement> = REQUIREMENTS.iter().filter(|r| !(r.present)()).collect();
+    // First the plainest call there is: denied, it is the agent's privileges, not the kernel.
+    if let Err(Denied(e)) = create_map(MAP_ARRAY, 4, 8, 1, 0) {
+        return Err(not_permitted("an array map (BPF_MAP_CREATE)", e));
+    }
+    let mut missing = Vec::new();
+    for r in REQUIREMENTS {
+        match (r.present)() {
+            Ok(true) => {}
+            Ok(false) => missing.push(r),
+            Err(Denied(e)) => return Err(not_permitted(r.feature, e)),
+        }
+    }
     for r in &missing {
         tracing::debug!(feature = r.feature, min = r.min, "kernel feature missing");
     }
@@ -323,8 +378,14 @@ pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), MissingFeature> 
     });
     match worst {
         None => Ok(()),
-        Some(r) => Err(MissingFeature { kernel: current(), feature: r.feature, min: r.min.into() }),
+        Some(r) => {
+            Err(MissingFeature { kernel: current(), feature: r.feature, min: r.min.into() }.into())
+        }
     }
+}
+
+fn not_permitted(what: &'static str, errno: i32) -> ProbeError {
+    ProbeError::NotPermitted { what, errno: std::io::Error::from_raw_os_error(errno).to_string() }
 }
 
 fn version(v: &str) -> (u32, u32) {
@@ -344,14 +405,15 @@ mod tests {
     #[test]
     fn each_probe_passes_here_and_a_bogus_helper_fails() {
         for r in REQUIREMENTS {
-            assert!((r.present)(), "{} reported missing", r.feature);
+            assert_eq!((r.present)(), Ok(true), "{} reported missing", r.feature);
         }
         // Helper 0 (unspec) exists nowhere: the verifier must refuse it.
-        assert!(load_prog(PROG_SOCK_OPS, 0, Some(0)).is_none());
+        assert_eq!(loads(PROG_SOCK_OPS, 0, Some(0)), Ok(false));
         // A real helper in a program type that may not call it is refused too (sk_lookup has
         // no netns cookie): the probe tells helpers apart per program type.
-        assert!(
-            load_prog(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, Some(HELPER_GET_NETNS_COOKIE)).is_none()
+        assert_eq!(
+            loads(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, Some(HELPER_GET_NETNS_COOKIE)),
+            Ok(false)
         );
     }
 
@@ -372,10 +434,61 @@ mod tests {
     fn min_kernel_refuses_an_older_kernel_only() {
         assert_eq!(parse_min_kernel("99.0"), Ok((99, 0)));
         assert!(parse_min_kernel("6").is_err() && parse_min_kernel("6.x").is_err());
-        let e = probe_with(Some((99, 0))).unwrap_err();
+        let Err(ProbeError::MinKernel(e)) = probe_with(Some((99, 0))) else {
+            panic!("not refused")
+        };
         assert_eq!(e.min, "99.0");
         assert!(e.to_string().contains("needs Linux 99.0 or newer"), "{e}");
         assert_eq!(probe_with(Some((4, 0))), Ok(()));
+    }
+
+    #[test]
+    fn only_unsupported_errnos_mean_a_missing_feature() {
+        assert_eq!(supported(Ok::<(), i32>(())), Ok(true));
+        for e in [libc::EINVAL, libc::E2BIG, libc::EOPNOTSUPP, 524 /* ENOTSUPP */] {
+            assert_eq!(supported(Err::<(), _>(e)), Ok(false), "errno {e}");
+        }
+        assert_eq!(supported(Err::<(), _>(libc::EPERM)), Err(Denied(libc::EPERM)));
+        assert_eq!(supported(Err::<(), _>(libc::EACCES)), Err(Denied(libc::EACCES)));
+    }
+
+    /// `struct __user_cap_header_struct` / `__user_cap_data_struct` (capset(2)).
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    #[test]
+    fn bpf_denied_to_an_unprivileged_agent_is_not_a_missing_feature() {
+        // Capabilities are per thread: this thread gives up all of them, the test's others
+        // keep theirs. A root process without capabilities is what a non-privileged
+        // container (or one whose seccomp profile denies bpf()) looks like to bpf().
+        let got = std::thread::spawn(|| {
+            let header = CapHeader { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
+            let data = [CapData::default(); 2];
+            // SAFETY: a valid header and the two data words version 3 takes.
+            let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+            assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+            probe()
+        })
+        .join()
+        .unwrap();
+        let Err(e @ ProbeError::NotPermitted { .. }) = got else {
+            panic!("an unprivileged probe said {got:?}")
+        };
+        let text = e.to_string();
+        assert!(text.contains("bpf() denied") && text.contains("CAP_BPF"), "{text}");
+        assert!(text.contains("says nothing about the kernel"), "{text}");
+        // With privileges, the same kernel passes.
+        assert_eq!(probe(), Ok(()));
     }
 
     #[test]

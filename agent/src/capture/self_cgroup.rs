@@ -128,6 +128,25 @@ fn cgroup2_mount(text: &str) -> Option<PathBuf> {
     })
 }
 
+/// Where some cgroup v2 hierarchy is mounted (of its root or not), from /proc/self/mountinfo:
+/// `None` only on a node without cgroup v2 (v1-only). An unreadable mountinfo is an error.
+pub fn any_cgroup2_mount() -> Result<Option<PathBuf>, SelfCgroupError> {
+    let path = "/proc/self/mountinfo";
+    let text = fs::read_to_string(path)
+        .map_err(|source| SelfCgroupError::Read { path: path.into(), source })?;
+    Ok(first_cgroup2_mount(&text))
+}
+
+fn first_cgroup2_mount(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split(' ').nth(4).map(|m| PathBuf::from(unescape(m)))
+    })
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -171,6 +190,9 @@ mod tests {
 ";
         assert_eq!(cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/uni fied")));
         assert_eq!(cgroup2_mount("33 30 0:28 / /x rw - cgroup cgroup rw\n"), None);
+        // Any cgroup2 mount says the node has cgroup v2, of its root or not.
+        assert_eq!(first_cgroup2_mount(text), Some(PathBuf::from("/mnt/sub")));
+        assert_eq!(first_cgroup2_mount("33 30 0:28 / /x rw - cgroup cgroup rw\n"), None);
     }
 
     #[test]

@@ -268,8 +268,9 @@ pub struct RunArgs {
     /// Kubernetes mode: the uid of the agent's own pod (`kubectl describe pod` shows Events by it).
     #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
-    /// For tests only: refuse kernels older than this (e.g. 99.0), as if a feature they lack
-    /// were missing, so the refused-kernel path can be run on a kernel that has everything.
+    /// For tests only, never in production (hidden): refuse kernels older than this (e.g.
+    /// 99.0) so the refused-node path can be run on a kernel that has everything. Its refusal
+    /// has its own reason, `min_kernel`, never taken for a node property in metrics.
     #[arg(long, hide = true, value_parser = crate::capture::probe::parse_min_kernel)]
     pub min_kernel: Option<(u32, u32)>,
 }

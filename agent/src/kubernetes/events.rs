@@ -54,7 +54,7 @@ pub async fn enrollment_failed(
          retrying",
         step.as_str()
     );
-    post(client, PodRef::from(&w), "Warning", ENROLLMENT_FAILED, message, node).await
+    post(client, PodRef::from(&w), "Warning", ENROLLMENT_FAILED, message, node).await;
 }
 
 /// Posts an Event of `type_` (`Normal`, `Warning`) with `reason` on `pod`. Best effort: a
@@ -66,7 +66,7 @@ pub async fn post(
     reason: &str,
     message: String,
     node: String,
-) {
+) -> bool {
     let key = format!("{}.{}", pod.name, pod.namespace);
     let involved = ObjectReference {
         api_version: Some("v1".into()),
@@ -92,7 +92,7 @@ pub async fn post_on_node(
     reason: &str,
     message: String,
     node: String,
-) {
+) -> bool {
     let involved = ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Node".into()),
@@ -114,7 +114,7 @@ async fn create(
     reason: &str,
     message: String,
     node: String,
-) {
+) -> bool {
     let now = k8s_openapi::chrono::Utc::now();
     let object = involved.name.clone().unwrap_or_default();
     let event = Event {
@@ -141,7 +141,13 @@ async fn create(
     };
     let api: Api<Event> = Api::namespaced(client, namespace);
     match api.create(&PostParams::default(), &event).await {
-        Ok(_) => debug!(object = %key, "Event {reason} posted"),
-        Err(e) => warn!(object = %key, "posting Event {reason}: {e}"),
+        Ok(_) => {
+            debug!(object = %key, "Event {reason} posted");
+            true
+        }
+        Err(e) => {
+            warn!(object = %key, "posting Event {reason}: {e}");
+            false
+        }
     }
 }
