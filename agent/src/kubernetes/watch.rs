@@ -443,7 +443,7 @@ fn build(state: &State, root_namespace: &str, members: &membership::Settings) ->
     );
     rejected.extend(errors.iter().map(ToString::to_string));
     Snapshot {
-        workloads: WorkloadSet { workloads, services },
+        workloads: WorkloadSet::new(workloads, services),
         policies,
         rejected,
         membership: decisions,
