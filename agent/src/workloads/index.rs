@@ -9,6 +9,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use super::{Service, Workload};
 
@@ -17,10 +18,12 @@ use super::{Service, Workload};
 pub(super) struct Index {
     /// Every address of every pod (canonical form), to the first pod that has it.
     by_ip: HashMap<IpAddr, u32>,
-    /// Pod positions ordered by (namespace, name, position).
-    by_name: Vec<u32>,
-    /// Pod positions ordered by (node, position): a node's pods in the set's order.
-    by_node: Vec<u32>,
+    /// Pod positions ordered by (namespace, name, position); sorted on the first `find` only
+    /// (no per-connection or per-snapshot path asks by name), not for every snapshot.
+    by_name: OnceLock<Vec<u32>>,
+    /// Each node's pod positions, in the set's order: hashed, not sorted, so that a snapshot
+    /// of 150,000 pods costs one hash lookup per pod here.
+    by_node: HashMap<String, Vec<u32>>,
     /// Service positions ordered by (namespace, position).
     services_by_namespace: Vec<u32>,
 }
@@ -42,24 +45,22 @@ impl Index {
                 by_ip.entry(ip.to_canonical()).or_insert(i);
             }
         }
-        let key = |i: &u32| at(workloads, *i);
-        let mut by_name = positions(workloads.len());
-        by_name.sort_unstable_by(|a, b| {
-            let (wa, wb) = (key(a), key(b));
-            let ka = wa.map(|w| (w.namespace.as_str(), w.name.as_str()));
-            let kb = wb.map(|w| (w.namespace.as_str(), w.name.as_str()));
-            ka.cmp(&kb).then(a.cmp(b))
-        });
-        let mut by_node = positions(workloads.len());
-        by_node.sort_unstable_by(|a, b| {
-            key(a).map(|w| w.node.as_str()).cmp(&key(b).map(|w| w.node.as_str())).then(a.cmp(b))
-        });
+        let mut by_node: HashMap<String, Vec<u32>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            let Ok(i) = u32::try_from(i) else { break };
+            match by_node.get_mut(&w.node) {
+                Some(v) => v.push(i),
+                None => {
+                    by_node.insert(w.node.clone(), vec![i]);
+                }
+            }
+        }
         let mut services_by_namespace = positions(services.len());
         services_by_namespace.sort_unstable_by(|a, b| {
             let ns = |i: &u32| at(services, *i).map(|s| s.namespace.as_str());
             ns(a).cmp(&ns(b)).then(a.cmp(b))
         });
-        Index { by_ip, by_name, by_node, services_by_namespace }
+        Index { by_ip, by_name: OnceLock::new(), by_node, services_by_namespace }
     }
 
     /// The first pod with address `ip` (already canonical).
@@ -80,8 +81,14 @@ impl Index {
             Some(w) => (w.namespace.as_str(), w.name.as_str()).cmp(&(namespace, name)),
             None => Ordering::Less,
         };
-        let start = self.by_name.partition_point(|i| cmp(i) == Ordering::Less);
-        let w = at(workloads, *self.by_name.get(start)?)?;
+        let by_name = self.by_name.get_or_init(|| {
+            let key = |i: &u32| at(workloads, *i).map(|w| (w.namespace.as_str(), w.name.as_str()));
+            let mut v = positions(workloads.len());
+            v.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.cmp(b)));
+            v
+        });
+        let start = by_name.partition_point(|i| cmp(i) == Ordering::Less);
+        let w = at(workloads, *by_name.get(start)?)?;
         (w.name == name && w.namespace == namespace).then_some(w)
     }
 
@@ -91,11 +98,8 @@ impl Index {
         workloads: &'a [Workload],
         node: &'a str,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
-        let node_of = move |i: &u32| at(workloads, *i).map(|w| w.node.as_str());
-        let start = self.by_node.partition_point(|i| node_of(i) < Some(node));
-        self.by_node[start..]
-            .iter()
-            .map_while(move |i| at(workloads, *i).filter(|w| w.node == node))
+        let of_node = self.by_node.get(node).map_or(&[][..], Vec::as_slice);
+        of_node.iter().filter_map(move |i| at(workloads, *i).filter(|w| w.node == node))
     }
 
     /// The services of `namespace`, in the set's order.
