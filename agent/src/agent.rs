@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod early;
+mod snapshot_delta;
 
 /// How often the workloads file is checked for changes (changes apply within 1 s).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -495,7 +496,8 @@ impl Agent {
     /// Takes a complete state from the API server. The first one also releases what a
     /// previous instance left enrolled for pods that are gone.
     fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
-        let workloads_changed = **self.workloads_tx.borrow() != s.workloads;
+        let before = self.workloads_tx.borrow().clone();
+        let workloads_changed = *before != s.workloads;
         let policies_changed = **self.policies_tx.borrow() != s.policies;
         self.membership.replace(s.membership.iter().cloned());
         if !first && !workloads_changed && !policies_changed {
@@ -508,13 +510,40 @@ impl Agent {
         if policies_changed {
             info!(policies = s.policies.len(), "policies changed");
         }
-        self.workloads_tx.send_replace(Arc::new(s.workloads.clone()));
+        let ws = Arc::new(s.workloads.clone());
+        self.workloads_tx.send_replace(ws.clone());
+        // The service table is built here, not by the first connection after the change.
+        self.mesh.services.table(&ws);
         self.policies_tx.send_replace(Arc::new(s.policies.clone()));
         self.log_policy_warnings(first || policies_changed);
         // Before the reconcile: what a previous instance enrolled early stays enrolled.
         self.take_bound(s, first);
-        self.reconcile(first);
-        self.apply_policies();
+        let cheap = snapshot_delta::Delta::between(&before, &ws, &self.cfg.node, first);
+        if cheap.local_pods_same && self.nothing_pending(&ws) {
+            // Only remote pods or services changed: no enrollment of this node to redo.
+            self.update_readiness(ws.on_node(&self.cfg.node).count());
+            self.announce_membership();
+            self.save_owners();
+        } else {
+            self.reconcile(first);
+        }
+        // A pod's rules depend on the policies, the pod and the services selecting it.
+        if policies_changed
+            || !cheap.local_pods_same
+            || !cheap.services_same
+            || !self.failed.is_empty()
+        {
+            self.apply_policies();
+        }
+    }
+
+    /// Every pod of the node enrolled, no failed enrollment to retry, no kept or early
+    /// enrollment to review: what a reconcile would look at when the node's pods stay the same.
+    fn nothing_pending(&self, ws: &WorkloadSet) -> bool {
+        self.failed.is_empty()
+            && self.kept.is_empty()
+            && self.bound.early.is_empty()
+            && ws.on_node(&self.cfg.node).all(|w| self.pods.contains_key(&w.key()))
     }
 
     /// Logs the policies' warnings against the current workloads: all of them after a

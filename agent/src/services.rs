@@ -68,12 +68,6 @@ pub struct ServiceTable {
 impl ServiceTable {
     /// The table of `ws` as seen from `node`.
     pub fn build(ws: &WorkloadSet, node: &str) -> ServiceTable {
-        let mut pods: HashMap<IpAddr, String> = HashMap::new();
-        for w in &ws.workloads {
-            for ip in &w.ips {
-                pods.entry(*ip).or_insert_with(|| w.key());
-            }
-        }
         let mut table = ServiceTable::default();
         for svc in &ws.services {
             // One route per VIP (a dual-stack service has one per family), or one without.
@@ -98,7 +92,7 @@ impl ServiceTable {
                                     let address = e.address.to_canonical();
                                     Backend {
                                         address: SocketAddr::new(address, e.port),
-                                        pod: pods.get(&address).cloned(),
+                                        pod: ws.by_ip(address).map(|w| w.key()),
                                     }
                                 })
                                 .collect()

@@ -45,6 +45,8 @@ use crate::yamlde::{
 };
 use crate::yamlpos::{self, YamlIndex};
 
+mod index;
+
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -118,12 +120,34 @@ pub struct SliceEndpoint {
     pub terminating: bool,
 }
 
-/// The validated contents of `workloads.yaml`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// The validated contents of `workloads.yaml` (or the API server's state): made with
+/// [`WorkloadSet::new`], which indexes its lookups. The vectors are read freely; a set is not
+/// edited once made (it is shared as a snapshot): make a new one.
+#[derive(Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSet {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
+    #[serde(skip)]
+    index: index::Index,
+}
+
+// The index is derived from the vectors: the set's value is the vectors alone.
+impl PartialEq for WorkloadSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.workloads == other.workloads && self.services == other.services
+    }
+}
+
+impl Eq for WorkloadSet {}
+
+impl fmt::Debug for WorkloadSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadSet")
+            .field("workloads", &self.workloads)
+            .field("services", &self.services)
+            .finish()
+    }
 }
 
 /// Why `workloads.yaml` was rejected.
@@ -204,9 +228,10 @@ impl Service {
 }
 
 impl WorkloadSet {
-    /// The set of these workloads and services.
-    pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> Self {
-        WorkloadSet { workloads, services }
+    /// The set of these pods and services, with its lookups indexed (once, here).
+    pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> WorkloadSet {
+        let index = index::Index::build(&workloads, &services);
+        WorkloadSet { workloads, services, index }
     }
 
     /// Reads and parses `path`, then checks that every pod of `node` has a
@@ -244,23 +269,23 @@ impl WorkloadSet {
 
     /// The pods scheduled on `node`.
     pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.iter().filter(move |w| w.node == node)
+        self.index.on_node(&self.workloads, node)
     }
 
-    /// The pod with address `ip` (IPv4-mapped IPv6 matches the IPv4 form).
+    /// The pod with address `ip` (IPv4-mapped IPv6 matches the IPv4 form); the first one if
+    /// several claim it.
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        let ip = ip.to_canonical();
-        self.workloads.iter().find(|w| w.ips.contains(&ip))
+        self.index.by_ip(&self.workloads, ip.to_canonical())
     }
 
     /// The pod `name` in `namespace`.
     pub fn find(&self, name: &str, namespace: &str) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.name == name && w.namespace == namespace)
+        self.index.find(&self.workloads, name, namespace)
     }
 
     /// Services in `w`'s namespace selecting workload `w` (used later by policy code).
     pub fn services_for<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services.iter().filter(move |s| s.selects(w))
+        self.index.services_in(&self.services, &w.namespace).filter(move |s| s.selects(w))
     }
 }
 
@@ -535,7 +560,7 @@ fn convert(
             other_vips: Vec::new(),
         });
     }
-    Ok((WorkloadSet { workloads, services }, address_fields))
+    Ok((WorkloadSet::new(workloads, services), address_fields))
 }
 
 /// Cross-entry checks; reports the later of two conflicting entries.

@@ -38,6 +38,9 @@ use testbed::{
     Pod, PodProcess, Testbed,
 };
 
+#[path = "bench/scale.rs"]
+mod scale;
+
 const NS: &str = "bench";
 /// Echo server with a fixed thread pool (round trips, new connections).
 const ECHO_PORT: u16 = 7000;
@@ -97,6 +100,13 @@ struct Cli {
     /// alone (default 30, or 5 with --quick; 0: do not wait).
     #[arg(long)]
     wait_quiet: Option<u64>,
+    /// Instead of the figures above: the scale section, at each of these cluster sizes (pods),
+    /// e.g. 1000,10000,150000 (`scale.rs`).
+    #[arg(long, value_delimiter = ',')]
+    scale: Option<Vec<usize>>,
+    /// Scale section: the agent is killed (and the size reported failed) past this RSS.
+    #[arg(long, default_value_t = 4096)]
+    scale_max_rss_mib: u64,
 }
 
 /// Load tools, run inside the pods by the bench itself.
@@ -168,7 +178,12 @@ fn main() {
                 set.quiet_wait = Duration::from_secs(w.min(600));
             }
             set.agent_env = cli.agent_env;
-            run_bench(set, cli.out, &cli.only)
+            match &cli.scale {
+                Some(sizes) => std::env::current_exe()
+                    .context("current_exe")
+                    .and_then(|exe| scale::run(&exe, sizes, cli.scale_max_rss_mib, cli.out)),
+                None => run_bench(set, cli.out, &cli.only),
+            }
         }
     };
     if let Err(e) = result {

@@ -13,6 +13,8 @@
 //! - `GET /check?pod=NAME.NAMESPACE`: the pod's listeners and outbound destinations, each with
 //!   its mTLS mode and the policy that decided; for a pod of this node that is not in the
 //!   mesh, why not;
+//! - `GET /debug/destinations?ips=A,B`: the pod known at each address (name, uid), the probe
+//!   of whether a pod change is applied (see `destinations`);
 //! - `GET /healthz` (or `/healthz/live`): liveness; `GET /healthz/ready`: readiness, as on the
 //!   health address (the CLI asks it to pick the ready instance; `mtls-agent probe` asks it for
 //!   the kubelet, see `probe`);
@@ -22,6 +24,7 @@
 
 pub mod check;
 pub mod client;
+pub mod destinations;
 pub mod metrics;
 pub mod probe;
 pub mod socket;
@@ -416,6 +419,13 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     &format!("no workload {p} (expected NAME.NAMESPACE)\n"),
                 ),
                 None => text(StatusCode::BAD_REQUEST, "usage: /check?pod=NAME.NAMESPACE\n"),
+            }
+        }
+        "/debug/destinations" => {
+            let ws = state.mesh.workloads.borrow().clone();
+            match destinations::lookup(&ws, req.uri().query().unwrap_or_default()) {
+                Ok(found) => json(&found),
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             }
         }
         "/healthz" | "/healthz/live" => text(StatusCode::OK, "ok\n"),
