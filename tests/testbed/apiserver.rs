@@ -743,6 +743,29 @@ impl ApiServer {
     }
 }
 
+impl ApiServer {
+    /// Loads many objects at once (a scale bench's cluster): each gets its own resource
+    /// version as with [`ApiServer::apply`], but no watch is told and no change is logged,
+    /// so call it before the client lists (its watches start from the list's version); a
+    /// 150,000-pod cluster then costs one copy of each object here, not two plus an event.
+    pub fn apply_many(&self, path: &str, objects: impl IntoIterator<Item = Value>) {
+        let mut st = self.lock();
+        let mut rv = st.rv;
+        let c = st.collections.entry(path.to_owned()).or_default();
+        for mut object in objects {
+            rv += 1;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            c.objects.insert(key_of(&object), object);
+        }
+        st.rv = rv;
+    }
+
+    /// How many objects the collection at `path` holds.
+    pub fn count(&self, path: &str) -> usize {
+        self.lock().collections.get(path).map_or(0, |c| c.objects.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,26 +793,5 @@ mod tests {
             [("fieldSelector".to_owned(), "spec.nodeName".to_owned())].into();
         assert!(field_selector(&bad).is_err());
         assert_eq!(decode("a%2Cb+c%zz%4"), "a,b c%zz%4");
-
-impl ApiServer {
-    /// Loads many objects at once (a scale bench's cluster): each gets its own resource
-    /// version as with [`ApiServer::apply`], but no watch is told and no change is logged,
-    /// so call it before the client lists (its watches start from the list's version); a
-    /// 150,000-pod cluster then costs one copy of each object here, not two plus an event.
-    pub fn apply_many(&self, path: &str, objects: impl IntoIterator<Item = Value>) {
-        let mut st = self.lock();
-        let mut rv = st.rv;
-        let c = st.collections.entry(path.to_owned()).or_default();
-        for mut object in objects {
-            rv += 1;
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            c.objects.insert(key_of(&object), object);
-        }
-        st.rv = rv;
-    }
-
-    /// How many objects the collection at `path` holds.
-    pub fn count(&self, path: &str) -> usize {
-        self.lock().collections.get(path).map_or(0, |c| c.objects.len())
     }
 }
