@@ -303,7 +303,7 @@ fn slice_json(n: usize, s: usize, generations: &[u32]) -> Value {
 /// the agent holds what it read. Measured: 150,000 pods took this bench past 20 GB before the
 /// agent had synced. A size the machine cannot hold is skipped, not tried.
 fn memory_needed(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(140 << 10)
+    u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(40 << 10)
 }
 
 /// Below this much available memory the agent is killed and the size reported failed, so
