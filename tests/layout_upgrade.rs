@@ -495,3 +495,108 @@ fn a_pod_the_new_layout_cannot_enroll_again_stays_captured_and_strict_after_the_
     );
     Ok(())
 }
+
+/// Kills and reaps a child on every way out of the test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Attaches layout 1's inbound program to `pod` again, as the old agent's `attach_inbound`
+/// does (it replaces any link of another generation), and removes the others of that pod.
+fn put_back_v1_inbound(bed: &Testbed, maps: &Path, pod: &str) -> Result<PathBuf> {
+    let cookie = netns_cookie(bed, pod)?;
+    let links_dir = bed.bpffs_dir("node1").join("links");
+    let prefix = format!("inbound_{cookie}_");
+    let mut per_pod = EbpfLoader::new()
+        .override_global("POD_COOKIE", &cookie, true)
+        .default_map_pin_directory(maps)
+        .load(V1_OBJECT)?;
+    let prog: &mut SkLookup =
+        per_pod.program_mut(prog_names::INBOUND).context("inbound")?.try_into()?;
+    prog.load()?;
+    let id = prog.attach(fs::File::open(&bed.pod(pod).netns)?)?;
+    let link: FdLink = prog.take_link(id)?.into();
+    let path = links_dir.join(format!("{prefix}7"));
+    link.pin(&path)?;
+    for e in fs::read_dir(&links_dir)? {
+        let p = e?.path();
+        if p != path && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)) {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(path)
+}
+
+/// A surge rollout: the old (layout 1) agent still runs beside the new one. While it does, the
+/// new one keeps layout 1 attached and pinned (the old agent may put its inbound program back
+/// on a pod, reading layout 1's maps), and STRICT holds; the old agent does put one back. Once
+/// it is gone the handover ends, and the pod it touched gets this layout's inbound link again.
+#[test]
+fn the_handover_waits_while_the_old_agent_still_runs_and_reattaches_what_it_put_back() -> Result<()>
+{
+    let mut m = Mesh::build(
+        "layout-surge",
+        NS,
+        &[("node1", "client"), ("node1", "server"), ("node1", "outsider")],
+    )?;
+    let (workloads, _) = m.workloads("workloads", &["client", "server"])?;
+    let policies = PolicyDir::new(m.bed.id())?;
+    policies.write("ns.yaml", &namespace_pa(NS, "STRICT"))?;
+    let ca = m.ca("ca")?;
+    let v1 = pin_layout_v1(&m.bed, &["client", "server"])?;
+    // The old agent: a process of ours, its pid and a cgroup id in layout 1's map.
+    let old_agent = Child(Command::new("sleep").arg("120").spawn()?);
+    let mut agent_ids: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(v1.maps.join(map_names::AGENT_CGROUPS))?,
+    ))?;
+    agent_ids.insert(u64::MAX - 7, old_agent.0.id(), 0)?;
+    let server = m.dst("server");
+    let agent = AgentProcess::start(&m.bed, agent_options(&m, &workloads, &ca, &policies.0))?;
+    // (Started: ready, its first reconcile done.)
+    // The old agent re-attaches its inbound program to the server (a retry of its own).
+    let put_back = put_back_v1_inbound(&m.bed, &v1.maps, "server")?;
+    // Past more than one retry tick of the new agent: layout 1 is all still there.
+    std::thread::sleep(Duration::from_millis(4500));
+    let log = agent.log();
+    ensure!(!log.contains("map layout handover done"), "done while the old agent runs:\n{log}");
+    ensure!(log.contains("map layout handover waits"), "{log}");
+    for link in v1.links.iter().filter(|l| !l.to_string_lossy().contains("inbound_")) {
+        ensure!(link.exists(), "{} detached while the old agent runs", link.display());
+    }
+    ensure!(put_back.exists(), "the old agent's inbound link went while it runs");
+    let (pins, _) = maps_entries(&v1.maps)?;
+    for name in [map_names::ENROLLED, map_names::INBOUND] {
+        ensure!(pins.contains(&name.to_owned()), "layout 1's {name} unpinned: {pins:?}");
+    }
+    let (out, ok) =
+        m.client("outsider", &["--connect", &server, "--message", "x", "--timeout-ms", "500"])?;
+    ensure!(!ok, "plaintext reached the STRICT pod while both agents run: {out}");
+    ensure!(m.accepted("server") == 0, "the STRICT pod's app accepted plaintext");
+
+    // The old agent exits: the handover ends, its inbound link is replaced by ours.
+    drop(old_agent);
+    agent.wait_log("map layout handover done", Duration::from_secs(10))?;
+    for link in &v1.links {
+        ensure!(!link.exists(), "{} still pinned", link.display());
+    }
+    ensure!(!put_back.exists(), "the old agent's inbound link stays after the handover");
+    let cookie = netns_cookie(&m.bed, "server")?;
+    let ours = fs::read_dir(m.bed.bpffs_dir("node1").join("links"))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with(&format!("inbound_{cookie}_")));
+    ensure!(ours, "the server has no inbound link of the new agent");
+    let (pins, _) = maps_entries(&v1.maps)?;
+    ensure!(pins.is_empty(), "layout 1's pins left: {pins:?}");
+    let (out, ok) = m.client("client", &["--connect", &server, "--message", "hello"])?;
+    ensure!(ok && out.contains("server:hello"), "client -> server through the mesh: {out}");
+    let (out, ok) =
+        m.client("outsider", &["--connect", &server, "--message", "x", "--timeout-ms", "500"])?;
+    ensure!(!ok, "plaintext reached the STRICT pod after the handover: {out}");
+    drop(agent);
+    Ok(())
+}

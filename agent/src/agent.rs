@@ -286,7 +286,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         agent.log_policy_warnings(true);
         agent.reconcile(true);
         // Our programs and maps enforce for every pod now: an older map layout's go.
-        agent.capture.finish_layout_handover();
+        agent.finish_layout_handover();
     } else {
         agent.readiness.set(false, "waiting for the first sync with the API server".into());
     }
@@ -393,6 +393,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
                     agent.check_sandboxes();
                     agent.retry_enrollment();
+                    agent.finish_layout_handover();
                 }
             }
             _ = hold_tick.tick(), if feed.is_some() => agent.poll_holds(false),
@@ -403,7 +404,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 agent.apply_snapshot(&snapshot, !synced);
                 if !synced {
                     // As in file mode: after the first reconcile, an older layout's go.
-                    agent.capture.finish_layout_handover();
+                    agent.finish_layout_handover();
                 }
                 synced = true;
                 next_retry = tokio::time::Instant::now() + ENROLL_RETRY;
@@ -575,6 +576,23 @@ impl Agent {
         if !self.kept.is_empty() || ws.on_node(&node).any(|w| !self.pods.contains_key(&w.key())) {
             self.reconcile(false);
         }
+    }
+
+    /// Ends a handover from an older map layout unless an older instance still runs (it may
+    /// put its inbound program back on a pod: asked again on every retry tick). Every enrolled
+    /// pod gets this instance's inbound link first, replacing one the old instance put back.
+    fn finish_layout_handover(&mut self) {
+        if !self.capture.in_layout_handover()
+            || !self.capture.layout_handover_blocked_by().is_empty()
+        {
+            return;
+        }
+        for (key, pod) in &self.pods {
+            if let Err(e) = self.capture.attach_inbound(&pod.netns) {
+                warn!(pod = %key, "re-attaching the inbound program at the end of a layout handover: {e}");
+            }
+        }
+        self.capture.finish_layout_handover();
     }
 
     fn reload_policies(&mut self) {

@@ -185,6 +185,8 @@ struct Handover {
     older: Vec<u32>,
     /// The old node-wide links (capture of every pod), detached at the end.
     node_links: Vec<PathBuf>,
+    /// Older instances still running when last looked (logged when it changes).
+    waiting_for: Vec<u32>,
 }
 
 /// Turns the programs' debug lines on and off at run time (the `CONFIG` log flag), so that
@@ -376,7 +378,7 @@ impl Capture {
             }
             None
         } else {
-            Some(Handover { older: found.older, node_links: old_links })
+            Some(Handover { older: found.older, node_links: old_links, waiting_for: Vec::new() })
         };
         info!(bpffs = %cfg.bpffs.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
@@ -404,6 +406,28 @@ impl Capture {
                 config: std::sync::Mutex::new(config),
             }),
         })
+    }
+
+    /// Other agent instances of an older layout still running (the old pod of a surge
+    /// rollout): the handover waits for them, as they may attach their inbound program to a
+    /// pod again. Empty without a handover.
+    pub fn layout_handover_blocked_by(&mut self) -> Vec<u32> {
+        let Some(h) = self.handover.as_mut() else { return Vec::new() };
+        let pids = if h.older.contains(&1) {
+            upgrade::v1_instances_running(&self.bpffs, pid_running)
+        } else {
+            Vec::new()
+        };
+        if !pids.is_empty() && pids != h.waiting_for {
+            info!(?pids, "map layout handover waits: an older agent instance still runs");
+        }
+        h.waiting_for.clone_from(&pids);
+        pids
+    }
+
+    /// Whether an older layout's programs still run beside ours.
+    pub fn in_layout_handover(&self) -> bool {
+        self.handover.is_some()
     }
 
     /// Ends a handover from an older map layout, once this instance enforces on its own (after
@@ -449,7 +473,12 @@ impl Capture {
             .collect();
         let path = self.links_dir.join(format!("{prefix}{}", self.generation));
         if old.contains(&path) {
-            return Ok(()); // Already attached by this instance.
+            // Already attached by this instance; a link another instance put back beside it
+            // (an older one still running) goes.
+            for p in old.iter().filter(|p| **p != path) {
+                remove_link_pin(p);
+            }
+            return Ok(());
         }
         // sk_lookup programs cannot ask for their netns cookie: each pod gets its own instance
         // with the cookie set at load time. Its maps are the pinned ones every instance shares;

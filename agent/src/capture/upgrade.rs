@@ -123,6 +123,24 @@ pub fn register_in_v1(bpffs: &Path, cgroup_id: u64) {
     }
 }
 
+/// Pids of the other agent instances layout 1's `AGENT_CGROUPS` names that still run (the old
+/// agent during a surge rollout): while one does, it may attach a layout-1 inbound link to a
+/// pod again, so layout 1 must stay pinned and its links attached.
+pub fn v1_instances_running(bpffs: &Path, pid_running: fn(u32) -> bool) -> Vec<u32> {
+    let path = layout::version_dir(bpffs, 1).join(map_names::AGENT_CGROUPS);
+    let Some(map) = open::<u64, u32>(&path, false) else { return Vec::new() };
+    let own = std::process::id();
+    let mut pids: Vec<u32> = map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, pid)| pid)
+        .filter(|pid| *pid != own && pid_running(*pid))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 /// Layout 1's `ORIG_DST`: connections captured by the old programs while both run.
 pub fn v1_orig_dst(bpffs: &Path) -> Option<HashMap<MapData, ConnKey, OrigDst>> {
     open(&layout::version_dir(bpffs, 1).join(map_names::ORIG_DST), true)
