@@ -27,7 +27,7 @@ use aya::{
 };
 use mtls_agent_ebpf::{
     map_names, prog_names, stats, Config, PodInfo, PortKey, PortPolicy, LAYOUT_VERSION,
-    MODE_STRICT, OUTBOUND_PORT,
+    MODE_PERMISSIVE, MODE_STRICT, OUTBOUND_PORT,
 };
 use serde_json::json;
 use testbed::{
@@ -598,5 +598,96 @@ fn the_handover_waits_while_the_old_agent_still_runs_and_reattaches_what_it_put_
         m.client("outsider", &["--connect", &server, "--message", "x", "--timeout-ms", "500"])?;
     ensure!(!ok, "plaintext reached the STRICT pod after the handover: {out}");
     drop(agent);
+    Ok(())
+}
+
+/// A restart mid-handover (the new instance crashed while the old agent still runs, layout 1
+/// still pinned) must not copy layout 1's state over its live maps again: layout 1 says
+/// PERMISSIVE for the server (stale), the live policy says STRICT. While the restarted
+/// instance waits for its first sync, an attacker's plaintext to the server stays refused.
+#[test]
+fn a_restart_mid_handover_keeps_the_live_rules_not_the_older_layouts() -> Result<()> {
+    let mut bed = Testbed::new("layout-rst")?;
+    let node = bed.add_node("node1")?;
+    let api = ApiServer::start()?;
+    for path in [
+        api::NAMESPACES,
+        api::PODS,
+        api::SERVICES,
+        api::ENDPOINTSLICES,
+        api::PEERAUTHENTICATIONS_V1,
+    ] {
+        api.serve(path);
+    }
+    api.apply(api::NAMESPACES, api::namespace(NS, true));
+    api.apply(
+        api::PEERAUTHENTICATIONS_V1,
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": NS}, "spec": {"mtls": {"mode": "STRICT"}}}),
+    );
+    let mut servers = Vec::new();
+    let uid = format!("{:08x}-7a1c-4f0e-8d2b-{:012x}", std::process::id(), 9);
+    let pod = bed.add_pod_in_cgroup("node1", "server", &pod_cgroup(&uid))?;
+    servers.push(echo_server(&bed, "server")?);
+    api.apply(api::PODS, pod_object("server", pod.ip, &uid));
+    bed.add_pod("node1", "outsider")?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let ca = CaDir::init(&format!("{}-k8s", bed.id()), "cluster.local")?;
+    let opts = |cgroup: &str| {
+        let mut o = AgentOptions::kubernetes("node1", &kubeconfig, &node.cgroup);
+        o.ca_dir = Some(ca.path.clone());
+        o.cgroup = Some(node.cgroup.join(cgroup));
+        o
+    };
+
+    let v1 = pin_layout_v1(&bed, &["server"])?;
+    // Layout 1's rules for the server are stale: PERMISSIVE.
+    let cookie = netns_cookie(&bed, "server")?;
+    let mut v1_inbound: HashMap<MapData, PortKey, PortPolicy> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(v1.maps.join(map_names::INBOUND))?))?;
+    let key = PortKey { netns_cookie: cookie, port: 0, _pad: [0; 3] };
+    v1_inbound.insert(key, PortPolicy { mode: MODE_PERMISSIVE, ..PortPolicy::default() }, 0)?;
+    // The old agent keeps running, so the handover stays open.
+    let old_agent = Child(Command::new("sleep").arg("120").spawn()?);
+    let mut agent_ids: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(v1.maps.join(map_names::AGENT_CGROUPS))?,
+    ))?;
+    agent_ids.insert(u64::MAX - 7, old_agent.0.id(), 0)?;
+
+    let server = format!("{}:{PORT}", bed.pod("server").ip);
+    let mut agent = AgentProcess::start(&bed, opts("agent"))?;
+    agent.wait_log("map layout handover waits", Duration::from_secs(15))?;
+    let probe = |what: &str| -> Result<()> {
+        let mut cmd = Command::new(testbed::e2e_tool_path()?);
+        cmd.args(["client", "--connect", &server, "--message", "x", "--timeout-ms", "500"]);
+        let out = bed.spawn_in_pod("outsider", cmd)?.wait_with_output(Duration::from_secs(10))?;
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(!out.contains("server:x"), "plaintext reached the STRICT pod {what}: {out}");
+        Ok(())
+    };
+    probe("under the new instance")?;
+    // It crashes; the next start finds `maps/v2` and layout 1 both, and the API server slow.
+    agent.kill()?;
+    api.hold_lists(true);
+    let checked = (|| -> Result<AgentProcess> {
+        let agent = AgentProcess::start_unready(&bed, opts("agent-restarted"))?;
+        agent.wait_log("eBPF capture attached", Duration::from_secs(10))?;
+        for _ in 0..5 {
+            probe("while the restarted instance waits for its first sync")?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = agent.log();
+        ensure!(!log.contains("handover done"), "the handover ended early:\n{log}");
+        ensure!(log.contains("map layout handover resumed"), "{log}");
+        ensure!(!log.contains("took over the enforcement state"), "{log}");
+        Ok(agent)
+    })();
+    api.hold_lists(false);
+    drop(agent);
+    drop(checked?);
+    drop(old_agent);
+    drop(servers);
     Ok(())
 }

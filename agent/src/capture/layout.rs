@@ -24,6 +24,8 @@ pub enum LayoutError {
          before starting this one"
     )]
     Newer { path: PathBuf, found: u32, ours: u32 },
+    #[error("staging this layout's maps in {path}: {source}")]
+    Stage { path: PathBuf, source: io::Error },
 }
 
 /// The directory of this version's map pins.
@@ -39,6 +41,35 @@ pub fn version_dir(bpffs: &Path, version: u32) -> PathBuf {
     } else {
         base.join(format!("v{version}"))
     }
+}
+
+/// Where this layout's maps are made when they take over an older layout's state: renamed to
+/// [`maps_dir`] only once the copy is done, so `maps/v<N>` existing means "taken over" and a
+/// restart mid-handover never copies the older (stale) state over live maps again. bpffs
+/// forbids dots in names.
+pub fn staging_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("maps").join(format!("staging_v{LAYOUT_VERSION}"))
+}
+
+/// Makes an empty staging directory, emptying one a start that crashed mid-copy left.
+pub fn start_staging(bpffs: &Path) -> Result<PathBuf, LayoutError> {
+    let dir = staging_dir(bpffs);
+    let err = |source| LayoutError::Stage { path: dir.clone(), source };
+    if dir.exists() {
+        for entry in fs::read_dir(&dir).map_err(err)? {
+            fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
+        }
+        info!(dir = %dir.display(), "emptied the maps of a take-over a crash interrupted");
+    } else {
+        fs::create_dir_all(&dir).map_err(err)?;
+    }
+    Ok(dir)
+}
+
+/// Turns the staged maps (the older layout's state copied in) into this layout's.
+pub fn commit_staging(bpffs: &Path) -> Result<(), LayoutError> {
+    let (from, to) = (staging_dir(bpffs), maps_dir(bpffs));
+    fs::rename(&from, &to).map_err(|source| LayoutError::Stage { path: to, source })
 }
 
 /// Older layouts whose pins a node's bpffs directory holds (ascending), or the refusal of a
@@ -67,6 +98,8 @@ pub fn inspect(bpffs: &Path) -> Result<Found, LayoutError> {
         } else {
             match name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok()) {
                 Some(v) if v >= 2 => v,
+                // Made again by the start that needs it.
+                _ if name.starts_with("staging_v") => continue,
                 _ => {
                     warn!(path = %entry.path().display(), "not a layout directory; left alone");
                     continue;
@@ -139,5 +172,25 @@ mod tests {
         let err = inspect(bpffs).unwrap_err().to_string();
         assert!(err.contains(&newer.display().to_string()), "{err}");
         assert!(err.contains(&format!("newer than this agent's v{LAYOUT_VERSION}")), "{err}");
+    }
+
+    #[test]
+    fn staged_maps_become_this_layouts_only_when_committed_and_a_leftover_is_emptied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bpffs = tmp.path();
+        fs::create_dir_all(bpffs.join("maps")).unwrap();
+        fs::write(bpffs.join("maps/ENROLLED_PODS"), b"").unwrap();
+        // A start that crashed mid-copy: its half-filled maps are not this layout's.
+        let dir = start_staging(bpffs).unwrap();
+        fs::write(dir.join("INBOUND_RULES"), b"half").unwrap();
+        assert!(!maps_dir(bpffs).exists(), "staged maps count as taken over");
+        assert_eq!(inspect(bpffs).unwrap(), Found { older: vec![1] }, "staging is no layout");
+        // The next start begins again from nothing.
+        let dir = start_staging(bpffs).unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "a leftover map was kept");
+        fs::write(dir.join("INBOUND_RULES"), b"copied").unwrap();
+        commit_staging(bpffs).unwrap();
+        assert_eq!(fs::read(maps_dir(bpffs).join("INBOUND_RULES")).unwrap(), b"copied");
+        assert!(!staging_dir(bpffs).exists());
     }
 }

@@ -226,7 +226,11 @@ impl Capture {
         let maps_dir = layout::maps_dir(&cfg.bpffs);
         let links_dir = cfg.bpffs.join("links");
         let fresh = !maps_dir.exists();
-        for dir in [&cfg.bpffs, &maps_dir, &links_dir] {
+        // Layout 1's state is copied only into maps this start makes (staged, renamed once the
+        // copy is done): a restart mid-handover never copies it over live maps again.
+        let take_over = fresh && found.older.contains(&1);
+        let pin_dir = if take_over { layout::start_staging(&cfg.bpffs)? } else { maps_dir.clone() };
+        for dir in [&cfg.bpffs, &pin_dir, &links_dir] {
             fs::create_dir_all(dir)
                 .map_err(|source| CaptureError::BpffsDir { path: dir.clone(), source })?;
         }
@@ -238,11 +242,14 @@ impl Capture {
             info!(from = ?found.older, to = LAYOUT_VERSION, dir = %maps_dir.display(),
                 "map layout handover: own maps beside the older layout's, old programs detached after the first reconcile");
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(EBPF_OBJECT)?;
         // Before the new programs run: the pods the older layout captured, held and guarded
         // stay so in between (the first reconcile then keeps or releases each).
-        if found.older.contains(&1) {
-            upgrade::take_over_v1(&cfg.bpffs, &maps_dir, pid_running);
+        if take_over {
+            upgrade::take_over_v1(&cfg.bpffs, &pin_dir, pid_running);
+            layout::commit_staging(&cfg.bpffs)?;
+        } else if found.older.contains(&1) {
+            info!("map layout handover resumed: this layout's maps were taken over before, kept as they are");
         }
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
