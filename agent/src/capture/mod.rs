@@ -291,7 +291,7 @@ impl Capture {
             .insert(own_cgroup.1, std::process::id(), 0)
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
         if found.older.contains(&1) {
-            upgrade::register_in_v1(&cfg.bpffs, own_cgroup.1);
+            upgrade::register_in_v1(&cfg.bpffs, own_cgroup.1, pid_running);
         }
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let held = take_map(&mut ebpf, map_names::HELD_CGROUPS)?;
