@@ -587,10 +587,21 @@ impl Agent {
         {
             return;
         }
+        let mut left = 0;
         for (key, pod) in &self.pods {
             if let Err(e) = self.capture.attach_inbound(&pod.netns) {
                 warn!(pod = %key, "re-attaching the inbound program at the end of a layout handover: {e}");
+                left += 1;
             }
+        }
+        // A pod still on the older layout's inbound link reads its (then frozen) rules: the
+        // older layout stays until every enrolled pod has ours.
+        if left > 0 {
+            warn!(
+                pods = left,
+                "map layout handover waits: enrolled pods still on an older inbound link"
+            );
+            return;
         }
         self.capture.finish_layout_handover();
     }
