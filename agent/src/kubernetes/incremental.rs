@@ -72,7 +72,8 @@ struct Derived {
     /// Kept only for the feed's node (or every pod without one).
     decision: Option<membership::PodMembership>,
     bound: Option<BoundPod>,
-    workload: Result<Option<Workload>, ConvertError>,
+    /// Shared with every snapshot it is in: assembling copies a pointer, not the pod.
+    workload: Result<Option<Arc<Workload>>, ConvertError>,
 }
 
 struct PodParts {
@@ -333,7 +334,7 @@ impl Builder {
 
     fn assemble(&self) -> Snapshot {
         let mut rejected = Vec::new();
-        let mut workloads: Vec<Workload> = Vec::new();
+        let mut workloads: Vec<Arc<Workload>> = Vec::new();
         let mut decisions = Vec::new();
         let mut ips = HashMap::new();
         let mut bound = Vec::new();
@@ -377,7 +378,7 @@ impl Builder {
             self.policies.clone().unwrap_or_else(|| (PolicySet::empty(), vec![]));
         rejected.extend(errors);
         Snapshot {
-            workloads: WorkloadSet::new(workloads, services),
+            workloads: WorkloadSet::from_shared(workloads, services),
             policies,
             rejected,
             membership: decisions,
@@ -403,7 +404,7 @@ fn derive(
         known_out,
         decision: m.filter(|_| ours),
         bound,
-        workload: convert::workload(pod),
+        workload: convert::workload(pod).map(|w| w.map(Arc::new)),
     }
 }
 
