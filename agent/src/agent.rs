@@ -498,7 +498,7 @@ impl Agent {
     /// previous instance left enrolled for pods that are gone.
     fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
         let before = self.workloads_tx.borrow().clone();
-        let workloads_changed = *before != s.workloads;
+        let workloads_changed = before != s.workloads;
         let policies_changed = **self.policies_tx.borrow() != s.policies;
         self.membership.replace(s.membership.iter().cloned());
         if !first && !workloads_changed && !policies_changed {
@@ -511,7 +511,7 @@ impl Agent {
         if policies_changed {
             info!(policies = s.policies.len(), "policies changed");
         }
-        let ws = Arc::new(s.workloads.clone());
+        let ws = s.workloads.clone();
         self.workloads_tx.send_replace(ws.clone());
         // The service table is built here, not by the first connection after the change.
         self.mesh.services.table(&ws);

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::{Deserialize, Serialize};
@@ -126,10 +127,16 @@ pub struct SliceEndpoint {
 #[derive(Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSet {
-    pub workloads: Vec<Workload>,
+    /// Shared, so that a snapshot of a large cluster copies pointers, not every pod.
+    #[serde(serialize_with = "shared_seq")]
+    pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     #[serde(skip)]
     index: index::Index,
+}
+
+fn shared_seq<S: serde::Serializer>(v: &[Arc<Workload>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|w| &**w))
 }
 
 // The index is derived from the vectors: the set's value is the vectors alone.
@@ -230,6 +237,11 @@ impl Service {
 impl WorkloadSet {
     /// The set of these pods and services, with its lookups indexed (once, here).
     pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> WorkloadSet {
+        Self::from_shared(workloads.into_iter().map(Arc::new).collect(), services)
+    }
+
+    /// As [`WorkloadSet::new`], from workloads another set (or the feed's builder) holds too.
+    pub fn from_shared(workloads: Vec<Arc<Workload>>, services: Vec<Service>) -> WorkloadSet {
         let index = index::Index::build(&workloads, &services);
         WorkloadSet { workloads, services, index }
     }
@@ -582,7 +594,7 @@ fn validate(
         for (ip, field) in address_fields.get(i).into_iter().flatten().cloned() {
             if let Some((j, first_field)) = ips.get(&ip) {
                 let first = loc.at(first_field);
-                let other = set.workloads.get(*j).map(Workload::key).unwrap_or_default();
+                let other = set.workloads.get(*j).map(|w| w.key()).unwrap_or_default();
                 return Err(loc.error(
                     field,
                     format!("duplicate IP {ip} (first used by pod {other} at {first})"),
@@ -631,7 +643,7 @@ fn validate(
             // by_ip and the service table must never both claim an address.
             if let Some((j, first_field)) = ips.get(&vip) {
                 let first = loc.at(first_field);
-                let other = set.workloads.get(*j).map(Workload::key).unwrap_or_default();
+                let other = set.workloads.get(*j).map(|w| w.key()).unwrap_or_default();
                 return Err(loc.error(
                     field,
                     format!("VIP {vip} is also the IP of pod {other} (at {first})"),
@@ -778,7 +790,7 @@ services:
         let set = parse(FULL).unwrap();
         assert_eq!(set.workloads.len(), 4);
         assert_eq!(
-            set.workloads[0],
+            *set.workloads[0],
             Workload {
                 name: "frontend".into(),
                 namespace: "hipster-app".into(),
@@ -807,13 +819,13 @@ services:
         );
         assert_eq!(set.workloads[0].key(), "frontend.hipster-app");
         assert_eq!(set.workloads[0].spiffe_sa(), "frontend");
-        let json = serde_json::to_value(&set.workloads[0]).unwrap();
+        let json = serde_json::to_value(&*set.workloads[0]).unwrap();
         assert_eq!(json["serviceAccount"], "frontend");
         assert_eq!(json["probePorts"][0], 8080);
         assert_eq!(json["ip"], "10.244.1.2");
         let json = serde_json::to_value(&set.services[0]).unwrap();
         assert_eq!(json["ports"][0]["targetPort"], 8080);
-        assert!(serde_json::to_value(&set.workloads[1]).unwrap()["netns"].is_null());
+        assert!(serde_json::to_value(&*set.workloads[1]).unwrap()["netns"].is_null());
     }
 
     #[test]

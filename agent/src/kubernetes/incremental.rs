@@ -72,7 +72,8 @@ struct Derived {
     /// Kept only for the feed's node (or every pod without one).
     decision: Option<membership::PodMembership>,
     bound: Option<BoundPod>,
-    workload: Result<Option<Workload>, ConvertError>,
+    /// Shared with every snapshot it is in: assembling copies a pointer, not the pod.
+    workload: Result<Option<Arc<Workload>>, ConvertError>,
 }
 
 struct PodParts {
@@ -333,9 +334,9 @@ impl Builder {
 
     fn assemble(&self) -> Snapshot {
         let mut rejected = Vec::new();
-        let mut workloads: Vec<Workload> = Vec::new();
+        let mut workloads: Vec<Arc<Workload>> = Vec::new();
         let mut decisions = Vec::new();
-        let mut ips = HashMap::new();
+        let mut ips: HashMap<std::net::IpAddr, &Workload> = HashMap::new();
         let mut bound = Vec::new();
         for p in self.serving_first() {
             let d = &p.derived;
@@ -348,13 +349,15 @@ impl Builder {
                     // first by name.
                     if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
                         rejected.push(format!(
-                            "Pod {}/{}: IP {ip} is already pod {first}'s",
-                            w.namespace, w.name
+                            "Pod {}/{}: IP {ip} is already pod {}/{}'s",
+                            w.namespace, w.name, first.namespace, first.name
                         ));
                         continue;
                     }
+                    // The pod itself, not its name formatted: this runs for every pod of the
+                    // cluster per snapshot.
                     for a in &w.ips {
-                        ips.insert(*a, format!("{}/{}", w.namespace, w.name));
+                        ips.insert(*a, &**w);
                     }
                     workloads.push(w.clone());
                 }
@@ -377,7 +380,7 @@ impl Builder {
             self.policies.clone().unwrap_or_else(|| (PolicySet::empty(), vec![]));
         rejected.extend(errors);
         Snapshot {
-            workloads: WorkloadSet::new(workloads, services),
+            workloads: Arc::new(WorkloadSet::from_shared(workloads, services)),
             policies,
             rejected,
             membership: decisions,
@@ -403,7 +406,7 @@ fn derive(
         known_out,
         decision: m.filter(|_| ours),
         bound,
-        workload: convert::workload(pod),
+        workload: convert::workload(pod).map(|w| w.map(Arc::new)),
     }
 }
 

@@ -47,8 +47,8 @@ pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// Every running, non-host-network pod of the cluster (remote ones give destinations their
-    /// identities) and the services.
-    pub workloads: WorkloadSet,
+    /// identities) and the services; shared, so the agent takes it without a copy.
+    pub workloads: Arc<WorkloadSet>,
     pub policies: PolicySet,
     /// Every pod of the mesh bound to a node (to the feed's node, if it was given one: no
     /// agent reads another node's) and not finished, IP or not (a node's agent enrolls its
@@ -547,7 +547,7 @@ pub(super) fn build(
     );
     rejected.extend(errors.iter().map(ToString::to_string));
     Snapshot {
-        workloads: WorkloadSet::new(workloads, services),
+        workloads: Arc::new(WorkloadSet::new(workloads, services)),
         policies,
         rejected,
         membership: decisions,

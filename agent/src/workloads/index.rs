@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::{Service, Workload};
 
@@ -37,7 +37,7 @@ fn at<T>(items: &[T], i: u32) -> Option<&T> {
 }
 
 impl Index {
-    pub(super) fn build(workloads: &[Workload], services: &[Service]) -> Index {
+    pub(super) fn build(workloads: &[Arc<Workload>], services: &[Service]) -> Index {
         let mut by_ip = HashMap::with_capacity(workloads.len());
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
@@ -64,8 +64,12 @@ impl Index {
     }
 
     /// The first pod with address `ip` (already canonical).
-    pub(super) fn by_ip<'a>(&self, workloads: &'a [Workload], ip: IpAddr) -> Option<&'a Workload> {
-        let w = at(workloads, *self.by_ip.get(&ip)?)?;
+    pub(super) fn by_ip<'a>(
+        &self,
+        workloads: &'a [Arc<Workload>],
+        ip: IpAddr,
+    ) -> Option<&'a Workload> {
+        let w: &Workload = at(workloads, *self.by_ip.get(&ip)?)?;
         // A stale index must not answer with another pod.
         w.ips.contains(&ip).then_some(w)
     }
@@ -73,7 +77,7 @@ impl Index {
     /// The first pod `namespace/name`.
     pub(super) fn find<'a>(
         &self,
-        workloads: &'a [Workload],
+        workloads: &'a [Arc<Workload>],
         name: &str,
         namespace: &str,
     ) -> Option<&'a Workload> {
@@ -88,18 +92,20 @@ impl Index {
             v
         });
         let start = by_name.partition_point(|i| cmp(i) == Ordering::Less);
-        let w = at(workloads, *by_name.get(start)?)?;
+        let w: &Workload = at(workloads, *by_name.get(start)?)?;
         (w.name == name && w.namespace == namespace).then_some(w)
     }
 
     /// The pods of `node`, in the set's order.
     pub(super) fn on_node<'a>(
         &'a self,
-        workloads: &'a [Workload],
+        workloads: &'a [Arc<Workload>],
         node: &'a str,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
         let of_node = self.by_node.get(node).map_or(&[][..], Vec::as_slice);
-        of_node.iter().filter_map(move |i| at(workloads, *i).filter(|w| w.node == node))
+        of_node
+            .iter()
+            .filter_map(move |i| at(workloads, *i).map(|w| &**w).filter(|w| w.node == node))
     }
 
     /// The services of `namespace`, in the set's order.
@@ -173,17 +179,21 @@ mod tests {
         let set = big();
         for w in &set.workloads {
             for ip in &w.ips {
-                let scan = set.workloads.iter().find(|x| x.ips.contains(ip));
+                let scan = set.workloads.iter().map(|x| &**x).find(|x| x.ips.contains(ip));
                 assert_eq!(set.by_ip(*ip), scan);
             }
-            let scan =
-                set.workloads.iter().find(|x| x.name == w.name && x.namespace == w.namespace);
+            let scan = set
+                .workloads
+                .iter()
+                .map(|x| &**x)
+                .find(|x| x.name == w.name && x.namespace == w.namespace);
             assert_eq!(set.find(&w.name, &w.namespace), scan);
             assert_eq!(set.find(&w.name, "elsewhere"), None);
         }
         for n in 0..52 {
             let node = format!("node{n}");
-            let scan: Vec<&Workload> = set.workloads.iter().filter(|w| w.node == node).collect();
+            let scan: Vec<&Workload> =
+                set.workloads.iter().map(|w| &**w).filter(|w| w.node == node).collect();
             assert_eq!(set.on_node(&node).collect::<Vec<_>>(), scan, "{node}");
         }
         for w in set.workloads.iter().take(400) {
@@ -216,7 +226,7 @@ mod tests {
     #[test]
     fn the_index_is_not_part_of_the_sets_value() {
         let set = big();
-        let same = WorkloadSet::new(set.workloads.clone(), set.services.clone());
+        let same = WorkloadSet::from_shared(set.workloads.clone(), set.services.clone());
         assert_eq!(set, same);
         assert_eq!(format!("{set:?}"), format!("{same:?}"));
         assert!(!format!("{:?}", WorkloadSet::default()).contains("index"));
