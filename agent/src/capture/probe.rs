@@ -9,8 +9,10 @@
 //! kernel is named: that is the version the node needs.
 //!
 //! A bpf() the kernel denies (EPERM/EACCES: no privileges, a seccomp profile, an LSM) says
-//! nothing about the kernel: it is reported as such ([`ProbeError::NotPermitted`]), never as a
-//! missing feature, so a container without privileges is not taken for a refused node.
+//! nothing about the kernel: when the plainest map and program (which every kernel has) are
+//! denied, it is reported as such ([`ProbeError::NotPermitted`]), never as a missing feature, so
+//! a container without privileges is not taken for a refused node. Past them, EPERM/EACCES on a
+//! feature is the kernel's refusal of that feature (older verifiers answer so).
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -60,6 +62,7 @@ const MAP_PERCPU_ARRAY: u32 = 6;
 const MAP_LRU_HASH: u32 = 9;
 const MAP_RINGBUF: u32 = 27;
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+const PROG_SOCKET_FILTER: u32 = 1;
 const PROG_CGROUP_SOCK: u32 = 9;
 const PROG_SOCK_OPS: u32 = 13;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
@@ -357,16 +360,22 @@ pub fn probe_with(min_kernel: Option<(u32, u32)>) -> Result<(), ProbeError> {
             }));
         }
     }
-    // First the plainest call there is: denied, it is the agent's privileges, not the kernel.
+    // First the plainest calls there are, a map and a program every kernel has: denied, it is
+    // the agent's privileges, not the kernel.
     if let Err(Denied(e)) = create_map(MAP_ARRAY, 4, 8, 1, 0) {
         return Err(not_permitted("an array map (BPF_MAP_CREATE)", e));
+    }
+    if let Err(e @ (libc::EPERM | libc::EACCES)) = load_prog(PROG_SOCKET_FILTER, 0, None) {
+        return Err(not_permitted("a socket filter program (BPF_PROG_LOAD)", e));
     }
     let mut missing = Vec::new();
     for r in REQUIREMENTS {
         match (r.present)() {
             Ok(true) => {}
-            Ok(false) => missing.push(r),
-            Err(Denied(e)) => return Err(not_permitted(r.feature, e)),
+            // With both allowed, a denial is the kernel's answer to this feature: older kernels
+            // refuse a program type or helper they lack with EPERM or EACCES (5.10 does so for
+            // bpf_get_socket_cookie in sock_release programs).
+            Ok(false) | Err(Denied(_)) => missing.push(r),
         }
     }
     for r in &missing {
