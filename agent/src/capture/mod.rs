@@ -291,7 +291,7 @@ impl Capture {
             .insert(own_cgroup.1, std::process::id(), 0)
             .map_err(|source| CaptureError::Map { name: map_names::AGENT_CGROUPS, source })?;
         if found.older.contains(&1) {
-            upgrade::register_in_v1(&cfg.bpffs, own_cgroup.1, pid_running);
+            upgrade::register_in_v1(&cfg.bpffs, own_cgroup.1);
         }
         info!(cgroup = %own_cgroup.0.display(), id = own_cgroup.1, "own connections told apart by this cgroup");
         let held = take_map(&mut ebpf, map_names::HELD_CGROUPS)?;
@@ -820,7 +820,7 @@ fn check_kubelet_cgroup(kubelet: &Path, pods: &Path) -> Result<(), CaptureError>
 /// Removes the cgroup ids of agent instances that are no longer running (their pid is gone),
 /// so ids of crashed instances never fill `AGENT_CGROUPS`. The ids of running instances (the
 /// old one during a rolling update) stay.
-fn forget_gone_instances(map: &mut HashMap<MapData, u64, u32>) {
+pub(super) fn forget_gone_instances(map: &mut HashMap<MapData, u64, u32>) {
     let gone: Vec<u64> = map
         .iter()
         .filter_map(Result::ok)

@@ -115,18 +115,10 @@ pub fn take_over_v1(bpffs: &Path, new_dir: &Path, pid_running: fn(u32) -> bool) 
 /// Writes this instance's cgroup into layout 1's `AGENT_CGROUPS` too: while the old programs
 /// are attached they see this instance's dials inside pods first, and must not capture them.
 /// Ids of instances that are gone go first, so crashed ones never fill the map.
-pub fn register_in_v1(bpffs: &Path, cgroup_id: u64, pid_running: fn(u32) -> bool) {
+pub fn register_in_v1(bpffs: &Path, cgroup_id: u64) {
     let path = layout::version_dir(bpffs, 1).join(map_names::AGENT_CGROUPS);
     if let Some(mut map) = open::<u64, u32>(&path, false) {
-        let gone: Vec<u64> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, pid)| !pid_running(*pid))
-            .map(|(id, _)| id)
-            .collect();
-        for id in gone {
-            let _ = map.remove(&id);
-        }
+        super::forget_gone_instances(&mut map);
         if let Err(e) = map.insert(cgroup_id, std::process::id(), 0) {
             warn!(path = %path.display(), "writing this instance's cgroup id: {e}");
         }
