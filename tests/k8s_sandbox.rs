@@ -103,8 +103,12 @@ fn bed_with_server(name: &str) -> Result<(Testbed, PodProcess)> {
 fn pause_cmd(dir: &Path) -> Result<Command> {
     let pause = dir.join("pause");
     if !pause.exists() {
+        // A symlink, not a copy: the kernel names the process after the path exec'd (so its
+        // comm is "pause"), and no write descriptor exists that a thread forking meanwhile
+        // could inherit and turn our exec into ETXTBSY.
         let sleep = which("sleep")?;
-        std::fs::copy(&sleep, &pause).with_context(|| format!("copy {}", sleep.display()))?;
+        std::os::unix::fs::symlink(&sleep, &pause)
+            .with_context(|| format!("link {} to {}", pause.display(), sleep.display()))?;
     }
     let mut cmd = Command::new(pause);
     cmd.arg("120");
