@@ -47,6 +47,7 @@ use crate::yamlde::{
 use crate::yamlpos::{self, YamlIndex};
 
 mod index;
+pub mod shared;
 
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

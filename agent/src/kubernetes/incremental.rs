@@ -22,7 +22,7 @@ use super::{
     binding::BoundPod,
     convert::{self, ConvertError},
     membership,
-    podview::PodView,
+    podview::RemotePod,
     watch::{pod_membership, Snapshot, State, SERVICE_NAME_LABEL},
 };
 use crate::{
@@ -35,7 +35,7 @@ use crate::{
 #[derive(Clone)]
 enum Source {
     Full(Arc<Pod>),
-    View(Arc<PodView>),
+    View(Arc<RemotePod>),
 }
 
 impl Source {
@@ -69,11 +69,12 @@ struct Derived {
     terminating: bool,
     is_in: bool,
     known_out: bool,
-    /// Kept only for the feed's node (or every pod without one).
-    decision: Option<membership::PodMembership>,
-    bound: Option<BoundPod>,
+    /// Kept only for the feed's node (or every pod without one): boxed, as a remote pod (most
+    /// of them) has neither.
+    decision: Option<Box<membership::PodMembership>>,
+    bound: Option<Box<BoundPod>>,
     /// Shared with every snapshot it is in: assembling copies a pointer, not the pod.
-    workload: Result<Option<Arc<Workload>>, ConvertError>,
+    workload: Result<Option<Arc<Workload>>, Box<ConvertError>>,
 }
 
 struct PodParts {
@@ -152,7 +153,7 @@ impl Builder {
     pub(super) fn bound(
         &mut self,
         pods: &super::watch::Objects<Pod>,
-        views: Option<&super::watch::Objects<PodView>>,
+        views: Option<&super::watch::Objects<RemotePod>>,
         namespaces: &super::watch::Objects<Namespace>,
     ) -> Option<Vec<BoundPod>> {
         self.round += 1;
@@ -160,8 +161,9 @@ impl Builder {
         // The full build must still assemble: these changes are not in a snapshot yet.
         self.dirty |= changed;
         let first = !std::mem::replace(&mut self.bound_once, true);
-        (changed || first)
-            .then(|| self.serving_first().filter_map(|p| p.derived.bound.clone()).collect())
+        (changed || first).then(|| {
+            self.serving_first().filter_map(|p| p.derived.bound.as_deref().cloned()).collect()
+        })
     }
 
     fn update_pods(&mut self, state: &State) {
@@ -173,7 +175,7 @@ impl Builder {
     fn update_pod_parts(
         &mut self,
         pods: &super::watch::Objects<Pod>,
-        views: Option<&super::watch::Objects<PodView>>,
+        views: Option<&super::watch::Objects<RemotePod>>,
         namespaces: &super::watch::Objects<Namespace>,
     ) -> bool {
         let round = self.round;
@@ -340,8 +342,8 @@ impl Builder {
         let mut bound = Vec::new();
         for p in self.serving_first() {
             let d = &p.derived;
-            decisions.extend(d.decision.clone());
-            bound.extend(d.bound.clone());
+            decisions.extend(d.decision.as_deref().cloned());
+            bound.extend(d.bound.as_deref().cloned());
             match &d.workload {
                 Ok(Some(_)) if !d.is_in => {}
                 Ok(Some(w)) => {
@@ -404,9 +406,9 @@ fn derive(
         terminating: pod.metadata.deletion_timestamp.is_some(),
         is_in,
         known_out,
-        decision: m.filter(|_| ours),
-        bound,
-        workload: convert::workload(pod).map(|w| w.map(Arc::new)),
+        decision: m.filter(|_| ours).map(Box::new),
+        bound: bound.map(Box::new),
+        workload: convert::workload(pod).map(|w| w.map(Arc::new)).map_err(Box::new),
     }
 }
 
@@ -444,7 +446,10 @@ fn derive_service(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubernetes::watch::{build, Map, Objects};
+    use crate::kubernetes::{
+        podview::PodInterner,
+        watch::{build, Map, Objects},
+    };
     use kube::core::ApiResource;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -549,13 +554,19 @@ mod tests {
     }
 
     /// The state a node's feed sees: its pods whole, every pod projected.
-    fn as_node(all: &Map<Pod>, node: Option<&str>) -> (Objects<Pod>, Option<Objects<PodView>>) {
+    fn as_node(
+        all: &Map<Pod>,
+        node: Option<&str>,
+        interner: &mut PodInterner,
+    ) -> (Objects<Pod>, Option<Objects<RemotePod>>) {
         let Some(node) = node else { return (Arc::new(all.clone()), None) };
         let ours = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
         let full: Map<Pod> =
             all.iter().filter(|(_, p)| ours(p)).map(|(k, p)| (k.clone(), p.clone())).collect();
-        let views: Map<PodView> =
-            all.iter().map(|(k, p)| (k.clone(), Arc::new(PodView::of_pod(p)))).collect();
+        let views: Map<RemotePod> = all
+            .iter()
+            .map(|(k, p)| (k.clone(), Arc::new(RemotePod::of_pod(p, interner))))
+            .collect();
         (Arc::new(full), Some(Arc::new(views)))
     }
 
@@ -565,6 +576,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(seed);
             let members = membership::Settings { node: node.map(Into::into), ..Default::default() };
             let mut b = Builder::new("istio-system", members.clone());
+            let mut interner = PodInterner::default();
             let mut pods: Map<Pod> = Map::new();
             let mut namespaces: Map<Namespace> = Map::new();
             let mut services: Map<KubeService> = Map::new();
@@ -616,7 +628,7 @@ mod tests {
                         policies.insert(key(&p), Arc::new(p));
                     }
                 }
-                let (full, views) = as_node(&pods, node);
+                let (full, views) = as_node(&pods, node, &mut interner);
                 let state = State {
                     pods: full,
                     views,

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod endpoints;
 pub mod events;
 pub mod incremental;
+pub mod intern;
 pub mod membership;
 pub mod netns;
 pub mod podview;

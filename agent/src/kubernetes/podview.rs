@@ -8,17 +8,23 @@
 //! probe ports and the sidecar markers. [`PodView::to_pod`] gives it back as a [`Pod`] with
 //! just those fields, so a remote pod goes through the very conversions a full one does.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use k8s_openapi::{
     api::core::v1::{
         Container, ContainerPort, GRPCAction, HTTPGetAction, Pod, PodIP, PodSpec, PodStatus, Probe,
         TCPSocketAction,
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, Time},
+        util::intstr::IntOrString,
+    },
     NamespaceResourceScope,
 };
 use serde::Deserialize;
+
+use super::intern::Interner;
+use crate::workloads::shared::{Labels, Str};
 
 /// Istio's injector marks injected pods with it: the one annotation membership reads.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -46,7 +52,7 @@ pub struct ViewSpec {
     pub init_containers: Option<Vec<ViewContainer>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ViewContainer {
     #[serde(default)]
@@ -58,7 +64,7 @@ pub struct ViewContainer {
     pub startup_probe: Option<ViewProbe>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ViewPort {
     pub name: Option<String>,
@@ -66,7 +72,7 @@ pub struct ViewPort {
     pub container_port: i32,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ViewProbe {
     pub http_get: Option<ProbePort>,
@@ -74,12 +80,22 @@ pub struct ViewProbe {
     pub grpc: Option<GrpcPort>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ProbePort {
     pub port: IntOrString,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+// `IntOrString` has no `Hash`: by variant and value.
+impl std::hash::Hash for ProbePort {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match &self.port {
+            IntOrString::Int(n) => (0u8, n).hash(h),
+            IntOrString::String(s) => (1u8, s).hash(h),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 pub struct GrpcPort {
     #[serde(default)]
     pub port: i32,
@@ -216,6 +232,157 @@ impl ViewContainer {
     }
 }
 
+/// A pod's containers as the conversions read them (names, restart policies, ports, probes):
+/// the pods of one Deployment have the same, so it is interned whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Containers {
+    pub containers: Vec<ViewContainer>,
+    pub init_containers: Option<Vec<ViewContainer>>,
+}
+
+/// The interner of remote pods.
+pub type PodInterner = Interner<Containers>;
+
+/// A pod of another node as the feed keeps it: the [`PodView`]'s fields, read once, with
+/// every string that repeats across pods (namespace, node, service account, phase, label
+/// keys and values, whole label sets, the container layout) shared through the feed's
+/// [`Interner`]. About a tenth of the view it is made from; [`RemotePod::to_pod`] gives back
+/// the pod the view gives, so a remote pod still goes through the conversions a full one does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemotePod {
+    pub name: Option<Str>,
+    pub namespace: Option<Str>,
+    pub uid: Option<Str>,
+    pub labels: Option<Labels>,
+    /// The value of the sidecar mark, the one annotation read.
+    sidecar_status: Option<Str>,
+    pub deletion_timestamp: Option<Time>,
+    /// From the owner references ([`workload_name`]).
+    pub workload_name: Option<Str>,
+    spec: Option<RemoteSpec>,
+    status: Option<RemoteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct RemoteSpec {
+    node_name: Option<Str>,
+    host_network: Option<bool>,
+    service_account_name: Option<Str>,
+    runtime_class_name: Option<Str>,
+    containers: Arc<Containers>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct RemoteStatus {
+    phase: Option<Str>,
+    pod_ip: Option<Str>,
+    pod_ips: Option<Box<[Str]>>,
+}
+
+impl RemotePod {
+    /// What the feed keeps of `view` (trimmed or not: it reads only what [`PodView::trim`]
+    /// keeps).
+    pub fn keep(view: PodView, interner: &mut PodInterner) -> RemotePod {
+        let workload_name = workload_name(&view.metadata);
+        let m = view.metadata;
+        let namespace = m.namespace.map(|n| interner.str(&n));
+        let sidecar_status =
+            m.annotations.and_then(|mut a| a.remove(SIDECAR_STATUS)).map(Str::from);
+        let workload_name = match (&workload_name, &m.name) {
+            // A pod of its own is its own workload: its name, not another copy.
+            (Some(w), Some(n)) if w == n => None,
+            _ => workload_name.map(|w| interner.str(&w)),
+        };
+        let spec = view.spec.map(|s| RemoteSpec {
+            node_name: s.node_name.map(|n| interner.str(&n)),
+            host_network: s.host_network,
+            service_account_name: s.service_account_name.map(|n| interner.str(&n)),
+            runtime_class_name: s.runtime_class_name.map(|n| interner.str(&n)),
+            containers: interner.layout(Containers {
+                containers: s.containers,
+                init_containers: s.init_containers,
+            }),
+        });
+        let status = view.status.map(|s| {
+            let pod_ip = s.pod_ip.map(Str::from);
+            // `podIPs[0]` is `podIP`: one string.
+            let same = |ip: &str| pod_ip.as_ref().filter(|p| p.as_str() == ip).cloned();
+            let pod_ips = s.pod_ips.map(|ips| {
+                ips.into_iter().map(|a| same(&a.ip).unwrap_or_else(|| Str::from(a.ip))).collect()
+            });
+            RemoteStatus { phase: s.phase.map(|p| interner.str(&p)), pod_ip, pod_ips }
+        });
+        RemotePod {
+            name: m.name.map(Str::from),
+            namespace,
+            uid: m.uid.map(Str::from),
+            labels: m.labels.map(|l| interner.labels(&l)),
+            sidecar_status,
+            deletion_timestamp: m.deletion_timestamp,
+            workload_name,
+            spec,
+            status,
+        }
+    }
+
+    /// The name of the pod's workload ([`workload_name`]).
+    pub fn workload(&self) -> Option<&str> {
+        self.workload_name.as_deref().or(self.name.as_deref())
+    }
+
+    /// The pod with the fields of the view it was made from and no others.
+    pub fn to_pod(&self) -> Pod {
+        let owned = |s: &Option<Str>| s.as_ref().map(|s| s.to_string());
+        let metadata = ObjectMeta {
+            name: owned(&self.name),
+            namespace: owned(&self.namespace),
+            uid: owned(&self.uid),
+            labels: self.labels.as_ref().map(Labels::to_map),
+            annotations: self
+                .sidecar_status
+                .as_ref()
+                .map(|v| [(SIDECAR_STATUS.to_owned(), v.to_string())].into()),
+            deletion_timestamp: self.deletion_timestamp.clone(),
+            ..Default::default()
+        };
+        Pod {
+            metadata,
+            spec: self.spec.as_ref().map(|s| PodSpec {
+                node_name: owned(&s.node_name),
+                host_network: s.host_network,
+                service_account_name: owned(&s.service_account_name),
+                runtime_class_name: owned(&s.runtime_class_name),
+                containers: s
+                    .containers
+                    .containers
+                    .iter()
+                    .map(ViewContainer::to_container)
+                    .collect(),
+                init_containers: s
+                    .containers
+                    .init_containers
+                    .as_ref()
+                    .map(|c| c.iter().map(ViewContainer::to_container).collect()),
+                ..Default::default()
+            }),
+            status: self.status.as_ref().map(|s| PodStatus {
+                phase: owned(&s.phase),
+                pod_ip: owned(&s.pod_ip),
+                pod_ips: s
+                    .pod_ips
+                    .as_ref()
+                    .map(|ips| ips.iter().map(|a| PodIP { ip: a.to_string() }).collect()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// What the feed would keep of a full pod (as the remote watch reads it).
+    pub fn of_pod(pod: &Pod, interner: &mut PodInterner) -> RemotePod {
+        RemotePod::keep(PodView::of_pod(pod), interner)
+    }
+}
+
 /// The name of the workload that owns the pod, from its controller owner reference: a
 /// ReplicaSet made by a Deployment (`<deploy>-<hash>`, `hash` the pod's `pod-template-hash`
 /// label) stands for its Deployment; other controllers (StatefulSet, DaemonSet, Job, ...) by
@@ -310,6 +477,58 @@ mod tests {
         assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
         assert!(back.status.as_ref().is_some_and(|s| s.conditions.is_none()));
         assert_eq!(PodView::of_pod(&pod), view);
+    }
+
+    #[test]
+    fn a_remote_pod_converts_as_its_view_and_shares_what_repeats() {
+        let pod: Pod = serde_json::from_value(full()).unwrap();
+        let mut interner = PodInterner::default();
+        let remote = RemotePod::keep(serde_json::from_value(full()).unwrap(), &mut interner);
+        let back = remote.to_pod();
+        let mut view = PodView::of_pod(&pod).to_pod();
+        // Read once and not kept: the owner references (into the workload name) and the
+        // resource version (the watcher's).
+        view.metadata.owner_references = None;
+        view.metadata.resource_version = None;
+        assert_eq!(back, view, "the pod its view gives");
+        assert_eq!(
+            super::super::convert::workload(&back).unwrap(),
+            super::super::convert::workload(&pod).unwrap()
+        );
+        assert_eq!(
+            super::super::binding::bound_pod(&back).unwrap(),
+            super::super::binding::bound_pod(&pod).unwrap()
+        );
+        let s = super::super::membership::Settings::default();
+        assert_eq!(
+            super::super::membership::decide(&back, None, &s),
+            super::super::membership::decide(&pod, None, &s)
+        );
+        assert_eq!(remote.workload(), Some("web"));
+        // Another pod of the Deployment: its own name, uid and address, the rest shared.
+        let mut json = full();
+        json["metadata"]["name"] = "web-7d9f-x3".into();
+        json["metadata"]["uid"] = "u-2".into();
+        json["status"]["podIP"] = "10.1.0.8".into();
+        let other = RemotePod::keep(serde_json::from_value(json).unwrap(), &mut interner);
+        let shared = |f: fn(&RemotePod) -> Option<&Str>| match (f(&remote), f(&other)) {
+            (Some(a), Some(b)) => Str::ptr_eq(a, b),
+            _ => false,
+        };
+        assert!(shared(|p| p.namespace.as_ref()));
+        assert!(shared(|p| p.spec.as_ref()?.node_name.as_ref()));
+        assert!(shared(|p| p.spec.as_ref()?.service_account_name.as_ref()));
+        assert!(shared(|p| p.workload_name.as_ref()));
+        assert!(!shared(|p| p.name.as_ref()));
+        let (a, b) = (remote.labels.as_ref().unwrap(), other.labels.as_ref().unwrap());
+        assert!(std::ptr::eq(a.pairs(), b.pairs()), "one label set");
+        let layout = |p: &RemotePod| p.spec.as_ref().map(|s| s.containers.clone());
+        assert!(Arc::ptr_eq(&layout(&remote).unwrap(), &layout(&other).unwrap()));
+        // A pod without a controller is its own workload.
+        let mut json = full();
+        json["metadata"]["ownerReferences"] = serde_json::Value::Null;
+        let alone = RemotePod::keep(serde_json::from_value(json).unwrap(), &mut interner);
+        assert_eq!((alone.workload(), alone.workload_name.as_ref()), (Some("web-7d9f-x2"), None));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! again after each change (debounced), converting only what changed
 //! ([`super::incremental`]). The caches are persistent maps: an event costs O(log n) and the
 //! builder gets the state without a copy. With a node, its pods are watched whole
-//! (`spec.nodeName=<node>`) and every pod as a [`PodView`] (what a remote pod is needed for).
+//! (`spec.nodeName=<node>`) and every pod as a [`PodView`] (what a remote pod is needed for),
+//! kept as a [`RemotePod`] whose repeated strings are shared through the feed's interner.
 
 use std::{collections::HashSet, fmt::Debug, sync::Arc, time::Duration};
 
@@ -28,7 +29,11 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{incremental::Builder, membership, podview::PodView};
+use super::{
+    incremental::Builder,
+    membership,
+    podview::{PodInterner, PodView, RemotePod},
+};
 // The reference build, for the tests.
 #[cfg(test)]
 use super::convert;
@@ -194,8 +199,15 @@ pub fn start_with(
             let (pods, t) = spawn_watch(Api::<Pod>::all(client.clone()), "pods", config, &notify);
             tasks.push(t);
             let api = Api::<PodView>::all(client.clone());
-            let (views, t) =
-                spawn_watch(api, "pods (projection)", watcher::Config::default(), &notify);
+            // The feed's interner: the projections' shared strings and layouts.
+            let mut interner = PodInterner::default();
+            let keep = move |v: PodView| {
+                let pod = RemotePod::keep(v, &mut interner);
+                interner.sweep_if_due();
+                pod
+            };
+            let config = watcher::Config::default();
+            let (views, t) = spawn_watch_kept(api, "pods (projection)", config, &notify, keep);
             tasks.push(t);
             (pods, Some(views))
         }
@@ -232,31 +244,36 @@ pub fn start_with(
     Feed { rx, bound, tasks, sources: started.sources, thread: None }
 }
 
-/// A kind's objects by `namespace/name`, with a list in progress kept apart.
-pub(super) struct Cache<K> {
-    pub(super) live: Map<K>,
-    relisting: Option<Map<K>>,
+/// A kind's objects by `namespace/name` (as `V`, what is kept of each), with a list in
+/// progress kept apart.
+pub(super) struct Cache<V> {
+    pub(super) live: Map<V>,
+    relisting: Option<Map<V>>,
 }
 
-impl<K: Resource> Cache<K> {
+fn key_of<K: Resource>(o: &K) -> String {
+    format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any())
+}
+
+impl<V> Cache<V> {
     pub(super) fn new() -> Self {
         Cache { live: Map::new(), relisting: None }
     }
 
-    fn key(o: &K) -> String {
-        format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any())
-    }
-
-    /// Applies an event; true when the complete state changed.
-    pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
+    /// Applies an event, keeping `keep(object)`; true when the complete state changed.
+    pub(super) fn apply_kept<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        mut keep: impl FnMut(K) -> V,
+    ) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(Map::new());
                 false
             }
             watcher::Event::InitApply(o) => {
-                let key = Self::key(&o);
-                self.relisting.get_or_insert_with(Map::new).insert(key, Arc::new(o));
+                let key = key_of(&o);
+                self.relisting.get_or_insert_with(Map::new).insert(key, Arc::new(keep(o)));
                 false
             }
             watcher::Event::InitDone => {
@@ -264,14 +281,26 @@ impl<K: Resource> Cache<K> {
                 true
             }
             watcher::Event::Apply(o) => {
-                self.live.insert(Self::key(&o), Arc::new(o));
+                self.live.insert(key_of(&o), Arc::new(keep(o)));
                 true
             }
             watcher::Event::Delete(o) => {
-                self.live.remove(&Self::key(&o));
+                self.live.remove(&key_of(&o));
                 true
             }
         }
+    }
+}
+
+impl<K: Resource> Cache<K> {
+    #[cfg(test)]
+    fn key(o: &K) -> String {
+        key_of(o)
+    }
+
+    /// Applies an event, keeping the object whole; true when the complete state changed.
+    pub(super) fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        self.apply_kept(event, |o| o)
     }
 }
 
@@ -290,17 +319,29 @@ macro_rules! trim_managed_fields {
         }
     )*};
 }
-trim_managed_fields!(Pod, Namespace, KubeService, EndpointSlice);
+trim_managed_fields!(Pod, Namespace, KubeService);
 
-impl Trim for PodView {
+impl Trim for EndpointSlice {
+    /// What `endpoints::of_service` and the builder read: the name, namespace and labels,
+    /// the address type, the ports, and each endpoint's addresses, conditions and node (one
+    /// endpoint per pod of the cluster: its target reference alone is a pod's name and uid).
     fn trim(&mut self) {
-        PodView::trim(self)
+        let m = &mut self.metadata;
+        m.managed_fields = None;
+        m.annotations = None;
+        m.owner_references = None;
+        m.generate_name = None;
+        for e in &mut self.endpoints {
+            e.target_ref = None;
+            e.hints = None;
+            e.hostname = None;
+            e.zone = None;
+            e.deprecated_topology = None;
+        }
     }
 }
 
-/// Watches a kind the agent cannot do without. An error is never taken as "none": the last
-/// complete state stays and the watcher retries. (A kind that may be missing is found through
-/// API discovery, as the policy kinds are in `sources`.)
+/// Watches a kind the agent cannot do without, keeping each object trimmed.
 fn spawn_watch<K>(
     api: Api<K>,
     what: impl Into<String>,
@@ -310,18 +351,39 @@ fn spawn_watch<K>(
 where
     K: Resource + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    let keep = |mut o: K| {
+        o.trim();
+        o
+    };
+    spawn_watch_kept(api, what, config, notify, keep)
+}
+
+/// Watches a kind the agent cannot do without, keeping `keep(object)` of each. An error is
+/// never taken as "none": the last complete state stays and the watcher retries. (A kind
+/// that may be missing is found through API discovery, as the policy kinds are in `sources`.)
+fn spawn_watch_kept<K, V>(
+    api: Api<K>,
+    what: impl Into<String>,
+    config: watcher::Config,
+    notify: &Arc<Notify>,
+    mut keep: impl FnMut(K) -> V + Send + 'static,
+) -> (Slot<V>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    V: Send + Sync + 'static,
+{
     let what = what.into();
     let (tx, rx) = watch::channel(None);
     let notify = notify.clone();
     let task = tokio::spawn(async move {
         let mut cache = Cache::new();
         // The watcher relists by itself after a lost watch; the backoff paces the retries.
-        let events = watcher(api, config).default_backoff().modify(|o: &mut K| o.trim());
+        let events = watcher(api, config).default_backoff();
         let mut events = std::pin::pin!(events);
         while let Some(item) = events.next().await {
             match item {
                 Ok(event) => {
-                    if cache.apply(event) {
+                    if cache.apply_kept(event, &mut keep) {
                         // O(1): the map's structure is shared, not copied.
                         tx.send_replace(Some(Arc::new(cache.live.clone())));
                         notify.notify_one();
@@ -338,7 +400,7 @@ where
 struct Inputs {
     pods: Slot<Pod>,
     /// With a node: every pod, projected.
-    views: Option<Slot<PodView>>,
+    views: Option<Slot<RemotePod>>,
     namespaces: Slot<Namespace>,
     services: Slot<KubeService>,
     slices: Slot<EndpointSlice>,
@@ -350,7 +412,7 @@ pub(super) struct State {
     /// The node's pods (every pod, without a node), whole.
     pub(super) pods: Objects<Pod>,
     /// With a node: every pod, projected (a pod also in `pods` is taken from there).
-    pub(super) views: Option<Objects<PodView>>,
+    pub(super) views: Option<Objects<RemotePod>>,
     pub(super) namespaces: Objects<Namespace>,
     pub(super) services: Objects<KubeService>,
     pub(super) slices: Objects<EndpointSlice>,
