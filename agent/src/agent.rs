@@ -1029,7 +1029,8 @@ impl Agent {
 
     /// Writes which pod each pinned cookie is for, when that changed, for the next instance.
     fn save_owners(&mut self) {
-        let owner = |w: &Workload| Owner { pod: w.key(), uid: w.uid.clone() };
+        let owner =
+            |w: &Workload| Owner { pod: w.key(), uid: w.uid.as_ref().map(|u| u.to_string()) };
         let mut now: BTreeMap<u64, Owner> = BTreeMap::new();
         // Before the first sync nothing of a previous instance is reviewed yet: its owners
         // stay recorded for the next instance.

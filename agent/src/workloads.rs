@@ -49,27 +49,30 @@ use crate::yamlpos::{self, YamlIndex};
 mod index;
 pub mod shared;
 
+pub use shared::{Labels, Str};
+
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
+    // Shared strings: a remote pod's are the feed's, one copy for every pod that has them.
+    pub name: Str,
+    pub namespace: Str,
+    pub service_account: Str,
+    pub labels: Labels,
     /// The primary address: the one the agent's tunnel listener binds.
     pub ip: IpAddr,
     /// Every address of the pod, `ip` first: each is a mesh destination, and a tunnelled
     /// connection may target any of them.
     pub ips: Vec<IpAddr>,
-    pub node: String,
+    pub node: Str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
     pub probe_ports: Vec<u16>,
     /// The Pod's `metadata.uid` (Kubernetes mode): finds its netns through its cgroup when
     /// there is no `netns`, and tells a recreated pod of the same name from the old one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
+    pub uid: Option<Str>,
 }
 
 /// One port of a service.
@@ -220,7 +223,7 @@ impl Workload {
     /// ports), so its enrollment is updated in place rather than redone.
     pub fn same_identity(&self, other: &Workload) -> bool {
         let strip =
-            |w: &Workload| Workload { labels: BTreeMap::new(), probe_ports: vec![], ..w.clone() };
+            |w: &Workload| Workload { labels: Labels::default(), probe_ports: vec![], ..w.clone() };
         strip(self) == strip(other)
     }
 }
@@ -231,7 +234,7 @@ impl Service {
     pub fn selects(&self, w: &Workload) -> bool {
         self.namespace == w.namespace
             && !self.selector.is_empty()
-            && self.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            && w.labels.matches(&self.selector)
     }
 }
 
@@ -538,13 +541,13 @@ fn convert(
         }
         address_fields.push(fields);
         workloads.push(Workload {
-            name: required(w.name, loc, &path, "name")?.0,
-            namespace: required(w.namespace, loc, &path, "namespace")?.0,
-            service_account: w.service_account.map_or_else(|| "default".to_string(), |n| n.0),
-            labels: w.labels.unwrap_or_default(),
+            name: required(w.name, loc, &path, "name")?.0.into(),
+            namespace: required(w.namespace, loc, &path, "namespace")?.0.into(),
+            service_account: w.service_account.map_or_else(|| "default".into(), |n| n.0.into()),
+            labels: w.labels.unwrap_or_default().into(),
             ips: Workload::all_addresses(ip, w.ips.into_iter().flatten().map(|a| a.0)),
             ip,
-            node: required(w.node, loc, &path, "node")?.0,
+            node: required(w.node, loc, &path, "node")?.0.into(),
             netns: w.netns.map(|n| n.0),
             probe_ports: w.probe_ports.unwrap_or_default().into_iter().map(|p| p.0).collect(),
             uid: None,
@@ -796,7 +799,7 @@ services:
                 name: "frontend".into(),
                 namespace: "hipster-app".into(),
                 service_account: "frontend".into(),
-                labels: labels(&[("app", "frontend"), ("tier", "web")]),
+                labels: labels(&[("app", "frontend"), ("tier", "web")]).into(),
                 ip: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)),
                 ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2))],
                 node: "node1".into(),
@@ -1362,7 +1365,7 @@ workloads:
             name: "a".into(),
             namespace: "ns".into(),
             service_account: "sa".into(),
-            labels: BTreeMap::from([("app".to_owned(), "a".to_owned())]),
+            labels: BTreeMap::from([("app".to_owned(), "a".to_owned())]).into(),
             ip: "10.0.0.1".parse().unwrap(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             node: "n1".into(),
@@ -1371,7 +1374,7 @@ workloads:
             uid: Some("u1".into()),
         };
         let mut relabelled = w.clone();
-        relabelled.labels.insert("tier".into(), "secure".into());
+        relabelled.labels = relabelled.labels.with("tier", "secure");
         relabelled.probe_ports.push(8080);
         assert!(w.same_identity(&relabelled));
         let changes: [fn(&mut Workload); 5] = [

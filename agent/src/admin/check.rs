@@ -369,7 +369,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
     Some(CheckReport {
         pod: w.key(),
-        node: w.node.clone(),
+        node: w.node.to_string(),
         agent_node: state.node.clone(),
         ip: w.ip.to_string(),
         enrolled,

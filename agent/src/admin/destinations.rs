@@ -44,7 +44,11 @@ pub fn lookup(ws: &WorkloadSet, query: &str) -> Result<Vec<Destination>, QueryEr
         }
         let ip: IpAddr = s.parse().map_err(|_| QueryError::InvalidIp(s.to_owned()))?;
         let w = ws.by_ip(ip);
-        out.push(Destination { ip, pod: w.map(|w| w.key()), uid: w.and_then(|w| w.uid.clone()) });
+        out.push(Destination {
+            ip,
+            pod: w.map(|w| w.key()),
+            uid: w.and_then(|w| w.uid.as_ref().map(|u| u.to_string())),
+        });
     }
     Ok(out)
 }

@@ -17,7 +17,7 @@ use kube::{
     ResourceExt,
 };
 
-use crate::workloads::{Service, ServicePort, Workload};
+use crate::workloads::{Labels, Service, ServicePort, Workload};
 
 /// An object that could not be used, named, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,16 +79,16 @@ pub fn workload(pod: &Pod) -> Result<Option<Workload>, ConvertError> {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
     Ok(Some(Workload {
-        name,
-        namespace,
-        service_account,
-        labels: meta.labels.clone().unwrap_or_default(),
+        name: name.into(),
+        namespace: namespace.into(),
+        service_account: service_account.into(),
+        labels: meta.labels.as_ref().map(Labels::from).unwrap_or_default(),
         ips: Workload::all_addresses(ip, listed),
         ip,
-        node,
+        node: node.into(),
         netns: None,
         probe_ports: probe_ports(spec),
-        uid: Some(uid),
+        uid: Some(uid.into()),
     }))
 }
 
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(w.ip, "10.0.0.7".parse::<IpAddr>().unwrap());
         assert_eq!(w.node, "n1");
         assert_eq!(w.uid.as_deref(), Some("u-1"));
-        assert_eq!(w.labels.get("app").map(String::as_str), Some("a"));
+        assert_eq!(w.labels.get("app"), Some("a"));
         assert_eq!(w.netns, None);
     }
 

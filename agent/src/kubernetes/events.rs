@@ -30,7 +30,11 @@ pub struct PodRef {
 
 impl From<&Workload> for PodRef {
     fn from(w: &Workload) -> Self {
-        PodRef { name: w.name.clone(), namespace: w.namespace.clone(), uid: w.uid.clone() }
+        PodRef {
+            name: w.name.to_string(),
+            namespace: w.namespace.to_string(),
+            uid: w.uid.as_ref().map(|u| u.to_string()),
+        }
     }
 }
 

@@ -199,7 +199,7 @@ impl Builder {
                 if parts.source.same(&source) && same_ns(&parts.namespace, &namespace) {
                     continue;
                 }
-                let derived = derive(&source.pod(), namespaces, &self.members);
+                let derived = derive(&source, namespaces, &self.members);
                 if derived != parts.derived {
                     changed = true;
                 }
@@ -209,7 +209,7 @@ impl Builder {
                 *parts = PodParts { source, namespace, seen: round, derived };
                 continue;
             }
-            let derived = derive(&source.pod(), namespaces, &self.members);
+            let derived = derive(&source, namespaces, &self.members);
             self.pods_changed.insert(ns_name.to_owned(), round);
             self.pods.insert(key.clone(), PodParts { source, namespace, seen: round, derived });
             changed = true;
@@ -393,10 +393,11 @@ impl Builder {
 
 /// What a pod contributes (the per-pod half of `watch::build`).
 fn derive(
-    pod: &Pod,
+    source: &Source,
     namespaces: &super::watch::Objects<Namespace>,
     members: &membership::Settings,
 ) -> Derived {
+    let pod = &*source.pod();
     let m = pod_membership(pod, namespaces, members);
     let is_in = m.as_ref().is_some_and(|m| m.membership.is_in());
     let known_out = m.as_ref().is_some_and(|m| !m.membership.is_in());
@@ -408,7 +409,17 @@ fn derive(
         known_out,
         decision: m.filter(|_| ours).map(Box::new),
         bound: bound.map(Box::new),
-        workload: convert::workload(pod).map(|w| w.map(Arc::new)).map_err(Box::new),
+        workload: convert::workload(pod)
+            .map(|w| {
+                w.map(|mut w| {
+                    // A remote pod's workload shares the pod's strings.
+                    if let Source::View(r) = source {
+                        r.share_with(&mut w);
+                    }
+                    Arc::new(w)
+                })
+            })
+            .map_err(Box::new),
     }
 }
 

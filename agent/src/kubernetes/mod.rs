@@ -6,6 +6,7 @@ pub mod binding;
 pub mod convert;
 pub mod endpoints;
 pub mod events;
+pub mod heap;
 pub mod incremental;
 pub mod intern;
 pub mod membership;

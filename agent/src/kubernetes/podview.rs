@@ -24,7 +24,10 @@ use k8s_openapi::{
 use serde::Deserialize;
 
 use super::intern::Interner;
-use crate::workloads::shared::{Labels, Str};
+use crate::workloads::{
+    shared::{Labels, Str},
+    Workload,
+};
 
 /// Istio's injector marks injected pods with it: the one annotation membership reads.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -377,6 +380,29 @@ impl RemotePod {
         }
     }
 
+    /// Makes `w` (this pod's workload) hold this pod's shared strings and labels rather than
+    /// copies of its own: one copy of each for the pod, its workload and every pod that
+    /// shares them.
+    pub fn share_with(&self, w: &mut Workload) {
+        fn take(ours: Option<&Str>, theirs: &mut Str) {
+            if let Some(s) = ours.filter(|s| **s == *theirs) {
+                *theirs = s.clone();
+            }
+        }
+        take(self.name.as_ref(), &mut w.name);
+        take(self.namespace.as_ref(), &mut w.namespace);
+        if let Some(spec) = &self.spec {
+            take(spec.node_name.as_ref(), &mut w.node);
+            take(spec.service_account_name.as_ref(), &mut w.service_account);
+        }
+        if let Some(uid) = w.uid.as_mut() {
+            take(self.uid.as_ref(), uid);
+        }
+        if let Some(l) = self.labels.as_ref().filter(|l| **l == w.labels) {
+            w.labels = l.clone();
+        }
+    }
+
     /// What the feed would keep of a full pod (as the remote watch reads it).
     pub fn of_pod(pod: &Pod, interner: &mut PodInterner) -> RemotePod {
         RemotePod::keep(PodView::of_pod(pod), interner)
@@ -505,6 +531,13 @@ mod tests {
             super::super::membership::decide(&pod, None, &s)
         );
         assert_eq!(remote.workload(), Some("web"));
+        // Its workload holds the pod's own strings and labels, not copies.
+        let mut w = super::super::convert::workload(&back).unwrap().unwrap();
+        remote.share_with(&mut w);
+        assert_eq!(Some(&w), super::super::convert::workload(&pod).unwrap().as_ref());
+        assert!(Str::ptr_eq(&w.name, remote.name.as_ref().unwrap()));
+        assert!(Str::ptr_eq(&w.namespace, remote.namespace.as_ref().unwrap()));
+        assert!(std::ptr::eq(w.labels.pairs(), remote.labels.as_ref().unwrap().pairs()));
         // Another pod of the Deployment: its own name, uid and address, the rest shared.
         let mut json = full();
         json["metadata"]["name"] = "web-7d9f-x3".into();

@@ -496,6 +496,10 @@ async fn build_loop(
             );
         }
         tx.send_replace(Some(Arc::new(snapshot)));
+        if first {
+            // The list's pages and conversions are freed: give them back.
+            super::heap::release_free_memory();
+        }
     }
 }
 
@@ -839,7 +843,9 @@ mod tests {
             let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
             assert_eq!(keys, [format!("{new}.ns")]);
             assert_eq!(
-                s.workloads.by_ip("10.0.0.1".parse().unwrap()).and_then(|w| w.uid.clone()),
+                s.workloads
+                    .by_ip("10.0.0.1".parse().unwrap())
+                    .and_then(|w| w.uid.as_ref().map(|u| u.to_string())),
                 Some(format!("u-{new}"))
             );
             assert_eq!(

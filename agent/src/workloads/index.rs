@@ -48,10 +48,10 @@ impl Index {
         let mut by_node: HashMap<String, Vec<u32>> = HashMap::new();
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
-            match by_node.get_mut(&w.node) {
+            match by_node.get_mut(w.node.as_str()) {
                 Some(v) => v.push(i),
                 None => {
-                    by_node.insert(w.node.clone(), vec![i]);
+                    by_node.insert(w.node.to_string(), vec![i]);
                 }
             }
         }
@@ -135,7 +135,7 @@ mod tests {
             name: name.into(),
             namespace: ns.into(),
             service_account: "default".into(),
-            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]).into(),
             ip: ips[0],
             ips,
             node: node.into(),
