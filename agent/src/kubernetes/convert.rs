@@ -6,10 +6,7 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Container, Pod, PodSpec, Service as KubeService},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Container, Pod, PodSpec, Service as KubeService},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
@@ -17,6 +14,7 @@ use kube::{
     ResourceExt,
 };
 
+use super::slice::Slice;
 use crate::workloads::{Labels, Service, ServicePort, Workload};
 
 /// An object that could not be used, named, and why.
@@ -132,7 +130,7 @@ fn container_port(c: &Container, port: &IntOrString) -> Option<u16> {
 /// the selected pods' container ports; a port that resolves nowhere is left out.
 pub fn service(
     svc: &KubeService,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     pods: &[&Pod],
 ) -> Result<Service, ConvertError> {
     let meta = &svc.metadata;
@@ -264,6 +262,7 @@ pub fn policy_document(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()
@@ -383,7 +382,7 @@ mod tests {
         p["spec"]["containers"][0]["ports"] =
             serde_json::json!([{"name": "admin", "containerPort": 7070}]);
         let p = pod(p);
-        let s = service(&svc, &[&slice], &[&p]).unwrap();
+        let s = service(&svc, &[&Slice::from(slice)], &[&p]).unwrap();
         assert_eq!(s.vip, Some("10.96.0.10".parse().unwrap()));
         let ports: Vec<(u16, u16)> = s.ports.iter().map(|p| (p.port, p.target_port)).collect();
         assert_eq!(ports, vec![(80, 8080), (81, 7070), (82, 82)]);

@@ -7,10 +7,7 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
-
-use super::convert::ConvertError;
+use super::{convert::ConvertError, slice::Slice};
 use crate::workloads::{Service, SliceEndpoint};
 
 /// Most (service port, endpoint) entries one Service gets: slices are written by tenants
@@ -22,14 +19,11 @@ pub const MAX_SERVICE_ENTRIES: usize = 20_000;
 const MAX_ERRORS: usize = 16;
 
 /// The endpoints `slices` give `svc`'s ports, and the slice entries left out as invalid.
-pub fn of_service(
-    svc: &Service,
-    slices: &[&EndpointSlice],
-) -> (Vec<SliceEndpoint>, Vec<ConvertError>) {
+pub fn of_service(svc: &Service, slices: &[&Slice]) -> (Vec<SliceEndpoint>, Vec<ConvertError>) {
     let mut endpoints = Vec::new();
     let mut errors = Vec::new();
     for slice in slices {
-        let object = format!("EndpointSlice {}/{}", svc.namespace, slice.name_any());
+        let object = format!("EndpointSlice {}/{}", svc.namespace, slice.name);
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
         }
@@ -53,7 +47,7 @@ pub fn of_service(
                         });
                         return (endpoints, errors);
                     }
-                    let Some(text) = e.addresses.first() else { continue };
+                    let Some(text) = e.address.as_deref() else { continue };
                     let address = match endpoint_address(text) {
                         Ok(a) => a,
                         Err(why) => {
@@ -65,15 +59,18 @@ pub fn of_service(
                             continue;
                         }
                     };
-                    let c = e.conditions.as_ref();
                     endpoints.push(SliceEndpoint {
                         service_port: sp.port,
                         address,
                         port: number,
-                        node_name: e.node_name.clone().filter(|n| !n.is_empty()),
-                        ready: c.and_then(|c| c.ready).unwrap_or(true),
-                        serving: c.and_then(|c| c.serving).unwrap_or(true),
-                        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                        node_name: e
+                            .node_name
+                            .as_ref()
+                            .filter(|n| !n.is_empty())
+                            .map(|n| n.to_string()),
+                        ready: e.ready.unwrap_or(true),
+                        serving: e.serving.unwrap_or(true),
+                        terminating: e.terminating.unwrap_or(false),
                     });
                 }
             }
@@ -123,8 +120,10 @@ mod tests {
         }
     }
 
-    fn slice(json: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(json).unwrap()
+    fn slice(json: serde_json::Value) -> Slice {
+        let s: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_json::from_value(json).unwrap();
+        s.into()
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::{
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service as KubeService},
-    api::discovery::v1::EndpointSlice,
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{core::DynamicObject, ResourceExt};
@@ -23,7 +22,8 @@ use super::{
     convert::{self, ConvertError},
     membership,
     podview::RemotePod,
-    watch::{pod_membership, Snapshot, State, SERVICE_NAME_LABEL},
+    slice::Slice,
+    watch::{pod_membership, Snapshot, State},
 };
 use crate::{
     policy::PolicySet,
@@ -90,7 +90,7 @@ type ServiceResult = Result<(Service, Vec<String>), String>;
 
 struct ServiceParts {
     svc: Arc<KubeService>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     /// The namespace's pod generation it was derived at, if pods resolve its target ports.
     pods_gen: Option<u64>,
     seen: u64,
@@ -229,10 +229,10 @@ impl Builder {
 
     fn update_services(&mut self, state: &State) {
         let round = self.round;
-        let mut slices: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        let mut slices: HashMap<(String, String), Vec<Arc<Slice>>> = HashMap::new();
         for s in state.slices.values() {
-            if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
-                let key = (s.namespace().unwrap_or_default(), svc.clone());
+            if let Some(svc) = &s.service {
+                let key = (s.namespace.clone().unwrap_or_default(), svc.clone());
                 slices.entry(key).or_default().push(s.clone());
             }
         }
@@ -431,11 +431,11 @@ fn reads_pods(svc: &KubeService) -> bool {
 
 fn derive_service(
     svc: &KubeService,
-    slices: &[Arc<EndpointSlice>],
+    slices: &[Arc<Slice>],
     ns: &str,
     pods: &BTreeMap<String, PodParts>,
 ) -> ServiceResult {
-    let slices: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
+    let slices: Vec<&Slice> = slices.iter().map(Arc::as_ref).collect();
     // The namespace's pods, in key order (`ns/name`; '0' follows '/').
     let owned: Vec<Cow<'_, Pod>> = if reads_pods(svc) {
         let (from, to) = (format!("{ns}/"), format!("{ns}0"));
@@ -459,8 +459,9 @@ mod tests {
     use super::*;
     use crate::kubernetes::{
         podview::PodInterner,
-        watch::{build, Map, Objects},
+        watch::{build, Map, Objects, SERVICE_NAME_LABEL},
     };
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::core::ApiResource;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -591,7 +592,7 @@ mod tests {
             let mut pods: Map<Pod> = Map::new();
             let mut namespaces: Map<Namespace> = Map::new();
             let mut services: Map<KubeService> = Map::new();
-            let mut slices: Map<EndpointSlice> = Map::new();
+            let mut slices: Map<Slice> = Map::new();
             let mut policies: Map<DynamicObject> = Map::new();
             let mut last = None;
             // That the run went through what it is meant to compare.
@@ -627,7 +628,7 @@ mod tests {
                     15..=17 => {
                         let n = format!("e{}", rng.gen_range(0..4));
                         let s = slice(&mut rng, &n);
-                        slices.insert(key(&s), Arc::new(s));
+                        slices.insert(key(&s), Arc::new(s.into()));
                     }
                     18 => {
                         keep(&mut slices, |_| rng.gen_range(0..3) != 0);

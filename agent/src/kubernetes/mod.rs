@@ -14,6 +14,7 @@ pub mod netns;
 pub mod podview;
 pub mod rbac;
 pub mod sandbox;
+pub mod slice;
 pub mod sources;
 pub mod thread;
 pub mod watch;

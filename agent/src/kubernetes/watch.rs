@@ -33,6 +33,7 @@ use super::{
     incremental::Builder,
     membership,
     podview::{PodInterner, PodView, RemotePod},
+    slice::Slice,
 };
 // The reference build, for the tests.
 #[cfg(test)]
@@ -226,8 +227,15 @@ pub fn start_with(
     let (services, t) =
         spawn_watch(Api::<KubeService>::all(client.clone()), "services", all(), &notify);
     tasks.push(t);
-    let (slices, t) =
-        spawn_watch(Api::<EndpointSlice>::all(client.clone()), "endpointslices", all(), &notify);
+    // One endpoint per serving pod of the cluster: kept compact, node names shared.
+    let mut interner = super::intern::Interner::default();
+    let keep = move |s: EndpointSlice| {
+        let kept = Slice::keep(s, &mut interner);
+        interner.sweep_if_due();
+        kept
+    };
+    let api = Api::<EndpointSlice>::all(client.clone());
+    let (slices, t) = spawn_watch_kept(api, "endpointslices", all(), &notify, keep);
     tasks.push(t);
     // Istio's kinds may not be installed: only those the cluster serves are watched, and a
     // served one that cannot be read is an error, not "no policies".
@@ -321,26 +329,6 @@ macro_rules! trim_managed_fields {
 }
 trim_managed_fields!(Pod, Namespace, KubeService);
 
-impl Trim for EndpointSlice {
-    /// What `endpoints::of_service` and the builder read: the name, namespace and labels,
-    /// the address type, the ports, and each endpoint's addresses, conditions and node (one
-    /// endpoint per pod of the cluster: its target reference alone is a pod's name and uid).
-    fn trim(&mut self) {
-        let m = &mut self.metadata;
-        m.managed_fields = None;
-        m.annotations = None;
-        m.owner_references = None;
-        m.generate_name = None;
-        for e in &mut self.endpoints {
-            e.target_ref = None;
-            e.hints = None;
-            e.hostname = None;
-            e.zone = None;
-            e.deprecated_topology = None;
-        }
-    }
-}
-
 /// Watches a kind the agent cannot do without, keeping each object trimmed.
 fn spawn_watch<K>(
     api: Api<K>,
@@ -403,7 +391,7 @@ struct Inputs {
     views: Option<Slot<RemotePod>>,
     namespaces: Slot<Namespace>,
     services: Slot<KubeService>,
-    slices: Slot<EndpointSlice>,
+    slices: Slot<Slice>,
     policies: Vec<(ApiResource, Slot<DynamicObject>)>,
 }
 
@@ -415,7 +403,7 @@ pub(super) struct State {
     pub(super) views: Option<Objects<RemotePod>>,
     pub(super) namespaces: Objects<Namespace>,
     pub(super) services: Objects<KubeService>,
-    pub(super) slices: Objects<EndpointSlice>,
+    pub(super) slices: Objects<Slice>,
     pub(super) policies: Vec<(ApiResource, Objects<DynamicObject>)>,
 }
 
@@ -565,10 +553,13 @@ pub(super) fn build(
             Err(e) => rejected.push(e.to_string()),
         }
     }
-    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    let mut slices: HashMap<(String, String), Vec<&Slice>> = HashMap::new();
     for s in state.slices.values() {
-        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
-            slices.entry((s.namespace().unwrap_or_default(), svc.clone())).or_default().push(s);
+        if let Some(svc) = &s.service {
+            slices
+                .entry((s.namespace.clone().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
         }
     }
     let mut pods_by_ns: HashMap<String, Vec<&Pod>> = HashMap::new();
