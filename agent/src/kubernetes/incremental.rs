@@ -8,6 +8,7 @@
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
+    ops::Bound,
     sync::Arc,
 };
 
@@ -27,7 +28,7 @@ use super::{
 };
 use crate::{
     policy::PolicySet,
-    workloads::{Service, Workload, WorkloadSet},
+    workloads::{Service, Str, Workload, WorkloadSet},
 };
 
 /// Where a pod's facts come from: the whole object (this node's pods, or every pod without a
@@ -108,11 +109,11 @@ pub(super) struct Builder {
     root_namespace: String,
     members: membership::Settings,
     round: u64,
-    pods: BTreeMap<String, PodParts>,
+    pods: BTreeMap<Str, PodParts>,
     /// The round in which a pod of the namespace last changed.
     pods_changed: HashMap<String, u64>,
-    services: BTreeMap<String, ServiceParts>,
-    policy_docs: BTreeMap<(usize, String), PolicyParts>,
+    services: BTreeMap<Str, ServiceParts>,
+    policy_docs: BTreeMap<(usize, Str), PolicyParts>,
     policies: Option<(PolicySet, Vec<String>)>,
     /// A part changed since the last snapshot was assembled.
     dirty: bool,
@@ -192,7 +193,7 @@ impl Builder {
             let ns_name = key.split_once('/').map_or("", |(ns, _)| ns);
             let namespace = ns_of
                 .entry(ns_name)
-                .or_insert_with(|| namespaces.get(&format!("/{ns_name}")).cloned())
+                .or_insert_with(|| namespaces.get(format!("/{ns_name}").as_str()).cloned())
                 .clone();
             if let Some(parts) = self.pods.get_mut(key.as_str()) {
                 parts.seen = round;
@@ -433,13 +434,14 @@ fn derive_service(
     svc: &KubeService,
     slices: &[Arc<Slice>],
     ns: &str,
-    pods: &BTreeMap<String, PodParts>,
+    pods: &BTreeMap<Str, PodParts>,
 ) -> ServiceResult {
     let slices: Vec<&Slice> = slices.iter().map(Arc::as_ref).collect();
     // The namespace's pods, in key order (`ns/name`; '0' follows '/').
     let owned: Vec<Cow<'_, Pod>> = if reads_pods(svc) {
         let (from, to) = (format!("{ns}/"), format!("{ns}0"));
-        pods.range(from..to).map(|(_, p)| p.source.pod()).collect()
+        let range = (Bound::Included(from.as_str()), Bound::Excluded(to.as_str()));
+        pods.range::<str, _>(range).map(|(_, p)| p.source.pod()).collect()
     } else {
         Vec::new()
     };
@@ -551,8 +553,8 @@ mod tests {
         .unwrap()
     }
 
-    fn key<K: kube::Resource>(o: &K) -> String {
-        format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any())
+    fn key<K: kube::Resource>(o: &K) -> Str {
+        format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any()).into()
     }
 
     fn pa() -> ApiResource {
@@ -618,7 +620,8 @@ mod tests {
                     }
                     11..=12 => {
                         let ns = pick(&mut rng, &["a", "b"]);
-                        namespaces.insert(format!("/{ns}"), Arc::new(namespace(ns, rng.gen())));
+                        namespaces
+                            .insert(format!("/{ns}").into(), Arc::new(namespace(ns, rng.gen())));
                     }
                     13..=14 => {
                         let n = format!("s{}", rng.gen_range(0..3));

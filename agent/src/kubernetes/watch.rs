@@ -40,7 +40,10 @@ use super::{
 use super::convert;
 #[cfg(test)]
 use crate::workloads::Workload;
-use crate::{policy::PolicySet, workloads::WorkloadSet};
+use crate::{
+    policy::PolicySet,
+    workloads::{Str, WorkloadSet},
+};
 #[cfg(test)]
 use std::collections::{BTreeSet, HashMap};
 
@@ -102,7 +105,8 @@ pub fn watched_resources() -> Vec<(String, String)> {
 /// A kind's objects by `namespace/name`: a persistent map, so handing the builder the state
 /// after an event costs O(1) (shared structure), not a copy of every key.
 pub(crate) type Objects<K> = Arc<Map<K>>;
-pub(crate) type Map<K> = imbl::OrdMap<String, Arc<K>>;
+/// Keyed by a shared string: the builder keeps its parts under the same key, not a copy.
+pub(crate) type Map<K> = imbl::OrdMap<Str, Arc<K>>;
 /// `None` until the kind's first list is complete.
 pub(super) type Slot<K> = watch::Receiver<Option<Objects<K>>>;
 
@@ -259,8 +263,8 @@ pub(super) struct Cache<V> {
     relisting: Option<Map<V>>,
 }
 
-fn key_of<K: Resource>(o: &K) -> String {
-    format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any())
+fn key_of<K: Resource>(o: &K) -> Str {
+    format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any()).into()
 }
 
 impl<V> Cache<V> {
@@ -302,7 +306,7 @@ impl<V> Cache<V> {
 
 impl<K: Resource> Cache<K> {
     #[cfg(test)]
-    fn key(o: &K) -> String {
+    fn key(o: &K) -> Str {
         key_of(o)
     }
 
@@ -646,7 +650,7 @@ pub(super) fn pod_membership(
     let namespace = pod.metadata.namespace.clone().filter(|n| !n.is_empty())?;
     let node = pod.spec.as_ref()?.node_name.clone().filter(|n| !n.is_empty())?;
     // Namespaces are cluster-scoped: cached as `/name`.
-    let ns = namespaces.get(&format!("/{namespace}"));
+    let ns = namespaces.get(format!("/{namespace}").as_str());
     Some(membership::PodMembership {
         pod: format!("{name}.{namespace}"),
         membership: membership::decide(pod, ns.map(|n| &**n), members),
@@ -679,7 +683,7 @@ mod tests {
     }
 
     fn keys(c: &Cache<Pod>) -> Vec<&str> {
-        c.live.keys().map(String::as_str).collect()
+        c.live.keys().map(Str::as_str).collect()
     }
 
     #[test]
@@ -780,7 +784,7 @@ mod tests {
             "metadata": {"name": "ns", "labels": {membership::DATAPLANE_MODE: membership::AMBIENT}},
         }))
         .unwrap();
-        state.namespaces = Arc::new(Map::unit("/ns".to_owned(), Arc::new(ns)));
+        state.namespaces = Arc::new(Map::unit("/ns".into(), Arc::new(ns)));
         let s = build(&state, "istio-system", &node);
         let keys: Vec<String> = s.workloads.workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["a.ns", "plain.ns", "remote.ns"]);
