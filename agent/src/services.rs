@@ -205,7 +205,7 @@ mod tests {
             service_port: 443,
             address: addr.parse().unwrap(),
             port: 6443,
-            node_name: (!node.is_empty()).then(|| node.to_owned()),
+            node_name: (!node.is_empty()).then(|| node.into()),
             ready,
             serving,
             terminating,

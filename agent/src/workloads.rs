@@ -119,7 +119,8 @@ pub struct SliceEndpoint {
     /// The slice's port number for that service port (matched by port name).
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
+    /// Shared with the slice's and every endpoint's on that node.
+    pub node_name: Option<Str>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,

@@ -63,11 +63,7 @@ pub fn of_service(svc: &Service, slices: &[&Slice]) -> (Vec<SliceEndpoint>, Vec<
                         service_port: sp.port,
                         address,
                         port: number,
-                        node_name: e
-                            .node_name
-                            .as_ref()
-                            .filter(|n| !n.is_empty())
-                            .map(|n| n.to_string()),
+                        node_name: e.node_name.as_ref().filter(|n| !n.is_empty()).cloned(),
                         ready: e.ready.unwrap_or(true),
                         serving: e.serving.unwrap_or(true),
                         terminating: e.terminating.unwrap_or(false),
