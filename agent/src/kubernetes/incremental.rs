@@ -385,6 +385,7 @@ impl Builder {
             rejected,
             membership: decisions,
             bound,
+            routes: None,
         }
     }
 }
