@@ -505,7 +505,7 @@ impl Agent {
     /// previous instance left enrolled for pods that are gone.
     fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
         let before = self.workloads_tx.borrow().clone();
-        let workloads_changed = before != s.workloads;
+        let workloads_changed = !Arc::ptr_eq(&before, &s.workloads) && before != s.workloads;
         let policies_changed = **self.policies_tx.borrow() != s.policies;
         self.membership.replace(s.membership.iter().cloned());
         if !first && !workloads_changed && !policies_changed {

@@ -22,10 +22,12 @@
 //! plane would otherwise spend per snapshot.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
 };
+
+// Faster than SipHash for the table rebuilt per snapshot (and probed per connection); seeded.
+use foldhash::HashMap;
 
 use serde::Serialize;
 
@@ -152,7 +154,7 @@ pub fn usable<'a>(
 ) -> Vec<&'a SliceEndpoint> {
     let is_local = |e: &SliceEndpoint| !node.is_empty() && e.node_name.as_deref() == Some(node);
     let mut seen: Vec<&SliceEndpoint> = Vec::new();
-    let mut index: HashMap<(IpAddr, u16), usize> = HashMap::new();
+    let mut index: HashMap<(IpAddr, u16), usize> = HashMap::default();
     for e in endpoints {
         if local && !is_local(e) {
             continue;
