@@ -9,7 +9,6 @@ pub mod events;
 pub mod incremental;
 pub mod membership;
 pub mod netns;
-mod pace;
 pub mod podview;
 pub mod rbac;
 pub mod sandbox;

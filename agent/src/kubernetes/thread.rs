@@ -78,7 +78,8 @@ pub async fn start_on_thread(settings: FeedSettings) -> Result<Feed, KubeError> 
 /// fair share of the CPU but never preempts a thread that wakes up, so a connection's
 /// wake-up on the data plane does not wait behind a snapshot build. A lower priority (nice)
 /// was tried: +10 starved the feed (a burst's changes were applied only after the burst) and
-/// +5 still put event -> enforced p99 at 5 s, while the connections gained little.
+/// +5 still put event -> enforced p99 at 5 s. So was pacing the builds (waiting as long as the
+/// last one took): less CPU for the feed, but every event waited for it.
 fn run_as_batch() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler with this thread's id and a valid parameter only changes

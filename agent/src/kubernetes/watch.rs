@@ -38,6 +38,8 @@ use crate::{policy::PolicySet, workloads::WorkloadSet};
 #[cfg(test)]
 use std::collections::{BTreeSet, HashMap};
 
+/// Changes arriving together (a rollout, a relist) are built into one snapshot.
+const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The label that ties an EndpointSlice to its Service.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -395,11 +397,9 @@ async fn build_loop(
     let mut reported = HashSet::new();
     let node = members.node.clone();
     let mut builder = Builder::new(&root_namespace, members);
-    let mut last_build = Duration::ZERO;
     loop {
         notify.notified().await;
-        tokio::time::sleep(super::pace::wait(last_build)).await;
-        let started = std::time::Instant::now();
+        tokio::time::sleep(DEBOUNCE).await;
         let Some(state) = inputs.state() else {
             // Not every kind listed yet: the pods to hold are known from pods and namespaces.
             let pods = inputs.pods.borrow().clone();
@@ -426,7 +426,6 @@ async fn build_loop(
             let table = crate::services::ServiceTable::build(&snapshot.workloads, node);
             snapshot.routes = Some(Arc::new(table));
         }
-        last_build = started.elapsed();
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
         for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
