@@ -482,6 +482,13 @@ async fn return_freed_memory(mesh: Arc<Mesh>) {
     }
 }
 
+/// Drops `value` on the runtime's blocking pool rather than here: the last reference to a
+/// large cluster's workload set or service table frees hundreds of thousands of allocations,
+/// time the data plane's thread would not serve connections.
+fn drop_elsewhere<T: Send + 'static>(value: T) {
+    tokio::task::spawn_blocking(move || drop(value));
+}
+
 /// A listener on a node address that a new agent instance can bind too during a handover.
 pub(crate) fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
@@ -498,7 +505,7 @@ impl Agent {
     /// previous instance left enrolled for pods that are gone.
     fn apply_snapshot(&mut self, s: &kubernetes::Snapshot, first: bool) {
         let before = self.workloads_tx.borrow().clone();
-        let workloads_changed = before != s.workloads;
+        let workloads_changed = !Arc::ptr_eq(&before, &s.workloads) && before != s.workloads;
         let policies_changed = **self.policies_tx.borrow() != s.policies;
         self.membership.replace(s.membership.iter().cloned());
         if !first && !workloads_changed && !policies_changed {
@@ -512,9 +519,16 @@ impl Agent {
             info!(policies = s.policies.len(), "policies changed");
         }
         let ws = s.workloads.clone();
-        self.workloads_tx.send_replace(ws.clone());
-        // The service table is built here, not by the first connection after the change.
-        self.mesh.services.table(&ws);
+        let replaced = self.workloads_tx.send_replace(ws.clone());
+        // The service table is the feed's, built on its thread; without one (no node given
+        // to the feed) it is built here, not by the first connection after the change.
+        let replaced_table = match &s.routes {
+            Some(table) => self.mesh.services.install(&ws, table.clone()),
+            None => {
+                self.mesh.services.table(&ws);
+                None
+            }
+        };
         self.policies_tx.send_replace(Arc::new(s.policies.clone()));
         self.log_policy_warnings(first || policies_changed);
         // Before the reconcile: what a previous instance enrolled early stays enrolled.
@@ -536,6 +550,8 @@ impl Agent {
         {
             self.apply_policies();
         }
+        // Freeing a large cluster's last set and table is off the data plane's thread too.
+        drop_elsewhere((before, replaced, replaced_table));
     }
 
     /// Every pod of the node enrolled, no failed enrollment to retry, no kept or early

@@ -9,7 +9,10 @@ use crate::workloads::WorkloadSet;
 pub(super) struct Delta {
     /// The pods of this node are the same, in the same order (never on the first snapshot).
     pub local_pods_same: bool,
-    /// The services are the same (they pick which v1alpha1 policies apply to a pod).
+    /// The services selecting each pod of this node are the same (they pick which v1alpha1
+    /// policies apply to a pod; no other service changes a pod's rules). Asked of the node's
+    /// pods only, not compared over the cluster's services: a rollout elsewhere changes
+    /// EndpointSlices in every snapshot.
     pub services_same: bool,
 }
 
@@ -20,10 +23,13 @@ impl Delta {
         node: &str,
         first: bool,
     ) -> Delta {
-        Delta {
-            local_pods_same: !first && before.on_node(node).eq(now.on_node(node)),
-            services_same: !first && before.services == now.services,
-        }
+        let local_pods_same = !first && before.on_node(node).eq(now.on_node(node));
+        let services_same = local_pods_same
+            && before
+                .on_node(node)
+                .zip(now.on_node(node))
+                .all(|(a, b)| before.services_for(a).eq(now.services_for(b)));
+        Delta { local_pods_same, services_same }
     }
 }
 
@@ -68,8 +74,32 @@ mod tests {
         assert!(!Delta::between(&before, &relabelled, "n1", false).local_pods_same);
         let svc =
             set("services:\n- {name: s, namespace: ns, selector: {app: b}, ports: [{port: 80}]}\n");
+        // A service of remote pods only: no rule of this node's pods changes.
         let d = Delta::between(&before, &svc, "n1", false);
+        assert_eq!(d, Delta { local_pods_same: true, services_same: true });
+        // One selecting a pod of the node (from seeing none, or a port changing) does.
+        let local = |port: u16| {
+            let src = format!(
+                "workloads:\n\
+                 - {{name: a, namespace: ns, ip: 10.0.0.1, node: n1, netns: /run/netns/a, labels: {{app: a}}}}\n\
+                 - {{name: b, namespace: ns, ip: 10.0.0.2, node: n2}}\n\
+                 services:\n- {{name: s, namespace: ns, selector: {{app: a}}, ports: [{{port: {port}}}]}}\n"
+            );
+            WorkloadSet::parse(&src, Path::new("workloads.yaml")).unwrap()
+        };
+        let unlabelled = WorkloadSet::parse(
+            "workloads:\n\
+             - {name: a, namespace: ns, ip: 10.0.0.1, node: n1, netns: /run/netns/a, labels: {app: a}}\n\
+             - {name: b, namespace: ns, ip: 10.0.0.2, node: n2}\n",
+            Path::new("workloads.yaml"),
+        )
+        .unwrap();
+        let d = Delta::between(&unlabelled, &local(80), "n1", false);
         assert_eq!(d, Delta { local_pods_same: true, services_same: false });
+        let d = Delta::between(&local(80), &local(81), "n1", false);
+        assert_eq!(d, Delta { local_pods_same: true, services_same: false });
+        let d = Delta::between(&local(80), &local(80), "n1", false);
+        assert_eq!(d, Delta { local_pods_same: true, services_same: true });
         let d = Delta::between(&before, &before, "n1", true);
         assert_eq!(d, Delta { local_pods_same: false, services_same: false });
     }

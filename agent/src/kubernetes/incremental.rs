@@ -388,6 +388,7 @@ impl Builder {
             rejected,
             membership: decisions,
             bound,
+            routes: None,
         }
     }
 }

@@ -68,6 +68,9 @@ pub struct Snapshot {
     /// Whether each pod (of the node, if the feed was given one) is in the mesh, and why; pods
     /// that are out are not in `workloads`.
     pub membership: Vec<membership::PodMembership>,
+    /// The service table of `workloads` from the feed's node (`None` without one), built on the
+    /// feed's thread so that the data plane only swaps it in.
+    pub routes: Option<Arc<crate::services::ServiceTable>>,
 }
 
 /// The Istio policy kinds, watched as dynamic objects.
@@ -446,6 +449,7 @@ async fn build_loop(
 ) {
     let tx = out.snapshots;
     let mut reported = HashSet::new();
+    let node = members.node.clone();
     let mut builder = Builder::new(&root_namespace, members);
     loop {
         notify.notified().await;
@@ -471,7 +475,11 @@ async fn build_loop(
             continue;
         };
         // Only parts that changed are converted again; nothing changed, nothing to send.
-        let Some(snapshot) = builder.build(&state) else { continue };
+        let Some(mut snapshot) = builder.build(&state) else { continue };
+        if let Some(node) = &node {
+            let table = crate::services::ServiceTable::build(&snapshot.workloads, node);
+            snapshot.routes = Some(Arc::new(table));
+        }
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
         for r in snapshot.rejected.iter().filter(|r| !reported.contains(*r)) {
@@ -613,6 +621,7 @@ pub(super) fn build(
         rejected,
         membership: decisions,
         bound,
+        routes: None,
     }
 }
 

@@ -7,7 +7,9 @@
 //! (a test that edits a set's vectors after making it) finds less, never panics.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+// Seeded per process (an address is the API server's input) and several times faster than
+// SipHash on addresses; the index is rebuilt for every snapshot.
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -38,14 +40,14 @@ fn at<T>(items: &[T], i: u32) -> Option<&T> {
 
 impl Index {
     pub(super) fn build(workloads: &[Arc<Workload>], services: &[Service]) -> Index {
-        let mut by_ip = HashMap::with_capacity(workloads.len());
+        let mut by_ip = HashMap::with_capacity_and_hasher(workloads.len(), Default::default());
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
             for ip in &w.ips {
                 by_ip.entry(ip.to_canonical()).or_insert(i);
             }
         }
-        let mut by_node: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_node: HashMap<String, Vec<u32>> = HashMap::default();
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
             match by_node.get_mut(w.node.as_str()) {

@@ -12,7 +12,11 @@
 //! their EndpointSlices, within 5 s; enforced = the agent's workload set in force answers the
 //! new pod at its address, or nothing at the old one, polled through the admin API's
 //! `/debug/destinations`), and new-connection p50/p99 (client pod to server pod of this node,
-//! through the agent) idle and during the burst, in the same run.
+//! through the agent) idle and during the burst, in the same run: the same client and server
+//! pods, the same tool, one connection at a time, 400 idle, then as many as the burst lasts.
+//! The burst's objects are built before the idle connections, so that during the burst the
+//! bench only hands them to the stand-in (which serialises each once per watch) and its own
+//! JSON building is not what slows the agent down.
 //!
 //! Every step is bounded in time; the agent is killed (by its PID) if its RSS passes
 //! `--scale-max-rss-mib`, so a runaway agent cannot take the machine down.
@@ -531,16 +535,20 @@ fn one_size(exe: &Path, n: usize, max_rss_mib: u64, row: &mut Row) -> Result<()>
             stdout.lines().find_map(|l| l.strip_prefix("result ")).context("conns: no result")?;
         Ok(serde_json::from_str(line)?)
     };
+    // The burst: 5% of the remote pods replaced (delete, then the new pod on the same node with
+    // a new name, uid and address) and their slices updated, paced over BURST. Its objects are
+    // made now, before the idle measurement, so that during the burst the bench only hands
+    // them to the stand-in: building 7,500 pods' JSON then would take CPU from the agent it
+    // measures, and the burst would overrun its 5 s.
+    let count = ((remote as f64 * BURST_SHARE) as usize).max(1);
+    let step = (remote / count).max(1);
+    let victims: Vec<usize> = (0..count).map(|k| (k * step) % remote).collect();
+    let plan = burst_plan(n, &victims, generations);
+
     conns(20, 10.0).context("warm-up connections")?;
     let idle = conns(CONNS_IDLE, 20.0).context("idle connections")?;
     row.idle_p50_us = idle["p50_us"].as_f64();
     row.idle_p99_us = idle["p99_us"].as_f64();
-
-    // The burst: 5% of the remote pods replaced (delete, then the new pod on the same node with
-    // a new name, uid and address) and their slices updated, paced over BURST.
-    let count = ((remote as f64 * BURST_SHARE) as usize).max(1);
-    let step = (remote / count).max(1);
-    let victims: Vec<usize> = (0..count).map(|k| (k * step) % remote).collect();
     let events: Arc<Pending> = Arc::default();
     let done: Arc<Mutex<Vec<f64>>> = Arc::default();
     let finished = Arc::new(AtomicBool::new(false));
@@ -554,21 +562,22 @@ fn one_size(exe: &Path, n: usize, max_rss_mib: u64, row: &mut Row) -> Result<()>
         // timeout (5 s) fails, and none succeeding is said in the table.
         let during = scope.spawn(|| conns(100_000, BURST.as_secs_f64()));
         let t0 = Instant::now();
-        let mut generations = generations;
-        for (k, &i) in victims.iter().enumerate() {
+        for (k, step) in plan.into_iter().enumerate() {
             let at = t0 + BURST.mul_f64(k as f64 / count as f64);
             if let Some(wait) = at.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let p = placement(n, i);
-            let old = format!("svc-{:05}-0x{i:06}", p.deploy);
-            ensure!(server.delete(api::PODS, Some(&p.ns), &old), "no pod {old} to delete");
+            let i = step.i;
+            ensure!(
+                server.delete(api::PODS, Some(&step.ns), &step.old),
+                "no pod {} to delete",
+                step.old
+            );
             push(&events, remote_ip(0, i), None);
-            server.apply(api::PODS, remote_pod(n, 1, i));
-            push(&events, remote_ip(1, i), Some(uid(1, i)));
-            generations[i] = 1;
-            if p.deploy < services {
-                server.apply(api::ENDPOINTSLICES, slice_json(n, p.deploy, &generations));
+            server.apply(api::PODS, step.pod);
+            push(&events, remote_ip(1, i), Some(step.uid));
+            if let Some(slice) = step.slice {
+                server.apply(api::ENDPOINTSLICES, slice);
             }
         }
         println!("   burst: {count} pods replaced in {:.1}s", t0.elapsed().as_secs_f64());
@@ -597,6 +606,40 @@ fn one_size(exe: &Path, n: usize, max_rss_mib: u64, row: &mut Row) -> Result<()>
     drop(agent);
     drop(procs);
     Ok(())
+}
+
+/// One replacement of the burst, made before it starts.
+struct BurstStep {
+    i: usize,
+    ns: String,
+    /// The name of the pod it deletes.
+    old: String,
+    /// The new pod, and its uid.
+    pod: Value,
+    uid: String,
+    /// The EndpointSlice of its service with the new pod in it (`None`: it has no service).
+    slice: Option<Value>,
+}
+
+/// The burst's objects, in the order it sends them: each victim's new pod, and its service's
+/// slice with every pod replaced so far.
+fn burst_plan(n: usize, victims: &[usize], mut generations: Vec<u32>) -> Vec<BurstStep> {
+    let services = services_of(n);
+    victims
+        .iter()
+        .map(|&i| {
+            let p = placement(n, i);
+            generations[i] = 1;
+            BurstStep {
+                i,
+                old: format!("svc-{:05}-0x{i:06}", p.deploy),
+                pod: remote_pod(n, 1, i),
+                uid: uid(1, i),
+                slice: (p.deploy < services).then(|| slice_json(n, p.deploy, &generations)),
+                ns: p.ns,
+            }
+        })
+        .collect()
 }
 
 fn push(events: &Pending, ip: Ipv4Addr, uid: Option<String>) {
