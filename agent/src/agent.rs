@@ -2,7 +2,7 @@
 //! or the API server, keeps enrollment in step with it, and serves the admin API.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::AtomicUsize, Arc},
@@ -144,6 +144,9 @@ struct Agent {
     pods: BTreeMap<String, EnrolledPod>,
     /// Pods of the node whose enrollment failed (reported through `failures`).
     failed: BTreeMap<String, FailedPod>,
+    /// Enrolled pods whose inbound rules could not be written: written again on the retry
+    /// tick, since no snapshot may come to do it (their old rules, maybe PERMISSIVE, stay).
+    rules_failed: BTreeSet<String>,
     failures: Failures,
     /// Kubernetes mode: for Events on pods whose enrollment fails.
     kube: Option<kube::Client>,
@@ -266,6 +269,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         policies_tx,
         pods: BTreeMap::new(),
         failed: BTreeMap::new(),
+        rules_failed: BTreeSet::new(),
         failures: Failures::default(),
         kube,
         membership: Default::default(),
@@ -402,6 +406,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             Some(snapshot) = next_snapshot(&mut snapshots) => {
                 agent.apply_snapshot(&snapshot, !synced);
+                // A snapshot not taken (nothing changed) still holds a set and a table.
+                drop_elsewhere(snapshot);
                 if !synced {
                     // As in file mode: after the first reconcile, an older layout's go.
                     agent.finish_layout_handover();
@@ -547,6 +553,7 @@ impl Agent {
             || !cheap.local_pods_same
             || !cheap.services_same
             || !self.failed.is_empty()
+            || !self.rules_failed.is_empty()
         {
             self.apply_policies();
         }
@@ -591,6 +598,9 @@ impl Agent {
         // Kept pinned enrollments are looked at again too: their pod or namespace may be gone.
         if !self.kept.is_empty() || ws.on_node(&node).any(|w| !self.pods.contains_key(&w.key())) {
             self.reconcile(false);
+        }
+        if !self.rules_failed.is_empty() {
+            self.apply_policies();
         }
     }
 
@@ -661,9 +671,11 @@ impl Agent {
             .map(|(k, p)| (k.clone(), (p.workload.clone(), p.netns.cookie())))
             .chain(held)
             .collect();
+        self.rules_failed.clear();
         for (key, (w, cookie)) in pods {
             if let Err(e) = self.apply_pod_policy(&w, cookie) {
                 error!(pod = %key, "applying policy: {}", crate::error_text(&e));
+                self.rules_failed.insert(key);
             }
         }
     }
