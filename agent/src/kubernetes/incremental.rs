@@ -119,6 +119,41 @@ pub(super) struct Builder {
     dirty: bool,
     /// [`Builder::bound`] answered once (an empty cluster is an answer too).
     bound_once: bool,
+    /// The caches the pods' parts were last brought up to date from: the next update visits
+    /// only what differs from them (imbl's diff skips the subtrees two versions share), not
+    /// every pod of the cluster.
+    last: Option<PodInputs>,
+}
+
+/// The caches a pod's parts are derived from.
+struct PodInputs {
+    pods: super::watch::Objects<Pod>,
+    views: Option<super::watch::Objects<RemotePod>>,
+    namespaces: super::watch::Objects<Namespace>,
+}
+
+/// A pod's source in the caches: the whole object wins over its projection.
+fn source_of(
+    key: &str,
+    pods: &super::watch::Objects<Pod>,
+    views: Option<&super::watch::Objects<RemotePod>>,
+) -> Option<Source> {
+    if let Some(p) = pods.get(key) {
+        return Some(Source::Full(p.clone()));
+    }
+    views.and_then(|v| v.get(key)).map(|v| Source::View(v.clone()))
+}
+
+/// The key of one difference between two versions of a cache.
+fn changed_key<'a, V>(d: imbl::ordmap::DiffItem<'a, 'a, Str, V>) -> &'a Str {
+    match d {
+        imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
+        imbl::ordmap::DiffItem::Update { new: (k, _), .. } => k,
+    }
+}
+
+fn ns_of_key(key: &str) -> &str {
+    key.split_once('/').map_or("", |(ns, _)| ns)
 }
 
 impl Builder {
@@ -134,6 +169,7 @@ impl Builder {
             policies: None,
             dirty: true,
             bound_once: false,
+            last: None,
         }
     }
 
@@ -172,8 +208,92 @@ impl Builder {
         self.dirty |= changed;
     }
 
-    /// Brings the pods' parts up to date; true if any changed.
+    /// Brings the pods' parts up to date; true if any changed. Visits only the pods whose
+    /// object (or namespace) differs from the caches of the last update.
     fn update_pod_parts(
+        &mut self,
+        pods: &super::watch::Objects<Pod>,
+        views: Option<&super::watch::Objects<RemotePod>>,
+        namespaces: &super::watch::Objects<Namespace>,
+    ) -> bool {
+        let last = self.last.replace(PodInputs {
+            pods: pods.clone(),
+            views: views.cloned(),
+            namespaces: namespaces.clone(),
+        });
+        let last = match last {
+            Some(l) if l.views.is_some() == views.is_some() => l,
+            _ => return self.scan_pod_parts(pods, views, namespaces),
+        };
+        let mut keys: BTreeSet<Str> = BTreeSet::new();
+        keys.extend(last.pods.diff(pods).map(|d| changed_key(d).clone()));
+        if let (Some(a), Some(b)) = (&last.views, views) {
+            keys.extend(a.diff(b).map(|d| changed_key(d).clone()));
+        }
+        // A namespace that changed: each of its pods is derived again (its membership reads
+        // the namespace's labels).
+        let changed_ns: BTreeSet<String> = last
+            .namespaces
+            .diff(namespaces)
+            .map(|d| changed_key(d).trim_start_matches('/').to_owned())
+            .collect();
+        for ns in &changed_ns {
+            let (from, to) = (format!("{ns}/"), format!("{ns}0"));
+            let range = self.pods.range::<str, _>((
+                std::ops::Bound::Included(from.as_str()),
+                std::ops::Bound::Excluded(to.as_str()),
+            ));
+            keys.extend(range.map(|(k, _)| k.clone()));
+        }
+        let round = self.round;
+        let mut changed = false;
+        for key in keys {
+            let ns_name = ns_of_key(&key).to_owned();
+            let Some(source) = source_of(&key, pods, views) else {
+                if self.pods.remove(key.as_str()).is_some() {
+                    self.pods_changed.insert(ns_name, round);
+                    changed = true;
+                }
+                continue;
+            };
+            let namespace = namespaces.get(format!("/{ns_name}").as_str()).cloned();
+            changed |= self.visit_pod(&key, source, namespace, namespaces);
+        }
+        changed
+    }
+
+    /// Derives pod `key` again from `source` unless neither it nor its namespace changed;
+    /// true if what it contributes changed.
+    fn visit_pod(
+        &mut self,
+        key: &Str,
+        source: Source,
+        namespace: Option<Arc<Namespace>>,
+        namespaces: &super::watch::Objects<Namespace>,
+    ) -> bool {
+        let round = self.round;
+        let ns_name = ns_of_key(key);
+        if let Some(parts) = self.pods.get_mut(key.as_str()) {
+            parts.seen = round;
+            if parts.source.same(&source) && same_ns(&parts.namespace, &namespace) {
+                return false;
+            }
+            let derived = derive(&source, namespaces, &self.members);
+            let changed = derived != parts.derived;
+            // Another object (if only its resource version): services reading the
+            // namespace's pods look again.
+            self.pods_changed.insert(ns_name.to_owned(), round);
+            *parts = PodParts { source, namespace, seen: round, derived };
+            return changed;
+        }
+        let derived = derive(&source, namespaces, &self.members);
+        self.pods_changed.insert(ns_name.to_owned(), round);
+        self.pods.insert(key.clone(), PodParts { source, namespace, seen: round, derived });
+        true
+    }
+
+    /// [`Builder::update_pod_parts`] the first time: every pod of the caches visited.
+    fn scan_pod_parts(
         &mut self,
         pods: &super::watch::Objects<Pod>,
         views: Option<&super::watch::Objects<RemotePod>>,
