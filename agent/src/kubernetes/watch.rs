@@ -270,7 +270,7 @@ fn key_of<K: Resource>(o: &K) -> Str {
     format!("{}/{}", o.meta().namespace.as_deref().unwrap_or_default(), o.name_any()).into()
 }
 
-impl<V> Cache<V> {
+impl<V: PartialEq> Cache<V> {
     pub(super) fn new() -> Self {
         Cache { live: Map::new(), relisting: None }
     }
@@ -288,7 +288,14 @@ impl<V> Cache<V> {
             }
             watcher::Event::InitApply(o) => {
                 let key = key_of(&o);
-                self.relisting.get_or_insert_with(Map::new).insert(key, Arc::new(keep(o)));
+                // What did not change keeps its value: the builder, which visits only what
+                // differs, holds that one and would otherwise keep a second copy.
+                let new = Arc::new(keep(o));
+                let value = match self.live.get(&key) {
+                    Some(old) if **old == *new => old.clone(),
+                    _ => new,
+                };
+                self.relisting.get_or_insert_with(Map::new).insert(key, value);
                 false
             }
             watcher::Event::InitDone => {
@@ -296,7 +303,13 @@ impl<V> Cache<V> {
                 true
             }
             watcher::Event::Apply(o) => {
-                self.live.insert(key_of(&o), Arc::new(keep(o)));
+                let key = key_of(&o);
+                let new = keep(o);
+                // A change only to what is not kept (a remote pod's status conditions): none.
+                if self.live.get(&key).is_some_and(|old| **old == new) {
+                    return false;
+                }
+                self.live.insert(key, Arc::new(new));
                 true
             }
             watcher::Event::Delete(o) => {
@@ -307,7 +320,7 @@ impl<V> Cache<V> {
     }
 }
 
-impl<K: Resource> Cache<K> {
+impl<K: Resource + PartialEq> Cache<K> {
     #[cfg(test)]
     fn key(o: &K) -> Str {
         key_of(o)
@@ -344,7 +357,7 @@ fn spawn_watch<K>(
     notify: &Arc<Notify>,
 ) -> (Slot<K>, JoinHandle<()>)
 where
-    K: Resource + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Trim + Clone + PartialEq + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let keep = |mut o: K| {
         o.trim();
@@ -365,7 +378,7 @@ fn spawn_watch_kept<K, V>(
 ) -> (Slot<V>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    V: Send + Sync + 'static,
+    V: PartialEq + Send + Sync + 'static,
 {
     let what = what.into();
     let (tx, rx) = watch::channel(None);
@@ -731,6 +744,27 @@ mod tests {
         let again = c.live.clone();
         c.apply(watcher::Event::Apply(pod("c", "10.0.0.3")));
         assert!(Arc::ptr_eq(&again["ns/b"], &c.live["ns/b"]));
+    }
+
+    #[test]
+    fn an_object_that_did_not_change_keeps_its_value_through_events_and_relists() {
+        let mut c = Cache::new();
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        c.apply(watcher::Event::InitDone);
+        let first = c.live["ns/a"].clone();
+        // The same content again (for a projection: a change only to what it drops).
+        assert!(!c.apply(watcher::Event::Apply(pod("a", "10.0.0.1"))));
+        assert!(Arc::ptr_eq(&first, &c.live["ns/a"]));
+        // A relist hands back the value the builder already holds, not a copy of it.
+        c.apply(watcher::Event::Init);
+        c.apply(watcher::Event::InitApply(pod("a", "10.0.0.1")));
+        c.apply(watcher::Event::InitApply(pod("b", "10.0.0.2")));
+        assert!(c.apply(watcher::Event::InitDone));
+        assert!(Arc::ptr_eq(&first, &c.live["ns/a"]));
+        // A real change is one.
+        assert!(c.apply(watcher::Event::Apply(pod("a", "10.0.0.9"))));
+        assert!(!Arc::ptr_eq(&first, &c.live["ns/a"]));
     }
 
     #[test]
