@@ -310,38 +310,19 @@ impl Builder {
             .filter(|(k, _)| !pods.contains_key(*k))
             .map(|(k, v)| (k, Source::View(v.clone())));
         for (key, source) in full.chain(projected) {
-            let ns_name = key.split_once('/').map_or("", |(ns, _)| ns);
+            let ns_name = ns_of_key(key);
             let namespace = ns_of
                 .entry(ns_name)
                 .or_insert_with(|| namespaces.get(format!("/{ns_name}").as_str()).cloned())
                 .clone();
-            if let Some(parts) = self.pods.get_mut(key.as_str()) {
-                parts.seen = round;
-                if parts.source.same(&source) && same_ns(&parts.namespace, &namespace) {
-                    continue;
-                }
-                let derived = derive(&source, namespaces, &self.members);
-                if derived != parts.derived {
-                    changed = true;
-                }
-                // Another object (if only its resource version): services reading the
-                // namespace's pods look again.
-                self.pods_changed.insert(ns_name.to_owned(), round);
-                *parts = PodParts { source, namespace, seen: round, derived };
-                continue;
-            }
-            let derived = derive(&source, namespaces, &self.members);
-            self.pods_changed.insert(ns_name.to_owned(), round);
-            self.pods.insert(key.clone(), PodParts { source, namespace, seen: round, derived });
-            changed = true;
+            changed |= self.visit_pod(key, source, namespace, namespaces);
         }
         let before = self.pods.len();
         let pods_changed = &mut self.pods_changed;
         self.pods.retain(|key, p| {
             let keep = p.seen == round;
             if !keep {
-                let ns = key.split_once('/').map_or("", |(ns, _)| ns);
-                pods_changed.insert(ns.to_owned(), round);
+                pods_changed.insert(ns_of_key(key).to_owned(), round);
             }
             keep
         });

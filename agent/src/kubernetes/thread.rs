@@ -97,31 +97,36 @@ fn run_as_batch() {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn dropping_the_feed_ends_its_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        // Nothing listens there: the watchers keep retrying until stopped.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
+    /// A feed on its thread, pointed at an API server at `server` (none need listen).
+    async fn feed_at(dir: &std::path::Path, server: &str) -> Feed {
+        let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
-                 http://{addr}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  \
+                 http://{server}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  \
                  context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
             ),
         )
         .unwrap();
-        let feed = start_on_thread(FeedSettings {
+        start_on_thread(FeedSettings {
             kubeconfig: Some(kubeconfig),
             root_namespace: "istio-system".into(),
             membership: membership::Settings::default(),
             discovery_interval: Duration::from_secs(60),
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn dropping_the_feed_ends_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens there: the watchers keep retrying until stopped.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let feed = feed_at(dir.path(), &addr.to_string()).await;
         let alive = feed.thread_alive();
         assert_eq!(alive, Some(true));
         let rx = feed.subscribe();
@@ -148,22 +153,7 @@ mod tests {
     #[tokio::test]
     async fn the_feed_thread_never_preempts_the_data_plane() {
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
-             http://127.0.0.1:9\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  \
-             context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
-        )
-        .unwrap();
-        let feed = start_on_thread(FeedSettings {
-            kubeconfig: Some(kubeconfig),
-            root_namespace: "istio-system".into(),
-            membership: membership::Settings::default(),
-            discovery_interval: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+        let feed = feed_at(dir.path(), "127.0.0.1:9").await;
         assert_eq!(policy_of("kube-feed"), Some(libc::SCHED_BATCH));
         // The caller's thread (the data plane) keeps its own.
         // SAFETY: asks the calling thread's policy.
