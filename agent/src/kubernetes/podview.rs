@@ -485,15 +485,7 @@ mod tests {
             Some(vec![8080, 9000, 9090]),
             "probe ports survive"
         );
-        assert_eq!(
-            super::super::binding::bound_pod(&back).unwrap(),
-            super::super::binding::bound_pod(&pod).unwrap()
-        );
-        let s = super::super::membership::Settings::default();
-        assert_eq!(
-            super::super::membership::decide(&back, None, &s),
-            super::super::membership::decide(&pod, None, &s)
-        );
+        binds_and_decides_alike(&back, &pod);
         assert_eq!(back.metadata.deletion_timestamp, pod.metadata.deletion_timestamp);
         // What nothing reads is gone.
         assert_eq!(back.metadata.managed_fields, None);
@@ -503,6 +495,19 @@ mod tests {
         assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
         assert!(back.status.as_ref().is_some_and(|s| s.conditions.is_none()));
         assert_eq!(PodView::of_pod(&pod), view);
+    }
+
+    /// A pod given back by a projection binds and gets its membership as the whole pod does.
+    fn binds_and_decides_alike(back: &Pod, pod: &Pod) {
+        assert_eq!(
+            super::super::binding::bound_pod(back).unwrap(),
+            super::super::binding::bound_pod(pod).unwrap()
+        );
+        let s = super::super::membership::Settings::default();
+        assert_eq!(
+            super::super::membership::decide(back, None, &s),
+            super::super::membership::decide(pod, None, &s)
+        );
     }
 
     #[test]
@@ -521,15 +526,7 @@ mod tests {
             super::super::convert::workload(&back).unwrap(),
             super::super::convert::workload(&pod).unwrap()
         );
-        assert_eq!(
-            super::super::binding::bound_pod(&back).unwrap(),
-            super::super::binding::bound_pod(&pod).unwrap()
-        );
-        let s = super::super::membership::Settings::default();
-        assert_eq!(
-            super::super::membership::decide(&back, None, &s),
-            super::super::membership::decide(&pod, None, &s)
-        );
+        binds_and_decides_alike(&back, &pod);
         assert_eq!(remote.workload(), Some("web"));
         // Its workload holds the pod's own strings and labels, not copies.
         let mut w = super::super::convert::workload(&back).unwrap().unwrap();
