@@ -130,9 +130,10 @@ async fn first_list_gives_the_cluster_and_the_nodes_pods() {
     // The endpoints and the named target port come from the EndpointSlice.
     let table = mtls_agent::services::ServiceTable::build(&s.workloads, "n1");
     let web = table.get("10.96.0.10:80".parse().unwrap()).expect("service web");
-    let backends: Vec<(String, Option<&str>)> =
-        web.backends.iter().map(|b| (b.address.to_string(), b.pod.as_deref())).collect();
-    assert_eq!(backends, [("10.1.0.1:8080".to_owned(), Some("a.shop"))]);
+    let pod = |b: &std::net::SocketAddr| s.workloads.by_ip(b.ip()).map(|w| w.key());
+    let backends: Vec<(String, Option<String>)> =
+        web.backends.iter().map(|b| (b.to_string(), pod(b))).collect();
+    assert_eq!(backends, [("10.1.0.1:8080".to_owned(), Some("a.shop".to_owned()))]);
     assert_eq!(s.workloads.services[0].ports[0].target_port, 8080);
     assert_eq!(s.policies.len(), 1);
     let d = s.policies.decide(&s.workloads, a, 8080);

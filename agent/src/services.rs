@@ -29,119 +29,141 @@ use std::{
 // Faster than SipHash for the table rebuilt per snapshot (and probed per connection); seeded.
 use foldhash::HashMap;
 
-use serde::Serialize;
-
 use crate::workloads::{Service, SliceEndpoint, WorkloadSet};
 
-/// One endpoint a VIP may be sent to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Backend {
-    pub address: SocketAddr,
-    /// `name.namespace` of the mesh workload with that address; `None`: outside the mesh
-    /// (reached in plaintext).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-}
-
 /// A service port as the routing sees it: where its VIP goes from this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRoute {
     /// `name.namespace`.
     pub service: String,
     /// `None`: a headless service (its endpoints are dialled directly).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub vip: Option<IpAddr>,
     pub port: u16,
     /// The usable endpoints from this node, in the order the round robin takes them. Empty:
-    /// connections are refused.
-    pub backends: Vec<Backend>,
+    /// connections are refused. Which of them are mesh pods is the workload set's answer at
+    /// connection time (one lookup by address), not stored here: a pod's change then costs
+    /// no service's routes.
+    pub backends: Vec<SocketAddr>,
     /// `internalTrafficPolicy: Local`: `backends` are this node's only.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub node_local: bool,
 }
 
 /// Every port of every service, and the VIPs among them.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ServiceTable {
     /// The node it is seen from (`internalTrafficPolicy: Local` depends on it).
     node: String,
-    routes: Vec<ServiceRoute>,
-    vips: HashMap<SocketAddr, usize>,
+    /// Per service of the set, in its order: the service and its routes (one per VIP and
+    /// port). A service the next set shares (the same `Arc`) keeps its routes.
+    services: Vec<(Arc<Service>, Arc<[ServiceRoute]>)>,
+    /// VIP and port to (service, route) positions.
+    vips: HashMap<SocketAddr, (u32, u32)>,
 }
+
+impl PartialEq for ServiceTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.node == other.node && self.routes().eq(other.routes())
+    }
+}
+
+impl Eq for ServiceTable {}
 
 impl ServiceTable {
     /// The table of `ws` as seen from `node`.
     pub fn build(ws: &WorkloadSet, node: &str) -> ServiceTable {
+        Self::build_from(ws, node, None)
+    }
+
+    /// As [`ServiceTable::build`], reusing the routes of `previous` for every service the two
+    /// sets share: in a large cluster a snapshot changes a few services of thousands.
+    pub fn build_from(
+        ws: &WorkloadSet,
+        node: &str,
+        previous: Option<&ServiceTable>,
+    ) -> ServiceTable {
+        // By address: `previous` holds its services, so no new one can have an old address.
+        let reusable: HashMap<*const Service, &Arc<[ServiceRoute]>> = previous
+            .filter(|p| p.node == node)
+            .map(|p| p.services.iter().map(|(s, r)| (Arc::as_ptr(s), r)).collect())
+            .unwrap_or_default();
         let mut table = ServiceTable { node: node.to_owned(), ..ServiceTable::default() };
+        table.services.reserve(ws.services.len());
         for svc in &ws.services {
-            // One route per VIP (a dual-stack service has one per family), or one without.
-            let vips: Vec<Option<IpAddr>> = match svc.vip {
-                None => vec![None],
-                Some(vip) => std::iter::once(vip)
-                    .chain(svc.other_vips.iter().copied())
-                    .map(|ip| Some(ip.to_canonical()))
-                    .collect(),
+            let routes = match reusable.get(&Arc::as_ptr(svc)) {
+                // Routes from slices depend on the service alone; a selector's (workloads.yaml)
+                // on the pods too, so those are made again.
+                Some(r) if svc.endpoints.is_some() => Arc::clone(r),
+                _ => routes_of(ws, svc, node).into(),
             };
-            for vip in vips {
-                for sp in &svc.ports {
-                    let backends = match &svc.endpoints {
-                        Some(endpoints) => {
-                            let of_port = endpoints.iter().filter(|e| {
-                                e.service_port == sp.port
-                                    && vip.is_none_or(|ip| e.address.is_ipv4() == ip.is_ipv4())
-                            });
-                            usable(of_port, node, svc.internal_traffic_local)
-                                .into_iter()
-                                .map(|e| {
-                                    let address = e.address.to_canonical();
-                                    Backend {
-                                        address: SocketAddr::new(address, e.port),
-                                        pod: ws.by_ip(address).map(|w| w.key()),
-                                    }
-                                })
-                                .collect()
-                        }
-                        None => selected(ws, svc, sp.target_port),
-                    };
-                    if let Some(ip) = vip {
-                        // Two services claiming one VIP (only the API server could allow it):
-                        // the first, in namespace/name order, keeps it.
-                        let at = SocketAddr::new(ip, sp.port);
-                        table.vips.entry(at).or_insert(table.routes.len());
-                    }
-                    table.routes.push(ServiceRoute {
-                        service: format!("{}.{}", svc.name, svc.namespace),
-                        vip,
-                        port: sp.port,
-                        backends,
-                        node_local: svc.internal_traffic_local,
-                    });
+            let Ok(i) = u32::try_from(table.services.len()) else { break };
+            for (j, route) in (0u32..).zip(routes.iter()) {
+                if let Some(ip) = route.vip {
+                    // Two services claiming one VIP (only the API server could allow it):
+                    // the first, in namespace/name order, keeps it.
+                    table.vips.entry(SocketAddr::new(ip, route.port)).or_insert((i, j));
                 }
             }
+            table.services.push((svc.clone(), routes));
         }
         table
     }
 
     /// The route of a VIP and port, if a service has them.
     pub fn get(&self, dst: SocketAddr) -> Option<&ServiceRoute> {
-        let i = self.vips.get(&SocketAddr::new(dst.ip().to_canonical(), dst.port()))?;
-        self.routes.get(*i)
+        let (i, j) = self.vips.get(&SocketAddr::new(dst.ip().to_canonical(), dst.port()))?;
+        let (_, routes) = self.services.get(usize::try_from(*i).ok()?)?;
+        routes.get(usize::try_from(*j).ok()?)
     }
 
     /// Every service port, in the order of the services.
-    pub fn routes(&self) -> &[ServiceRoute] {
-        &self.routes
+    pub fn routes(&self) -> impl Iterator<Item = &ServiceRoute> + '_ {
+        self.services.iter().flat_map(|(_, routes)| routes.iter())
     }
 }
 
+/// The routes of one service from `node`: one per VIP (a dual-stack service has one per
+/// family), or one without, for each of its ports.
+fn routes_of(ws: &WorkloadSet, svc: &Service, node: &str) -> Vec<ServiceRoute> {
+    let vips: Vec<Option<IpAddr>> = match svc.vip {
+        None => vec![None],
+        Some(vip) => std::iter::once(vip)
+            .chain(svc.other_vips.iter().copied())
+            .map(|ip| Some(ip.to_canonical()))
+            .collect(),
+    };
+    let service = format!("{}.{}", svc.name, svc.namespace);
+    let mut routes = Vec::with_capacity(vips.len() * svc.ports.len());
+    for vip in vips {
+        for sp in &svc.ports {
+            let backends = match &svc.endpoints {
+                Some(endpoints) => {
+                    let of_port = endpoints.iter().filter(|e| {
+                        e.service_port == sp.port
+                            && vip.is_none_or(|ip| e.address.is_ipv4() == ip.is_ipv4())
+                    });
+                    usable(of_port, node, svc.internal_traffic_local)
+                        .into_iter()
+                        .map(|e| SocketAddr::new(e.address.to_canonical(), e.port))
+                        .collect()
+                }
+                None => selected(ws, svc, sp.target_port),
+            };
+            routes.push(ServiceRoute {
+                service: service.clone(),
+                vip,
+                port: sp.port,
+                backends,
+                node_local: svc.internal_traffic_local,
+            });
+        }
+    }
+    routes
+}
+
 /// workloads.yaml: the selected pods at the target port.
-fn selected(ws: &WorkloadSet, svc: &Service, target_port: u16) -> Vec<Backend> {
+fn selected(ws: &WorkloadSet, svc: &Service, target_port: u16) -> Vec<SocketAddr> {
     let picked = ws.workloads.iter().filter(|w| svc.selects(w));
-    picked
-        .map(|w| Backend { address: SocketAddr::new(w.ip, target_port), pod: Some(w.key()) })
-        .collect()
+    picked.map(|w| SocketAddr::new(w.ip, target_port)).collect()
 }
 
 /// kube-proxy's usable endpoints of one service port: ready ones, else serving and terminating
@@ -309,11 +331,15 @@ services:
     fn selector_services_of_workloads_yaml_keep_their_pods() {
         let t = ServiceTable::build(&set(), "n1");
         let r = t.get("10.96.0.10:80".parse().unwrap()).unwrap();
-        let b: Vec<(String, Option<&str>)> =
-            r.backends.iter().map(|b| (b.address.to_string(), b.pod.as_deref())).collect();
+        let ws = set();
+        let b: Vec<(String, Option<String>)> =
+            r.backends.iter().map(|b| (b.to_string(), ws.by_ip(b.ip()).map(|w| w.key()))).collect();
         assert_eq!(
             b,
-            [("10.0.0.2:8080".into(), Some("a.ns")), ("10.0.0.3:8080".into(), Some("b.ns"))]
+            [
+                ("10.0.0.2:8080".into(), Some("a.ns".into())),
+                ("10.0.0.3:8080".into(), Some("b.ns".into()))
+            ]
         );
         // A selector-less service of workloads.yaml has no endpoints (refused, as before).
         assert!(t.get("10.96.0.1:443".parse().unwrap()).unwrap().backends.is_empty());
@@ -327,7 +353,7 @@ services:
     #[test]
     fn slice_endpoints_name_mesh_pods_and_leave_the_rest_outside() {
         let mut ws = set();
-        let api = &mut ws.services[1];
+        let api = Arc::make_mut(&mut ws.services[1]);
         api.endpoints = Some(vec![
             SliceEndpoint { service_port: 443, ..ep("192.0.2.10", "", true, true, false) },
             SliceEndpoint { service_port: 443, ..ep("10.0.0.3", "n2", true, true, false) },
@@ -338,11 +364,14 @@ services:
         let t = ServiceTable::build(&ws, "n1");
         let r = t.get("10.96.0.1:443".parse().unwrap()).unwrap();
         assert_eq!(r.service, "api.default");
-        let b: Vec<(String, Option<&str>)> =
-            r.backends.iter().map(|b| (b.address.to_string(), b.pod.as_deref())).collect();
-        assert_eq!(b, [("192.0.2.10:6443".into(), None), ("10.0.0.3:6443".into(), Some("b.ns"))]);
+        let b: Vec<(String, Option<String>)> =
+            r.backends.iter().map(|b| (b.to_string(), ws.by_ip(b.ip()).map(|w| w.key()))).collect();
+        assert_eq!(
+            b,
+            [("192.0.2.10:6443".into(), None), ("10.0.0.3:6443".into(), Some("b.ns".into()))]
+        );
         // Slices replace the selector: the web service with an empty slice list has none.
-        ws.services[0].endpoints = Some(vec![]);
+        Arc::make_mut(&mut ws.services[0]).endpoints = Some(vec![]);
         let t = ServiceTable::build(&ws, "n1");
         assert!(t.get("10.96.0.10:80".parse().unwrap()).unwrap().backends.is_empty());
     }
@@ -350,7 +379,7 @@ services:
     #[test]
     fn a_dual_stack_service_routes_each_family_to_its_own_endpoints() {
         let mut ws = set();
-        let api = &mut ws.services[1];
+        let api = Arc::make_mut(&mut ws.services[1]);
         api.other_vips = vec!["fd00:96::1".parse().unwrap()];
         api.endpoints = Some(vec![
             SliceEndpoint { service_port: 443, ..ep("192.0.2.10", "", true, true, false) },
@@ -359,10 +388,55 @@ services:
         let t = ServiceTable::build(&ws, "n1");
         let of = |vip: &str| -> Vec<String> {
             let r = t.get(vip.parse().unwrap()).unwrap();
-            r.backends.iter().map(|b| b.address.to_string()).collect()
+            r.backends.iter().map(|b| b.to_string()).collect()
         };
         assert_eq!(of("10.96.0.1:443"), ["192.0.2.10:6443"]);
         assert_eq!(of("[fd00:96::1]:443"), ["[fd00::10]:6443"]);
+    }
+
+    #[test]
+    fn a_shared_service_keeps_its_routes_and_a_changed_one_is_routed_anew() {
+        let slice = |addr: &str| {
+            Some(vec![SliceEndpoint { service_port: 443, ..ep(addr, "", true, true, false) }])
+        };
+        let mut ws = set();
+        Arc::make_mut(&mut ws.services[1]).endpoints = slice("192.0.2.10");
+        let t1 = ServiceTable::build(&ws, "n1");
+        let routes = |t: &ServiceTable, i: usize| t.services[i].1.clone();
+        let of = |t: &ServiceTable| -> Vec<String> {
+            let r = t.get("10.96.0.1:443".parse().unwrap()).unwrap();
+            r.backends.iter().map(|b| b.to_string()).collect()
+        };
+
+        // The next set shares both services: the slice service's routes are the same value.
+        let same = ws.clone();
+        let t2 = ServiceTable::build_from(&same, "n1", Some(&t1));
+        assert!(Arc::ptr_eq(&routes(&t1, 1), &routes(&t2, 1)));
+        assert_eq!(t2, ServiceTable::build(&same, "n1"));
+
+        // A changed service (a new value, as the feed makes one) is routed from its new slices.
+        let mut changed = ws.clone();
+        Arc::make_mut(&mut changed.services[1]).endpoints = slice("192.0.2.11");
+        let t3 = ServiceTable::build_from(&changed, "n1", Some(&t2));
+        assert!(!Arc::ptr_eq(&routes(&t2, 1), &routes(&t3, 1)));
+        assert_eq!(of(&t3), ["192.0.2.11:6443"]);
+        assert_eq!(t3, ServiceTable::build(&changed, "n1"));
+
+        // A selector's routes follow the pods even when the service itself is shared.
+        let mut moved = changed.clone();
+        let mut a = (*moved.workloads[0]).clone();
+        a.ip = "10.0.0.9".parse().unwrap();
+        moved = WorkloadSet::from_shared(
+            vec![Arc::new(a), moved.workloads[1].clone()],
+            moved.services.clone(),
+        );
+        let t4 = ServiceTable::build_from(&moved, "n1", Some(&t3));
+        let web = t4.get("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(web.backends[0].to_string(), "10.0.0.9:8080");
+
+        // Another node's table is not reused: internalTrafficPolicy: Local differs by node.
+        let t5 = ServiceTable::build_from(&moved, "n2", Some(&t4));
+        assert!(!Arc::ptr_eq(&routes(&t4, 1), &routes(&t5, 1)));
     }
 
     #[test]

@@ -47,6 +47,7 @@ use crate::yamlde::{
 use crate::yamlpos::{self, YamlIndex};
 
 mod index;
+pub use index::IpClaims;
 pub mod shared;
 
 pub use shared::{Labels, Str};
@@ -135,12 +136,15 @@ pub struct WorkloadSet {
     /// Shared, so that a snapshot of a large cluster copies pointers, not every pod.
     #[serde(serialize_with = "shared_seq")]
     pub workloads: Vec<Arc<Workload>>,
-    pub services: Vec<Service>,
+    /// Shared too: a service (with its endpoints) unchanged between two snapshots is one
+    /// value, which the routing table recognises and reuses.
+    #[serde(serialize_with = "shared_seq")]
+    pub services: Vec<Arc<Service>>,
     #[serde(skip)]
     index: index::Index,
 }
 
-fn shared_seq<S: serde::Serializer>(v: &[Arc<Workload>], s: S) -> Result<S::Ok, S::Error> {
+fn shared_seq<S: serde::Serializer, T: Serialize>(v: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(|w| &**w))
 }
 
@@ -242,12 +246,26 @@ impl Service {
 impl WorkloadSet {
     /// The set of these pods and services, with its lookups indexed (once, here).
     pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> WorkloadSet {
-        Self::from_shared(workloads.into_iter().map(Arc::new).collect(), services)
+        Self::from_shared(
+            workloads.into_iter().map(Arc::new).collect(),
+            services.into_iter().map(Arc::new).collect(),
+        )
     }
 
     /// As [`WorkloadSet::new`], from workloads another set (or the feed's builder) holds too.
-    pub fn from_shared(workloads: Vec<Arc<Workload>>, services: Vec<Service>) -> WorkloadSet {
+    pub fn from_shared(workloads: Vec<Arc<Workload>>, services: Vec<Arc<Service>>) -> WorkloadSet {
         let index = index::Index::build(&workloads, &services);
+        WorkloadSet { workloads, services, index }
+    }
+
+    /// As [`WorkloadSet::from_shared`], with the map of addresses to the first pod that has
+    /// each already made (by the one who decided which pod keeps an address).
+    pub fn from_claims(
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Arc<Service>>,
+        claims: IpClaims,
+    ) -> WorkloadSet {
+        let index = index::Index::with_claims(&workloads, &services, claims);
         WorkloadSet { workloads, services, index }
     }
 
@@ -810,7 +828,7 @@ services:
             }
         );
         assert_eq!(
-            set.services[0],
+            *set.services[0],
             Service {
                 name: "frontend".into(),
                 namespace: "hipster-app".into(),
@@ -828,7 +846,7 @@ services:
         assert_eq!(json["serviceAccount"], "frontend");
         assert_eq!(json["probePorts"][0], 8080);
         assert_eq!(json["ip"], "10.244.1.2");
-        let json = serde_json::to_value(&set.services[0]).unwrap();
+        let json = serde_json::to_value(&*set.services[0]).unwrap();
         assert_eq!(json["ports"][0]["targetPort"], 8080);
         assert!(serde_json::to_value(&*set.workloads[1]).unwrap()["netns"].is_null());
     }
@@ -896,7 +914,8 @@ services:
         let table = crate::services::ServiceTable::build(set, "node1");
         let route = table.get(std::net::SocketAddr::new(vip.parse().ok()?, port))?;
         let b = route.backends.iter();
-        Some(b.map(|b| (b.address.to_string(), b.pod.clone().unwrap_or_default())).collect())
+        let pod = |b: &std::net::SocketAddr| set.by_ip(b.ip()).map(|w| w.key()).unwrap_or_default();
+        Some(b.map(|b| (b.to_string(), pod(b))).collect())
     }
 
     #[test]

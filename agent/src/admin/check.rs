@@ -317,18 +317,18 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         let mut deciders: Vec<String> = Vec::new();
         let mut endpoints = Vec::new();
         for b in &route.backends {
-            let mesh = b.pod.as_deref().and_then(|p| ws.workloads.iter().find(|w| w.key() == p));
+            let mesh = ws.by_ip(b.ip());
             let Some(e) = mesh else {
                 // Outside the mesh: relayed in plaintext.
                 let m = "PLAINTEXT (outside the mesh)".to_owned();
                 if !modes.contains(&m) {
                     modes.push(m);
                 }
-                endpoints.push(OutboundEndpoint { address: b.address.to_string(), pod: None });
+                endpoints.push(OutboundEndpoint { address: b.to_string(), pod: None });
                 continue;
             };
-            endpoints.push(OutboundEndpoint { address: b.address.to_string(), pod: b.pod.clone() });
-            let d = ps.decide(&ws, e, b.address.port());
+            endpoints.push(OutboundEndpoint { address: b.to_string(), pod: Some(e.key()) });
+            let d = ps.decide(&ws, e, b.port());
             let m = d.mode.to_string();
             if !modes.contains(&m) {
                 modes.push(m);

@@ -125,11 +125,32 @@ struct ConfigDump {
     membership: Vec<crate::kubernetes::membership::PodMembership>,
     /// Every service port and the endpoints a connection from this node goes to, mesh
     /// workloads (`pod`) or not.
-    service_endpoints: Vec<crate::services::ServiceRoute>,
+    service_endpoints: Vec<RouteView>,
     /// Kubernetes mode: each policy kind, whether it is served and whether it answers.
     policy_sources: Vec<crate::kubernetes::sources::SourceView>,
     /// Why nothing on this node is captured, on a node the agent refuses.
     capture_refused: Option<String>,
+}
+
+/// A service port's route, with the mesh pod (`name.namespace`) at each endpoint, if any.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RouteView {
+    service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vip: Option<std::net::IpAddr>,
+    port: u16,
+    backends: Vec<BackendView>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    node_local: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BackendView {
+    address: std::net::SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
 }
 
 /// The effective mode of one pod of this node: its default and every port with its own rule.
@@ -179,7 +200,26 @@ fn config_dump(state: &AdminState) -> ConfigDump {
         certificates: certs(state),
         not_enrolled: state.enrollment.list(),
         membership: state.membership.list(),
-        service_endpoints: state.mesh.services.table(&ws).routes().to_vec(),
+        service_endpoints: state
+            .mesh
+            .services
+            .table(&ws)
+            .routes()
+            .map(|r| RouteView {
+                service: r.service.clone(),
+                vip: r.vip,
+                port: r.port,
+                node_local: r.node_local,
+                backends: r
+                    .backends
+                    .iter()
+                    .map(|&address| BackendView {
+                        address,
+                        pod: ws.by_ip(address.ip()).map(|w| w.key()),
+                    })
+                    .collect(),
+            })
+            .collect(),
         policy_sources: state.policy_sources.list(),
         capture_refused: state.refusal.as_ref().map(|r| r.describe(&state.node)),
     }

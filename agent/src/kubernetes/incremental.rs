@@ -16,7 +16,7 @@ use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service as KubeService},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::{core::DynamicObject, ResourceExt};
+use kube::core::DynamicObject;
 
 use super::{
     binding::BoundPod,
@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     policy::PolicySet,
-    workloads::{Service, Str, Workload, WorkloadSet},
+    workloads::{IpClaims, Service, Str, Workload, WorkloadSet},
 };
 
 /// Where a pod's facts come from: the whole object (this node's pods, or every pod without a
@@ -87,7 +87,7 @@ struct PodParts {
 
 /// What one service contributes: the service with its endpoints and their errors, or why it
 /// was left out.
-type ServiceResult = Result<(Service, Vec<String>), String>;
+type ServiceResult = Result<(Arc<Service>, Vec<String>), String>;
 
 struct ServiceParts {
     svc: Arc<KubeService>,
@@ -331,18 +331,19 @@ impl Builder {
 
     fn update_services(&mut self, state: &State) {
         let round = self.round;
-        let mut slices: HashMap<(String, String), Vec<Arc<Slice>>> = HashMap::new();
+        // Borrowed, not copied: this runs for every service of the cluster per snapshot.
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<Slice>>> = HashMap::new();
         for s in state.slices.values() {
             if let Some(svc) = &s.service {
-                let key = (s.namespace.clone().unwrap_or_default(), svc.clone());
-                slices.entry(key).or_default().push(s.clone());
+                let key = (s.namespace.as_deref().unwrap_or_default(), svc.as_str());
+                slices.entry(key).or_default().push(s);
             }
         }
         for (key, svc) in state.services.iter() {
-            let ns = svc.namespace().unwrap_or_default();
-            let svc_slices = slices.remove(&(ns.clone(), svc.name_any())).unwrap_or_default();
-            let pods_gen =
-                reads_pods(svc).then(|| self.pods_changed.get(&ns).copied().unwrap_or(0));
+            let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            let svc_slices = slices.remove(&(ns, name)).unwrap_or_default();
+            let pods_gen = reads_pods(svc).then(|| self.pods_changed.get(ns).copied().unwrap_or(0));
             if let Some(parts) = self.services.get_mut(key) {
                 parts.seen = round;
                 let same_slices = parts.slices.len() == svc_slices.len()
@@ -351,7 +352,8 @@ impl Builder {
                     continue;
                 }
             }
-            let result = derive_service(svc, &svc_slices, &ns, &self.pods);
+            let svc_slices: Vec<Arc<Slice>> = svc_slices.into_iter().cloned().collect();
+            let result = derive_service(svc, &svc_slices, ns, &self.pods);
             let parts = ServiceParts {
                 svc: svc.clone(),
                 slices: svc_slices,
@@ -360,10 +362,14 @@ impl Builder {
                 result,
             };
             match self.services.get_mut(key) {
+                // The same result: the old value is kept (the routing table reuses what it
+                // made of it, by pointer).
+                Some(old) if old.result == parts.result => {
+                    let ServiceParts { svc, slices, pods_gen, .. } = parts;
+                    (old.svc, old.slices, old.pods_gen) = (svc, slices, pods_gen);
+                }
                 Some(old) => {
-                    if old.result != parts.result {
-                        self.dirty = true;
-                    }
+                    self.dirty = true;
                     *old = parts;
                 }
                 None => {
@@ -438,9 +444,10 @@ impl Builder {
 
     fn assemble(&self) -> Snapshot {
         let mut rejected = Vec::new();
-        let mut workloads: Vec<Arc<Workload>> = Vec::new();
+        let mut workloads: Vec<Arc<Workload>> = Vec::with_capacity(self.pods.len());
         let mut decisions = Vec::new();
-        let mut ips: HashMap<std::net::IpAddr, &Workload> = HashMap::new();
+        // Which pod keeps each address; it is also the set's index by address, not made twice.
+        let mut claims = IpClaims::with_capacity_and_hasher(self.pods.len(), Default::default());
         let mut bound = Vec::new();
         for p in self.serving_first() {
             let d = &p.derived;
@@ -451,17 +458,20 @@ impl Builder {
                 Ok(Some(w)) => {
                     // Two running pods with one IP: the one not terminating keeps it, else the
                     // first by name.
-                    if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
+                    let first = w.ips.iter().find_map(|a| {
+                        let at = claims.get(&a.to_canonical())?;
+                        Some((a, workloads.get(usize::try_from(*at).ok()?)?))
+                    });
+                    if let Some((ip, first)) = first {
                         rejected.push(format!(
                             "Pod {}/{}: IP {ip} is already pod {}/{}'s",
                             w.namespace, w.name, first.namespace, first.name
                         ));
                         continue;
                     }
-                    // The pod itself, not its name formatted: this runs for every pod of the
-                    // cluster per snapshot.
+                    let Ok(at) = u32::try_from(workloads.len()) else { continue };
                     for a in &w.ips {
-                        ips.insert(*a, &**w);
+                        claims.insert(a.to_canonical(), at);
                     }
                     workloads.push(w.clone());
                 }
@@ -484,7 +494,7 @@ impl Builder {
             self.policies.clone().unwrap_or_else(|| (PolicySet::empty(), vec![]));
         rejected.extend(errors);
         Snapshot {
-            workloads: Arc::new(WorkloadSet::from_shared(workloads, services)),
+            workloads: Arc::new(WorkloadSet::from_claims(workloads, services, claims)),
             policies,
             rejected,
             membership: decisions,
@@ -552,7 +562,7 @@ fn derive_service(
         Ok(mut s) => {
             let (endpoints, errors) = super::endpoints::of_service(&s, &slices);
             s.endpoints = Some(endpoints);
-            Ok((s, errors.iter().map(ToString::to_string).collect()))
+            Ok((Arc::new(s), errors.iter().map(ToString::to_string).collect()))
         }
         Err(e) => Err(e.to_string()),
     }
@@ -566,7 +576,7 @@ mod tests {
         watch::{build, Map, Objects, SERVICE_NAME_LABEL},
     };
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use kube::core::ApiResource;
+    use kube::{core::ApiResource, ResourceExt};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn keep<K>(m: &mut Map<K>, mut f: impl FnMut(&K) -> bool) {

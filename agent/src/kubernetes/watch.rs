@@ -464,6 +464,8 @@ async fn build_loop(
     let mut reported = HashSet::new();
     let node = members.node.clone();
     let mut builder = Builder::new(&root_namespace, members);
+    // The last table: the next reuses its routes of every service that did not change.
+    let mut table: Option<Arc<crate::services::ServiceTable>> = None;
     loop {
         notify.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
@@ -490,8 +492,14 @@ async fn build_loop(
         // Only parts that changed are converted again; nothing changed, nothing to send.
         let Some(mut snapshot) = builder.build(&state) else { continue };
         if let Some(node) = &node {
-            let table = crate::services::ServiceTable::build(&snapshot.workloads, node);
-            snapshot.routes = Some(Arc::new(table));
+            let t = crate::services::ServiceTable::build_from(
+                &snapshot.workloads,
+                node,
+                table.as_deref(),
+            );
+            let t = Arc::new(t);
+            table = Some(t.clone());
+            snapshot.routes = Some(t);
         }
         // Each rejection is logged once while it lasts, not on every rebuild.
         let now: HashSet<String> = snapshot.rejected.iter().cloned().collect();
@@ -560,7 +568,9 @@ pub(super) fn build(
             Ok(Some(w)) => {
                 // Two running pods with one IP: the one not terminating keeps it, else the
                 // first by name.
-                if let Some((ip, first)) = w.ips.iter().find_map(|a| Some((a, ips.get(a)?))) {
+                if let Some((ip, first)) =
+                    w.ips.iter().find_map(|a| Some((a, ips.get(&a.to_canonical())?)))
+                {
                     rejected.push(format!(
                         "Pod {}/{}: IP {ip} is already pod {first}'s",
                         w.namespace, w.name
@@ -568,7 +578,7 @@ pub(super) fn build(
                     continue;
                 }
                 for a in &w.ips {
-                    ips.insert(*a, format!("{}/{}", w.namespace, w.name));
+                    ips.insert(a.to_canonical(), format!("{}/{}", w.namespace, w.name));
                 }
                 workloads.push(w);
             }
@@ -602,7 +612,7 @@ pub(super) fn build(
                 let (endpoints, errors) = super::endpoints::of_service(&s, svc_slices);
                 s.endpoints = Some(endpoints);
                 rejected.extend(errors.iter().map(ToString::to_string));
-                services.push(s);
+                services.push(Arc::new(s));
             }
             Err(e) => rejected.push(e.to_string()),
         }
@@ -629,7 +639,10 @@ pub(super) fn build(
     );
     rejected.extend(errors.iter().map(ToString::to_string));
     Snapshot {
-        workloads: Arc::new(WorkloadSet::new(workloads, services)),
+        workloads: Arc::new(WorkloadSet::from_shared(
+            workloads.into_iter().map(Arc::new).collect(),
+            services,
+        )),
         policies,
         rejected,
         membership: decisions,

@@ -103,8 +103,8 @@ pub fn route(
                 RouteError::NoEndpoints { service, vip: orig }
             });
         }
-        let pick = &vip.backends[rr.fetch_add(1, Ordering::Relaxed) % vip.backends.len()];
-        return Ok(Route { dst: pick.address, dst_pod: pick.pod.clone() });
+        let pick = vip.backends[rr.fetch_add(1, Ordering::Relaxed) % vip.backends.len()];
+        return Ok(Route { dst: pick, dst_pod: ws.by_ip(pick.ip()).map(|w| w.key()) });
     }
     Ok(Route { dst: orig, dst_pod: ws.by_ip(orig.ip()).map(|w| w.key()) })
 }
@@ -541,15 +541,16 @@ services:
     #[test]
     fn slice_endpoints_outside_the_mesh_are_routed_without_a_pod() {
         let mut ws = set();
-        ws.services[1].endpoints = Some(vec![crate::workloads::SliceEndpoint {
-            service_port: 80,
-            address: "192.0.2.7".parse().unwrap(),
-            port: 6443,
-            node_name: None,
-            ready: true,
-            serving: true,
-            terminating: false,
-        }]);
+        std::sync::Arc::make_mut(&mut ws.services[1]).endpoints =
+            Some(vec![crate::workloads::SliceEndpoint {
+                service_port: 80,
+                address: "192.0.2.7".parse().unwrap(),
+                port: 6443,
+                node_name: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+            }]);
         let t = table(&ws);
         let r = route(&ws, &t, "10.96.0.11:80".parse().unwrap(), &AtomicUsize::new(0)).unwrap();
         assert_eq!(r, Route { dst: "192.0.2.7:6443".parse().unwrap(), dst_pod: None });

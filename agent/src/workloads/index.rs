@@ -15,6 +15,9 @@ use std::sync::{Arc, OnceLock};
 
 use super::{Service, Workload};
 
+/// Each address (canonical form) to the position of the first pod that has it.
+pub type IpClaims = HashMap<IpAddr, u32>;
+
 /// Derived from the set's vectors; not part of its value (equality, serialisation).
 #[derive(Clone, Default)]
 pub(super) struct Index {
@@ -39,7 +42,7 @@ fn at<T>(items: &[T], i: u32) -> Option<&T> {
 }
 
 impl Index {
-    pub(super) fn build(workloads: &[Arc<Workload>], services: &[Service]) -> Index {
+    pub(super) fn build(workloads: &[Arc<Workload>], services: &[Arc<Service>]) -> Index {
         let mut by_ip = HashMap::with_capacity_and_hasher(workloads.len(), Default::default());
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
@@ -47,6 +50,17 @@ impl Index {
                 by_ip.entry(ip.to_canonical()).or_insert(i);
             }
         }
+        Self::with_claims(workloads, services, by_ip)
+    }
+
+    /// As [`Index::build`], with the addresses already mapped to the first pod that has each
+    /// (canonical form): the feed's builder makes that map anyway, deciding which pod keeps
+    /// an address.
+    pub(super) fn with_claims(
+        workloads: &[Arc<Workload>],
+        services: &[Arc<Service>],
+        by_ip: IpClaims,
+    ) -> Index {
         let mut by_node: HashMap<String, Vec<u32>> = HashMap::default();
         for (i, w) in workloads.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
@@ -113,14 +127,14 @@ impl Index {
     /// The services of `namespace`, in the set's order.
     pub(super) fn services_in<'a>(
         &'a self,
-        services: &'a [Service],
+        services: &'a [Arc<Service>],
         namespace: &'a str,
     ) -> impl Iterator<Item = &'a Service> + 'a {
         let ns_of = move |i: &u32| at(services, *i).map(|s| s.namespace.as_str());
         let start = self.services_by_namespace.partition_point(|i| ns_of(i) < Some(namespace));
         self.services_by_namespace[start..]
             .iter()
-            .map_while(move |i| at(services, *i).filter(|s| s.namespace == namespace))
+            .map_while(move |i| at(services, *i).map(|s| &**s).filter(|s| s.namespace == namespace))
     }
 }
 
@@ -199,7 +213,8 @@ mod tests {
             assert_eq!(set.on_node(&node).collect::<Vec<_>>(), scan, "{node}");
         }
         for w in set.workloads.iter().take(400) {
-            let scan: Vec<&Service> = set.services.iter().filter(|s| s.selects(w)).collect();
+            let scan: Vec<&Service> =
+                set.services.iter().map(|s| &**s).filter(|s| s.selects(w)).collect();
             assert_eq!(set.services_for(w).collect::<Vec<_>>(), scan, "{}", w.key());
         }
         assert_eq!(set.by_ip("192.0.2.1".parse().unwrap()), None);

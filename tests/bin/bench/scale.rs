@@ -93,9 +93,12 @@ pub fn run(exe: &Path, sizes: &[usize], max_rss_mib: u64, out: Option<PathBuf>) 
             LOCAL_PODS + PODS_PER_SERVICE
         );
     }
-    let agent = exe.with_file_name("mtls-agent");
-    ensure!(agent.is_file(), "{} is missing: run `cargo xtask bench`", agent.display());
-    std::env::set_var("MTLS_AGENT_BIN", &agent);
+    // An agent given by the caller (a profiler's wrapper script) is kept.
+    if std::env::var_os("MTLS_AGENT_BIN").is_none() {
+        let agent = exe.with_file_name("mtls-agent");
+        ensure!(agent.is_file(), "{} is missing: run `cargo xtask bench`", agent.display());
+        std::env::set_var("MTLS_AGENT_BIN", &agent);
+    }
     // What a killed earlier run left (only beds whose process is gone).
     let _ = testbed::cleanup_stale();
     let mut rows = Vec::new();
