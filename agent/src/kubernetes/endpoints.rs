@@ -72,6 +72,8 @@ pub fn of_service(svc: &Service, slices: &[&Slice]) -> (Vec<SliceEndpoint>, Vec<
             }
         }
     }
+    // Kept for as long as the service is: without the doubling's spare room.
+    endpoints.shrink_to_fit();
     (endpoints, errors)
 }
 

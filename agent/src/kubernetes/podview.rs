@@ -279,7 +279,16 @@ struct RemoteSpec {
 struct RemoteStatus {
     phase: Option<Str>,
     pod_ip: Option<Str>,
-    pod_ips: Option<Box<[Str]>>,
+    pod_ips: PodIps,
+}
+
+/// `status.podIPs` as kept. Nearly every pod's is exactly `[podIP]`: that is kept as a mark,
+/// not as a list of its own (an allocation per pod of the cluster).
+#[derive(Debug, Clone, PartialEq)]
+enum PodIps {
+    Absent,
+    JustPodIp,
+    List(Box<[Str]>),
 }
 
 impl RemotePod {
@@ -310,9 +319,15 @@ impl RemotePod {
             let pod_ip = s.pod_ip.map(Str::from);
             // `podIPs[0]` is `podIP`: one string.
             let same = |ip: &str| pod_ip.as_ref().filter(|p| p.as_str() == ip).cloned();
-            let pod_ips = s.pod_ips.map(|ips| {
-                ips.into_iter().map(|a| same(&a.ip).unwrap_or_else(|| Str::from(a.ip))).collect()
-            });
+            let pod_ips = match s.pod_ips {
+                None => PodIps::Absent,
+                Some(ips) if ips.len() == 1 && same(&ips[0].ip).is_some() => PodIps::JustPodIp,
+                Some(ips) => PodIps::List(
+                    ips.into_iter()
+                        .map(|a| same(&a.ip).unwrap_or_else(|| Str::from(a.ip)))
+                        .collect(),
+                ),
+            };
             RemoteStatus { phase: s.phase.map(|p| interner.str(&p)), pod_ip, pod_ips }
         });
         RemotePod {
@@ -371,10 +386,15 @@ impl RemotePod {
             status: self.status.as_ref().map(|s| PodStatus {
                 phase: owned(&s.phase),
                 pod_ip: owned(&s.pod_ip),
-                pod_ips: s
-                    .pod_ips
-                    .as_ref()
-                    .map(|ips| ips.iter().map(|a| PodIP { ip: a.to_string() }).collect()),
+                pod_ips: match &s.pod_ips {
+                    PodIps::Absent => None,
+                    PodIps::JustPodIp => {
+                        Some(s.pod_ip.iter().map(|a| PodIP { ip: a.to_string() }).collect())
+                    }
+                    PodIps::List(ips) => {
+                        Some(ips.iter().map(|a| PodIP { ip: a.to_string() }).collect())
+                    }
+                },
                 ..Default::default()
             }),
         }
@@ -508,6 +528,29 @@ mod tests {
             super::super::membership::decide(back, None, &s),
             super::super::membership::decide(pod, None, &s)
         );
+    }
+
+    #[test]
+    fn a_remote_pod_gives_back_its_addresses_as_they_were() {
+        let cases = [
+            serde_json::json!({"podIP": "10.1.0.7", "podIPs": [{"ip": "10.1.0.7"}]}),
+            serde_json::json!({"podIP": "10.1.0.7"}),
+            serde_json::json!({"podIP": "10.1.0.7", "podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}]}),
+            // Not what the API server writes, and kept as written.
+            serde_json::json!({"podIP": "10.1.0.7", "podIPs": [{"ip": "10.1.0.8"}]}),
+            serde_json::json!({"podIPs": [{"ip": "10.1.0.7"}]}),
+            serde_json::json!({"podIP": "10.1.0.7", "podIPs": []}),
+            serde_json::json!({}),
+        ];
+        for status in cases {
+            let mut json = full();
+            json["status"] = status.clone();
+            let pod: Pod = serde_json::from_value(json.clone()).unwrap();
+            let remote =
+                RemotePod::keep(serde_json::from_value(json).unwrap(), &mut PodInterner::default());
+            let want = PodView::of_pod(&pod).to_pod().status;
+            assert_eq!(remote.to_pod().status, want, "{status}");
+        }
     }
 
     #[test]

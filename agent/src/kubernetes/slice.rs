@@ -34,20 +34,20 @@ impl Slice {
     /// What the feed keeps of `slice`, node names shared through `interner`.
     pub fn keep(slice: EndpointSlice, interner: &mut Interner) -> Slice {
         let service = slice.labels().get(SERVICE_NAME_LABEL).cloned();
-        let endpoints = slice
-            .endpoints
-            .into_iter()
-            .map(|e| {
-                let c = e.conditions.unwrap_or_default();
-                Entry {
-                    address: e.addresses.into_iter().next().map(Str::from),
-                    node_name: e.node_name.map(|n| interner.str(&n)),
-                    ready: c.ready,
-                    serving: c.serving,
-                    terminating: c.terminating,
-                }
-            })
-            .collect();
+        // Into a new vector, not `collect`: collecting an owning iterator reuses the source's
+        // allocation, and that is sized for the API's endpoints (about 370 bytes each, ten
+        // times what is kept): 56 MB of 10,000 slices at 150,000 pods, by heaptrack.
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+        endpoints.extend(slice.endpoints.into_iter().map(|e| {
+            let c = e.conditions.unwrap_or_default();
+            Entry {
+                address: e.addresses.into_iter().next().map(Str::from),
+                node_name: e.node_name.map(|n| interner.str(&n)),
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
+            }
+        }));
         let ports = slice.ports.map(|ports| {
             ports.into_iter().map(|p| EndpointPort { app_protocol: None, ..p }).collect()
         });
@@ -92,6 +92,8 @@ mod tests {
         assert_eq!((kept.name.as_str(), kept.namespace.as_deref()), ("web-x", Some("ns")));
         assert_eq!(kept.service.as_deref(), Some("web"));
         let e = &kept.endpoints;
+        // Only what is kept is allocated, not room for the API's much larger endpoints.
+        assert_eq!(e.capacity(), e.len());
         assert_eq!(e[0].address.as_deref(), Some("10.0.0.1"));
         assert_eq!((e[0].ready, e[0].serving), (Some(false), None));
         assert_eq!(e[1].address, None);

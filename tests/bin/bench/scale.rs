@@ -6,7 +6,8 @@
 //! the others spread over 4,999 other nodes), N/15 Services (10,000 at 150,000 pods) with one
 //! EndpointSlice each, over N/500 namespaces, all labelled ambient, pod objects shaped and
 //! sized like real ones (labels, owner references, two containers, status with conditions:
-//! about 6 KB of JSON each, printed per run). Reported: the agent's RSS after the initial sync (VmRSS, peak
+//! about 6 KB of JSON each, printed per run; `pod-template-hash` is the ReplicaSet's, shared
+//! by the pods of one Deployment revision, as in a cluster). Reported: the agent's RSS after the initial sync (VmRSS, peak
 //! VmHWM), the initial sync time (start to ready with every local pod enrolled), the p50/p99 of
 //! "pod event -> enforced" under a rollout-sized burst (5% of the remote pods replaced, with
 //! their EndpointSlices, within 5 s; enforced = the agent's workload set in force answers the
@@ -173,18 +174,20 @@ fn placement(n: usize, i: usize) -> Placement {
 }
 
 /// A pod object as a ReplicaSet's pod looks from the API server (without managedFields):
-/// about 6 KB of JSON (5.9 KB), within the 3-6 KB of real pods.
+/// about 6 KB of JSON (5.9 KB), within the 3-6 KB of real pods. `hash`: the
+/// `pod-template-hash` label, which is the ReplicaSet's: one value for every pod of a
+/// Deployment's revision, as the Deployment controller writes it.
 #[allow(clippy::too_many_arguments)]
 fn pod_json(
     name: &str,
     ns: &str,
     app: &str,
     uid: &str,
+    hash: &str,
     node: &str,
     ip: Ipv4Addr,
     sa: &str,
 ) -> Value {
-    let hash = &uid[uid.len() - 10..];
     let container = |cname: &str, image: &str, port: u16| {
         json!({
             "name": cname, "image": format!("registry.example.com/{ns}/{image}:1.24.{}", port % 7),
@@ -262,7 +265,10 @@ fn remote_pod(n: usize, generation: u32, i: usize) -> Value {
     let p = placement(n, i);
     let app = format!("svc-{:05}", p.deploy);
     let name = format!("{app}-{generation}x{i:06}");
-    pod_json(&name, &p.ns, &app, &uid(generation, i), &p.node, remote_ip(generation, i), &app)
+    // A replaced pod is of the Deployment's next revision (a new ReplicaSet).
+    let hash = format!("{:05x}{generation:05x}", p.deploy);
+    let (uid, ip) = (uid(generation, i), remote_ip(generation, i));
+    pod_json(&name, &p.ns, &app, &uid, &hash, &p.node, ip, &app)
 }
 
 fn service_json(n: usize, s: usize) -> Value {
@@ -469,8 +475,10 @@ fn one_size(exe: &Path, n: usize, max_rss_mib: u64, row: &mut Row) -> Result<()>
                "spec": {"mtls": {"mode": "STRICT"}}}),
     );
     let remote = n - LOCAL_PODS;
-    let local_objects =
-        local.iter().map(|(name, u, ip)| pod_json(name, LOCAL_NS, name, u, "n1", *ip, name));
+    let local_objects = local.iter().map(|(name, u, ip)| {
+        // Each local pod is a Deployment of its own.
+        pod_json(name, LOCAL_NS, name, u, &u[u.len() - 10..], "n1", *ip, name)
+    });
     server.apply_many(api::PODS, local_objects.chain((0..remote).map(|i| remote_pod(n, 0, i))));
     let services = services_of(n);
     let generations = vec![0u32; remote];
