@@ -25,6 +25,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use super::cert::{fmt_time, renewal_instant, WorkloadCert};
+use super::csr::CheckedCsr;
 use super::der;
 use super::spiffe::{validate_trust_domain, SpiffeId};
 use super::tls::{describe_tls_error, verify_chain_now, TrustBundle};
@@ -289,6 +290,40 @@ impl CaSigner {
     /// Issues a workload certificate for `id`, valid from a minute ago (clock skew) until
     /// `now + ttl`, capped at the CA's own expiry.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let (now, not_after) = self.validity(id, ttl)?;
+        self.issue_with_validity(id, now - CLOCK_SKEW, not_after, now)
+    }
+
+    /// Signs a checked request ([`super::csr::check`]): a certificate for its identity and
+    /// key, as [`CaSigner::issue`] makes one, valid for `ttl` capped at the CA's expiry.
+    /// Returns the leaf and the intermediates (the trust bundle is the caller's to add).
+    pub fn sign_csr(
+        &self,
+        csr: &CheckedCsr,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let id = &csr.id;
+        let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
+        let (now, not_after) = self.validity(id, ttl)?;
+        let key = rcgen::SubjectPublicKeyInfo::from_der(&csr.public_key)
+            .map_err(|e| issue_err(format!("reading the request's key: {e}")))?;
+        // Only the key is taken from the request; every other field is the CA's.
+        let cert = self
+            .leaf_params(id, now - CLOCK_SKEW, not_after)
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(|e| issue_err(format!("signing: {e}")))?;
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(chain)
+    }
+
+    /// When a certificate issued now for `ttl` starts being renewed from, and ends.
+    fn validity(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(SystemTime, SystemTime), IdentityError> {
         let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
         if ttl.is_zero() {
             return Err(issue_err("the lifetime must be positive".into()));
@@ -312,22 +347,17 @@ impl CaSigner {
                 fmt_time(self.ca_not_after)
             )));
         }
-        self.issue_with_validity(id, now - CLOCK_SKEW, not_after, now)
+        Ok((now, not_after))
     }
 
-    /// Issues with an explicit validity; `issued_at` anchors the renewal time. Tests use it
-    /// to make certificates that are already expired.
-    pub(crate) fn issue_with_validity(
+    /// A workload certificate's fields: empty subject, the identity only in the (critical)
+    /// SAN, `CA:false`, digital signature, server and client auth.
+    fn leaf_params(
         &self,
         id: &SpiffeId,
         not_before: SystemTime,
         not_after: SystemTime,
-        issued_at: SystemTime,
-    ) -> Result<WorkloadCert, IdentityError> {
-        let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
-        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| issue_err(format!("generating the key: {e}")))?;
-
+    ) -> CertificateParams {
         let mut params = CertificateParams::default();
         // Empty subject, identity only in the (then critical) SAN: as Istio's workload certs.
         params.distinguished_name = DistinguishedName::new();
@@ -348,8 +378,24 @@ impl CaSigner {
         );
         san.set_criticality(true);
         params.custom_extensions.push(san);
+        params
+    }
 
-        let cert = params
+    /// Issues with an explicit validity; `issued_at` anchors the renewal time. Tests use it
+    /// to make certificates that are already expired.
+    pub(crate) fn issue_with_validity(
+        &self,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        issued_at: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| issue_err(format!("generating the key: {e}")))?;
+
+        let cert = self
+            .leaf_params(id, not_before, not_after)
             .signed_by(&leaf_key, &self.issuer, &self.key)
             .map_err(|e| issue_err(format!("signing: {e}")))?;
 
@@ -560,6 +606,34 @@ mod tests {
 
     fn read(path: &Path) -> String {
         fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn a_signed_request_gets_the_cas_fields_around_its_own_key_and_identity() {
+        let (_tmp, ca) = new_ca("cluster.local");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut req = CertificateParams::default();
+        // A subject naming someone else is not copied: the identity is the SAN alone.
+        req.distinguished_name.push(DnType::CommonName, "kubernetes-admin");
+        req.subject_alt_names =
+            vec![SanType::URI("spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap())];
+        let pem = req.serialize_request(&key).unwrap().pem().unwrap();
+        let checked = super::super::csr::check(pem.as_bytes(), "cluster.local").unwrap();
+        let chain = ca.sign_csr(&checked, Duration::from_secs(3600)).unwrap();
+        verify_chain_now(&chain, ca.trust_bundle()).unwrap();
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+        assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice(), "the request's key");
+        assert!(leaf.subject().as_raw().len() <= 2, "empty subject: {}", leaf.subject());
+        let bc = leaf.basic_constraints().unwrap().map(|b| b.value.ca);
+        assert_eq!(bc, Some(false));
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert!(san.critical);
+        assert_eq!(
+            san.value.general_names,
+            [GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]
+        );
+        let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(life, 3600 + CLOCK_SKEW.as_secs() as i64);
     }
 
     #[test]

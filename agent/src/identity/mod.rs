@@ -12,6 +12,7 @@
 
 mod ca;
 mod cert;
+pub mod csr;
 mod der;
 mod spiffe;
 mod store;
