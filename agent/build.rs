@@ -1,4 +1,5 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`.
+//! Embeds the eBPF object built by `cargo xtask build-ebpf`, and compiles Istio's CA protocol
+//! (`proto/istio/v1/auth/ca.proto`) with protox, so no `protoc` is needed.
 use std::path::PathBuf;
 
 fn main() {
@@ -28,6 +29,19 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=MTLS_AGENT_EBPF_OBJ={}", obj.display());
+    compile_ca_proto();
+}
+
+fn compile_ca_proto() {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["istio/v1/auth/ca.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("proto/istio/v1/auth/ca.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the CA protocol's code: {e}"));
 }
 
 fn walk_newest(dir: &std::path::Path) -> Option<std::time::SystemTime> {

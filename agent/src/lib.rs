@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod agent;
 pub mod capture;
+pub mod certservice;
 pub mod cli;
 pub mod enrollment;
 pub mod identity;

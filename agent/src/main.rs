@@ -117,6 +117,10 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ca { command: CaCommand::Serve(args) } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(ca_serve(*args))
+        }
         Command::Policy { command: PolicyCommand::Check { dir, workloads, root_namespace } } => {
             let text = std::fs::read_to_string(&workloads)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
@@ -271,6 +275,37 @@ fn print_answer(
     match render::structured(&v, output)? {
         Some(text) => print!("{text}"),
         None => print!("{}", table(&v)),
+    }
+    Ok(())
+}
+
+/// `ca serve`: loads everything it decides with (any error stops it here, naming the file),
+/// then serves until SIGTERM or SIGINT.
+async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
+    use mtls_agent::certservice::{authority, server};
+    identity::validate_trust_domain(&args.trust_domain)?;
+    let signer = Arc::new(identity::CaSigner::load(&args.ca_dir)?);
+    let tokens = authority::NodeTokens::load(&args.node_tokens)?;
+    let placement = authority::Placement::load(&args.workloads)?;
+    let serving = Arc::new(server::ServingCert::new(signer.clone(), args.server_names.clone())?);
+    let tls = server::tls_config(serving)?;
+    let service = Arc::new(server::CertService::new(
+        signer,
+        tokens,
+        placement,
+        &args.trust_domain,
+        args.max_cert_ttl,
+    ));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, names = ?args.server_names, "certificate service listening");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        () = server::serve(listener, service, tls) => {}
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
     }
     Ok(())
 }

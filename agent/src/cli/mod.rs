@@ -166,6 +166,37 @@ pub enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// The certificate service: the only holder of the CA's key. Node agents (and Istio's
+    /// node proxies) ask it for their pods' certificates over Istio's CA protocol (gRPC
+    /// `IstioCertificateService/CreateCertificate` over TLS); it signs a pod's identity only
+    /// for the agent of that pod's node.
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaServeArgs {
+    /// The CA directory (Istio plug-in CA layout, as `ca init` writes it).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// DNS names the service's own certificate carries: the names clients dial (repeatable).
+    #[arg(long = "server-name", default_value = "mtls-ca.mtls-system.svc")]
+    pub server_names: Vec<String>,
+    /// SPIFFE trust domain of the identities it signs.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// The longest lifetime of a certificate it issues (longer requests are cut to it).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_cert_ttl: std::time::Duration,
+    /// File mode: the node agents' tokens (`nodes: [{node: NAME, token: SECRET}]`).
+    #[arg(long)]
+    pub node_tokens: PathBuf,
+    /// File mode: which pods (namespace, service account) run on which node; re-read when it
+    /// changes.
+    #[arg(long)]
+    pub workloads: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -290,7 +290,7 @@ impl CaSigner {
     /// Issues a workload certificate for `id`, valid from a minute ago (clock skew) until
     /// `now + ttl`, capped at the CA's own expiry.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
-        let (now, not_after) = self.validity(id, ttl)?;
+        let (now, not_after) = self.validity(&id.to_string(), ttl)?;
         self.issue_with_validity(id, now - CLOCK_SKEW, not_after, now)
     }
 
@@ -304,7 +304,7 @@ impl CaSigner {
     ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
         let id = &csr.id;
         let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
-        let (now, not_after) = self.validity(id, ttl)?;
+        let (now, not_after) = self.validity(&id.to_string(), ttl)?;
         let key = rcgen::SubjectPublicKeyInfo::from_der(&csr.public_key)
             .map_err(|e| issue_err(format!("reading the request's key: {e}")))?;
         // Only the key is taken from the request; every other field is the CA's.
@@ -318,12 +318,53 @@ impl CaSigner {
         Ok(chain)
     }
 
-    /// When a certificate issued now for `ttl` starts being renewed from, and ends.
+    /// The serving certificate of the certificate service itself: the DNS `names` its
+    /// clients dial (`mtls-ca.mtls-system.svc`), server auth only, `CA:false`, its key made
+    /// here. Returns it with its renewal time.
+    pub fn issue_serving(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Arc<CertifiedKey>, SystemTime), IdentityError> {
+        let what = names.join(",");
+        let issue_err = |reason: String| IdentityError::Issue { id: what.clone(), reason };
+        let (now, not_after) = self.validity(&what, ttl)?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| issue_err(format!("DNS names: {e}")))?;
+        let mut dn = DistinguishedName::new();
+        if let Some(first) = names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(random_serial());
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        params.use_authority_key_identifier_extension = self.ca_has_ski;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| issue_err(format!("generating the key: {e}")))?;
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(|e| issue_err(format!("signing: {e}")))?;
+        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(key.serialized_der()),
+        ))
+        .map_err(|e| issue_err(format!("loading the new key: {e}")))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        let renew_at = renewal_instant(now, not_after, rand::random::<f64>());
+        Ok((Arc::new(CertifiedKey::new(chain, signing_key)), renew_at))
+    }
+
+    /// When a certificate issued now for `ttl` starts, and ends (capped at the CA's expiry).
     fn validity(
         &self,
-        id: &SpiffeId,
+        what: &str,
         ttl: Duration,
     ) -> Result<(SystemTime, SystemTime), IdentityError> {
+        let id = what;
         let issue_err = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
         if ttl.is_zero() {
             return Err(issue_err("the lifetime must be positive".into()));

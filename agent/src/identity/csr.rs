@@ -134,6 +134,22 @@ pub fn check(csr: &[u8], trust_domain: &str) -> Result<CheckedCsr, CsrError> {
     Ok(CheckedCsr { id, public_key: spki.raw.to_vec() })
 }
 
+/// A request for `id` as the agent sends it, with the new key it is for (made here, never
+/// sent): an empty subject and the identity as the one (critical) URI SAN, as ztunnel's.
+pub fn request(id: &SpiffeId) -> Result<(String, rcgen::KeyPair), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let mut san = rcgen::CustomExtension::from_oid_content(
+        super::der::OID_SUBJECT_ALT_NAME,
+        super::der::san_uri(&id.to_string()),
+    );
+    san.set_criticality(true);
+    params.custom_extensions.push(san);
+    let pem = params.serialize_request(&key)?.pem()?;
+    Ok((pem, key))
+}
+
 fn extension_name(parsed: &ParsedExtension<'_>, oid: &x509_parser::der_parser::Oid<'_>) -> String {
     match parsed {
         ParsedExtension::BasicConstraints(b) => format!("basicConstraints (CA:{})", b.ca),
@@ -195,6 +211,15 @@ mod tests {
         let ok = check(pem.as_bytes(), "cluster.local").unwrap();
         assert_eq!(ok.id.to_string(), ID);
         assert_eq!(check(&der_of(&pem), "cluster.local").unwrap(), ok);
+    }
+
+    #[test]
+    fn the_agents_own_request_passes() {
+        let id: SpiffeId = ID.parse().unwrap();
+        let (pem, key) = request(&id).unwrap();
+        let ok = check(pem.as_bytes(), "cluster.local").unwrap();
+        assert_eq!(ok.id, id);
+        assert_eq!(ok.public_key, key.public_key_der());
     }
 
     #[test]

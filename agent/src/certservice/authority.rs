@@ -1,0 +1,197 @@
+//! Who is calling and which identities its node runs, in file mode (this machine, the demo,
+//! the tests; Kubernetes mode asks the API server the same two questions).
+//!
+//! - The node tokens file: each node agent's bearer token and the node it stands for. Kept as
+//!   SHA-256 digests and looked up by digest, so comparing a guess takes no time that depends
+//!   on how much of it was right.
+//! - `workloads.yaml`: which pods (namespace, service account) are scheduled to which node,
+//!   re-read when the file changes; a change that does not parse keeps the last good one.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::identity::SpiffeId;
+use crate::workloads::WorkloadSet;
+
+/// Tokens shorter than this are refused when the file is read: a guessable token would be
+/// every identity of its node.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    nodes: Vec<NodeToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeToken {
+    node: String,
+    token: String,
+}
+
+/// The node agents' tokens.
+pub struct NodeTokens {
+    by_digest: HashMap<[u8; 32], String>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl NodeTokens {
+    /// Reads `path`: `nodes: [{node: NAME, token: SECRET}, ...]`.
+    pub fn load(path: &Path) -> Result<NodeTokens, AuthorityError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| AuthorityError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<NodeTokens, AuthorityError> {
+        let invalid = |message: String| AuthorityError::Invalid { path: path.into(), message };
+        let file: TokensFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut by_digest = HashMap::new();
+        for (i, n) in file.nodes.into_iter().enumerate() {
+            if n.node.is_empty() {
+                return Err(invalid(format!("nodes[{i}].node: must not be empty")));
+            }
+            if n.token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(invalid(format!(
+                    "nodes[{i}].token: shorter than {MIN_TOKEN_CHARS} characters (node {})",
+                    n.node
+                )));
+            }
+            if let Some(other) = by_digest.insert(digest(&n.token), n.node.clone()) {
+                return Err(invalid(format!(
+                    "nodes[{i}].token: the same token as node {other}'s (node {})",
+                    n.node
+                )));
+            }
+        }
+        Ok(NodeTokens { by_digest })
+    }
+
+    /// The node whose agent holds `token`.
+    pub fn node_of(&self, token: &str) -> Option<&str> {
+        self.by_digest.get(&digest(token)).map(String::as_str)
+    }
+}
+
+/// (node, namespace, service account) of every pod.
+type Placed = HashSet<(String, String, String)>;
+
+/// Which identities run on which node, from `workloads.yaml`.
+pub struct Placement {
+    path: PathBuf,
+    state: Mutex<(Option<SystemTime>, Placed)>,
+}
+
+fn placed(path: &Path) -> Result<(Option<SystemTime>, Placed), AuthorityError> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| AuthorityError::Read { path: path.into(), source })?;
+    let set = WorkloadSet::parse(&text, path)
+        .map_err(|e| AuthorityError::Invalid { path: path.into(), message: e.to_string() })?;
+    let placed = set
+        .workloads
+        .iter()
+        .map(|w| (w.node.to_string(), w.namespace.to_string(), w.service_account.to_string()))
+        .collect();
+    Ok((modified, placed))
+}
+
+impl Placement {
+    /// Reads `path` (a `workloads.yaml`); an error here stops the service from starting.
+    pub fn load(path: &Path) -> Result<Placement, AuthorityError> {
+        Ok(Placement { path: path.into(), state: Mutex::new(placed(path)?) })
+    }
+
+    /// Whether a pod with identity `id` (its namespace and service account) is on `node`.
+    pub fn runs_on(&self, node: &str, id: &SpiffeId) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified != state.0 {
+            match placed(&self.path) {
+                Ok(fresh) => *state = fresh,
+                Err(e) => {
+                    // Kept: a half-written file must not take every node's identities away.
+                    tracing::error!("{e}; the last good version stays in force");
+                    state.0 = modified;
+                }
+            }
+        }
+        let key = (node.to_owned(), id.namespace().to_owned(), id.service_account().to_owned());
+        state.1.contains(&key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: &str = "node1-0123456789abcdef0123456789abcdef";
+    const T2: &str = "node2-0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn tokens_name_their_node_and_weak_or_shared_ones_are_refused() {
+        let p = Path::new("tokens.yaml");
+        let t = NodeTokens::parse(
+            &format!("nodes:\n- {{node: node1, token: {T1}}}\n- {{node: node2, token: {T2}}}\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(t.node_of(T1), Some("node1"));
+        assert_eq!(t.node_of(T2), Some("node2"));
+        assert_eq!(t.node_of(&T1[..T1.len() - 1]), None);
+        assert_eq!(t.node_of(""), None);
+        let err = |text: &str| NodeTokens::parse(text, p).err().map(|e| e.to_string());
+        assert_eq!(
+            err("nodes:\n- {node: n1, token: short}\n").as_deref(),
+            Some("tokens.yaml: nodes[0].token: shorter than 32 characters (node n1)")
+        );
+        assert_eq!(
+            err(&format!("nodes:\n- {{node: a, token: {T1}}}\n- {{node: b, token: {T1}}}\n"))
+                .as_deref(),
+            Some("tokens.yaml: nodes[1].token: the same token as node a's (node b)")
+        );
+        assert!(err("nodes:\n- {node: a, tokn: x}\n").is_some_and(|e| e.contains("tokn")));
+    }
+
+    #[test]
+    fn placement_follows_the_file_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workloads.yaml");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        write("workloads:\n- {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node1}\n");
+        let p = Placement::load(&path).unwrap();
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        assert!(p.runs_on("node1", &web));
+        assert!(!p.runs_on("node2", &web), "another node's pod");
+        // The pod moves to node2 (the file's time must change for it to be read again).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write("workloads:\n- {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node2}\n");
+        assert!(p.runs_on("node2", &web) && !p.runs_on("node1", &web));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write("workloads: [\n");
+        assert!(p.runs_on("node2", &web), "a broken file keeps the last good one");
+    }
+}

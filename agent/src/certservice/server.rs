@@ -1,0 +1,294 @@
+//! The certificate service's gRPC server: TLS 1.3 with a serving certificate it issues itself
+//! (renewed as it ages), HTTP/2 by hyper, the `IstioCertificateService` by tonic's generated
+//! code, and the decision on each request.
+//!
+//! Bounded for callers on the network: at most [`MAX_CONNECTIONS`] connections (more are closed
+//! on accept), [`HANDSHAKE_TIMEOUT`] to finish TLS, [`MAX_STREAMS`] requests at once and
+//! [`CONNECTION_LIFETIME`] per connection, [`super::MAX_MESSAGE_BYTES`] per message.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::authority::{NodeTokens, Placement};
+use super::proto::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use super::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use super::{IMPERSONATED_IDENTITY, MAX_MESSAGE_BYTES};
+use crate::identity::{csr, CaSigner, SpiffeId, ALPN_H2};
+
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_STREAMS: u32 = 16;
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// The serving certificate's lifetime (renewed at about half of it, capped by the CA's).
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the service decides with.
+pub struct CertService {
+    signer: Arc<CaSigner>,
+    tokens: NodeTokens,
+    placement: Placement,
+    trust_domain: String,
+    max_ttl: Duration,
+    /// The trust bundle, the last element of every answer (as istiod sends it).
+    bundle_pem: String,
+}
+
+impl CertService {
+    pub fn new(
+        signer: Arc<CaSigner>,
+        tokens: NodeTokens,
+        placement: Placement,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> CertService {
+        let bundle_pem = signer.trust_bundle().certs().iter().map(pem).collect::<String>();
+        CertService {
+            signer,
+            tokens,
+            placement,
+            trust_domain: trust_domain.to_owned(),
+            max_ttl,
+            bundle_pem,
+        }
+    }
+
+    /// The answer to one request: a chain, or why not.
+    fn decide(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
+        let token = bearer(req.metadata())?;
+        let node = self
+            .tokens
+            .node_of(token)
+            .ok_or_else(|| Status::unauthenticated("the bearer token is not a node agent's"))?;
+        let body = req.get_ref();
+        let checked = csr::check(body.csr.as_bytes(), &self.trust_domain)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(asked) = impersonated(body)? {
+            if asked != checked.id {
+                return Err(Status::invalid_argument(format!(
+                    "the CSR names {}, the request impersonates {asked}",
+                    checked.id
+                )));
+            }
+        }
+        // Never says where the identity does run: that is not the caller's to learn.
+        if !self.placement.runs_on(node, &checked.id) {
+            return Err(Status::permission_denied(format!(
+                "no pod with identity {} is on node {node}, the caller's",
+                checked.id
+            )));
+        }
+        let ttl = match u64::try_from(body.validity_duration) {
+            Ok(0) | Err(_) => self.max_ttl,
+            Ok(secs) => Duration::from_secs(secs).min(self.max_ttl),
+        };
+        let chain = self
+            .signer
+            .sign_csr(&checked, ttl)
+            .map_err(|e| Status::internal(format!("signing: {e}")))?;
+        info!(%node, identity = %checked.id, ttl_s = ttl.as_secs(), "certificate issued");
+        let mut out: Vec<String> = chain.iter().map(pem).collect();
+        out.push(self.bundle_pem.clone());
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CertService {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = req.extensions().get::<Peer>().map(|p| p.0);
+        match self.decide(&req) {
+            Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
+            Err(status) => {
+                warn!(?peer, code = ?status.code(), "certificate refused: {}", status.message());
+                Err(status)
+            }
+        }
+    }
+}
+
+fn pem(der: &rustls_pki_types::CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
+}
+
+/// The bearer token of `authorization`.
+fn bearer(meta: &tonic::metadata::MetadataMap) -> Result<&str, Status> {
+    let value = meta
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("no authorization header (a bearer token)"))?;
+    let text = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("the authorization header is not text"))?;
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() => {
+            Ok(token.trim())
+        }
+        _ => Err(Status::unauthenticated("the authorization header is not `Bearer <token>`")),
+    }
+}
+
+/// The identity of `ImpersonatedIdentity` in the request's metadata, if any.
+fn impersonated(body: &IstioCertificateRequest) -> Result<Option<SpiffeId>, Status> {
+    let Some(meta) = &body.metadata else { return Ok(None) };
+    let Some(value) = meta.fields.get(IMPERSONATED_IDENTITY) else { return Ok(None) };
+    let Some(prost_types::value::Kind::StringValue(s)) = &value.kind else {
+        return Err(Status::invalid_argument(format!(
+            "metadata {IMPERSONATED_IDENTITY}: not a string"
+        )));
+    };
+    s.parse().map(Some).map_err(|e| {
+        Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY}: {s:?}: {e}"))
+    })
+}
+
+/// The service's own serving certificate, issued by its CA and renewed as it ages.
+#[derive(Debug)]
+pub struct ServingCert {
+    signer: Arc<CaSigner>,
+    names: Vec<String>,
+    current: RwLock<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl ServingCert {
+    pub fn new(
+        signer: Arc<CaSigner>,
+        names: Vec<String>,
+    ) -> Result<ServingCert, crate::identity::IdentityError> {
+        let current = signer.issue_serving(&names, SERVING_TTL)?;
+        Ok(ServingCert { signer, names, current: RwLock::new(current) })
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let now = SystemTime::now();
+        let due = self.current.read().map(|c| now >= c.1).unwrap_or(true);
+        if due {
+            match self.signer.issue_serving(&self.names, SERVING_TTL) {
+                Ok(fresh) => {
+                    if let Ok(mut c) = self.current.write() {
+                        *c = fresh;
+                    }
+                }
+                // The current one is still valid for a while: keep serving it.
+                Err(e) => warn!("renewing the serving certificate: {e}"),
+            }
+        }
+        self.current.read().ok().map(|c| c.0.clone())
+    }
+}
+
+/// TLS 1.3, HTTP/2 only, no client certificate (callers authenticate with their token).
+pub fn tls_config(cert: Arc<ServingCert>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `service` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<CertService>,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: pause rather than spin.
+                warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let svc = IstioCertificateServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake: {e}"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            http.timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(16 * 1024)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let svc = AddPeer { inner: svc, peer };
+            let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, "connection: {e}"),
+                Err(_) => tracing::debug!(%peer, "connection closed after {CONNECTION_LIFETIME:?}"),
+            }
+        });
+    }
+}
+
+/// The caller's address, for the log.
+#[derive(Clone, Copy)]
+struct Peer(std::net::SocketAddr);
+
+/// Puts the caller's address in each request's extensions.
+#[derive(Clone)]
+struct AddPeer<S> {
+    inner: S,
+    peer: std::net::SocketAddr,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for AddPeer<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(Peer(self.peer));
+        self.inner.call(req)
+    }
+}
+
+/// A PEM bundle's certificates, for the clients (and tests) that read the answer.
+pub fn certs_of_pem(
+    pem: &str,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::pem::Error> {
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
+}
