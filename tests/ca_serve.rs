@@ -194,6 +194,16 @@ async fn forged_and_missing_tokens_are_unauthenticated() -> Result<()> {
         );
         assert_eq!((code, message.as_str()), (Code::Unauthenticated, want), "token {token:?}");
     }
+    for (authorization, want) in [
+        (None, "no authorization header (a bearer token)"),
+        (Some(format!("Basic {TOKEN1}")), "the authorization header is not `Bearer <token>`"),
+        (Some(TOKEN1.to_owned()), "the authorization header is not `Bearer <token>`"),
+    ] {
+        let (pem, _key) = csr::request(&web)?;
+        let req = request_for(pem, Duration::from_secs(600), Some(&web));
+        let (code, message) = refused(c.create_certificate_as(authorization.as_deref(), req).await);
+        assert_eq!((code, message.as_str()), (Code::Unauthenticated, want), "{authorization:?}");
+    }
     Ok(())
 }
 
@@ -325,11 +335,23 @@ fn the_service_refuses_to_start_on_a_bad_tokens_file_naming_it() -> Result<()> {
 #[tokio::test]
 async fn connections_that_never_finish_tls_do_not_keep_a_node_from_its_certificate() -> Result<()> {
     let s = Service::start()?;
-    // A hostile peer opens connections and sends nothing (and one sends garbage).
+    // A hostile pod (its own address, 127.0.0.2) opens connections and sends nothing: past
+    // the per-address cap the service closes them at once, so it cannot take every slot.
     let mut idle = Vec::new();
-    for _ in 0..50 {
-        idle.push(tokio::net::TcpStream::connect(s.addr).await?);
+    for _ in 0..40 {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind((Ipv4Addr::new(127, 0, 0, 2), 0).into())?;
+        idle.push(sock.connect(s.addr).await?);
     }
+    let mut closed = 0;
+    for conn in &mut idle {
+        let mut b = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(conn, &mut b);
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(300), read).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 40 - 16, "all but MAX_CONNECTIONS_PER_IP closed on accept");
     let mut junk = tokio::net::TcpStream::connect(s.addr).await?;
     tokio::io::AsyncWriteExt::write_all(&mut junk, &[0x16, 0x03, 0x01, 0xff, 0xff]).await?;
     let web = id(WEB);
@@ -343,5 +365,52 @@ async fn connections_that_never_finish_tls_do_not_keep_a_node_from_its_certifica
         started.elapsed()
     );
     drop(idle);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_that_moves_is_signed_for_its_new_node_only_and_a_broken_placement_signs_nothing(
+) -> Result<()> {
+    let s = Service::start()?;
+    let c = s.client()?;
+    let web = id(WEB);
+    let ask = |token: &'static str| {
+        let (c, web) = (&c, web.clone());
+        async move {
+            let (pem, _key) = csr::request(&web)?;
+            let req = request_for(pem, Duration::from_secs(600), Some(&web));
+            anyhow::Ok(c.create_certificate(token, req).await)
+        }
+    };
+    ask(TOKEN1).await??;
+    // web-1 is rescheduled to node2 (a new mtime: the file is read again).
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(
+        s.dir.path().join("workloads.yaml"),
+        "workloads:\n- {name: web-1, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node2}\n",
+    )?;
+    assert_eq!(refused(ask(TOKEN1).await?).0, Code::PermissionDenied, "node1 no longer runs it");
+    ask(TOKEN2).await??;
+    // A placement that does not parse grants nothing, not the last good one.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(s.dir.path().join("workloads.yaml"), "workloads: [\n")?;
+    let (code, message) = refused(ask(TOKEN2).await?);
+    assert_eq!(code, Code::Unavailable);
+    assert_eq!(message, "the certificate service cannot read where pods run (see its log)");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lifetime_of_zero_or_below_gets_the_cap() -> Result<()> {
+    let s = Service::start()?;
+    let c = s.client()?;
+    let web = id(WEB);
+    for secs in [0, -5, i64::MIN, i64::MAX] {
+        let (pem, _key) = csr::request(&web)?;
+        let mut req = request_for(pem, Duration::ZERO, Some(&web));
+        req.validity_duration = secs;
+        let chain = c.create_certificate(TOKEN1, req).await?;
+        assert_eq!(leaf_of(&chain, &s.bundle()?)?.1, 3600 + 60, "validity_duration {secs}");
+    }
     Ok(())
 }

@@ -284,6 +284,7 @@ fn print_answer(
 async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
     use mtls_agent::certservice::{authority, server};
     identity::validate_trust_domain(&args.trust_domain)?;
+    anyhow::ensure!(!args.max_cert_ttl.is_zero(), "--max-cert-ttl: must be longer than 0s");
     let signer = Arc::new(identity::CaSigner::load(&args.ca_dir)?);
     let tokens = authority::NodeTokens::load(&args.node_tokens)?;
     let placement = authority::Placement::load(&args.workloads)?;

@@ -5,7 +5,9 @@
 //!   SHA-256 digests and looked up by digest, so comparing a guess takes no time that depends
 //!   on how much of it was right.
 //! - `workloads.yaml`: which pods (namespace, service account) are scheduled to which node,
-//!   re-read when the file changes; a change that does not parse keeps the last good one.
+//!   re-read when the file changes. A version that cannot be read signs nothing until it is
+//!   fixed (fail closed: the last good one may grant a pod that has moved away); the
+//!   certificates already issued keep working meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -102,7 +104,8 @@ type Placed = HashSet<(String, String, String)>;
 /// Which identities run on which node, from `workloads.yaml`.
 pub struct Placement {
     path: PathBuf,
-    state: Mutex<(Option<SystemTime>, Placed)>,
+    /// The file's time when read, and what it said (or why it could not be read).
+    state: Mutex<(Option<SystemTime>, Result<Placed, String>)>,
 }
 
 fn placed(path: &Path) -> Result<(Option<SystemTime>, Placed), AuthorityError> {
@@ -122,25 +125,34 @@ fn placed(path: &Path) -> Result<(Option<SystemTime>, Placed), AuthorityError> {
 impl Placement {
     /// Reads `path` (a `workloads.yaml`); an error here stops the service from starting.
     pub fn load(path: &Path) -> Result<Placement, AuthorityError> {
-        Ok(Placement { path: path.into(), state: Mutex::new(placed(path)?) })
+        let (modified, placed) = placed(path)?;
+        Ok(Placement { path: path.into(), state: Mutex::new((modified, Ok(placed))) })
     }
 
-    /// Whether a pod with identity `id` (its namespace and service account) is on `node`.
-    pub fn runs_on(&self, node: &str, id: &SpiffeId) -> bool {
+    /// Whether a pod with identity `id` (its namespace and service account) is on `node`;
+    /// an error while the file cannot be read.
+    pub fn runs_on(&self, node: &str, id: &SpiffeId) -> Result<bool, AuthorityError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if modified != state.0 {
-            match placed(&self.path) {
-                Ok(fresh) => *state = fresh,
+        if modified.is_none() || modified != state.0 {
+            *state = match placed(&self.path) {
+                Ok((m, p)) => (m, Ok(p)),
                 Err(e) => {
-                    // Kept: a half-written file must not take every node's identities away.
-                    tracing::error!("{e}; the last good version stays in force");
-                    state.0 = modified;
+                    tracing::error!("{e}: no certificate is signed until it is fixed");
+                    (modified, Err(e.to_string()))
                 }
+            };
+        }
+        match &state.1 {
+            Ok(placed) => {
+                let key =
+                    (node.to_owned(), id.namespace().to_owned(), id.service_account().to_owned());
+                Ok(placed.contains(&key))
+            }
+            Err(message) => {
+                Err(AuthorityError::Invalid { path: self.path.clone(), message: message.clone() })
             }
         }
-        let key = (node.to_owned(), id.namespace().to_owned(), id.service_account().to_owned());
-        state.1.contains(&key)
     }
 }
 
@@ -177,21 +189,24 @@ mod tests {
     }
 
     #[test]
-    fn placement_follows_the_file_and_keeps_the_last_good_one() {
+    fn placement_follows_the_file_and_grants_nothing_while_it_cannot_be_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("workloads.yaml");
         let write = |text: &str| std::fs::write(&path, text).unwrap();
         write("workloads:\n- {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node1}\n");
         let p = Placement::load(&path).unwrap();
         let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        assert!(p.runs_on("node1", &web));
-        assert!(!p.runs_on("node2", &web), "another node's pod");
+        let on = |node: &str| p.runs_on(node, &web).ok();
+        assert_eq!(on("node1"), Some(true));
+        assert_eq!(on("node2"), Some(false), "another node's pod");
         // The pod moves to node2 (the file's time must change for it to be read again).
         std::thread::sleep(std::time::Duration::from_millis(20));
         write("workloads:\n- {name: a, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node2}\n");
-        assert!(p.runs_on("node2", &web) && !p.runs_on("node1", &web));
+        assert_eq!((on("node2"), on("node1")), (Some(true), Some(false)));
         std::thread::sleep(std::time::Duration::from_millis(20));
         write("workloads: [\n");
-        assert!(p.runs_on("node2", &web), "a broken file keeps the last good one");
+        assert_eq!(on("node2"), None, "a broken file grants nothing");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(on("node2"), None, "nor does a missing one");
     }
 }

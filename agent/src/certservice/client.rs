@@ -109,14 +109,23 @@ impl CaClient {
         token: &str,
         request: IstioCertificateRequest,
     ) -> Result<Vec<String>, ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.request(token, request))
+        self.create_certificate_as(Some(&format!("Bearer {token}")), request).await
+    }
+
+    /// As [`CaClient::create_certificate`], with `authorization` as given (or none).
+    pub async fn create_certificate_as(
+        &self,
+        authorization: Option<&str>,
+        request: IstioCertificateRequest,
+    ) -> Result<Vec<String>, ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.request(authorization, request))
             .await
             .map_err(|_| ClientError::Timeout { address: self.address.clone() })?
     }
 
     async fn request(
         &self,
-        token: &str,
+        authorization: Option<&str>,
         request: IstioCertificateRequest,
     ) -> Result<Vec<String>, ClientError> {
         let connect =
@@ -139,10 +148,11 @@ impl CaClient {
             IstioCertificateServiceClient::with_origin(Channel(send), self.origin.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut req = tonic::Request::new(request);
-        let auth = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| connect("the token is not valid in a header".into()))?;
-        req.metadata_mut().insert("authorization", auth);
+        if let Some(value) = authorization {
+            let value =
+                value.parse().map_err(|_| connect("the token is not valid in a header".into()))?;
+            req.metadata_mut().insert("authorization", value);
+        }
         let answer = client.create_certificate(req).await;
         driver.abort();
         match answer {

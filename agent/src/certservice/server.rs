@@ -2,9 +2,12 @@
 //! (renewed as it ages), HTTP/2 by hyper, the `IstioCertificateService` by tonic's generated
 //! code, and the decision on each request.
 //!
-//! Bounded for callers on the network: at most [`MAX_CONNECTIONS`] connections (more are closed
-//! on accept), [`HANDSHAKE_TIMEOUT`] to finish TLS, [`MAX_STREAMS`] requests at once and
-//! [`CONNECTION_LIFETIME`] per connection, [`super::MAX_MESSAGE_BYTES`] per message.
+//! Bounded for callers on the network: at most [`MAX_CONNECTIONS`] connections, and
+//! [`MAX_CONNECTIONS_PER_IP`] from one address (more are closed on accept: one pod cannot take
+//! every slot), [`HANDSHAKE_TIMEOUT`] to finish TLS, [`MAX_STREAMS`] requests at once and
+//! [`CONNECTION_LIFETIME`] per connection, small HTTP/2 windows, [`super::MAX_MESSAGE_BYTES`]
+//! per message. The token is checked on the request's headers, before its body is read: a
+//! caller without one gets no buffer.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -28,8 +31,10 @@ use super::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use super::{IMPERSONATED_IDENTITY, MAX_MESSAGE_BYTES};
 use crate::identity::{csr, CaSigner, SpiffeId, ALPN_H2};
 
-pub const MAX_CONNECTIONS: usize = 1024;
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONNECTIONS: usize = 8192;
+/// A node's agent needs one or two; node proxies behind one address (NAT) a few more.
+pub const MAX_CONNECTIONS_PER_IP: usize = 16;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_STREAMS: u32 = 16;
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// The serving certificate's lifetime (renewed at about half of it, capped by the CA's).
@@ -66,12 +71,16 @@ impl CertService {
     }
 
     /// The answer to one request: a chain, or why not.
-    fn decide(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
-        let token = bearer(req.metadata())?;
-        let node = self
-            .tokens
+    /// The caller's node, from the `authorization` header.
+    fn caller(&self, headers: &http::HeaderMap) -> Result<&str, Status> {
+        let token = bearer(headers)?;
+        self.tokens
             .node_of(token)
-            .ok_or_else(|| Status::unauthenticated("the bearer token is not a node agent's"))?;
+            .ok_or_else(|| Status::unauthenticated("the bearer token is not a node agent's"))
+    }
+
+    fn decide(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
+        let node = self.caller(req.metadata().as_ref())?;
         let body = req.get_ref();
         let checked = csr::check(body.csr.as_bytes(), &self.trust_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -84,7 +93,10 @@ impl CertService {
             }
         }
         // Never says where the identity does run: that is not the caller's to learn.
-        if !self.placement.runs_on(node, &checked.id) {
+        let placed = self.placement.runs_on(node, &checked.id).map_err(|_| {
+            Status::unavailable("the certificate service cannot read where pods run (see its log)")
+        })?;
+        if !placed {
             return Err(Status::permission_denied(format!(
                 "no pod with identity {} is on node {node}, the caller's",
                 checked.id
@@ -94,10 +106,11 @@ impl CertService {
             Ok(0) | Err(_) => self.max_ttl,
             Ok(secs) => Duration::from_secs(secs).min(self.max_ttl),
         };
-        let chain = self
-            .signer
-            .sign_csr(&checked, ttl)
-            .map_err(|e| Status::internal(format!("signing: {e}")))?;
+        let chain = self.signer.sign_csr(&checked, ttl).map_err(|e| {
+            // The detail (the CA's files) is the operator's, not the caller's.
+            tracing::error!(identity = %checked.id, "signing: {e}");
+            Status::internal("signing failed: see the certificate service's log")
+        })?;
         info!(%node, identity = %checked.id, ttl_s = ttl.as_secs(), "certificate issued");
         let mut out: Vec<String> = chain.iter().map(pem).collect();
         out.push(self.bundle_pem.clone());
@@ -115,7 +128,7 @@ impl IstioCertificateService for CertService {
         match self.decide(&req) {
             Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
             Err(status) => {
-                warn!(?peer, code = ?status.code(), "certificate refused: {}", status.message());
+                refused(peer, &status);
                 Err(status)
             }
         }
@@ -126,8 +139,16 @@ fn pem(der: &rustls_pki_types::CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
 }
 
+/// A refusal's log line, at most one per caller address and reason per window.
+fn refused(peer: Option<std::net::SocketAddr>, status: &Status) {
+    let src = peer.map_or_else(|| "-".to_owned(), |p| p.ip().to_string());
+    if let Some(more) = crate::loglimit::refusal(&src, "ca", status.message()) {
+        warn!(src, code = ?status.code(), "certificate refused: {}{more}", status.message());
+    }
+}
+
 /// The bearer token of `authorization`.
-fn bearer(meta: &tonic::metadata::MetadataMap) -> Result<&str, Status> {
+fn bearer(meta: &http::HeaderMap) -> Result<&str, Status> {
     let value = meta
         .get("authorization")
         .ok_or_else(|| Status::unauthenticated("no authorization header (a bearer token)"))?;
@@ -177,19 +198,23 @@ impl ServingCert {
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let now = SystemTime::now();
-        let due = self.current.read().map(|c| now >= c.1).unwrap_or(true);
-        if due {
-            match self.signer.issue_serving(&self.names, SERVING_TTL) {
-                Ok(fresh) => {
-                    if let Ok(mut c) = self.current.write() {
-                        *c = fresh;
+        let read = || self.current.read().unwrap_or_else(|e| e.into_inner());
+        if now >= read().1 {
+            // One handshake renews; those meanwhile keep the current one (still valid).
+            if let Ok(mut c) = self.current.try_write() {
+                if now >= c.1 {
+                    match self.signer.issue_serving(&self.names, SERVING_TTL) {
+                        Ok(fresh) => *c = fresh,
+                        Err(e) => {
+                            warn!("renewing the serving certificate: {e}");
+                            // Not again for every handshake: in a minute.
+                            c.1 = now + Duration::from_secs(60);
+                        }
                     }
                 }
-                // The current one is still valid for a while: keep serving it.
-                Err(e) => warn!("renewing the serving certificate: {e}"),
             }
         }
-        self.current.read().ok().map(|c| c.0.clone())
+        Some(read().0.clone())
     }
 }
 
@@ -212,6 +237,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = PerIp::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -222,11 +248,20 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(%peer, "connection refused: {MAX_CONNECTIONS} already open");
+        let Some(slot) = slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .and_then(|global| per_ip.acquire(peer.ip()).map(|own| (global, own)))
+        else {
+            let why = "connection refused: too many open (in all, or from this address)";
+            if let Some(more) = crate::loglimit::refusal(peer.ip(), "ca", why) {
+                warn!(%peer, "{why}{more}");
+            }
             continue;
         };
         let acceptor = acceptor.clone();
+        let service = service.clone();
         let svc = IstioCertificateServiceServer::from_arc(service.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -240,10 +275,14 @@ pub async fn serve(
             let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             http.timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
+                // A request is a few KiB: no caller needs megabytes of window.
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(256 * 1024)
+                .max_send_buf_size(64 * 1024)
                 .max_header_list_size(16 * 1024)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(10));
-            let svc = AddPeer { inner: svc, peer };
+            let svc = Gate { inner: svc, peer, service };
             let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                 Ok(Ok(())) => {}
@@ -258,20 +297,35 @@ pub async fn serve(
 #[derive(Clone, Copy)]
 struct Peer(std::net::SocketAddr);
 
-/// Puts the caller's address in each request's extensions.
+/// In front of the generated service: refuses a request whose token is not a node's on its
+/// headers alone (its body is never read), and records the caller's address.
 #[derive(Clone)]
-struct AddPeer<S> {
+struct Gate<S> {
     inner: S,
     peer: std::net::SocketAddr,
+    service: Arc<CertService>,
 }
 
-impl<S, B> tower_service::Service<http::Request<B>> for AddPeer<S>
+type GateFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for Gate<S>
 where
-    S: tower_service::Service<http::Request<B>>,
+    S: tower_service::Service<
+        http::Request<B>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = GateFuture;
 
     fn poll_ready(
         &mut self,
@@ -281,8 +335,46 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if let Err(status) = self.service.caller(req.headers()) {
+            refused(Some(self.peer), &status);
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
         req.extensions_mut().insert(Peer(self.peer));
-        self.inner.call(req)
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// Open connections per caller address.
+#[derive(Default, Clone)]
+struct PerIp(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection of an address, given back when dropped.
+struct IpSlot {
+    map: PerIp,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn acquire(&self, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { map: self.clone(), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
