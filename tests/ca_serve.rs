@@ -66,6 +66,8 @@ impl Service {
         let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
         let child = Command::new(&bin)
             .args(["ca", "serve", "--trust-domain", "cluster.local", "--max-cert-ttl", "1h"])
+            // 2 a second, bursts of 20: what each test asks, and the flood test's flood.
+            .args(["--node-rate", "2"])
             .args(["--listen", &addr.to_string(), "--server-name", NAME, "--ca-dir"])
             .arg(&ca)
             .arg("--node-tokens")
@@ -412,5 +414,32 @@ async fn a_lifetime_of_zero_or_below_gets_the_cap() -> Result<()> {
         let chain = c.create_certificate(TOKEN1, req).await?;
         assert_eq!(leaf_of(&chain, &s.bundle()?)?.1, 3600 + 60, "validity_duration {secs}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_that_floods_the_service_is_slowed_and_the_others_are_served() -> Result<()> {
+    let s = Service::start()?;
+    let c = s.client()?;
+    let web = id(WEB);
+    let (pem, _key) = csr::request(&web)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut exhausted = 0;
+    for _ in 0..60 {
+        ensure!(Instant::now() < deadline, "60 requests took over 60 s");
+        let req = request_for(pem.clone(), Duration::from_secs(600), Some(&web));
+        match c.create_certificate(TOKEN1, req).await {
+            Ok(_) => {}
+            Err(ClientError::Refused { code: Code::ResourceExhausted, message, .. }) => {
+                assert_eq!(message, "node node1 asks for more than 2 certificates a second");
+                exhausted += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert!(exhausted > 0, "60 requests in a row from one node are slowed");
+    let db = id(DB);
+    let (pem, _key) = csr::request(&db)?;
+    c.create_certificate(TOKEN2, request_for(pem, Duration::from_secs(600), Some(&db))).await?;
     Ok(())
 }

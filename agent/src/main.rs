@@ -296,6 +296,7 @@ async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
         placement,
         &args.trust_domain,
         args.max_cert_ttl,
+        args.node_rate,
     ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

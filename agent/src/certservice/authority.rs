@@ -76,6 +76,12 @@ impl NodeTokens {
             if n.node.is_empty() {
                 return Err(invalid(format!("nodes[{i}].node: must not be empty")));
             }
+            if let Some(bad) = n.token.chars().find(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(format!(
+                    "nodes[{i}].token: has {bad:?}: only visible ASCII (node {})",
+                    n.node
+                )));
+            }
             if n.token.chars().count() < MIN_TOKEN_CHARS {
                 return Err(invalid(format!(
                     "nodes[{i}].token: shorter than {MIN_TOKEN_CHARS} characters (node {})",
@@ -186,6 +192,11 @@ mod tests {
             Some("tokens.yaml: nodes[1].token: the same token as node a's (node b)")
         );
         assert!(err("nodes:\n- {node: a, tokn: x}\n").is_some_and(|e| e.contains("tokn")));
+        // A token that could never be sent as a header, or that trimming would change.
+        assert_eq!(
+            err(&format!("nodes:\n- {{node: n1, token: \"{T1} \"}}\n")).as_deref(),
+            Some("tokens.yaml: nodes[0].token: has ' ': only visible ASCII (node n1)")
+        );
     }
 
     #[test]

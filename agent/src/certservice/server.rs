@@ -37,6 +37,12 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 16;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_STREAMS: u32 = 16;
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// How long a connection past its lifetime has to finish its requests.
+const GRACE: Duration = Duration::from_secs(10);
+/// Certificates one node may ask for per second by default (and as a burst, ten times that):
+/// a node starting 100 pods at once is served, one hammering the service cannot starve the
+/// rest.
+pub const RATE_PER_SECOND: u32 = 20;
 /// The serving certificate's lifetime (renewed at about half of it, capped by the CA's).
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -49,6 +55,32 @@ pub struct CertService {
     max_ttl: Duration,
     /// The trust bundle, the last element of every answer (as istiod sends it).
     bundle_pem: String,
+    rate: NodeRate,
+}
+
+/// A token bucket per node.
+struct NodeRate {
+    per_second: u32,
+    nodes: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl NodeRate {
+    fn allow(&self, node: &str) -> bool {
+        let rate = f64::from(self.per_second);
+        let burst = rate * 10.0;
+        let now = std::time::Instant::now();
+        let mut m = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        // Nodes are known callers (a token each): the map holds at most one entry per node.
+        let (tokens, last) = m.entry(node.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl CertService {
@@ -58,6 +90,7 @@ impl CertService {
         placement: Placement,
         trust_domain: &str,
         max_ttl: Duration,
+        rate_per_second: u32,
     ) -> CertService {
         let bundle_pem = signer.trust_bundle().certs().iter().map(pem).collect::<String>();
         CertService {
@@ -67,6 +100,7 @@ impl CertService {
             trust_domain: trust_domain.to_owned(),
             max_ttl,
             bundle_pem,
+            rate: NodeRate { per_second: rate_per_second.max(1), nodes: Default::default() },
         }
     }
 
@@ -81,9 +115,21 @@ impl CertService {
 
     fn decide(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
         let node = self.caller(req.metadata().as_ref())?;
+        // Before any of the request's cost (verifying its CSR, signing).
+        if !self.rate.allow(node) {
+            return Err(Status::resource_exhausted(format!(
+                "node {node} asks for more than {} certificates a second",
+                self.rate.per_second
+            )));
+        }
         let body = req.get_ref();
         let checked = csr::check(body.csr.as_bytes(), &self.trust_domain)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Checked by the CSR policy already; again here, where the grant is decided, because
+        // the placement knows namespaces and service accounts, not trust domains.
+        if checked.id.trust_domain() != self.trust_domain {
+            return Err(Status::invalid_argument("the CSR's identity is of another trust domain"));
+        }
         if let Some(asked) = impersonated(body)? {
             if asked != checked.id {
                 return Err(Status::invalid_argument(format!(
@@ -284,10 +330,25 @@ pub async fn serve(
                 .keep_alive_timeout(Duration::from_secs(10));
             let svc = Gate { inner: svc, peer, service };
             let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, "connection: {e}"),
-                Err(_) => tracing::debug!(%peer, "connection closed after {CONNECTION_LIFETIME:?}"),
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let result = match ended {
+                Some(r) => r,
+                None => {
+                    // GOAWAY: requests in flight finish, the client opens a new connection for
+                    // the next; a peer that does not go is cut after a grace period.
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => return tracing::debug!(%peer, "connection cut after its grace"),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection: {e}");
             }
         });
     }

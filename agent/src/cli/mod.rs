@@ -190,6 +190,10 @@ pub struct CaServeArgs {
     /// The longest lifetime of a certificate it issues (longer requests are cut to it).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_cert_ttl: std::time::Duration,
+    /// Certificates one node may ask for per second (bursts of ten times that); more are
+    /// refused (RESOURCE_EXHAUSTED) and asked again by the agent.
+    #[arg(long, default_value_t = crate::certservice::server::RATE_PER_SECOND)]
+    pub node_rate: u32,
     /// File mode: the node agents' tokens (`nodes: [{node: NAME, token: SECRET}]`).
     #[arg(long)]
     pub node_tokens: PathBuf,
