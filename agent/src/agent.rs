@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     capture::{Capture, CaptureConfig, InboundMode, InboundRule, OrigDstMap, StatsReader},
+    certservice,
     enrollment::{Failures, Step},
     identity::{self, CaSigner, CertIssuer, CertStore, SpiffeId},
     inpod::PodNetns,
@@ -54,7 +55,7 @@ pub struct AgentConfig {
     pub admin: Option<SocketAddr>,
     /// Directory of the admin sockets (one per instance).
     pub admin_dir: PathBuf,
-    pub ca_dir: PathBuf,
+    pub ca: CaSource,
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub root_namespace: String,
@@ -67,6 +68,15 @@ pub struct AgentConfig {
     pub set_log_level: Option<admin::SetLogLevel>,
     /// How long a stopping agent lets open connections finish.
     pub drain_timeout: Duration,
+}
+
+/// Where the pods' certificates come from.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// A CA directory whose key is on this node (development and the demo).
+    Dir(PathBuf),
+    /// The certificate service (`ca serve`, or istiod), over Istio's CA protocol.
+    Service { address: String, token_file: PathBuf, root: PathBuf, server_name: Option<String> },
 }
 
 /// Where pods, services and policies come from.
@@ -137,7 +147,9 @@ struct Agent {
     cfg: AgentConfig,
     capture: Capture,
     orig_dst: Arc<OrigDstMap>,
-    signer: Arc<CaSigner>,
+    /// With `--ca-dir`: certificates are signed here, during enrollment. Otherwise the
+    /// store's driver asks the certificate service.
+    signer: Option<Arc<CaSigner>>,
     mesh: Arc<Mesh>,
     workloads_tx: watch::Sender<Arc<WorkloadSet>>,
     policies_tx: watch::Sender<Arc<PolicySet>>,
@@ -177,6 +189,9 @@ struct Agent {
     sources_failing: Vec<String>,
     /// Kubernetes mode: pods bound to this node, held closed and enrolled before their IP.
     bound: early::Bound,
+    /// How many pods of the node the last reconcile wanted (readiness, recomputed when a
+    /// certificate comes).
+    wanted: usize,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -211,7 +226,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.node_ip.is_some() {
         warn!("--node-ip grants nothing any more: the probe exemption follows --kubelet-cgroup");
     }
-    let signer = Arc::new(CaSigner::load(&cfg.ca_dir)?);
+    let (issuer, trust, signer) = certificate_source(&cfg.ca)?;
     let certs = Arc::new(CertStore::new());
     let mut capture = Capture::load(&CaptureConfig {
         node_ip: cfg.node_ip,
@@ -233,7 +248,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (policies_tx, policies_rx) = watch::channel(Arc::new(policies));
     let mesh = Arc::new(Mesh {
         trust_domain: cfg.trust_domain.clone(),
-        trust: Arc::new(signer.trust_bundle().clone()),
+        trust,
         certs: certs.clone(),
         pool: hbone::Pool::new(hbone::PoolConfig::default()),
         conns: ConnectionTable::default(),
@@ -250,7 +265,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(events) = events {
         tokio::spawn(log_rejections(events, mesh.clone()));
     }
-    let issuer: Arc<dyn CertIssuer> = signer.clone();
+    let mut cert_news = certs.subscribe();
     tokio::spawn(identity::run_renewals(certs, issuer, cfg.cert_ttl));
 
     // Read before anything is enrolled: which pinned cookie is whose pod (item: a restart
@@ -285,6 +300,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         sources: feed.as_ref().map(kubernetes::Feed::sources).unwrap_or_default(),
         sources_failing: Vec::new(),
         bound: early::Bound::default(),
+        wanted: 0,
     };
     if feed.is_none() {
         agent.log_policy_warnings(true);
@@ -401,6 +417,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             _ = hold_tick.tick(), if feed.is_some() => agent.poll_holds(false),
+            Ok(()) = cert_news.changed(), if synced => {
+                // A certificate came or a request failed: readiness says so.
+                agent.update_readiness(agent.wanted);
+            }
             Some(bound) = next_bound(&mut bound_before_sync), if !synced => {
                 agent.take_bound_before_sync(&bound);
             }
@@ -440,6 +460,42 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     agent.capture.forget_own_cgroup();
     Ok(())
+}
+
+/// The certificate issuer, the trust bundle and, with `--ca-dir`, the node's own signer.
+type CertificateSource = (Arc<dyn CertIssuer>, Arc<identity::TrustBundle>, Option<Arc<CaSigner>>);
+
+fn certificate_source(ca: &CaSource) -> anyhow::Result<CertificateSource> {
+    match ca {
+        CaSource::Dir(dir) => {
+            let signer = Arc::new(CaSigner::load(dir)?);
+            warn!(
+                ca_dir = %dir.display(),
+                "this node holds the mesh's CA key (--ca-dir): whoever is root here can mint any \
+                 identity of the mesh. For development and the demo only; in production use \
+                 --ca-address (mtls-agent ca serve, or istiod)"
+            );
+            let trust = Arc::new(signer.trust_bundle().clone());
+            Ok((signer.clone(), trust, Some(signer)))
+        }
+        CaSource::Service { address, token_file, root, server_name } => {
+            let trust = Arc::new(
+                identity::TrustBundle::from_pem_file(root)
+                    .with_context(|| format!("--ca-root {}", root.display()))?,
+            );
+            let client =
+                certservice::client::CaClient::new(address, &trust, server_name.as_deref())?;
+            // At start a missing token is a mistake in the manifest, worth refusing to run.
+            certservice::issuer::read_token(token_file).context("--ca-token-file")?;
+            info!(
+                ca = %address,
+                "certificates from the certificate service; keys are made here and never leave this node"
+            );
+            let issuer =
+                certservice::issuer::RemoteIssuer::new(client, token_file.clone(), trust.clone());
+            Ok((Arc::new(issuer), trust, None))
+        }
+    }
 }
 
 /// The next complete state from the API server; never resolves in file mode.
@@ -1097,10 +1153,26 @@ impl Agent {
     /// every pod that is enrolled: a pod that fails enrollment is held closed and named here,
     /// but cannot hold back the node (one tenant must not stall a rollout).
     fn update_readiness(&mut self, wanted: usize) {
+        self.wanted = wanted;
         let enrolled = self.pods.len();
         let with_cert = self.pods.keys().filter(|k| self.mesh.certs.get(k).is_some()).count();
         let mut detail =
             format!("{enrolled} of {wanted} pods enrolled, {with_cert} with certificates");
+        // The CA being down fails no probe: pods with certificates keep working, and an
+        // unready node would stall the rollout that may be what brings the CA back.
+        let waiting = self.mesh.certs.pending();
+        if !waiting.is_empty() {
+            detail.push_str(&format!(
+                "; waiting for a first certificate, mesh traffic closed: {}",
+                identity::describe_pending(&waiting)
+            ));
+        }
+        if let Some((since, why)) = self.mesh.certs.health().failing {
+            detail.push_str(&format!(
+                "; the certificate service fails since {}: {why} (certificates in hand work until they expire)",
+                humantime::format_rfc3339_seconds(since)
+            ));
+        }
         let failures = self.failures.list();
         if !failures.is_empty() {
             let names: Vec<String> = failures
@@ -1216,16 +1288,22 @@ impl Agent {
         // recreated under the same name with another service account).
         let id = SpiffeId::new(&self.cfg.trust_domain, &w.namespace, &w.service_account)
             .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
-        if self.mesh.certs.get(&w.key()).is_none_or(|c| *c.spiffe_id() != id) {
-            let cert = self
-                .signer
-                .issue(&id, self.cfg.cert_ttl)
-                .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
-            self.mesh.certs.insert(w.key(), cert);
-        }
+        self.want_certificate(&w.key(), &id)
+            .map_err(|e| fail(Step::Certificate, closed)(e.into()))?;
         let tasks = self.start_listeners(w, &netns).map_err(fail(Step::Listeners, closed))?;
         let _netns_entry = self.mesh.netns.register(w.key(), &netns);
         Ok(EnrolledPod { workload: w.clone(), netns, _tasks: tasks, _netns_entry })
+    }
+
+    /// Says the pod holds `id`. With `--ca-dir` its certificate is signed here and now, so
+    /// it exists before any listener does. With a certificate service the store's driver asks
+    /// for it: enrollment never waits on the network, and the pod's mesh connections wait a
+    /// little for it, then fail closed.
+    fn want_certificate(&self, key: &str, id: &SpiffeId) -> Result<(), identity::IdentityError> {
+        if let (None, Some(signer)) = (self.mesh.certs.want(key, id), &self.signer) {
+            self.mesh.certs.insert(key, signer.issue(id, self.cfg.cert_ttl)?);
+        }
+        Ok(())
     }
 
     /// Opens the agent's listeners in the pod and steers the agent's ports to them. Each is

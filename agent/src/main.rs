@@ -83,7 +83,16 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 cgroup: args.cgroup,
                 source,
                 admin: args.admin,
-                ca_dir: args.ca_dir,
+                ca: match (args.ca_address, args.ca_dir) {
+                    (Some(address), _) => agent::CaSource::Service {
+                        address,
+                        // clap requires both with --ca-address.
+                        token_file: args.ca_token_file.unwrap_or_default(),
+                        root: args.ca_root.unwrap_or_default(),
+                        server_name: args.ca_server_name,
+                    },
+                    (None, dir) => agent::CaSource::Dir(dir.unwrap_or_default()),
+                },
                 trust_domain: args.trust_domain,
                 cert_ttl: args.cert_ttl,
                 root_namespace: args.root_namespace,

@@ -197,8 +197,9 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
     // Pins made in the container must land in the host's bpffs.
     assert_eq!(bpf_mount.mount_propagation.as_deref(), Some("Bidirectional"));
     assert_eq!(host_path(Path::new("/var/run/netns")), Path::new("/var/run/netns"));
-    let (ca_mount, ca) = mount_of(&args.ca_dir);
-    assert_eq!(ca_mount.mount_path, args.ca_dir.to_string_lossy());
+    let ca_dir = args.ca_dir.as_deref().expect("the DaemonSet names its CA");
+    let (ca_mount, ca) = mount_of(ca_dir);
+    assert_eq!(ca_mount.mount_path, ca_dir.to_string_lossy());
     let secret = ca.secret.as_ref().and_then(|s| s.secret_name.as_deref());
     assert_eq!(secret, Some("cacerts"), "the CA comes from Istio's cacerts secret");
 }

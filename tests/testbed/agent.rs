@@ -178,6 +178,12 @@ pub struct AgentOptions {
     pub workloads: Option<PathBuf>,
     /// The CA to sign with; `None` makes a fresh one for this agent alone.
     pub ca_dir: Option<PathBuf>,
+    /// Certificates from a certificate service instead: its flags
+    /// ([`crate::certservice::CaService::agent_args`]); no CA directory is given then.
+    pub ca_service: Option<Vec<String>>,
+    /// A command the agent is started through (it gets the agent's path and arguments), e.g.
+    /// `unshare --mount ...`.
+    pub wrapper: Vec<String>,
     pub extra_args: Vec<String>,
     /// `RUST_LOG` for the agent; `None`: `MTLS_TEST_AGENT_LOG` or debug for the agent and
     /// its eBPF programs.
@@ -210,6 +216,8 @@ impl AgentOptions {
             node: node.into(),
             workloads: Some(workloads.to_owned()),
             ca_dir: None,
+            ca_service: None,
+            wrapper: vec![],
             extra_args: vec![],
             log_filter: None,
             cgroup: None,
@@ -224,6 +232,8 @@ impl AgentOptions {
             node: node.into(),
             workloads: None,
             ca_dir: None,
+            ca_service: None,
+            wrapper: vec![],
             extra_args: vec![
                 "--kubeconfig".into(),
                 kubeconfig.display().to_string(),
@@ -253,6 +263,7 @@ pub struct AgentProcess {
     pub node: String,
     log: Arc<Mutex<String>>,
     cmd: Vec<String>,
+    wrapper: Vec<String>,
     log_filter: String,
     /// The cgroup the agent runs in, when the test chose one; removed after the agent.
     cgroup: Option<crate::cgroup::CgroupDir>,
@@ -272,9 +283,9 @@ impl AgentProcess {
         let health: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let node = bed.node(&opts.node);
         let bpffs = bed.bpffs_dir(&opts.node);
-        let own_ca = match opts.ca_dir {
-            Some(_) => None,
-            None => Some(CaDir::init(&opts.node, "cluster.local")?),
+        let own_ca = match (&opts.ca_dir, &opts.ca_service) {
+            (None, None) => Some(CaDir::init(&opts.node, "cluster.local")?),
+            _ => None,
         };
         let ca_dir = opts
             .ca_dir
@@ -308,9 +319,11 @@ impl AgentProcess {
                 admin_dir.display().to_string(),
             ]);
         }
+        match &opts.ca_service {
+            Some(args) => cmd.extend(args.iter().cloned()),
+            None => cmd.extend(["--ca-dir".into(), ca_dir.display().to_string()]),
+        }
         cmd.extend([
-            "--ca-dir".into(),
-            ca_dir.display().to_string(),
             "--metrics".into(),
             metrics.to_string(),
             "--health".into(),
@@ -333,6 +346,7 @@ impl AgentProcess {
             node: opts.node.clone(),
             log: Arc::new(Mutex::new(String::new())),
             cmd,
+            wrapper: opts.wrapper.clone(),
             log_filter: opts.log_filter.clone().unwrap_or_else(|| {
                 std::env::var("MTLS_TEST_AGENT_LOG")
                     .unwrap_or_else(|_| "info,mtls_agent=debug,mtls_agent_ebpf=debug".into())
@@ -350,7 +364,14 @@ impl AgentProcess {
     }
 
     fn spawn_child(&mut self) -> Result<()> {
-        let mut command = Command::new(agent_bin());
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         // Opened before fork: the child may only make raw syscalls.
         let procs = match &self.cgroup {
             Some(c) => {

@@ -30,6 +30,7 @@
 pub mod agent;
 pub mod apiserver;
 mod capture;
+pub mod certservice;
 pub(crate) mod cgroup;
 pub mod mesh;
 mod netlink;

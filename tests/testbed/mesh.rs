@@ -117,6 +117,22 @@ impl Mesh {
         Ok(())
     }
 
+    /// Starts `node`'s agent with its certificates from `ca` (no CA directory on the node).
+    pub fn start_agent_with_ca_service(
+        &mut self,
+        node: &str,
+        workloads: &Path,
+        ca: &crate::certservice::CaService,
+        extra: &[&str],
+    ) -> Result<()> {
+        let mut opts = AgentOptions::new(node, workloads);
+        opts.ca_service = Some(ca.agent_args(node));
+        opts.extra_args = extra.iter().map(|s| s.to_string()).collect();
+        let agent = AgentProcess::start(&self.bed, opts)?;
+        self.agents.insert(node.to_owned(), agent);
+        Ok(())
+    }
+
     pub fn agent(&self, node: &str) -> &AgentProcess {
         &self.agents[node]
     }

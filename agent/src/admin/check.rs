@@ -38,6 +38,8 @@ pub struct CheckReport {
     pub identity: Option<String>,
     pub certificate_serial: Option<String>,
     pub certificate_expires: Option<String>,
+    /// Which CA signed the certificate it presents.
+    pub certificate_issuer: Option<String>,
     pub listeners: Vec<ListenerRow>,
     /// The pod's UDP listeners (pods this agent enrolled): the agent captures and enforces TCP
     /// only, so none of them is covered, whatever the policy says.
@@ -375,17 +377,20 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
         enrolled,
         enrollment_failure,
         membership: member.map(|m| m.membership),
-        note: elsewhere.then(|| {
-            format!(
+        note: if elsewhere {
+            Some(format!(
                 "{} runs on node {}, not on this agent's node {}: its certificate and listeners \
                  are with node {}'s agent (run mtls-agent check on that node)",
                 w.key(),
                 w.node,
                 state.node,
                 w.node
-            )
-        }),
+            ))
+        } else {
+            waiting_note(state, &w.key())
+        },
         identity,
+        certificate_issuer: cert.as_ref().map(|c| c.issued_by().to_owned()),
         certificate_serial: cert.as_ref().map(|c| c.serial().to_owned()),
         certificate_expires: cert.as_ref().map(|c| t(c.not_after())),
         listeners,
@@ -424,6 +429,7 @@ fn outside(state: &AdminState, m: PodMembership) -> CheckReport {
         identity: None,
         certificate_serial: None,
         certificate_expires: None,
+        certificate_issuer: None,
         listeners: Vec::new(),
         udp_listeners: Vec::new(),
         udp_note: None,
@@ -450,6 +456,20 @@ pub(super) fn service_target_ports(ws: &WorkloadSet, w: &Workload) -> Vec<u16> {
         }
     }
     ports
+}
+
+/// Why a pod of this node has no certificate yet, when it is waiting for its first one.
+fn waiting_note(state: &AdminState, pod: &str) -> Option<String> {
+    let p = state.mesh.certs.pending().into_iter().find(|p| p.workload == pod)?;
+    let why = p
+        .last_error
+        .map_or_else(|| "asking the CA".to_owned(), |e| format!("the last request failed: {e}"));
+    Some(format!(
+        "waiting for its first certificate ({} since {}, {why}): its mesh traffic fails closed \
+         until it comes",
+        p.identity,
+        humantime::format_rfc3339_seconds(p.since)
+    ))
 }
 
 #[cfg(test)]

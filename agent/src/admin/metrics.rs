@@ -233,6 +233,28 @@ pub fn render(state: &AdminState) -> String {
         "Seconds until each workload certificate expires.",
         &expiry,
     );
+    let health = state.mesh.certs.health();
+    family(
+        "mtls_agent_ca_requests_total",
+        "counter",
+        "Certificate requests to the CA, by result (ok, failed).",
+        &[
+            (format!("{{node=\"{node}\",result=\"ok\"}}"), health.requests_ok as f64),
+            (format!("{{node=\"{node}\",result=\"failed\"}}"), health.requests_failed as f64),
+        ],
+    );
+    family(
+        "mtls_agent_ca_failing",
+        "gauge",
+        "1 while the CA's last answer was a failure (certificates in hand keep working until they expire).",
+        &[(format!("{{node=\"{node}\"}}"), if health.failing.is_some() { 1.0 } else { 0.0 })],
+    );
+    family(
+        "mtls_agent_certificates_waiting",
+        "gauge",
+        "Workloads of this node without a first certificate (their mesh traffic fails closed).",
+        &[(format!("{{node=\"{node}\"}}"), state.mesh.certs.pending().len() as f64)],
+    );
     let states: Vec<(String, f64)> = state
         .policy_sources
         .states()

@@ -101,12 +101,21 @@ struct Stats {
 struct CertView {
     workload: String,
     identity: String,
+    /// `issued`, or `waiting` for the first certificate (the pod's mesh traffic is closed).
+    state: &'static str,
+    /// Empty while waiting.
     serial: String,
-    not_before: String,
-    not_after: String,
+    not_before: Option<String>,
+    not_after: Option<String>,
+    /// The next request: a renewal, or the next try for a first certificate.
     next_renewal: String,
     renewal_failures: u32,
     last_error: Option<String>,
+    /// Which CA signed it (while waiting: none yet).
+    issued_by: Option<String>,
+    /// While waiting: since when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting_since: Option<String>,
 }
 
 /// `/config_dump`.
@@ -227,22 +236,35 @@ fn config_dump(state: &AdminState) -> ConfigDump {
 
 fn certs(state: &AdminState) -> Vec<CertView> {
     let t = |s: std::time::SystemTime| humantime::format_rfc3339_seconds(s).to_string();
-    state
-        .mesh
-        .certs
-        .list()
-        .into_iter()
-        .map(|c| CertView {
-            workload: c.workload,
-            identity: c.identity.to_string(),
-            serial: c.serial,
-            not_before: t(c.not_before),
-            not_after: t(c.not_after),
-            next_renewal: t(c.next_renewal),
-            renewal_failures: c.renewal_failures,
-            last_error: c.last_error,
-        })
-        .collect()
+    let issued = state.mesh.certs.list().into_iter().map(|c| CertView {
+        workload: c.workload,
+        identity: c.identity.to_string(),
+        state: "issued",
+        serial: c.serial,
+        not_before: Some(t(c.not_before)),
+        not_after: Some(t(c.not_after)),
+        next_renewal: t(c.next_renewal),
+        renewal_failures: c.renewal_failures,
+        last_error: c.last_error,
+        issued_by: Some(c.issued_by),
+        waiting_since: None,
+    });
+    let waiting = state.mesh.certs.pending().into_iter().map(|p| CertView {
+        workload: p.workload,
+        identity: p.identity.to_string(),
+        state: "waiting",
+        serial: String::new(),
+        not_before: None,
+        not_after: None,
+        next_renewal: t(p.next_attempt),
+        renewal_failures: p.failures,
+        last_error: p.last_error,
+        issued_by: None,
+        waiting_since: Some(t(p.since)),
+    });
+    let mut all: Vec<CertView> = issued.chain(waiting).collect();
+    all.sort_by(|a, b| a.workload.cmp(&b.workload));
+    all
 }
 
 /// What the local servers listen on.

@@ -438,11 +438,8 @@ impl Agent {
             if let Err(e) = enabled {
                 debug!(pod = %key, "tcp_migrate_req unavailable: {e}");
             }
-            if self.mesh.certs.get(&key).is_none() {
-                let id = SpiffeId::new(&self.cfg.trust_domain, &p.namespace, &p.service_account)?;
-                let cert = self.signer.issue(&id, self.cfg.cert_ttl)?;
-                self.mesh.certs.insert(key.clone(), cert);
-            }
+            let id = SpiffeId::new(&self.cfg.trust_domain, &p.namespace, &p.service_account)?;
+            self.want_certificate(&key, &id)?;
             let mut tasks = Tasks::default();
             self.start_outbound(&key, &netns, &mut tasks)?;
             Ok(tasks)

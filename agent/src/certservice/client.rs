@@ -103,6 +103,11 @@ impl CaClient {
         })
     }
 
+    /// The address as given (`https://host:port`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Sends `request` with `token`; the PEM chain of the answer (leaf first, roots last).
     pub async fn create_certificate(
         &self,

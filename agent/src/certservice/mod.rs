@@ -8,11 +8,13 @@
 //! identities of that node's pods, and no others.
 //!
 //! Data flows one way: [`authority`] says who is calling and what its node runs, [`server`]
-//! checks the request (`identity::csr`), decides and signs, [`client`] is the agent's side.
+//! checks the request (`identity::csr`), decides and signs, [`client`] is the agent's side of
+//! the protocol and [`issuer`] the agent's certificates through it.
 //! Every refusal is a gRPC status whose message names the reason, and is logged.
 
 pub mod authority;
 pub mod client;
+pub mod issuer;
 pub mod server;
 
 /// The generated protocol types (from the vendored `proto/istio/v1/auth/ca.proto`).

@@ -258,10 +258,29 @@ pub struct RunArgs {
     /// probes each instance with `mtls-agent probe` instead.
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub health: SocketAddr,
-    /// CA directory in Istio's plug-in CA layout (`mtls-agent ca init` makes one). The agent
-    /// signs its pods' workload certificates with it and trusts the roots in root-cert.pem.
-    #[arg(long)]
-    pub ca_dir: PathBuf,
+    /// The certificate service to get the pods' certificates from: `https://HOST[:PORT]`
+    /// (port 15012 by default), `mtls-agent ca serve` or istiod
+    /// (`https://istiod.istio-system.svc:15012`). Keys are made on this node and never leave it.
+    #[arg(long, conflicts_with = "ca_dir", requires_all = ["ca_token_file", "ca_root"])]
+    pub ca_address: Option<String>,
+    /// The node's token for the certificate service (a projected ServiceAccount token with
+    /// audience `istio-ca`, or the node's token of `ca serve --node-tokens`), read again for
+    /// every request.
+    #[arg(long, requires = "ca_address")]
+    pub ca_token_file: Option<PathBuf>,
+    /// The mesh's trust bundle (PEM roots, as Istio's `istio-ca-root-cert`): the certificate
+    /// service's own certificate and every peer's must lead to one of them.
+    #[arg(long, requires = "ca_address")]
+    pub ca_root: Option<PathBuf>,
+    /// The name the certificate service's certificate must carry, when it is not the host of
+    /// `--ca-address` (as ztunnel's `ALT_CA_HOSTNAME`).
+    #[arg(long, requires = "ca_address")]
+    pub ca_server_name: Option<String>,
+    /// For development and the demo only: a CA directory in Istio's plug-in CA layout
+    /// (`mtls-agent ca init`) whose key signs this node's certificates. Whoever is root on the
+    /// node can then mint any identity of the mesh; use `--ca-address` in production.
+    #[arg(long, required_unless_present = "ca_address")]
+    pub ca_dir: Option<PathBuf>,
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,

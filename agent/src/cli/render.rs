@@ -89,6 +89,12 @@ pub fn check(v: &Value) -> String {
         if v["membership"]["inMesh"] == false {
             format!("NOT IN THE MESH: {}", s(&v["note"]))
         } else if v["enrolled"] != true
+            && v["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("waiting for its first certificate"))
+        {
+            format!("NO CERTIFICATE YET, CLOSED: {}", s(&v["note"]))
+        } else if v["enrolled"] != true
             && v["listeners"].as_array().is_some_and(Vec::is_empty)
             && v["node"] == v["agentNode"]
             && v["note"].is_string()
@@ -96,8 +102,12 @@ pub fn check(v: &Value) -> String {
             format!("NOT ENROLLED YET: {}", s(&v["note"]))
         } else if v["enrolled"] == true {
             let by = v["membership"]["by"].as_str().map(|b| format!(" ({b})")).unwrap_or_default();
+            let issuer = v["certificateIssuer"]
+                .as_str()
+                .map(|i| format!(", issued by {i}"))
+                .unwrap_or_default();
             format!(
-                "in the mesh{by} as {}, certificate {} valid until {}",
+                "in the mesh{by} as {}, certificate {} valid until {}{issuer}",
                 s(&v["identity"]),
                 s(&v["certificateSerial"]),
                 s(&v["certificateExpires"])
@@ -285,17 +295,32 @@ pub fn certs(v: &Value) -> String {
         .unwrap_or_default()
         .iter()
         .map(|c| {
+            let waiting = c["state"] == "waiting";
+            let failures = c["renewalFailures"].as_u64().unwrap_or_default();
+            let status = match (waiting, failures) {
+                (true, _) => format!(
+                    "WAITING since {} (mesh traffic closed): {}",
+                    s(&c["waitingSince"]),
+                    c["lastError"].as_str().unwrap_or("asking the CA")
+                ),
+                (false, 0) => "ok".into(),
+                (false, n) => format!("{n} renewals failed: {}", s(&c["lastError"])),
+            };
             vec![
                 s(&c["workload"]),
                 s(&c["identity"]),
-                s(&c["serial"]),
-                s(&c["notBefore"]),
+                if waiting { "-".into() } else { s(&c["serial"]) },
                 s(&c["notAfter"]),
                 s(&c["nextRenewal"]),
+                s(&c["issuedBy"]),
+                status,
             ]
         })
         .collect();
-    table(&["WORKLOAD", "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "NEXT RENEWAL"], &rows)
+    table(
+        &["WORKLOAD", "IDENTITY", "SERIAL", "NOT AFTER", "NEXT REQUEST", "ISSUED BY", "STATUS"],
+        &rows,
+    )
 }
 
 #[cfg(test)]

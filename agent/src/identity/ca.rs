@@ -44,10 +44,19 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ROOT_COMMON_NAME: &str = "mtls-agent root CA";
 
-/// Anything that can issue workload certificates; the renewal driver works through this so
-/// that tests (and a future CA reload) can stand in for [`CaSigner`].
+/// What [`CertIssuer::issue`] returns: a certificate, some time later.
+pub type IssueFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<WorkloadCert, IdentityError>> + Send + 'a>,
+>;
+
+/// Anything that can issue workload certificates: the CA of this node ([`CaSigner`], for
+/// development), or the certificate service over the network (`certservice::RemoteIssuer`).
+/// The store's driver is its only caller; tests stand in for it.
 pub trait CertIssuer: Send + Sync {
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError>;
+    /// A new key and a certificate for `id`, valid for about `ttl`.
+    fn issue<'a>(&'a self, id: &'a SpiffeId, ttl: Duration) -> IssueFuture<'a>;
+    /// Who signs, in words: `certs` and `check` show it.
+    fn describe(&self) -> &str;
 }
 
 /// Creates a fresh self-signed ECDSA P-256 root in `dir` (created if missing): `ca-cert.pem`
@@ -140,6 +149,8 @@ pub struct CaSigner {
     /// What follows the leaf on the wire: cert-chain.pem minus the roots of the bundle.
     intermediates: Vec<CertificateDer<'static>>,
     bundle: TrustBundle,
+    /// `node-local CA in <dir>`: what the certificates it signed say of their issuer.
+    described: String,
 }
 
 impl std::fmt::Debug for CaSigner {
@@ -254,6 +265,7 @@ impl CaSigner {
             })?;
 
         let signer = Self {
+            described: format!("node-local CA in {}", dir.display()),
             dir: dir.to_path_buf(),
             issuer,
             key,
@@ -464,6 +476,7 @@ impl CaSigner {
             not_before,
             not_after,
             renew_at,
+            Arc::from(self.described.as_str()),
         ))
     }
 
@@ -505,8 +518,13 @@ impl CaSigner {
 }
 
 impl CertIssuer for CaSigner {
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
-        CaSigner::issue(self, id, ttl)
+    fn issue<'a>(&'a self, id: &'a SpiffeId, ttl: Duration) -> IssueFuture<'a> {
+        // A signature takes well under a millisecond: no need to leave the runtime's thread.
+        Box::pin(std::future::ready(CaSigner::issue(self, id, ttl)))
+    }
+
+    fn describe(&self) -> &str {
+        &self.described
     }
 }
 

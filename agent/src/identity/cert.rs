@@ -9,6 +9,8 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::spiffe::SpiffeId;
+use super::tls::TrustBundle;
+use super::IdentityError;
 
 /// A workload's X.509-SVID: the chain (leaf first, then intermediates) and its private key.
 ///
@@ -21,6 +23,8 @@ pub struct WorkloadCert {
     not_before: SystemTime,
     not_after: SystemTime,
     renew_at: SystemTime,
+    /// Which CA signed it, in words (`certs`, `check`, logs).
+    issued_by: Arc<str>,
 }
 
 impl WorkloadCert {
@@ -31,8 +35,87 @@ impl WorkloadCert {
         not_before: SystemTime,
         not_after: SystemTime,
         renew_at: SystemTime,
+        issued_by: Arc<str>,
     ) -> Self {
-        Self { certified, spiffe_id, serial, not_before, not_after, renew_at }
+        Self { certified, spiffe_id, serial, not_before, not_after, renew_at, issued_by }
+    }
+
+    /// Builds the certificate of `id` from a CA's answer (`chain`: PEM elements, leaf first;
+    /// Istio's CAs put the roots last) to a request made with `key`. Nothing of the answer is
+    /// trusted: the leaf must be for `key` and name exactly `id`, and it must verify, with the
+    /// answer's other certificates as intermediates, against the node's own `bundle` (never
+    /// against roots the answer carries). Certificates of the answer that are roots of the
+    /// bundle are not sent in handshakes.
+    pub fn from_answer(
+        chain: &[String],
+        key: &rcgen::KeyPair,
+        id: &SpiffeId,
+        bundle: &TrustBundle,
+        issued_by: Arc<str>,
+    ) -> Result<WorkloadCert, IdentityError> {
+        use rustls_pki_types::pem::PemObject;
+        let bad = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
+        let mut certs: Vec<CertificateDer<'static>> = Vec::new();
+        for (i, element) in chain.iter().enumerate() {
+            let mut found = 0;
+            for cert in CertificateDer::pem_slice_iter(element.as_bytes()) {
+                let cert =
+                    cert.map_err(|e| bad(format!("the answer's element {i} is not PEM: {e}")))?;
+                found += 1;
+                // A root of ours is the anchor, not part of the chain we present.
+                if !certs.is_empty() && bundle.contains(&cert) {
+                    continue;
+                }
+                certs.push(cert);
+            }
+            if found == 0 {
+                return Err(bad(format!("the answer's element {i} holds no certificate")));
+            }
+        }
+        let leaf = certs.first().ok_or_else(|| bad("the answer holds no certificate".into()))?;
+        let (_, parsed) = X509Certificate::from_der(leaf)
+            .map_err(|e| bad(format!("the answer's leaf does not parse: {e}")))?;
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
+            return Err(bad("the CA answered with a certificate for another key".into()));
+        }
+        let named = super::tls::peer_identity(&certs[..1])
+            .map_err(|e| bad(format!("the answer's leaf: {e}")))?;
+        if named != *id {
+            return Err(bad(format!("the CA answered with a certificate for {named}")));
+        }
+        super::tls::verify_chain_now(&certs, bundle).map_err(|e| {
+            bad(format!(
+                "the answer does not verify against the node's trust bundle: {}",
+                super::tls::describe_tls_error(&e)
+            ))
+        })?;
+        let serial = super::ca::hex(parsed.raw_serial());
+        let not_before = super::ca::asn1_time(parsed.validity().not_before);
+        let not_after = super::ca::asn1_time(parsed.validity().not_after);
+        drop(parsed);
+        let now = SystemTime::now();
+        if not_after <= now {
+            return Err(bad("the CA answered with an expired certificate".into()));
+        }
+        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(
+            &rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialized_der().to_vec().into()),
+        )
+        .map_err(|e| bad(format!("loading the key: {e}")))?;
+        let renew_at = renewal_instant(now, not_after, rand::random::<f64>());
+        Ok(WorkloadCert::new(
+            Arc::new(CertifiedKey::new(certs, signing_key)),
+            id.clone(),
+            serial,
+            not_before,
+            not_after,
+            renew_at,
+            issued_by,
+        ))
+    }
+
+    /// Which CA signed it, in words.
+    pub fn issued_by(&self) -> &str {
+        &self.issued_by
     }
 
     /// The certificate chain as sent in the handshake: leaf first, then intermediates
@@ -94,6 +177,7 @@ impl fmt::Debug for WorkloadCert {
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
             .field("renew_at", &self.renew_at)
+            .field("issued_by", &self.issued_by)
             .field("chain_len", &self.certified.cert.len())
             .finish_non_exhaustive()
     }
@@ -174,5 +258,104 @@ mod tests {
         assert_eq!(fmt_unix(0), "1970-01-01T00:00:00Z");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(fmt_time(t), "2023-11-14T22:13:20Z");
+    }
+
+    /// What `ca` answers to a request of `key` for `signed_for`, in the shape Istio's CAs send:
+    /// the leaf, then the roots as the last element.
+    fn answer(
+        ca: &super::super::CaSigner,
+        key: &rcgen::KeyPair,
+        signed_for: &SpiffeId,
+    ) -> Vec<String> {
+        let csr = {
+            let mut params = rcgen::CertificateParams::default();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            let mut san = rcgen::CustomExtension::from_oid_content(
+                super::super::der::OID_SUBJECT_ALT_NAME,
+                super::super::der::san_uri(&signed_for.to_string()),
+            );
+            san.set_criticality(true);
+            params.custom_extensions.push(san);
+            params.serialize_request(key).unwrap().pem().unwrap()
+        };
+        let checked = super::super::csr::check(csr.as_bytes(), "cluster.local").unwrap();
+        let mut chain: Vec<String> = ca
+            .sign_csr(&checked, Duration::from_secs(3600))
+            .unwrap()
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref())))
+            .collect();
+        chain.push(
+            ca.trust_bundle()
+                .certs()
+                .iter()
+                .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref())))
+                .collect(),
+        );
+        chain
+    }
+
+    fn refusal(r: Result<WorkloadCert, IdentityError>) -> String {
+        match r {
+            Ok(c) => panic!("accepted {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_believed_only_for_our_key_our_identity_and_our_roots() {
+        let (_tmp, ca) = super::super::testutil::new_ca("cluster.local");
+        let bundle = ca.trust_bundle().clone();
+        let web = super::super::testutil::id("spiffe://cluster.local/ns/shop/sa/web");
+        let db = super::super::testutil::id("spiffe://cluster.local/ns/shop/sa/db");
+        let (_, key) = super::super::csr::request(&web).unwrap();
+        let by: Arc<str> = Arc::from("certificate service https://ca:15012");
+
+        // The honest answer: the root of the last element is not sent in handshakes.
+        let good =
+            WorkloadCert::from_answer(&answer(&ca, &key, &web), &key, &web, &bundle, by.clone())
+                .unwrap();
+        assert_eq!(good.spiffe_id(), &web);
+        assert_eq!(good.chain().len(), 1, "the root is the peer's anchor, not part of our chain");
+        assert_eq!(good.issued_by(), &*by);
+        assert!(good.renew_at() < good.not_after());
+
+        // A certificate for another key (someone else's CSR, replayed to us).
+        let (_, stranger) = super::super::csr::request(&web).unwrap();
+        let e = refusal(WorkloadCert::from_answer(
+            &answer(&ca, &stranger, &web),
+            &key,
+            &web,
+            &bundle,
+            by.clone(),
+        ));
+        assert!(e.contains("another key"), "{e}");
+
+        // A certificate for another identity than the one asked for.
+        let e = refusal(WorkloadCert::from_answer(
+            &answer(&ca, &key, &db),
+            &key,
+            &web,
+            &bundle,
+            by.clone(),
+        ));
+        assert!(e.contains("for spiffe://cluster.local/ns/shop/sa/db"), "{e}");
+
+        // A rogue CA that answers with its own root in the chain: our bundle decides.
+        let (_tmp2, rogue) = super::super::testutil::new_ca("cluster.local");
+        let e = refusal(WorkloadCert::from_answer(
+            &answer(&rogue, &key, &web),
+            &key,
+            &web,
+            &bundle,
+            by.clone(),
+        ));
+        assert!(e.contains("does not verify against the node's trust bundle"), "{e}");
+
+        // Nothing, or not PEM.
+        let e = refusal(WorkloadCert::from_answer(&[], &key, &web, &bundle, by.clone()));
+        assert!(e.contains("holds no certificate"), "{e}");
+        let e = refusal(WorkloadCert::from_answer(&["hello".into()], &key, &web, &bundle, by));
+        assert!(e.contains("element 0 holds no certificate"), "{e}");
     }
 }

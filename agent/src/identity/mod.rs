@@ -5,7 +5,9 @@
 //! - [`init_ca`] / [`CaSigner`] — a CA directory holding `ca-cert.pem`, `ca-key.pem`,
 //!   `root-cert.pem` and `cert-chain.pem`, so an existing Istio PKI can be reused.
 //! - [`WorkloadCert`], [`CertStore`], [`run_renewals`] — per-node certificates for local pods,
-//!   renewed at half-life with jitter; a failed renewal keeps the old certificate.
+//!   one per identity, got from a [`CertIssuer`] (the certificate service, or a CA key on the
+//!   node for development) and renewed at half-life with jitter; a failed renewal keeps the
+//!   old certificate.
 //! - [`server_config`], [`client_config`], [`peer_identity`], [`describe_tls_error`] — TLS 1.3
 //!   only, chain verification against a [`TrustBundle`] and exact SPIFFE URI-SAN checks; no DNS
 //!   hostname checks anywhere.
@@ -24,12 +26,12 @@ mod testutil;
 use std::path::PathBuf;
 
 pub use ca::{
-    init_ca, CaSigner, CertIssuer, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CLOCK_SKEW,
-    ROOT_CERT_FILE,
+    init_ca, CaSigner, CertIssuer, IssueFuture, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE,
+    CLOCK_SKEW, ROOT_CERT_FILE,
 };
 pub use cert::{serial_and_not_after, WorkloadCert};
 pub use spiffe::{validate_trust_domain, SpiffeId, SpiffeIdError};
-pub use store::{run_renewals, CertInfo, CertStore};
+pub use store::{describe_pending, run_renewals, CaHealth, CertInfo, CertStore, PendingCert};
 pub use tls::{
     client_config, describe_io_error, describe_tls_error, io_error_reason, peer_identity,
     server_config, tls_error_reason, PeerVerifyError, TrustBundle, ALPN_H2,

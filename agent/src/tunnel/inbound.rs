@@ -154,6 +154,8 @@ async fn handle(ctx: Arc<InboundContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    // A pod enrolled a moment ago may still be waiting for its first certificate.
+    ctx.mesh.certs.wait(&ctx.pod, super::FIRST_CERT_WAIT).await;
     let cfg = match ctx.server_config() {
         Ok(c) => c,
         Err(e) => {

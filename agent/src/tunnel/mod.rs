@@ -123,6 +123,10 @@ pub struct PoolKey {
 }
 
 /// What every listener of the node shares.
+/// How long a connection of a pod waits for the pod's first certificate (asked for when the
+/// pod was enrolled) before it is refused: closed, never plaintext.
+pub const FIRST_CERT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Mesh {
     pub trust_domain: String,
     pub trust: Arc<TrustBundle>,

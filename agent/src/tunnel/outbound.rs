@@ -172,21 +172,23 @@ async fn handle(ctx: Arc<OutboundContext>, mut client: TcpStream, peer: SocketAd
         _ => None,
     };
     let carry = match expected {
-        Some((expected, tunnel_ip)) => match ctx.mesh.certs.get(&ctx.pod) {
-            Some(cert) => Carry::Mtls { cert, expected, tunnel_ip },
-            None => {
-                ctx.mesh.stats.rejections.count(OUTBOUND, "no_certificate");
-                warn!(
-                    src = %peer,
-                    src_pod = %ctx.pod,
-                    original_dst = %orig,
-                    dst = %route.dst,
-                    policy = BY_IDENTITY,
-                    "rejected: this pod has no certificate to tunnel with"
-                );
-                return;
+        Some((expected, tunnel_ip)) => {
+            match ctx.mesh.certs.wait(&ctx.pod, super::FIRST_CERT_WAIT).await {
+                Some(cert) => Carry::Mtls { cert, expected, tunnel_ip },
+                None => {
+                    ctx.mesh.stats.rejections.count(OUTBOUND, "no_certificate");
+                    warn!(
+                        src = %peer,
+                        src_pod = %ctx.pod,
+                        original_dst = %orig,
+                        dst = %route.dst,
+                        policy = BY_IDENTITY,
+                        "rejected: this pod has no certificate to tunnel with"
+                    );
+                    return;
+                }
             }
-        },
+        }
         None => Carry::Plaintext,
     };
     // A destination that is no mesh workload (an endpoint outside the mesh, a VIP the agent
