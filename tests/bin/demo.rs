@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: the hipster-app mTLS workshop on this machine, no cluster. Two nodes, the
-//! hipster-app pods as network namespaces + cgroups, one agent per node, the workshop's STRICT
+//! hipster-app pods as network namespaces + cgroups, one certificate service (`mtls-agent ca
+//! serve`, the only holder of the CA key) and one agent per node, the workshop's STRICT
 //! Policy from `policies/`, traffic shown encrypted, a pod outside the mesh refused, the policy
 //! switched to PERMISSIVE and back, and `mtls-agent check` answering which policy decided.
 //! Everything it builds is removed when it ends, however it ends.
@@ -17,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 use testbed::{
     agent::{agent_bin, AgentProcess, ServiceEntry},
+    certservice::CaService,
     mesh::{Mesh, PolicyDir},
 };
 
@@ -101,11 +103,18 @@ fn run() -> Result<()> {
     policies.write("hipster-app-mtls.yaml", &strict)?;
     print!("{}", indent(&strict));
 
-    step("mtls-agent on each node: one CA, eBPF capture and enforcement, HBONE over mTLS")?;
+    step("mtls-agent ca serve: the only process with the CA key (Istio's CA protocol, gRPC over TLS)")?;
     let ca = m.ca("ca")?;
+    let svc = CaService::start(m.bed.id(), &ca, &workloads, &["node1", "node2"])?;
+    println!(
+        "  listening on {}; each node's agent has a token and the trust bundle, no key",
+        svc.addr
+    );
+
+    step("mtls-agent on each node: eBPF capture and enforcement, HBONE over mTLS")?;
     let dir = policies.0.display().to_string();
     for node in ["node1", "node2"] {
-        m.start_agent(node, &workloads, &ca, &["--policies", &dir])?;
+        m.start_agent_with_ca_service(node, &workloads, &svc, &["--policies", &dir])?;
         let a = m.agent(node);
         println!(
             "  {node}: admin {}, metrics {}, pins under {}",
@@ -114,6 +123,17 @@ fn run() -> Result<()> {
             a.bpffs.display()
         );
     }
+
+    step("mtls-agent certs  (node1: keys made on the node, signed by the certificate service)")?;
+    let t = Instant::now();
+    let certs = loop {
+        let out = cli(&m, "node1", &["certs"])?;
+        if !out.contains("WAITING") || t.elapsed() > Duration::from_secs(10) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    print!("{}", indent(&certs));
 
     step("frontend calls every backend by its service VIP; the fabric is captured meanwhile")?;
     let capture = m.bed.start_capture()?;
@@ -176,6 +196,7 @@ fn run() -> Result<()> {
 
     step("done: removing the pods, cgroups, bridge, pins and files")?;
     drop(m);
+    drop(svc);
     Ok(())
 }
 
