@@ -14,6 +14,7 @@ use mtls_agent::identity::{csr, SpiffeId, TrustBundle};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use testbed::apiserver::{ApiServer, PODS};
 use tonic::Code;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -41,13 +42,6 @@ impl Service {
     /// A new CA, node1 running shop/web and node2 running shop/db, certificates capped at 1 h.
     fn start() -> Result<Service> {
         let dir = tempfile::tempdir()?;
-        let bin = testbed::agent::agent_bin();
-        let ca = dir.path().join("ca");
-        let out = Command::new(&bin)
-            .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
-            .arg(&ca)
-            .output()?;
-        ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
         let tokens = dir.path().join("tokens.yaml");
         std::fs::write(
             &tokens,
@@ -62,6 +56,32 @@ impl Service {
              - {name: web-1, namespace: shop, serviceAccount: web, ip: 10.0.0.1, node: node1}\n\
              - {name: db-1, namespace: shop, serviceAccount: db, ip: 10.0.0.2, node: node2}\n",
         )?;
+        let mode = vec![
+            "--node-tokens".into(),
+            tokens.display().to_string(),
+            "--workloads".into(),
+            workloads.display().to_string(),
+        ];
+        Self::spawn(dir, mode)
+    }
+
+    /// In Kubernetes mode, against the stand-in API server `api` (there is no real one here).
+    fn start_kubernetes(api: &ApiServer) -> Result<Service> {
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        Self::spawn(dir, vec!["--kubeconfig".into(), kubeconfig.display().to_string()])
+    }
+
+    /// `ca serve` with a new CA in `dir`, and `mode`'s arguments.
+    fn spawn(dir: tempfile::TempDir, mode: Vec<String>) -> Result<Service> {
+        let bin = testbed::agent::agent_bin();
+        let ca = dir.path().join("ca");
+        let out = Command::new(&bin)
+            .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
+            .arg(&ca)
+            .output()?;
+        ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
         // A free loopback port, then the service binds it.
         let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
         let child = Command::new(&bin)
@@ -70,10 +90,7 @@ impl Service {
             .args(["--node-rate", "2"])
             .args(["--listen", &addr.to_string(), "--server-name", NAME, "--ca-dir"])
             .arg(&ca)
-            .arg("--node-tokens")
-            .arg(&tokens)
-            .arg("--workloads")
-            .arg(&workloads)
+            .args(&mode)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -441,5 +458,125 @@ async fn a_node_that_floods_the_service_is_slowed_and_the_others_are_served() ->
     let db = id(DB);
     let (pem, _key) = csr::request(&db)?;
     c.create_certificate(TOKEN2, request_for(pem, Duration::from_secs(600), Some(&db))).await?;
+    Ok(())
+}
+
+/// A running pod as the API server shows it.
+fn pod(ns: &str, name: &str, uid: &str, node: &str, account: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "uid": uid},
+        "spec": {"nodeName": node, "serviceAccountName": account, "containers": []},
+        "status": {"phase": "Running"},
+    })
+}
+
+const AGENT1: &str = "agent1-projected-token";
+const STALE: &str = "agent1-token-of-a-deleted-pod";
+const UNBOUND: &str = "agent-token-bound-to-no-pod";
+const WRONG_AUDIENCE: &str = "agent1-token-for-the-api-server";
+const WEB_TOKEN: &str = "web-1-own-token";
+
+/// Kubernetes mode against the stand-in API server (it says so; no real one runs here): the
+/// agents' pods on node1 and node2, shop/web on node1, shop/db on node2, and tokens.
+fn kubernetes() -> Result<(ApiServer, Service)> {
+    let api = ApiServer::start()?;
+    api.serve(PODS);
+    api.apply(PODS, pod("mtls-system", "agent-a", "uid-a", "node1", "mtls-agent"));
+    api.apply(PODS, pod("mtls-system", "agent-b", "uid-b", "node2", "mtls-agent"));
+    api.apply(PODS, pod("shop", "web-1", "uid-w", "node1", "web"));
+    api.apply(PODS, pod("shop", "db-1", "uid-d", "node2", "db"));
+    let agent = ("mtls-system", "mtls-agent");
+    api.script_token(AGENT1, "istio-ca", agent.0, agent.1, Some(("agent-a", "uid-a")));
+    // The same pod name, another uid: a token of the pod agent-a was before it was recreated.
+    api.script_token(STALE, "istio-ca", agent.0, agent.1, Some(("agent-a", "uid-old")));
+    api.script_token(UNBOUND, "istio-ca", agent.0, agent.1, None);
+    api.script_token(
+        WRONG_AUDIENCE,
+        "https://kubernetes.default.svc",
+        agent.0,
+        agent.1,
+        Some(("agent-a", "uid-a")),
+    );
+    api.script_token(WEB_TOKEN, "istio-ca", "shop", "web", Some(("web-1", "uid-w")));
+    let s = Service::start_kubernetes(&api)?;
+    Ok((api, s))
+}
+
+async fn ask(c: &CaClient, token: &str, who: &str) -> Result<Vec<String>, ClientError> {
+    let id = id(who);
+    let (pem, _key) = csr::request(&id).expect("a CSR");
+    c.create_certificate(token, request_for(pem, Duration::from_secs(600), Some(&id))).await
+}
+
+#[tokio::test]
+async fn kubernetes_mode_an_agent_token_bound_to_its_pod_gets_that_nodes_identities_only(
+) -> Result<()> {
+    let (api, s) = kubernetes()?;
+    let c = s.client()?;
+    // The first list may still be on its way: UNAVAILABLE until then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let chain = loop {
+        match ask(&c, AGENT1, WEB).await {
+            Ok(chain) => break chain,
+            Err(ClientError::Refused { code: Code::Unavailable, .. })
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    };
+    assert_eq!(leaf_of(&chain, &s.bundle()?)?.0, [WEB]);
+    let (code, message) = refused(ask(&c, AGENT1, DB).await);
+    assert_eq!(
+        (code, message.as_str()),
+        (
+            Code::PermissionDenied,
+            &*format!("no pod with identity {DB} is on node node1, the caller's")
+        )
+    );
+    // The pod moves away from node1: its identity goes with it.
+    api.delete(PODS, Some("shop"), "web-1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ask(&c, AGENT1, WEB).await {
+            Err(ClientError::Refused { code: Code::PermissionDenied, .. }) => break,
+            other if Instant::now() < deadline => {
+                drop(other);
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => anyhow::bail!("web-1 deleted, still: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubernetes_mode_refuses_stale_unbound_wrong_audience_and_unknown_tokens() -> Result<()> {
+    let (_api, s) = kubernetes()?;
+    let c = s.client()?;
+    // Wait for the pods' first list (an honest request gets through).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(&c, AGENT1, WEB).await.is_err() {
+        ensure!(Instant::now() < deadline, "the service never answered the honest agent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cases: [(&str, Code, &str); 4] = [
+        (STALE, Code::PermissionDenied, "the token's pod mtls-system/agent-a (uid uid-old) does not exist: it was deleted or recreated"),
+        (UNBOUND, Code::PermissionDenied, "the node agent account mtls-system/mtls-agent's token is bound to no pod: use a projected token"),
+        (WRONG_AUDIENCE, Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"istio-ca\"]]"),
+        ("forged-token", Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token lookup failed]"),
+    ];
+    for (token, code, want) in cases {
+        let (got, message) = refused(ask(&c, token, WEB).await);
+        assert_eq!((got, message.as_str()), (code, want), "token {token}");
+    }
+    // A workload's own token: its own identity, and nothing else.
+    let chain = ask(&c, WEB_TOKEN, WEB).await?;
+    assert_eq!(leaf_of(&chain, &s.bundle()?)?.0, [WEB]);
+    let (code, message) = refused(ask(&c, WEB_TOKEN, DB).await);
+    assert_eq!(code, Code::PermissionDenied);
+    assert_eq!(message, format!("service account shop/web is no node agent: it may have its own identity only, not {DB}"));
     Ok(())
 }

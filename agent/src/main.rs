@@ -291,18 +291,36 @@ fn print_answer(
 /// `ca serve`: loads everything it decides with (any error stops it here, naming the file),
 /// then serves until SIGTERM or SIGINT.
 async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
-    use mtls_agent::certservice::{authority, server};
+    use mtls_agent::certservice::{authority, cluster, server};
     identity::validate_trust_domain(&args.trust_domain)?;
     anyhow::ensure!(!args.max_cert_ttl.is_zero(), "--max-cert-ttl: must be longer than 0s");
     let signer = Arc::new(identity::CaSigner::load(&args.ca_dir)?);
-    let tokens = authority::NodeTokens::load(&args.node_tokens)?;
-    let placement = authority::Placement::load(&args.workloads)?;
+    let authority = match (&args.node_tokens, &args.workloads) {
+        (Some(tokens), Some(workloads)) => authority::Authority::Files {
+            tokens: authority::NodeTokens::load(tokens)?,
+            placement: authority::Placement::load(workloads)?,
+        },
+        _ => {
+            let trusted = cluster::parse_accounts(&args.trusted_node_accounts)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let client = mtls_agent::kubernetes::client(args.kubeconfig.as_deref()).await?;
+            tracing::info!(
+                trusted = ?args.trusted_node_accounts,
+                audience = %args.token_audience,
+                "Kubernetes mode: callers by TokenReview, pods by watch"
+            );
+            authority::Authority::Cluster(cluster::Cluster::start(
+                client,
+                args.token_audience.clone(),
+                trusted,
+            ))
+        }
+    };
     let serving = Arc::new(server::ServingCert::new(signer.clone(), args.server_names.clone())?);
     let tls = server::tls_config(serving)?;
     let service = Arc::new(server::CertService::new(
         signer,
-        tokens,
-        placement,
+        authority,
         &args.trust_domain,
         args.max_cert_ttl,
         args.node_rate,

@@ -50,6 +50,8 @@ pub const PEERAUTHENTICATIONS_V1: &str = "/apis/security.istio.io/v1/peerauthent
 pub const PEERAUTHENTICATIONS_V1BETA1: &str = "/apis/security.istio.io/v1beta1/peerauthentications";
 pub const POLICIES: &str = "/apis/authentication.istio.io/v1alpha1/policies";
 pub const MESHPOLICIES: &str = "/apis/authentication.istio.io/v1alpha1/meshpolicies";
+/// Where token reviews are posted (the certificate service's Kubernetes mode).
+pub const TOKENREVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 #[derive(Default)]
 struct Collection {
@@ -89,6 +91,9 @@ struct State {
     /// Bookmarks sent, per path.
     bookmarks: BTreeMap<String, usize>,
     next_watch: u64,
+    /// What a TokenReview of each token says ([`ApiServer::script_token`]): its audiences and
+    /// its user (name and extra). Any other token is not authenticated.
+    tokens: BTreeMap<String, (Vec<String>, Value)>,
 }
 
 /// The mock server; it stops when dropped.
@@ -149,6 +154,28 @@ impl ApiServer {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `token` a ServiceAccount token of `namespace/account` for `audience`, bound to
+    /// `pod` (name, uid) if given, as a projected token is.
+    pub fn script_token(
+        &self,
+        token: &str,
+        audience: &str,
+        namespace: &str,
+        account: &str,
+        pod: Option<(&str, &str)>,
+    ) {
+        let mut extra = serde_json::Map::new();
+        if let Some((name, uid)) = pod {
+            extra.insert("authentication.kubernetes.io/pod-name".into(), json!([name]));
+            extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+        }
+        let user = json!({
+            "username": format!("system:serviceaccount:{namespace}:{account}"),
+            "extra": extra,
+        });
+        self.lock().tokens.insert(token.to_owned(), (vec![audience.to_owned()], user));
     }
 
     /// Serves `path` (an empty collection to start with).
@@ -328,6 +355,16 @@ async fn handle(
     if let Some(r) = discovered {
         return Ok(r);
     }
+    if path == TOKENREVIEWS && req.method() == hyper::Method::POST {
+        let Ok(body) = req.into_body().collect().await else { return Ok(full(400, json!({}))) };
+        let Ok(review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return Ok(full(400, json!({})));
+        };
+        let status = token_review(&lock(), &review);
+        let mut answer = review;
+        answer["status"] = status;
+        return Ok(full(201, answer));
+    }
     let failing = lock().failing.get(&path).copied();
     if let Some(code) = failing {
         let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -462,6 +499,25 @@ pub fn namespace(name: &str, ambient: bool) -> Value {
 }
 
 /// The path Events of `namespace` are posted to.
+/// The status a real API server gives a review: authenticated with the audiences asked for
+/// that the token has, or not, with the error it words.
+fn token_review(st: &State, review: &Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let Some((audiences, user)) = st.tokens.get(token) else {
+        return json!({"authenticated": false, "error": "[invalid bearer token, token lookup failed]", "user": {}});
+    };
+    let both: Vec<&String> = audiences.iter().filter(|a| asked.contains(a)).collect();
+    if !asked.is_empty() && both.is_empty() {
+        return json!({"authenticated": false, "user": {},
+            "error": format!("[invalid bearer token, token audiences {audiences:?} is invalid for the target audiences {asked:?}]")});
+    }
+    json!({"authenticated": true, "user": user, "audiences": both})
+}
+
 pub fn events_path(namespace: &str) -> String {
     format!("/api/v1/namespaces/{namespace}/events")
 }

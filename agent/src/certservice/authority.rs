@@ -1,6 +1,8 @@
-//! Who is calling and which identities its node runs, in file mode (this machine, the demo,
-//! the tests; Kubernetes mode asks the API server the same two questions).
+//! Who is calling and which identities its node runs: [`Authority`], in file mode (this
+//! machine, the demo, the tests) or Kubernetes mode ([`super::cluster`], which asks the API
+//! server the same two questions).
 //!
+//! File mode:
 //! - The node tokens file: each node agent's bearer token and the node it stands for. Kept as
 //!   SHA-256 digests and looked up by digest, so comparing a guess takes no time that depends
 //!   on how much of it was right.
@@ -53,7 +55,7 @@ pub struct NodeTokens {
     by_digest: HashMap<[u8; 32], String>,
 }
 
-fn digest(token: &str) -> [u8; 32] {
+pub(crate) fn digest(token: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -101,6 +103,58 @@ impl NodeTokens {
     /// The node whose agent holds `token`.
     pub fn node_of(&self, token: &str) -> Option<&str> {
         self.by_digest.get(&digest(token)).map(String::as_str)
+    }
+}
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A node agent, for the pods of this node.
+    Node(String),
+    /// Anything else with a ServiceAccount token: its own identity only.
+    Workload { namespace: String, service_account: String },
+}
+
+/// Why a caller is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where callers and placements come from.
+pub enum Authority {
+    Files { tokens: NodeTokens, placement: Placement },
+    Cluster(std::sync::Arc<super::cluster::Cluster>),
+}
+
+impl Authority {
+    /// Who holds `token`.
+    pub async fn caller(&self, token: &str) -> Result<Caller, Refusal> {
+        match self {
+            Authority::Files { tokens, .. } => {
+                tokens.node_of(token).map(|n| Caller::Node(n.to_owned())).ok_or_else(|| {
+                    Refusal::Unauthenticated("the bearer token is not a node agent's".into())
+                })
+            }
+            Authority::Cluster(c) => c.caller(token).await,
+        }
+    }
+
+    /// Whether a pod with identity `id` (its namespace and service account) is on `node`.
+    pub fn runs_on(&self, node: &str, id: &SpiffeId) -> Result<bool, Refusal> {
+        match self {
+            Authority::Files { placement, .. } => placement.runs_on(node, id).map_err(|_| {
+                Refusal::Unavailable(
+                    "the certificate service cannot read where pods run (see its log)".into(),
+                )
+            }),
+            Authority::Cluster(c) => c.runs_on(node, id),
+        }
     }
 }
 

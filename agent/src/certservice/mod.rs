@@ -14,6 +14,7 @@
 
 pub mod authority;
 pub mod client;
+pub mod cluster;
 pub mod issuer;
 pub mod server;
 

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::authority::{NodeTokens, Placement};
+use super::authority::{Authority, Caller, Refusal};
 use super::proto::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -49,8 +49,7 @@ const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// What the service decides with.
 pub struct CertService {
     signer: Arc<CaSigner>,
-    tokens: NodeTokens,
-    placement: Placement,
+    authority: Authority,
     trust_domain: String,
     max_ttl: Duration,
     /// The trust bundle, the last element of every answer (as istiod sends it).
@@ -86,8 +85,7 @@ impl NodeRate {
 impl CertService {
     pub fn new(
         signer: Arc<CaSigner>,
-        tokens: NodeTokens,
-        placement: Placement,
+        authority: Authority,
         trust_domain: &str,
         max_ttl: Duration,
         rate_per_second: u32,
@@ -95,8 +93,7 @@ impl CertService {
         let bundle_pem = signer.trust_bundle().certs().iter().map(pem).collect::<String>();
         CertService {
             signer,
-            tokens,
-            placement,
+            authority,
             trust_domain: trust_domain.to_owned(),
             max_ttl,
             bundle_pem,
@@ -104,21 +101,29 @@ impl CertService {
         }
     }
 
-    /// The answer to one request: a chain, or why not.
-    /// The caller's node, from the `authorization` header.
-    fn caller(&self, headers: &http::HeaderMap) -> Result<&str, Status> {
+    /// Who is calling, from the `authorization` header.
+    async fn caller(&self, headers: &http::HeaderMap) -> Result<Caller, Status> {
         let token = bearer(headers)?;
-        self.tokens
-            .node_of(token)
-            .ok_or_else(|| Status::unauthenticated("the bearer token is not a node agent's"))
+        self.authority.caller(token).await.map_err(status_of)
     }
 
-    fn decide(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
-        let node = self.caller(req.metadata().as_ref())?;
-        // Before any of the request's cost (verifying its CSR, signing).
-        if !self.rate.allow(node) {
+    /// The answer to one request from `caller`: a chain, or why not.
+    fn decide(
+        &self,
+        caller: &Caller,
+        req: &Request<IstioCertificateRequest>,
+    ) -> Result<Vec<String>, Status> {
+        let who = match caller {
+            Caller::Node(node) => format!("node {node}"),
+            Caller::Workload { namespace, service_account } => {
+                format!("service account {namespace}/{service_account}")
+            }
+        };
+        // Before any of the request's cost (verifying its CSR, signing). Callers are
+        // authenticated: the buckets are one per node or service account.
+        if !self.rate.allow(&who) {
             return Err(Status::resource_exhausted(format!(
-                "node {node} asks for more than {} certificates a second",
+                "{who} asks for more than {} certificates a second",
                 self.rate.per_second
             )));
         }
@@ -138,15 +143,26 @@ impl CertService {
                 )));
             }
         }
-        // Never says where the identity does run: that is not the caller's to learn.
-        let placed = self.placement.runs_on(node, &checked.id).map_err(|_| {
-            Status::unavailable("the certificate service cannot read where pods run (see its log)")
-        })?;
-        if !placed {
-            return Err(Status::permission_denied(format!(
-                "no pod with identity {} is on node {node}, the caller's",
-                checked.id
-            )));
+        match caller {
+            Caller::Node(node) => {
+                // Never says where the identity does run: that is not the caller's to learn.
+                if !self.authority.runs_on(node, &checked.id).map_err(status_of)? {
+                    return Err(Status::permission_denied(format!(
+                        "no pod with identity {} is on node {node}, the caller's",
+                        checked.id
+                    )));
+                }
+            }
+            Caller::Workload { namespace, service_account } => {
+                if checked.id.namespace() != namespace
+                    || checked.id.service_account() != service_account
+                {
+                    return Err(Status::permission_denied(format!(
+                        "{who} is no node agent: it may have its own identity only, not {}",
+                        checked.id
+                    )));
+                }
+            }
         }
         let ttl = match u64::try_from(body.validity_duration) {
             Ok(0) | Err(_) => self.max_ttl,
@@ -157,7 +173,7 @@ impl CertService {
             tracing::error!(identity = %checked.id, "signing: {e}");
             Status::internal("signing failed: see the certificate service's log")
         })?;
-        info!(%node, identity = %checked.id, ttl_s = ttl.as_secs(), "certificate issued");
+        info!(caller = %who, identity = %checked.id, ttl_s = ttl.as_secs(), "certificate issued");
         let mut out: Vec<String> = chain.iter().map(pem).collect();
         out.push(self.bundle_pem.clone());
         Ok(out)
@@ -171,7 +187,12 @@ impl IstioCertificateService for CertService {
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
-        match self.decide(&req) {
+        // The gate put it there; a request that came around it is refused.
+        let decided = match req.extensions().get::<Caller>() {
+            Some(caller) => self.decide(caller, &req),
+            None => Err(Status::unauthenticated("no authenticated caller")),
+        };
+        match decided {
             Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
             Err(status) => {
                 refused(peer, &status);
@@ -190,6 +211,14 @@ fn refused(peer: Option<std::net::SocketAddr>, status: &Status) {
     let src = peer.map_or_else(|| "-".to_owned(), |p| p.ip().to_string());
     if let Some(more) = crate::loglimit::refusal(&src, "ca", status.message()) {
         warn!(src, code = ?status.code(), "certificate refused: {}{more}", status.message());
+    }
+}
+
+fn status_of(r: Refusal) -> Status {
+    match r {
+        Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+        Refusal::PermissionDenied(m) => Status::permission_denied(m),
+        Refusal::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -377,6 +406,8 @@ type GateFuture = std::pin::Pin<
 
 impl<S, B> tower_service::Service<http::Request<B>> for Gate<S>
 where
+    B: Send + 'static,
+    S: Clone + Send + 'static,
     S: tower_service::Service<
         http::Request<B>,
         Response = http::Response<tonic::body::Body>,
@@ -396,12 +427,23 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Err(status) = self.service.caller(req.headers()) {
-            refused(Some(self.peer), &status);
-            return Box::pin(std::future::ready(Ok(status.into_http())));
-        }
-        req.extensions_mut().insert(Peer(self.peer));
-        Box::pin(self.inner.call(req))
+        // The ready service goes with this request; its clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (service, peer) = (self.service.clone(), self.peer);
+        Box::pin(async move {
+            match service.caller(req.headers()).await {
+                Err(status) => {
+                    refused(Some(peer), &status);
+                    Ok(status.into_http())
+                }
+                Ok(caller) => {
+                    req.extensions_mut().insert(caller);
+                    req.extensions_mut().insert(Peer(peer));
+                    inner.call(req).await
+                }
+            }
+        })
     }
 }
 

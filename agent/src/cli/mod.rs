@@ -194,13 +194,26 @@ pub struct CaServeArgs {
     /// refused (RESOURCE_EXHAUSTED) and asked again by the agent.
     #[arg(long, default_value_t = crate::certservice::server::RATE_PER_SECOND)]
     pub node_rate: u32,
-    /// File mode: the node agents' tokens (`nodes: [{node: NAME, token: SECRET}]`).
-    #[arg(long)]
-    pub node_tokens: PathBuf,
+    /// File mode: the node agents' tokens (`nodes: [{node: NAME, token: SECRET}]`). Without
+    /// it (and `--workloads`) the service runs in Kubernetes mode.
+    #[arg(long, requires = "workloads")]
+    pub node_tokens: Option<PathBuf>,
     /// File mode: which pods (namespace, service account) run on which node; re-read when it
     /// changes.
-    #[arg(long)]
-    pub workloads: PathBuf,
+    #[arg(long, requires = "node_tokens")]
+    pub workloads: Option<PathBuf>,
+    /// Kubernetes mode: kubeconfig file for the API server (default: the in-cluster service
+    /// account, else `KUBECONFIG` or ~/.kube/config).
+    #[arg(long, conflicts_with = "node_tokens")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the node agents' ServiceAccounts (NAMESPACE/NAME, comma-separated or
+    /// repeated). A token of one, bound to a pod, stands for that pod's node; any other
+    /// caller gets only its own identity. Istio's `CA_TRUSTED_NODE_ACCOUNTS`.
+    #[arg(long, value_delimiter = ',', default_value = "mtls-system/mtls-agent")]
+    pub trusted_node_accounts: Vec<String>,
+    /// Kubernetes mode: the audience callers' tokens must be for (TokenReview).
+    #[arg(long, default_value = "istio-ca")]
+    pub token_audience: String,
 }
 
 #[derive(Debug, clap::Args)]
