@@ -92,7 +92,11 @@ impl Service {
             .arg(&ca)
             .args(&mode)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("MTLS_TEST_ECHO_CA").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()?;
         let mut s = Service { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -499,9 +503,13 @@ fn kubernetes() -> Result<(ApiServer, Service)> {
         Some(("agent-a", "uid-a")),
     );
     api.script_token(WEB_TOKEN, "istio-ca", "shop", "web", Some(("web-1", "uid-w")));
+    api.serve(ROOT_CONFIGMAPS);
     let s = Service::start_kubernetes(&api)?;
     Ok((api, s))
 }
+
+/// Where the service keeps the trust bundle for the agents.
+const ROOT_CONFIGMAPS: &str = "/api/v1/namespaces/mtls-system/configmaps";
 
 async fn ask(c: &CaClient, token: &str, who: &str) -> Result<Vec<String>, ClientError> {
     let id = id(who);
@@ -528,6 +536,20 @@ async fn kubernetes_mode_an_agent_token_bound_to_its_pod_gets_that_nodes_identit
         }
     };
     assert_eq!(leaf_of(&chain, &s.bundle()?)?.0, [WEB]);
+    // The agents' trust bundle is published as a ConfigMap (they never mount the secret).
+    let roots = std::fs::read_to_string(s.dir.path().join("ca/root-cert.pem"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.objects(ROOT_CONFIGMAPS).iter().any(|cm| {
+        cm["metadata"]["name"] == "mtls-ca-root-cert"
+            && cm["data"]["root-cert.pem"] == roots.as_str()
+    }) {
+        ensure!(
+            Instant::now() < deadline,
+            "no trust bundle ConfigMap: {:?}",
+            api.objects(ROOT_CONFIGMAPS)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (code, message) = refused(ask(&c, AGENT1, DB).await);
     assert_eq!(
         (code, message.as_str()),

@@ -309,6 +309,20 @@ async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
                 audience = %args.token_audience,
                 "Kubernetes mode: callers by TokenReview, pods by watch"
             );
+            if !args.root_configmap.is_empty() {
+                let (ns, name) = args.root_configmap.split_once('/').ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--root-configmap: {:?} is not NAMESPACE/NAME",
+                        args.root_configmap
+                    )
+                })?;
+                tokio::spawn(cluster::publish_roots(
+                    client.clone(),
+                    args.ca_dir.join(identity::ROOT_CERT_FILE),
+                    ns.to_owned(),
+                    name.to_owned(),
+                ));
+            }
             authority::Authority::Cluster(cluster::Cluster::start(
                 client,
                 args.token_audience.clone(),

@@ -271,6 +271,60 @@ impl Cluster {
     }
 }
 
+/// Keeps the ConfigMap `namespace/name` holding the CA directory's trust bundle
+/// (`root-cert.pem`, as Istio's `istio-ca-root-cert`), forever: written at start and again
+/// whenever the file changes (a root rotation: the secret mounted with the new bundle), so
+/// the agents, which mount the ConfigMap and never the secret, trust the new roots.
+pub async fn publish_roots(
+    client: kube::Client,
+    bundle: std::path::PathBuf,
+    namespace: String,
+    name: String,
+) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let mut written: Option<String> = None;
+    loop {
+        match std::fs::read_to_string(&bundle) {
+            Ok(pem) if written.as_deref() != Some(pem.as_str()) => {
+                let cm = ConfigMap {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.clone()),
+                        ..Default::default()
+                    },
+                    data: Some([("root-cert.pem".to_owned(), pem.clone())].into_iter().collect()),
+                    ..Default::default()
+                };
+                let pp = PostParams::default();
+                let write = async {
+                    match api.create(&pp, &cm).await {
+                        Err(kube::Error::Api(e)) if e.code == 409 => {
+                            api.replace(&name, &pp, &cm).await.map(drop)
+                        }
+                        other => other.map(drop),
+                    }
+                };
+                let done = tokio::time::timeout(REVIEW_TIMEOUT, write)
+                    .await
+                    .unwrap_or_else(|_| Err(kube::Error::Service("timed out".into())));
+                match done {
+                    Ok(()) => {
+                        info!(configmap = %format!("{namespace}/{name}"), "trust bundle published");
+                        written = Some(pem);
+                    }
+                    Err(e) => {
+                        warn!(configmap = %format!("{namespace}/{name}"), "publishing the trust bundle: {e}; retrying")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(file = %bundle.display(), "reading the trust bundle: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
 /// Keeps `pods` in step with the cluster's, forever; a watch error is logged and the watch
 /// starts again (the last list stays in force meanwhile).
 async fn watch_pods(api: Api<Pod>, pods: Arc<RwLock<Pods>>) {

@@ -211,6 +211,10 @@ pub struct CaServeArgs {
     /// caller gets only its own identity. Istio's `CA_TRUSTED_NODE_ACCOUNTS`.
     #[arg(long, value_delimiter = ',', default_value = "mtls-system/mtls-agent")]
     pub trusted_node_accounts: Vec<String>,
+    /// Kubernetes mode: the ConfigMap (NAMESPACE/NAME, key `root-cert.pem`) the service keeps
+    /// the trust bundle in, for the agents to mount; "" writes none.
+    #[arg(long, default_value = "mtls-system/mtls-ca-root-cert")]
+    pub root_configmap: String,
     /// Kubernetes mode: the audience callers' tokens must be for (TokenReview).
     #[arg(long, default_value = "istio-ca")]
     pub token_audience: String,
