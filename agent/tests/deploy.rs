@@ -8,10 +8,13 @@ use std::{collections::BTreeMap, path::Path};
 use clap::Parser;
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, Namespace, PodSpec, ResourceQuota, ServiceAccount},
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{
+            ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount,
+        },
         networking::v1::NetworkPolicy,
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
@@ -197,11 +200,144 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_with_what_it_needs() {
     // Pins made in the container must land in the host's bpffs.
     assert_eq!(bpf_mount.mount_propagation.as_deref(), Some("Bidirectional"));
     assert_eq!(host_path(Path::new("/var/run/netns")), Path::new("/var/run/netns"));
-    let ca_dir = args.ca_dir.as_deref().expect("the DaemonSet names its CA");
-    let (ca_mount, ca) = mount_of(ca_dir);
-    assert_eq!(ca_mount.mount_path, ca_dir.to_string_lossy());
-    let secret = ca.secret.as_ref().and_then(|s| s.secret_name.as_deref());
-    assert_eq!(secret, Some("cacerts"), "the CA comes from Istio's cacerts secret");
+
+    // No CA key on the nodes: certificates come from the certificate service, with a token
+    // bound to the pod for the audience istio-ca, verified against the bundle it publishes.
+    assert_eq!(args.ca_dir, None, "the DaemonSet must not sign with a CA key on the node");
+    for v in pod.volumes.iter().flatten() {
+        assert!(v.secret.is_none(), "the DaemonSet mounts a secret: {}", v.name);
+        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        assert!(projected.clone().all(|s| s.secret.is_none()), "a projected secret: {}", v.name);
+    }
+    let address = args.ca_address.as_deref().expect("--ca-address");
+    let service: Service = manifest("ca-service.yaml");
+    let port = service.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first());
+    assert_eq!(
+        address,
+        format!(
+            "https://{}.{}.svc:{}",
+            service.metadata.name.as_deref().unwrap_or_default(),
+            service.metadata.namespace.as_deref().unwrap_or_default(),
+            port.map(|p| p.port).unwrap_or_default()
+        ),
+        "the agents ask the CA's Service"
+    );
+    let token = args.ca_token_file.as_deref().expect("--ca-token-file");
+    let (m, v) = mount_of(token);
+    let inside = token.strip_prefix(&m.mount_path).expect("under the mount");
+    let sources = v.projected.as_ref().map(|p| p.sources.clone().unwrap_or_default());
+    let sat = sources
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|s| s.service_account_token)
+        .expect("a projected service account token");
+    assert_eq!(Path::new(&sat.path), inside);
+    assert_eq!(
+        sat.audience.as_deref(),
+        Some("istio-ca"),
+        "the audience istiod and ca serve ask for"
+    );
+    let root = args.ca_root.as_deref().expect("--ca-root");
+    let (m, v) = mount_of(root);
+    let cm = v.config_map.as_ref().expect("the trust bundle from a ConfigMap");
+    assert_eq!(root.strip_prefix(&m.mount_path).ok(), Some(Path::new("root-cert.pem")));
+    let ca = ca_serve_args();
+    assert_eq!(
+        Some(format!("mtls-system/{}", cm.name)),
+        Some(ca.root_configmap.clone()),
+        "the ConfigMap the certificate service writes"
+    );
+    assert!(
+        ca.server_names.iter().any(|n| address.contains(&format!("//{n}:"))),
+        "{:?}",
+        ca.server_names
+    );
+}
+
+/// The certificate service's arguments, expanded and parsed by the agent's command line.
+fn ca_serve_args() -> mtls_agent::cli::CaServeArgs {
+    let d: Deployment = manifest("ca-deployment.yaml");
+    let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let c = pod.containers.iter().find(|c| c.name == "ca").expect("container ca");
+    let env = sample_env(c);
+    let expand =
+        |arg: &String| env.iter().fold(arg.clone(), |a, (k, v)| a.replace(&format!("$({k})"), v));
+    let mut argv = vec!["mtls-agent".to_owned()];
+    argv.extend(c.args.iter().flatten().map(expand));
+    match Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}")).command {
+        Command::Ca { command: mtls_agent::cli::CaCommand::Serve(args) } => *args,
+        other => panic!("not `ca serve`: {other:?}"),
+    }
+}
+
+#[test]
+fn the_certificate_service_runs_twice_in_kubernetes_mode_and_alone_holds_the_key() {
+    let d: Deployment = manifest("ca-deployment.yaml");
+    let spec = d.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let pdb: PodDisruptionBudget = manifest("ca-pdb.yaml");
+    let pdb_spec = pdb.spec.as_ref().expect("pdb spec");
+    assert_eq!(pdb_spec.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(pdb_spec.selector.as_ref(), Some(&spec.selector), "the PDB covers the replicas");
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let args = ca_serve_args();
+    assert_eq!(
+        (args.node_tokens.as_ref(), args.workloads.as_ref()),
+        (None, None),
+        "Kubernetes mode"
+    );
+    assert_eq!(args.trusted_node_accounts, ["mtls-system/mtls-agent"]);
+    let ds_account = {
+        let ds: DaemonSet = manifest("daemonset.yaml");
+        let sa = ds.spec.and_then(|s| s.template.spec).and_then(|p| p.service_account_name);
+        format!("mtls-system/{}", sa.unwrap_or_default())
+    };
+    assert_eq!(args.trusted_node_accounts, [ds_account], "the agents' account is the trusted one");
+    assert_eq!(args.token_audience, "istio-ca");
+    // The key: the cacerts secret, mounted where --ca-dir points.
+    let c = pod.containers.iter().find(|c| c.name == "ca").expect("container ca");
+    let m = c.volume_mounts.iter().flatten().find(|m| args.ca_dir.starts_with(&m.mount_path));
+    let m = m.expect("--ca-dir is mounted");
+    let v = pod.volumes.iter().flatten().find(|v| v.name == m.name).expect("its volume");
+    assert_eq!(v.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("cacerts"));
+    // The Service sends 15012 to where it listens.
+    let service: Service = manifest("ca-service.yaml");
+    let port = service.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+    assert_eq!(
+        port.first().and_then(|p| p.target_port.clone()),
+        Some(IntOrString::Int(i32::from(args.listen.port())))
+    );
+    assert_eq!(service.spec.and_then(|s| s.selector), spec.selector.match_labels);
+    // Its RBAC: review tokens, read pods, write its ConfigMap; the agents read no secret.
+    let role: ClusterRole = manifest("ca-clusterrole.yaml");
+    let rules = role.rules.unwrap_or_default();
+    let grants = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    assert!(grants("authentication.k8s.io", "tokenreviews", "create"));
+    assert!(grants("", "pods", "watch") && grants("", "pods", "list"));
+    let ns_role: Role = manifest("ca-role.yaml");
+    let r = ns_role.rules.unwrap_or_default();
+    for verb in ["create", "get", "update"] {
+        assert!(
+            r.iter().any(|r| r.resources.iter().flatten().any(|x| x == "configmaps")
+                && r.verbs.iter().any(|v| v == verb)),
+            "{verb}"
+        );
+    }
+    let agent: ClusterRole = manifest("clusterrole.yaml");
+    assert!(
+        !agent.rules.unwrap_or_default().iter().any(|r| r
+            .resources
+            .iter()
+            .flatten()
+            .any(|x| x == "secrets" || x == "*")),
+        "the agent may not read secrets"
+    );
 }
 
 #[test]
@@ -375,6 +511,13 @@ fn every_manifest_parses_as_its_kind() {
                 "ClusterRole" => serde_json::to_value(manifest::<ClusterRole>(name)),
                 "ClusterRoleBinding" => serde_json::to_value(manifest::<ClusterRoleBinding>(name)),
                 "DaemonSet" => serde_json::to_value(manifest::<DaemonSet>(name)),
+                "Deployment" => serde_json::to_value(manifest::<Deployment>(name)),
+                "Service" => serde_json::to_value(manifest::<Service>(name)),
+                "PodDisruptionBudget" => {
+                    serde_json::to_value(manifest::<PodDisruptionBudget>(name))
+                }
+                "Role" => serde_json::to_value(manifest::<Role>(name)),
+                "RoleBinding" => serde_json::to_value(manifest::<RoleBinding>(name)),
                 "ResourceQuota" => serde_json::to_value(manifest::<ResourceQuota>(name)),
                 "NetworkPolicy" => serde_json::to_value(manifest::<NetworkPolicy>(name)),
                 "CustomResourceDefinition" => {
@@ -392,7 +535,16 @@ fn every_manifest_parses_as_its_kind() {
         strict(&kind);
         kinds.push(kind);
     }
-    for want in ["Namespace", "ConfigMap", "ResourceQuota", "DaemonSet", "NetworkPolicy"] {
+    for want in [
+        "Namespace",
+        "ConfigMap",
+        "ResourceQuota",
+        "DaemonSet",
+        "NetworkPolicy",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ] {
         assert!(kinds.iter().any(|k| k == want), "no {want} in deploy/: {files:?}");
     }
 }
