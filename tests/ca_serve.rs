@@ -480,6 +480,7 @@ const STALE: &str = "agent1-token-of-a-deleted-pod";
 const UNBOUND: &str = "agent-token-bound-to-no-pod";
 const WRONG_AUDIENCE: &str = "agent1-token-for-the-api-server";
 const WEB_TOKEN: &str = "web-1-own-token";
+const EXPIRED: &str = "agent1-token-past-its-expiry";
 
 /// Kubernetes mode against the stand-in API server (it says so; no real one runs here): the
 /// agents' pods on node1 and node2, shop/web on node1, shop/db on node2, and tokens.
@@ -503,6 +504,7 @@ fn kubernetes() -> Result<(ApiServer, Service)> {
         Some(("agent-a", "uid-a")),
     );
     api.script_token(WEB_TOKEN, "istio-ca", "shop", "web", Some(("web-1", "uid-w")));
+    api.script_refused_token(EXPIRED, "[invalid bearer token, service account token has expired]");
     api.serve(ROOT_CONFIGMAPS);
     let s = Service::start_kubernetes(&api)?;
     Ok((api, s))
@@ -575,7 +577,8 @@ async fn kubernetes_mode_an_agent_token_bound_to_its_pod_gets_that_nodes_identit
 }
 
 #[tokio::test]
-async fn kubernetes_mode_refuses_stale_unbound_wrong_audience_and_unknown_tokens() -> Result<()> {
+async fn kubernetes_mode_refuses_stale_unbound_expired_wrong_audience_and_unknown_tokens(
+) -> Result<()> {
     let (_api, s) = kubernetes()?;
     let c = s.client()?;
     // Wait for the pods' first list (an honest request gets through).
@@ -584,7 +587,8 @@ async fn kubernetes_mode_refuses_stale_unbound_wrong_audience_and_unknown_tokens
         ensure!(Instant::now() < deadline, "the service never answered the honest agent");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let cases: [(&str, Code, &str); 4] = [
+    let cases: [(&str, Code, &str); 5] = [
+        (EXPIRED, Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, service account token has expired]"),
         (STALE, Code::PermissionDenied, "the token's pod mtls-system/agent-a (uid uid-old) does not exist: it was deleted or recreated"),
         (UNBOUND, Code::PermissionDenied, "the node agent account mtls-system/mtls-agent's token is bound to no pod: use a projected token"),
         (WRONG_AUDIENCE, Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"istio-ca\"]]"),

@@ -118,10 +118,25 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
                 None => rt.block_on(agent::run(cfg)),
             }
         }
-        Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
-            let ca = identity::init_ca(&dir, &trust_domain)?;
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain, root_dir, sign_intermediate },
+        } => {
+            let (ca, what) = match (root_dir, sign_intermediate) {
+                (None, _) => (identity::init_ca(&dir, &trust_domain)?, "a new root CA".to_owned()),
+                (Some(root), false) => (
+                    identity::init_root_and_intermediate(&root, &dir, &trust_domain)?,
+                    format!(
+                        "an intermediate CA signed by a new root in {} (root-cert.pem, root-key.pem: keep that directory offline)",
+                        root.display()
+                    ),
+                ),
+                (Some(root), true) => (
+                    identity::sign_intermediate(&root, &dir, &trust_domain)?,
+                    format!("a new intermediate CA signed by the root in {}", root.display()),
+                ),
+            };
             eprintln!(
-                "mtls-agent: wrote a new root CA for trust domain {trust_domain} in {} (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
+                "mtls-agent: wrote {what} for trust domain {trust_domain} in {} (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
                 ca.dir().display()
             );
             Ok(())

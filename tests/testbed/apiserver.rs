@@ -94,6 +94,8 @@ struct State {
     /// What a TokenReview of each token says ([`ApiServer::script_token`]): its audiences and
     /// its user (name and extra). Any other token is not authenticated.
     tokens: BTreeMap<String, (Vec<String>, Value)>,
+    /// Tokens a review refuses with this error ([`ApiServer::script_refused_token`]).
+    refused_tokens: BTreeMap<String, String>,
 }
 
 /// The mock server; it stops when dropped.
@@ -176,6 +178,12 @@ impl ApiServer {
             "extra": extra,
         });
         self.lock().tokens.insert(token.to_owned(), (vec![audience.to_owned()], user));
+    }
+
+    /// Makes a review of `token` refuse it with `error`, as a real server does an expired one
+    /// (`[invalid bearer token, service account token has expired]`).
+    pub fn script_refused_token(&self, token: &str, error: &str) {
+        self.lock().refused_tokens.insert(token.to_owned(), error.to_owned());
     }
 
     /// Serves `path` (an empty collection to start with).
@@ -507,6 +515,9 @@ fn token_review(st: &State, review: &Value) -> Value {
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
         .unwrap_or_default();
+    if let Some(error) = st.refused_tokens.get(token) {
+        return json!({"authenticated": false, "error": error, "user": {}});
+    }
     let Some((audiences, user)) = st.tokens.get(token) else {
         return json!({"authenticated": false, "error": "[invalid bearer token, token lookup failed]", "user": {}});
     };

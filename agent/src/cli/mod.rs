@@ -157,7 +157,11 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Write a new root CA (ECDSA P-256): ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem.
+    /// Write a new CA (ECDSA P-256) in Istio's plug-in layout: ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem. With --root-dir, a root there (root-cert.pem,
+    /// root-key.pem: keep it offline) and an intermediate signed by it in --dir; with
+    /// --sign-intermediate too, a new intermediate from the existing root of --root-dir.
+    /// Alone, --dir gets a self-signed root that signs (development).
     Init {
         /// Directory to write the CA files into (created if missing; never overwritten).
         #[arg(long)]
@@ -165,6 +169,12 @@ pub enum CaCommand {
         /// SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Directory of the root (written, or read with --sign-intermediate).
+        #[arg(long)]
+        root_dir: Option<PathBuf>,
+        /// Sign a new intermediate with the existing root of --root-dir.
+        #[arg(long, requires = "root_dir")]
+        sign_intermediate: bool,
     },
     /// The certificate service: the only holder of the CA's key. Node agents (and Istio's
     /// node proxies) ask it for their pods' certificates over Istio's CA protocol (gRPC

@@ -43,6 +43,11 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Lifetime of a root made by [`init_ca`] (ten years, as Istio's self-signed root).
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const ROOT_COMMON_NAME: &str = "mtls-agent root CA";
+const INTERMEDIATE_COMMON_NAME: &str = "mtls-agent intermediate CA";
+/// Lifetime of an intermediate made by [`sign_intermediate`].
+const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// The root's key in a root directory (`ca init --root-dir`), kept offline.
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
 
 /// What [`CertIssuer::issue`] returns: a certificate, some time later.
 pub type IssueFuture<'a> = std::pin::Pin<
@@ -64,15 +69,122 @@ pub trait CertIssuer: Send + Sync {
 /// directory that already holds any of the four files. Returns the loaded CA.
 pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError> {
     validate_trust_domain(trust_domain)?;
-    for name in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE] {
+    refuse_existing(dir, &[CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE])?;
+    let (key, cert) = new_root(dir, trust_domain)?;
+    let cert_pem = cert.pem();
+    write_all_new(
+        dir,
+        &[
+            (CA_KEY_FILE, key.serialize_pem(), 0o600),
+            (CA_CERT_FILE, cert_pem.clone(), 0o644),
+            (ROOT_CERT_FILE, cert_pem.clone(), 0o644),
+            (CERT_CHAIN_FILE, cert_pem, 0o644),
+        ],
+    )?;
+    tracing::info!(dir = %dir.display(), trust_domain, "created a new self-signed root CA");
+    CaSigner::load(dir)
+}
+
+/// Creates a fresh root in `root_dir` (`root-cert.pem`, `root-key.pem`) and an intermediate
+/// signed by it in `dir` (Istio's plug-in layout, what `ca serve` and the `cacerts` secret
+/// need), so that the root's key can go offline: it is needed again only to sign the next
+/// intermediate ([`sign_intermediate`]). Refuses to touch a directory that holds any of its
+/// files.
+pub fn init_root_and_intermediate(
+    root_dir: &Path,
+    dir: &Path,
+    trust_domain: &str,
+) -> Result<CaSigner, IdentityError> {
+    validate_trust_domain(trust_domain)?;
+    refuse_existing(root_dir, &[ROOT_CERT_FILE, ROOT_KEY_FILE])?;
+    refuse_existing(dir, &[CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE])?;
+    let (key, cert) = new_root(root_dir, trust_domain)?;
+    write_all_new(
+        root_dir,
+        &[(ROOT_KEY_FILE, key.serialize_pem(), 0o600), (ROOT_CERT_FILE, cert.pem(), 0o644)],
+    )?;
+    tracing::info!(dir = %root_dir.display(), trust_domain, "created a new root CA: keep this directory offline");
+    sign_intermediate(root_dir, dir, trust_domain)
+}
+
+/// Signs a new intermediate CA with the root in `root_dir` (`root-cert.pem`, whose first
+/// certificate is the root of `root-key.pem`) into `dir`: `ca-cert.pem` and `ca-key.pem` the
+/// intermediate, `root-cert.pem` every root of `root_dir` (several during a root rotation),
+/// `cert-chain.pem` the intermediate then its root. Valid for two years, or until the root
+/// expires if sooner.
+pub fn sign_intermediate(
+    root_dir: &Path,
+    dir: &Path,
+    trust_domain: &str,
+) -> Result<CaSigner, IdentityError> {
+    validate_trust_domain(trust_domain)?;
+    refuse_existing(dir, &[CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE])?;
+    let roots_path = root_dir.join(ROOT_CERT_FILE);
+    let roots = read_certs(&roots_path)?;
+    let root =
+        roots.first().ok_or_else(|| IdentityError::file(&roots_path, "holds no certificate"))?;
+    let root_key = load_key(&root_dir.join(ROOT_KEY_FILE))?;
+    let issuer = CertificateParams::from_ca_cert_der(root)
+        .and_then(|params| params.self_signed(&root_key))
+        .map_err(|e| IdentityError::file(&roots_path, format!("cannot sign with it: {e}")))?;
+    let (_, parsed) = X509Certificate::from_der(root)
+        .map_err(|e| IdentityError::file(&roots_path, format!("does not parse: {e}")))?;
+    let root_not_after = asn1_time(parsed.validity().not_after);
+    drop(parsed);
+
+    let ca_err = |e: rcgen::Error| IdentityError::Ca {
+        dir: dir.to_path_buf(),
+        reason: format!("signing the intermediate: {e}"),
+    };
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, trust_domain);
+    name.push(
+        DnType::CommonName,
+        format!("{INTERMEDIATE_COMMON_NAME} {:08x}", rand::random::<u32>()),
+    );
+    params.distinguished_name = name;
+    // It signs workload certificates only, never another CA.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial());
+    let now = SystemTime::now();
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after).into();
+    let cert = params.signed_by(&key, &issuer, &root_key).map_err(ca_err)?;
+    let root_pem = ::pem::encode(&::pem::Pem::new("CERTIFICATE", root.as_ref()));
+    let bundle = fs::read_to_string(&roots_path).map_err(|e| IdentityError::io(&roots_path, e))?;
+    write_all_new(
+        dir,
+        &[
+            (CA_KEY_FILE, key.serialize_pem(), 0o600),
+            (CA_CERT_FILE, cert.pem(), 0o644),
+            (ROOT_CERT_FILE, bundle, 0o644),
+            (CERT_CHAIN_FILE, format!("{}{root_pem}", cert.pem()), 0o644),
+        ],
+    )?;
+    tracing::info!(dir = %dir.display(), root = %root_dir.display(), "signed a new intermediate CA");
+    CaSigner::load(dir)
+}
+
+/// Errors if `dir` holds any of `names` (a dangling symlink counts: someone put a file there).
+fn refuse_existing(dir: &Path, names: &[&str]) -> Result<(), IdentityError> {
+    for name in names {
         let file = dir.join(name);
-        // symlink_metadata: a dangling symlink still means someone put a CA file here.
         if file.symlink_metadata().is_ok() {
             return Err(IdentityError::CaExists { dir: dir.to_path_buf(), file });
         }
     }
-    fs::create_dir_all(dir).map_err(|e| IdentityError::io(dir, e))?;
+    Ok(())
+}
 
+/// A new self-signed root: its key and certificate.
+fn new_root(dir: &Path, trust_domain: &str) -> Result<(KeyPair, Certificate), IdentityError> {
     let ca_err = |e: rcgen::Error| IdentityError::Ca {
         dir: dir.to_path_buf(),
         reason: format!("generating the root: {e}"),
@@ -96,19 +208,17 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError
     params.not_before = (now - CLOCK_SKEW).into();
     params.not_after = (now + ROOT_LIFETIME).into();
     let cert = params.self_signed(&key).map_err(ca_err)?;
+    Ok((key, cert))
+}
 
-    let cert_pem = cert.pem();
-    let files = [
-        (CA_KEY_FILE, key.serialize_pem(), 0o600),
-        (CA_CERT_FILE, cert_pem.clone(), 0o644),
-        (ROOT_CERT_FILE, cert_pem.clone(), 0o644),
-        (CERT_CHAIN_FILE, cert_pem, 0o644),
-    ];
+/// Writes every file new in `dir` (created if missing), or none: a half-made CA would block
+/// the next attempt.
+fn write_all_new(dir: &Path, files: &[(&str, String, u32)]) -> Result<(), IdentityError> {
+    fs::create_dir_all(dir).map_err(|e| IdentityError::io(dir, e))?;
     let mut written: Vec<PathBuf> = Vec::new();
-    for (name, contents, mode) in &files {
+    for (name, contents, mode) in files {
         let path = dir.join(name);
         if let Err(e) = write_new_file(&path, contents.as_bytes(), *mode) {
-            // Leave no half-made CA behind: it would block the next attempt.
             for done in &written {
                 let _ = fs::remove_file(done);
             }
@@ -116,8 +226,7 @@ pub fn init_ca(dir: &Path, trust_domain: &str) -> Result<CaSigner, IdentityError
         }
         written.push(path);
     }
-    tracing::info!(dir = %dir.display(), trust_domain, "created a new self-signed root CA");
-    CaSigner::load(dir)
+    Ok(())
 }
 
 /// `create_new` makes the no-overwrite promise hold even against a concurrent writer.
@@ -1114,5 +1223,46 @@ mod tests {
         let out = openssl(dir, &["verify", "-x509_strict", "-CAfile", ROOT_CERT_FILE, "leaf.pem"]);
         assert!(out.contains("leaf.pem: OK"), "{out}");
         let _ = SanType::URI; // (keeps the rcgen import list honest across versions)
+    }
+
+    #[test]
+    fn a_root_kept_apart_signs_intermediates_whose_certificates_one_bundle_trusts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, first, second) =
+            (tmp.path().join("root"), tmp.path().join("ca1"), tmp.path().join("ca2"));
+        let ca1 = init_root_and_intermediate(&root, &first, "cluster.local").unwrap();
+        // The root's key is only in the root directory; the signing directory has the
+        // intermediate's.
+        assert!(root.join(ROOT_KEY_FILE).exists() && !first.join(ROOT_KEY_FILE).exists());
+        let root_key = fs::read(root.join(ROOT_KEY_FILE)).unwrap();
+        assert_ne!(fs::read(first.join(CA_KEY_FILE)).unwrap(), root_key);
+        assert_eq!(
+            fs::metadata(root.join(ROOT_KEY_FILE)).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let id = super::super::testutil::id("spiffe://cluster.local/ns/shop/sa/web");
+        let leaf = ca1.issue(&id, Duration::from_secs(600)).unwrap();
+        assert_eq!(leaf.chain().len(), 2, "leaf and intermediate, never the root");
+        let bundle = TrustBundle::from_pem_file(&root.join(ROOT_CERT_FILE)).unwrap();
+        verify_chain_now(leaf.chain(), &bundle).unwrap();
+        let (_, inter) = X509Certificate::from_der(&leaf.chain()[1]).unwrap();
+        let bc = inter.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0), "an intermediate that signs no CA");
+
+        // Later, with the root brought back: a new intermediate, trusted by the same bundle.
+        let ca2 = sign_intermediate(&root, &second, "cluster.local").unwrap();
+        let leaf2 = ca2.issue(&id, Duration::from_secs(600)).unwrap();
+        assert_ne!(leaf2.chain()[1], leaf.chain()[1]);
+        verify_chain_now(leaf2.chain(), &bundle).unwrap();
+        // Nothing is overwritten.
+        assert!(matches!(
+            sign_intermediate(&root, &second, "cluster.local"),
+            Err(IdentityError::CaExists { .. })
+        ));
+        assert!(matches!(
+            init_root_and_intermediate(&root, &tmp.path().join("ca3"), "cluster.local"),
+            Err(IdentityError::CaExists { .. })
+        ));
+        assert!(!tmp.path().join("ca3").join(CA_KEY_FILE).exists());
     }
 }

@@ -26,8 +26,8 @@ mod testutil;
 use std::path::PathBuf;
 
 pub use ca::{
-    init_ca, CaSigner, CertIssuer, IssueFuture, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE,
-    CLOCK_SKEW, ROOT_CERT_FILE,
+    init_ca, init_root_and_intermediate, sign_intermediate, CaSigner, CertIssuer, IssueFuture,
+    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, CLOCK_SKEW, ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
 pub use cert::{serial_and_not_after, WorkloadCert};
 pub use spiffe::{validate_trust_domain, SpiffeId, SpiffeIdError};
