@@ -229,3 +229,45 @@ fn a_ca_outage_costs_no_issued_certificate_and_a_new_pod_stays_closed_until_it_e
     ensure!(ready && !body.contains("fails since") && !body.contains("waiting for"), "{body}");
     Ok(())
 }
+
+/// Writes `text` to `path` atomically, as the kubelet swaps a ConfigMap volume's files.
+fn replace_file(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[test]
+fn a_new_root_in_the_trust_bundle_is_trusted_without_a_restart() -> Result<()> {
+    let mut m = Mesh::build("cac-rotate", NS, &[("node1", "web"), ("node2", "db")])?;
+    let (workloads, _) = m.workloads("workloads", &["web", "db"])?;
+    // node2's certificates already come from the new root; node1 still trusts the old only.
+    let old = m.ca("old")?;
+    let new = m.ca("new")?;
+    let svc1 = CaService::start(&format!("{}-1", m.bed.id()), &old, &workloads, &["node1"])?;
+    let svc2 = CaService::start(&format!("{}-2", m.bed.id()), &new, &workloads, &["node2"])?;
+    let old_root = std::fs::read_to_string(old.join("root-cert.pem"))?;
+    let new_root = std::fs::read_to_string(new.join("root-cert.pem"))?;
+    replace_file(&svc2.root, &format!("{old_root}{new_root}"))?;
+    m.start_agent_with_ca_service("node1", &workloads, &svc1, &[])?;
+    m.start_agent_with_ca_service("node2", &workloads, &svc2, &[])?;
+    wait_until("web's certificate", Duration::from_secs(15), || issued(m.agent("node1"), "web"))?;
+    wait_until("db's certificate", Duration::from_secs(15), || issued(m.agent("node2"), "db"))?;
+
+    let (reply, ok) = call(&m, "web", "db", "before")?;
+    ensure!(!ok, "node1 trusted a root it was never given: {reply}");
+    // The rotation reaches node1's bundle (both roots): no restart.
+    let pid = m.agent("node1").pid();
+    replace_file(&svc1.root, &format!("{old_root}{new_root}"))?;
+    m.agent("node1").wait_log("trust bundle changed", Duration::from_secs(10))?;
+    let (reply, ok) = call(&m, "web", "db", "after")?;
+    ensure!(ok && reply == "db:after", "web -> db with both roots trusted: {reply}");
+    ensure!(m.agent("node1").pid() == pid, "the agent restarted");
+    // A bundle that does not parse changes nothing.
+    replace_file(&svc1.root, "not a certificate\n")?;
+    m.agent("node1").wait_log("the trust bundle in force stays", Duration::from_secs(10))?;
+    let (reply, ok) = call(&m, "web", "db", "still")?;
+    ensure!(ok && reply == "db:still", "{reply}");
+    Ok(())
+}

@@ -463,7 +463,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 /// The certificate issuer, the trust bundle and, with `--ca-dir`, the node's own signer.
-type CertificateSource = (Arc<dyn CertIssuer>, Arc<identity::TrustBundle>, Option<Arc<CaSigner>>);
+type CertificateSource = (Arc<dyn CertIssuer>, Arc<identity::SharedTrust>, Option<Arc<CaSigner>>);
 
 fn certificate_source(ca: &CaSource) -> anyhow::Result<CertificateSource> {
     match ca {
@@ -475,26 +475,53 @@ fn certificate_source(ca: &CaSource) -> anyhow::Result<CertificateSource> {
                  identity of the mesh. For development and the demo only; in production use \
                  --ca-address (mtls-agent ca serve, or istiod)"
             );
-            let trust = Arc::new(signer.trust_bundle().clone());
+            let trust = Arc::new(identity::SharedTrust::new(signer.trust_bundle().clone()));
             Ok((signer.clone(), trust, Some(signer)))
         }
         CaSource::Service { address, token_file, root, server_name } => {
-            let trust = Arc::new(
-                identity::TrustBundle::from_pem_file(root)
-                    .with_context(|| format!("--ca-root {}", root.display()))?,
-            );
-            let client =
-                certservice::client::CaClient::new(address, &trust, server_name.as_deref())?;
+            let bundle = identity::TrustBundle::from_pem_file(root)
+                .with_context(|| format!("--ca-root {}", root.display()))?;
+            let trust = Arc::new(identity::SharedTrust::new(bundle));
             // At start a missing token is a mistake in the manifest, worth refusing to run.
             certservice::issuer::read_token(token_file).context("--ca-token-file")?;
+            let issuer = certservice::issuer::RemoteIssuer::new(
+                address,
+                server_name.as_deref(),
+                token_file.clone(),
+                trust.clone(),
+            )?;
             info!(
                 ca = %address,
                 "certificates from the certificate service; keys are made here and never leave this node"
             );
-            let issuer =
-                certservice::issuer::RemoteIssuer::new(client, token_file.clone(), trust.clone());
+            tokio::spawn(follow_trust_bundle(root.clone(), trust.clone()));
             Ok((Arc::new(issuer), trust, None))
         }
+    }
+}
+
+/// How often the trust bundle file is looked at (a ConfigMap volume changes within a minute).
+const TRUST_BUNDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Replaces the trust bundle when its file changes (a root rotation: the ConfigMap gets the
+/// new root beside the old). A file that does not parse is logged and the bundle in force
+/// stays; new handshakes use a new bundle, open connections keep theirs.
+async fn follow_trust_bundle(path: PathBuf, trust: Arc<identity::SharedTrust>) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(TRUST_BUNDLE_POLL).await;
+        let Ok(now) = std::fs::read(&path) else { continue };
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        match identity::TrustBundle::from_pem(&now) {
+            Ok(bundle) => {
+                info!(file = %path.display(), roots = bundle.len(), "trust bundle changed: new handshakes use it");
+                trust.replace(bundle);
+            }
+            Err(e) => error!(file = %path.display(), "{e}: the trust bundle in force stays"),
+        }
+        last = Some(now);
     }
 }
 

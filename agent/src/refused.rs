@@ -252,7 +252,7 @@ fn empty_mesh(cfg: &AgentConfig) -> Mesh {
     let (_, policies) = watch::channel(Arc::new(PolicySet::empty()));
     Mesh {
         trust_domain: cfg.trust_domain.clone(),
-        trust: Arc::new(TrustBundle::trusting_nothing()),
+        trust: Arc::new(crate::identity::SharedTrust::new(TrustBundle::trusting_nothing())),
         certs: Arc::new(CertStore::new()),
         pool: hbone::Pool::new(hbone::PoolConfig::default()),
         conns: ConnectionTable::default(),

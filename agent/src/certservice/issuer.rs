@@ -5,12 +5,12 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::client::{request_for, CaClient};
+use super::client::{request_for, CaClient, ClientError};
 use crate::identity::{
-    csr, CertIssuer, IdentityError, IssueFuture, SpiffeId, TrustBundle, WorkloadCert,
+    csr, CertIssuer, IdentityError, IssueFuture, SharedTrust, SpiffeId, TrustBundle, WorkloadCert,
 };
 
 /// The largest token file read: a projected ServiceAccount token is about 1 KiB.
@@ -51,38 +51,61 @@ pub fn read_token(path: &Path) -> Result<String, TokenError> {
     Ok(token.to_owned())
 }
 
-/// Issues through the certificate service at `client`.
+/// Issues through the certificate service at `address`.
 pub struct RemoteIssuer {
-    client: CaClient,
+    address: String,
+    server_name: Option<String>,
+    /// The client, made again when the trust bundle changes (the service's certificate may
+    /// come from a new root after a rotation), with the bundle version it was made for.
+    client: Mutex<(u64, Arc<CaClient>)>,
     token_file: PathBuf,
-    bundle: Arc<TrustBundle>,
+    trust: Arc<SharedTrust>,
     described: String,
 }
 
 impl RemoteIssuer {
-    /// `bundle`: the roots answers must lead to (the node's trust bundle, `--ca-root`).
-    pub fn new(client: CaClient, token_file: PathBuf, bundle: Arc<TrustBundle>) -> RemoteIssuer {
-        let described = format!("certificate service {}", client.address());
-        RemoteIssuer { client, token_file, bundle, described }
+    /// `trust`: the roots the service's certificate and every answer must lead to (the node's
+    /// trust bundle, `--ca-root`).
+    pub fn new(
+        address: &str,
+        server_name: Option<&str>,
+        token_file: PathBuf,
+        trust: Arc<SharedTrust>,
+    ) -> Result<RemoteIssuer, ClientError> {
+        let (version, bundle) = trust.current();
+        let client = CaClient::new(address, &bundle, server_name)?;
+        Ok(RemoteIssuer {
+            described: format!("certificate service {address}"),
+            address: address.to_owned(),
+            server_name: server_name.map(str::to_owned),
+            client: Mutex::new((version, Arc::new(client))),
+            token_file,
+            trust,
+        })
+    }
+
+    /// The client for the current bundle, and the bundle.
+    fn client(&self) -> Result<(Arc<CaClient>, TrustBundle), ClientError> {
+        let (version, bundle) = self.trust.current();
+        let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if c.0 != version {
+            let fresh = CaClient::new(&self.address, &bundle, self.server_name.as_deref())?;
+            *c = (version, Arc::new(fresh));
+        }
+        Ok((c.1.clone(), bundle))
     }
 
     async fn fetch(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
         let issue = |reason: String| IdentityError::Issue { id: id.to_string(), reason };
         let token = read_token(&self.token_file).map_err(|e| issue(format!("the token: {e}")))?;
         let (pem, key) = csr::request(id).map_err(|e| issue(format!("making the CSR: {e}")))?;
+        let (client, bundle) = self.client().map_err(|e| issue(e.to_string()))?;
         // A node agent names the pod's identity, as ztunnel does: istiod needs it.
-        let chain = self
-            .client
+        let chain = client
             .create_certificate(&token, request_for(pem, ttl, Some(id)))
             .await
             .map_err(|e| issue(e.to_string()))?;
-        WorkloadCert::from_answer(
-            &chain,
-            &key,
-            id,
-            &self.bundle,
-            Arc::from(self.described.as_str()),
-        )
+        WorkloadCert::from_answer(&chain, &key, id, &bundle, Arc::from(self.described.as_str()))
     }
 }
 

@@ -34,7 +34,7 @@ pub use spiffe::{validate_trust_domain, SpiffeId, SpiffeIdError};
 pub use store::{describe_pending, run_renewals, CaHealth, CertInfo, CertStore, PendingCert};
 pub use tls::{
     client_config, describe_io_error, describe_tls_error, io_error_reason, peer_identity,
-    server_config, tls_error_reason, PeerVerifyError, TrustBundle, ALPN_H2,
+    server_config, tls_error_reason, PeerVerifyError, SharedTrust, TrustBundle, ALPN_H2,
 };
 
 /// Everything that can go wrong in this module, worded for the operator who reads the log.

@@ -44,6 +44,32 @@ fn provider() -> Arc<CryptoProvider> {
     }))
 }
 
+/// The node's trust bundle, replaced whole when its file changes (a root rotation): every new
+/// handshake takes the current one; connections already made keep theirs.
+pub struct SharedTrust {
+    current: std::sync::RwLock<(u64, TrustBundle)>,
+}
+
+impl SharedTrust {
+    pub fn new(bundle: TrustBundle) -> SharedTrust {
+        SharedTrust { current: std::sync::RwLock::new((0, bundle)) }
+    }
+
+    /// The current bundle and its version (bumped by every replacement).
+    pub fn current(&self) -> (u64, TrustBundle) {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn get(&self) -> TrustBundle {
+        self.current().1
+    }
+
+    pub fn replace(&self, bundle: TrustBundle) {
+        let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
+        *c = (c.0 + 1, bundle);
+    }
+}
+
 /// The roots a peer's chain must lead to. Holds several roots during a root rotation.
 #[derive(Clone)]
 pub struct TrustBundle {

@@ -61,7 +61,8 @@ pub struct InboundContext {
     pub netns: PodNetns,
     pub mesh: Arc<Mesh>,
     /// The TLS configuration for the pod's current certificate, rebuilt when it is renewed.
-    tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+    /// The config last built: for which certificate serial and trust bundle version.
+    tls: Mutex<Option<((String, u64), Arc<rustls::ServerConfig>)>>,
     /// TLS handshakes in progress to this pod.
     handshakes: PodCount,
 }
@@ -118,15 +119,17 @@ impl InboundContext {
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
         let cert = self.mesh.certs.get(&self.pod).ok_or("this pod has no certificate")?;
+        let (version, trust) = self.mesh.trust.current();
+        let key = (cert.serial().to_owned(), version);
         let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((serial, cfg)) = cached.as_ref() {
-            if serial == cert.serial() {
+        if let Some((built_for, cfg)) = cached.as_ref() {
+            if *built_for == key {
                 return Ok(cfg.clone());
             }
         }
-        let cfg = identity::server_config(&cert, &self.mesh.trust, &self.mesh.trust_domain)
+        let cfg = identity::server_config(&cert, &trust, &self.mesh.trust_domain)
             .map_err(|e| e.to_string())?;
-        *cached = Some((cert.serial().to_owned(), cfg.clone()));
+        *cached = Some((key, cfg.clone()));
         Ok(cfg)
     }
 }

@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    identity::{CertStore, SpiffeId, TrustBundle},
+    identity::{CertStore, SharedTrust, SpiffeId},
     policy::PolicySet,
     workloads::WorkloadSet,
 };
@@ -129,7 +129,8 @@ pub const FIRST_CERT_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 pub struct Mesh {
     pub trust_domain: String,
-    pub trust: Arc<TrustBundle>,
+    /// The roots peers' chains must lead to (replaced on a root rotation).
+    pub trust: Arc<SharedTrust>,
     pub certs: Arc<CertStore>,
     pub pool: hbone::Pool<PoolKey>,
     pub conns: ConnectionTable,

@@ -434,7 +434,7 @@ async fn relay_mtls(
         dst_ip: tunnel.ip(),
     };
     let netns = ctx.netns.clone();
-    let trust = ctx.mesh.trust.clone();
+    let trust = ctx.mesh.trust.get();
     let connect = || async {
         let tcp = dial_from_pod(&netns, tunnel).await?;
         let cfg = identity::client_config(&cert, &trust, &expected)?;
