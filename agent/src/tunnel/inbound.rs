@@ -54,6 +54,9 @@ fn bind_source(socket: &tokio::net::TcpSocket, ip: IpAddr) -> std::io::Result<()
 }
 
 /// What the inbound listener of one pod needs.
+/// (certificate serial, trust bundle version).
+type BuiltFor = (String, u64);
+
 pub struct InboundContext {
     /// `name.namespace` of the pod.
     pub pod: String,
@@ -61,8 +64,8 @@ pub struct InboundContext {
     pub netns: PodNetns,
     pub mesh: Arc<Mesh>,
     /// The TLS configuration for the pod's current certificate, rebuilt when it is renewed.
-    /// The config last built: for which certificate serial and trust bundle version.
-    tls: Mutex<Option<((String, u64), Arc<rustls::ServerConfig>)>>,
+    /// The config last built, and for which certificate serial and trust bundle version.
+    tls: Mutex<Option<(BuiltFor, Arc<rustls::ServerConfig>)>>,
     /// TLS handshakes in progress to this pod.
     handshakes: PodCount,
 }
