@@ -475,12 +475,12 @@ fn pod(ns: &str, name: &str, uid: &str, node: &str, account: &str) -> serde_json
     })
 }
 
-const AGENT1: &str = "agent1-projected-token";
-const STALE: &str = "agent1-token-of-a-deleted-pod";
-const UNBOUND: &str = "agent-token-bound-to-no-pod";
-const WRONG_AUDIENCE: &str = "agent1-token-for-the-api-server";
-const WEB_TOKEN: &str = "web-1-own-token";
-const EXPIRED: &str = "agent1-token-past-its-expiry";
+const AGENT1: &str = "eyJhbGciOiJSUzI1NiJ9.eyJhZ2VudDEiOnRydWV9.c2lnbmVkLWFnZW50MQ";
+const STALE: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdGFsZSI6dHJ1ZX0.c2lnbmVkLXN0YWxl";
+const UNBOUND: &str = "eyJhbGciOiJSUzI1NiJ9.eyJ1bmJvdW5kIjp0cnVlfQ.c2lnbmVkLXVuYm91bmQ";
+const WRONG_AUDIENCE: &str = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJrdWJlIn0.c2lnbmVkLWF1ZA";
+const WEB_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJ3ZWIiOnRydWV9.c2lnbmVkLXdlYg";
+const EXPIRED: &str = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2lnbmVkLWV4cA";
 
 /// Kubernetes mode against the stand-in API server (it says so; no real one runs here): the
 /// agents' pods on node1 and node2, shop/web on node1, shop/db on node2, and tokens.
@@ -587,12 +587,13 @@ async fn kubernetes_mode_refuses_stale_unbound_expired_wrong_audience_and_unknow
         ensure!(Instant::now() < deadline, "the service never answered the honest agent");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let cases: [(&str, Code, &str); 5] = [
+    let cases: [(&str, Code, &str); 6] = [
         (EXPIRED, Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, service account token has expired]"),
         (STALE, Code::PermissionDenied, "the token's pod mtls-system/agent-a (uid uid-old) does not exist: it was deleted or recreated"),
         (UNBOUND, Code::PermissionDenied, "the node agent account mtls-system/mtls-agent's token is bound to no pod: use a projected token"),
         (WRONG_AUDIENCE, Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"istio-ca\"]]"),
-        ("forged-token", Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token lookup failed]"),
+        ("eyJhbGciOiJSUzI1NiJ9.eyJmb3JnZWQiOjF9.bm90LXNpZ25lZA", Code::Unauthenticated, "the token is not valid for audience istio-ca: [invalid bearer token, token lookup failed]"),
+        ("forged-token", Code::Unauthenticated, "the bearer token is not a Kubernetes service account token (a JWT)"),
     ];
     for (token, code, want) in cases {
         let (got, message) = refused(ask(&c, token, WEB).await);

@@ -329,6 +329,12 @@ fn the_certificate_service_runs_twice_in_kubernetes_mode_and_alone_holds_the_key
             "{verb}"
         );
     }
+    // Reading and changing: its own ConfigMap only.
+    let configmap = args.root_configmap.split_once('/').map(|(_, n)| n.to_owned());
+    for rule in r.iter().filter(|r| r.verbs.iter().any(|v| v == "get" || v == "update")) {
+        let names = rule.resource_names.clone().unwrap_or_default();
+        assert_eq!(names, configmap.clone().into_iter().collect::<Vec<_>>(), "{rule:?}");
+    }
     let agent: ClusterRole = manifest("clusterrole.yaml");
     assert!(
         !agent.rules.unwrap_or_default().iter().any(|r| r

@@ -82,10 +82,19 @@ impl Pods {
         }
         let spec = pod.spec.as_ref();
         let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
-        let service_account = spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
+        // A kubelet may create mirror (static) pods in any namespace, and only with no service
+        // account: a compromised node must not place a namespace's `default` account on
+        // itself that way. Such pods (and any naming no account) grant nothing.
+        let mirror = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+        let Some(service_account) =
+            spec.and_then(|s| s.service_account_name.clone()).filter(|s| !s.is_empty() && !mirror)
+        else {
+            return;
+        };
         if !node.is_empty() {
             *self.placed.entry((node.clone(), ns.clone(), service_account.clone())).or_default() +=
                 1;
@@ -195,9 +204,16 @@ impl Cluster {
                 }
             }
         }
+        // A ServiceAccount token is a JWT: anything else costs the API server nothing.
+        if !looks_like_jwt(token) {
+            return Err(Refusal::Unauthenticated(
+                "the bearer token is not a Kubernetes service account token (a JWT)".into(),
+            ));
+        }
         let answer = self.ask(token).await;
-        // An API server that cannot answer is not remembered: the next request asks again.
-        if !matches!(answer, Err(Refusal::Unavailable(_))) {
+        // Only what the API server accepted is remembered: made-up tokens, however many,
+        // never push an agent's answer out of the cache.
+        if answer.is_ok() {
             let mut cache = self.reviews.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() >= MAX_REVIEWS {
                 cache.clear();
@@ -271,6 +287,16 @@ impl Cluster {
     }
 }
 
+/// Three non-empty base64url parts, at most 16 KiB: the shape of every ServiceAccount token.
+fn looks_like_jwt(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    token.len() <= 16 * 1024
+        && parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// Keeps the ConfigMap `namespace/name` holding the CA directory's trust bundle
 /// (`root-cert.pem`, as Istio's `istio-ca-root-cert`), forever: written at start and again
 /// whenever the file changes (a root rotation: the secret mounted with the new bundle), so
@@ -283,10 +309,15 @@ pub async fn publish_roots(
 ) {
     use k8s_openapi::api::core::v1::ConfigMap;
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let mut written: Option<String> = None;
     loop {
+        // Compared with what the ConfigMap holds, not with what was last written: a deleted
+        // or edited ConfigMap is put back.
+        let there = match tokio::time::timeout(REVIEW_TIMEOUT, api.get_opt(&name)).await {
+            Ok(Ok(cm)) => cm.and_then(|c| c.data).and_then(|d| d.get("root-cert.pem").cloned()),
+            _ => None,
+        };
         match std::fs::read_to_string(&bundle) {
-            Ok(pem) if written.as_deref() != Some(pem.as_str()) => {
+            Ok(pem) if there.as_deref() != Some(pem.as_str()) => {
                 let cm = ConfigMap {
                     metadata: kube::api::ObjectMeta {
                         name: Some(name.clone()),
@@ -310,8 +341,7 @@ pub async fn publish_roots(
                     .unwrap_or_else(|_| Err(kube::Error::Service("timed out".into())));
                 match done {
                     Ok(()) => {
-                        info!(configmap = %format!("{namespace}/{name}"), "trust bundle published");
-                        written = Some(pem);
+                        info!(configmap = %format!("{namespace}/{name}"), "trust bundle published")
                     }
                     Err(e) => {
                         warn!(configmap = %format!("{namespace}/{name}"), "publishing the trust bundle: {e}; retrying")
@@ -396,6 +426,28 @@ mod tests {
         assert_eq!(placed(&p), None, "moved away");
         p.remove(&("shop".into(), "web-1".into()));
         assert!(p.placed.is_empty() && p.by_name.is_empty());
+    }
+
+    #[test]
+    fn mirror_pods_and_pods_without_an_account_place_no_identity() {
+        let mut p = Pods::default();
+        let mut mirror = pod("kube-system", "etcd-node1", "u9", "node1", "", "Running");
+        p.apply(&mirror);
+        assert!(p.placed.is_empty(), "an account-less pod would place `default`");
+        mirror.metadata.annotations =
+            Some([("kubernetes.io/config.mirror".to_owned(), "x".to_owned())].into());
+        mirror.spec.as_mut().unwrap().service_account_name = Some("default".into());
+        p.apply(&mirror);
+        assert!(p.placed.is_empty(), "a mirror pod places nothing");
+    }
+
+    #[test]
+    fn only_jwt_shaped_tokens_are_reviewed() {
+        assert!(looks_like_jwt("eyJhbGciOi.eyJpc3MiOi.c2lnbmF0dXJl"));
+        for bad in ["", "forged-token", "a.b", "a..c", "a.b.c.d", "a.b.c d"] {
+            assert!(!looks_like_jwt(bad), "{bad}");
+        }
+        assert!(!looks_like_jwt(&format!("a.{}.c", "b".repeat(17 * 1024))));
     }
 
     #[test]

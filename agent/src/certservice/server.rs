@@ -209,8 +209,20 @@ fn pem(der: &rustls_pki_types::CertificateDer<'_>) -> String {
 /// A refusal's log line, at most one per caller address and reason per window.
 fn refused(peer: Option<std::net::SocketAddr>, status: &Status) {
     let src = peer.map_or_else(|| "-".to_owned(), |p| p.ip().to_string());
-    if let Some(more) = crate::loglimit::refusal(&src, "ca", status.message()) {
-        warn!(src, code = ?status.code(), "certificate refused: {}{more}", status.message());
+    // Messages may echo what the caller sent: the log line and the limiter's key get a
+    // bounded prefix only.
+    let message = bounded(status.message(), 240);
+    let key = format!("{:?}: {}", status.code(), bounded(&message, 80));
+    if let Some(more) = crate::loglimit::refusal(&src, "ca", key) {
+        warn!(src, code = ?status.code(), "certificate refused: {message}{more}");
+    }
+}
+
+/// At most `max` characters of `s`, marked when cut.
+fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
     }
 }
 
@@ -248,7 +260,8 @@ fn impersonated(body: &IstioCertificateRequest) -> Result<Option<SpiffeId>, Stat
         )));
     };
     s.parse().map(Some).map_err(|e| {
-        Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY}: {s:?}: {e}"))
+        let shown = bounded(s, 120);
+        Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY}: {shown:?}: {e}"))
     })
 }
 

@@ -129,6 +129,14 @@ pub fn sign_intermediate(
         .map_err(|e| IdentityError::file(&roots_path, format!("cannot sign with it: {e}")))?;
     let (_, parsed) = X509Certificate::from_der(root)
         .map_err(|e| IdentityError::file(&roots_path, format!("does not parse: {e}")))?;
+    // Checked before anything is written: a wrong key would leave an intermediate no
+    // verifier accepts in the way of the next attempt.
+    if parsed.public_key().raw != root_key.public_key_der().as_slice() {
+        return Err(IdentityError::file(
+            root_dir.join(ROOT_KEY_FILE),
+            format!("is not the key of the first certificate in {ROOT_CERT_FILE}"),
+        ));
+    }
     let root_not_after = asn1_time(parsed.validity().not_after);
     drop(parsed);
 
@@ -1264,5 +1272,14 @@ mod tests {
             Err(IdentityError::CaExists { .. })
         ));
         assert!(!tmp.path().join("ca3").join(CA_KEY_FILE).exists());
+        // Another root's key is refused before anything is written.
+        let other = tmp.path().join("other");
+        init_root_and_intermediate(&other, &tmp.path().join("ca4"), "cluster.local").unwrap();
+        fs::copy(other.join(ROOT_KEY_FILE), tmp.path().join("wrong-key.pem")).unwrap();
+        fs::remove_file(root.join(ROOT_KEY_FILE)).unwrap();
+        fs::copy(tmp.path().join("wrong-key.pem"), root.join(ROOT_KEY_FILE)).unwrap();
+        let e = sign_intermediate(&root, &tmp.path().join("ca5"), "cluster.local").unwrap_err();
+        assert!(e.to_string().contains("is not the key of the first certificate"), "{e}");
+        assert!(!tmp.path().join("ca5").join(CA_CERT_FILE).exists());
     }
 }
