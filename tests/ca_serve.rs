@@ -28,6 +28,8 @@ const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 struct Service {
     child: Child,
     addr: SocketAddr,
+    /// `/metrics` and `/healthz/ready`.
+    monitoring: SocketAddr,
     dir: tempfile::TempDir,
 }
 
@@ -84,8 +86,10 @@ impl Service {
         ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
         // A free loopback port, then the service binds it.
         let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+        let monitoring = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
         let child = Command::new(&bin)
             .args(["ca", "serve", "--trust-domain", "cluster.local", "--max-cert-ttl", "1h"])
+            .args(["--monitoring", &monitoring.to_string()])
             // 2 a second, bursts of 20: what each test asks, and the flood test's flood.
             .args(["--node-rate", "2"])
             .args(["--listen", &addr.to_string(), "--server-name", NAME, "--ca-dir"])
@@ -98,7 +102,7 @@ impl Service {
                 Stdio::null()
             })
             .spawn()?;
-        let mut s = Service { child, addr, dir };
+        let mut s = Service { child, addr, monitoring, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(s.addr).is_err() {
             ensure!(s.child.try_wait()?.is_none(), "ca serve exited");
@@ -605,5 +609,54 @@ async fn kubernetes_mode_refuses_stale_unbound_expired_wrong_audience_and_unknow
     let (code, message) = refused(ask(&c, WEB_TOKEN, DB).await);
     assert_eq!(code, Code::PermissionDenied);
     assert_eq!(message, format!("service account shop/web is no node agent: it may have its own identity only, not {DB}"));
+    Ok(())
+}
+
+/// GET `path` of the service's monitoring endpoint: (status code, body).
+fn monitor(s: &Service, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.monitoring)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("a status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+#[tokio::test]
+async fn refusals_are_counted_by_code_and_kubernetes_mode_is_ready_once_pods_are_listed(
+) -> Result<()> {
+    let s = Service::start()?;
+    let c = s.client()?;
+    ask(&c, TOKEN1, WEB).await?;
+    refused(ask(&c, TOKEN1, DB).await);
+    refused(ask(&c, "node9-token-0000000000000000000000000000000000", WEB).await);
+    let (code, metrics) = monitor(&s, "/metrics")?;
+    assert_eq!(code, 200);
+    for line in [
+        "mtls_ca_certificates_issued_total 1",
+        "mtls_ca_requests_refused_total{code=\"PERMISSION_DENIED\"} 1",
+        "mtls_ca_requests_refused_total{code=\"UNAUTHENTICATED\"} 1",
+        "mtls_ca_ready 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+    }
+
+    // Kubernetes mode, the API server slow to list pods: not ready, and it says why.
+    let api = ApiServer::start()?;
+    api.serve(PODS);
+    api.serve(ROOT_CONFIGMAPS);
+    api.hold_lists(true);
+    let k = Service::start_kubernetes(&api)?;
+    let (code, body) = monitor(&k, "/healthz/ready")?;
+    assert_eq!((code, body.trim()), (503, "not ready: the pods of the cluster are not listed yet"));
+    api.hold_lists(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while monitor(&k, "/healthz/ready")?.0 != 200 {
+        ensure!(Instant::now() < deadline, "never ready after the pods were listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

@@ -357,6 +357,10 @@ async fn ca_serve(args: mtls_agent::cli::CaServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
+    let monitoring = tokio::net::TcpListener::bind(args.monitoring)
+        .await
+        .map_err(|e| anyhow::anyhow!("--monitoring {}: {e}", args.monitoring))?;
+    tokio::spawn(mtls_agent::certservice::monitor::serve(monitoring, service.clone()));
     let local = listener.local_addr()?;
     tracing::info!(address = %local, names = ?args.server_names, "certificate service listening");
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -300,6 +300,10 @@ fn the_certificate_service_runs_twice_in_kubernetes_mode_and_alone_holds_the_key
     let m = m.expect("--ca-dir is mounted");
     let v = pod.volumes.iter().flatten().find(|v| v.name == m.name).expect("its volume");
     assert_eq!(v.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("cacerts"));
+    // Readiness asks the service whether it can decide, where it answers.
+    let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("httpGet");
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(probe.port, IntOrString::Int(i32::from(args.monitoring.port())));
     // The Service sends 15012 to where it listens.
     let service: Service = manifest("ca-service.yaml");
     let port = service.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();

@@ -50,9 +50,12 @@ impl CaService {
         let tokens_file = dir.join("tokens.yaml");
         std::fs::write(&tokens_file, tokens)?;
         let addr: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
+        let monitoring: SocketAddr = (Ipv4Addr::LOCALHOST, crate::free_loopback_port()).into();
         let args = vec![
             "ca".into(),
             "serve".into(),
+            "--monitoring".into(),
+            monitoring.to_string(),
             "--trust-domain".into(),
             "cluster.local".into(),
             "--listen".into(),

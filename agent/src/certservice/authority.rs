@@ -145,6 +145,14 @@ impl Authority {
         }
     }
 
+    /// Whether requests can be decided, or why not.
+    pub fn ready(&self) -> Result<(), String> {
+        match self {
+            Authority::Files { .. } => Ok(()),
+            Authority::Cluster(c) => c.ready(),
+        }
+    }
+
     /// Whether a pod with identity `id` (its namespace and service account) is on `node`.
     pub fn runs_on(&self, node: &str, id: &SpiffeId) -> Result<bool, Refusal> {
         match self {

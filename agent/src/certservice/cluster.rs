@@ -182,6 +182,14 @@ impl Cluster {
         }
     }
 
+    /// Ready once the pods are listed.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.pods.read().unwrap_or_else(|e| e.into_inner()).synced {
+            true => Ok(()),
+            false => Err("the pods of the cluster are not listed yet".into()),
+        }
+    }
+
     /// Whether a pod of `id`'s namespace and service account is scheduled to `node`.
     pub fn runs_on(&self, node: &str, id: &SpiffeId) -> Result<bool, Refusal> {
         let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());

@@ -16,6 +16,7 @@ pub mod authority;
 pub mod client;
 pub mod cluster;
 pub mod issuer;
+pub mod monitor;
 pub mod server;
 
 /// The generated protocol types (from the vendored `proto/istio/v1/auth/ca.proto`).

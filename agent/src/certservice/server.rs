@@ -55,6 +55,7 @@ pub struct CertService {
     /// The trust bundle, the last element of every answer (as istiod sends it).
     bundle_pem: String,
     rate: NodeRate,
+    counters: super::monitor::Counters,
 }
 
 /// A token bucket per node.
@@ -98,7 +99,23 @@ impl CertService {
             max_ttl,
             bundle_pem,
             rate: NodeRate { per_second: rate_per_second.max(1), nodes: Default::default() },
+            counters: Default::default(),
         }
+    }
+
+    /// Whether it can decide requests, or why not.
+    pub fn ready(&self) -> Result<(), String> {
+        self.authority.ready()
+    }
+
+    pub fn counters(&self) -> &super::monitor::Counters {
+        &self.counters
+    }
+
+    /// Logs (rate-limited) and counts a refusal.
+    fn refuse(&self, peer: Option<std::net::SocketAddr>, status: &Status) {
+        self.counters.refused(status.code());
+        refused(peer, status);
     }
 
     /// Who is calling, from the `authorization` header.
@@ -173,6 +190,7 @@ impl CertService {
             tracing::error!(identity = %checked.id, "signing: {e}");
             Status::internal("signing failed: see the certificate service's log")
         })?;
+        self.counters.issued();
         info!(caller = %who, identity = %checked.id, ttl_s = ttl.as_secs(), "certificate issued");
         let mut out: Vec<String> = chain.iter().map(pem).collect();
         out.push(self.bundle_pem.clone());
@@ -195,7 +213,7 @@ impl IstioCertificateService for CertService {
         match decided {
             Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
             Err(status) => {
-                refused(peer, &status);
+                self.refuse(peer, &status);
                 Err(status)
             }
         }
@@ -447,7 +465,7 @@ where
         Box::pin(async move {
             match service.caller(req.headers()).await {
                 Err(status) => {
-                    refused(Some(peer), &status);
+                    service.refuse(Some(peer), &status);
                     Ok(status.into_http())
                 }
                 Ok(caller) => {

@@ -191,6 +191,10 @@ pub struct CaServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
+    /// Address of `/metrics` (issued, refused by code) and `/healthz/ready` (ready once it can
+    /// decide: in Kubernetes mode, once the pods are listed).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub monitoring: SocketAddr,
     /// DNS names the service's own certificate carries: the names clients dial (repeatable).
     #[arg(long = "server-name", default_value = "mtls-ca.mtls-system.svc")]
     pub server_names: Vec<String>,
