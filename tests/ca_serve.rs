@@ -6,6 +6,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -392,6 +393,49 @@ async fn connections_that_never_finish_tls_do_not_keep_a_node_from_its_certifica
         started.elapsed()
     );
     drop(idle);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_with_no_authenticated_request_is_closed() -> Result<()> {
+    let s = Service::start()?;
+    // A hostile pod finishes TLS (the service's certificate is public) and then only holds
+    // its slots: each is closed after the deadline, though it broke no other bound.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in s.bundle()?.certs() {
+        roots.add(c.clone())?;
+    }
+    let mut cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind((Ipv4Addr::new(127, 0, 0, 3), 0).into())?;
+        let tcp = sock.connect(s.addr).await?;
+        let name = rustls_pki_types::ServerName::try_from(NAME)?;
+        held.push(connector.connect(name, tcp).await?);
+    }
+    let started = Instant::now();
+    for tls in &mut held {
+        // The server's HTTP/2 preface may come first; then the end.
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let read = tokio::io::AsyncReadExt::read(tls, &mut buf);
+            match tokio::time::timeout(Duration::from_secs(20), read).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => anyhow::bail!("an unauthenticated connection still open after 20 s"),
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(8), "closed too soon: {took:?}");
     Ok(())
 }
 

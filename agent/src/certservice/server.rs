@@ -37,6 +37,9 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 16;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_STREAMS: u32 = 16;
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// How long a connection may go without a request that passes the token check: one that
+/// only holds a slot is closed.
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a connection past its lifetime has to finish its requests.
 const GRACE: Duration = Duration::from_secs(10);
 /// Certificates one node may ask for per second by default (and as a burst, ten times that):
@@ -58,7 +61,10 @@ pub struct CertService {
     counters: super::monitor::Counters,
 }
 
-/// A token bucket per node.
+/// Callers with a token bucket before idle ones are dropped.
+const MAX_RATE_BUCKETS: usize = 10_000;
+
+/// A token bucket per caller (a node, or a service account).
 struct NodeRate {
     per_second: u32,
     nodes: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
@@ -70,7 +76,14 @@ impl NodeRate {
         let burst = rate * 10.0;
         let now = std::time::Instant::now();
         let mut m = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        // Nodes are known callers (a token each): the map holds at most one entry per node.
+        // Callers are authenticated (a node, or a service account in Kubernetes mode), but a
+        // tenant may make many accounts: past a bound, buckets that have refilled (callers
+        // idle for a while) go; they would start full anyway.
+        if m.len() >= MAX_RATE_BUCKETS {
+            m.retain(|_, (tokens, last)| {
+                *tokens + now.duration_since(*last).as_secs_f64() * rate < burst
+            });
+        }
         let (tokens, last) = m.entry(node.to_owned()).or_insert((burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
         *last = now;
@@ -388,12 +401,22 @@ pub async fn serve(
                 .max_header_list_size(16 * 1024)
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(10));
-            let svc = Gate { inner: svc, peer, service };
+            let authed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let svc = Gate { inner: svc, peer, service, authed: authed.clone() };
             let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             let mut conn = std::pin::pin!(conn);
+            let unauthenticated = async {
+                tokio::time::sleep(AUTH_DEADLINE).await;
+                if authed.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
             let ended = tokio::select! {
                 r = conn.as_mut() => Some(r),
                 () = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+                () = unauthenticated => {
+                    return tracing::debug!(%peer, "closed: no authenticated request in {AUTH_DEADLINE:?}");
+                }
             };
             let result = match ended {
                 Some(r) => r,
@@ -425,6 +448,8 @@ struct Gate<S> {
     inner: S,
     peer: std::net::SocketAddr,
     service: Arc<CertService>,
+    /// Set by the first request whose token passes: the connection may then stay.
+    authed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type GateFuture = std::pin::Pin<
@@ -461,7 +486,7 @@ where
         // The ready service goes with this request; its clone waits for the next poll_ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (service, peer) = (self.service.clone(), self.peer);
+        let (service, peer, authed) = (self.service.clone(), self.peer, self.authed.clone());
         Box::pin(async move {
             match service.caller(req.headers()).await {
                 Err(status) => {
@@ -469,6 +494,7 @@ where
                     Ok(status.into_http())
                 }
                 Ok(caller) => {
+                    authed.store(true, std::sync::atomic::Ordering::Relaxed);
                     req.extensions_mut().insert(caller);
                     req.extensions_mut().insert(Peer(peer));
                     inner.call(req).await
