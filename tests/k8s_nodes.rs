@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use testbed::{
     agent::{agent_bin, http, AdminFlags, AgentOptions, AgentProcess, CaDir},
     apiserver::{self as api, ApiServer},
+    certservice::CaService,
     mesh::{echo_server, PORT},
     Pod, Testbed,
 };
@@ -443,6 +444,7 @@ struct NodeRun {
     bed: Testbed,
     _servers: Vec<testbed::PodProcess>,
     _dir: tempfile::TempDir,
+    _service: CaService,
     _ca: CaDir,
 }
 
@@ -483,12 +485,40 @@ fn run_on_node(layout: Layout, name: &str) -> Result<NodeRun> {
             "the DaemonSet does not pass {flag}=/host/sys/fs/cgroup: {args:?}"
         );
     }
-    // What differs on the test bed: the test's own CA, ports, pin and socket directories.
+    // As in the manifest, certificates from a certificate service (the test's own, in file
+    // mode: no API server here can review tokens for it); what differs on the test bed is
+    // where it is, the ports, pin and socket directories.
+    let placement = dir.path().join("placement.yaml");
+    std::fs::write(
+        &placement,
+        format!(
+            "workloads:\n- {{name: a, namespace: {NS}, serviceAccount: a, ip: {}, node: n1}}\n\
+             - {{name: b, namespace: {NS}, serviceAccount: b, ip: {}, node: n1}}\n",
+            bed.pod("a").ip,
+            bed.pod("b").ip
+        ),
+    )?;
+    let service = CaService::start(&format!("{}-{name}", bed.id()), &ca.path, &placement, &["n1"])?;
     let port = || -> SocketAddr { (Ipv4Addr::LOCALHOST, testbed::free_loopback_port()).into() };
     let (admin, health, metrics) = (port(), port(), port());
-    args.retain(|a| !["--ca-dir=", "--health=", "--metrics="].iter().any(|f| a.starts_with(f)));
+    for flag in ["--ca-address=", "--ca-token-file=", "--ca-root="] {
+        ensure!(
+            args.iter().any(|a| a.starts_with(flag)),
+            "the DaemonSet passes no {flag}: {args:?}"
+        );
+    }
+    ensure!(
+        !args.iter().any(|a| a.starts_with("--ca-dir")),
+        "the DaemonSet signs on the node: {args:?}"
+    );
+    args.retain(|a| {
+        !["--ca-address=", "--ca-token-file=", "--ca-root=", "--health=", "--metrics="]
+            .iter()
+            .any(|f| a.starts_with(f))
+    });
+    let ca_flags = service.agent_args("n1");
+    args.extend(ca_flags.chunks(2).map(|kv| format!("{}={}", kv[0], kv[1])));
     args.extend([
-        format!("--ca-dir={}", ca.path.display()),
         format!("--health={health}"),
         format!("--metrics={metrics}"),
         format!("--admin={admin}"),
@@ -510,6 +540,7 @@ fn run_on_node(layout: Layout, name: &str) -> Result<NodeRun> {
         bed,
         _servers: servers,
         _dir: dir,
+        _service: service,
         _ca: ca,
     })
 }
