@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod capture;
 pub mod certservice;
 pub mod cli;

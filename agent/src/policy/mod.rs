@@ -91,6 +91,7 @@ use crate::workloads::{Workload, WorkloadSet};
 use crate::yamlde::{At, FieldPrefix};
 
 pub use report::{render_check, render_report};
+pub(crate) use parse::Port;
 
 /// The root namespace used unless [`PolicySet::with_root_namespace`] says otherwise.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -400,6 +401,8 @@ pub struct PolicySet {
     root: String,
     peer: Vec<PeerAuth>,
     legacy: Vec<LegacyPolicy>,
+    /// AuthorizationPolicies (`CUSTOM` and `targetRefs` ones are left out when read).
+    authz: Vec<crate::authz::AuthzPolicy>,
     /// Warnings found while parsing (independent of the root namespace).
     notes: Vec<Warning>,
 }
@@ -417,6 +420,7 @@ impl PolicySet {
             root: DEFAULT_ROOT_NAMESPACE.to_string(),
             peer: Vec::new(),
             legacy: Vec::new(),
+            authz: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -500,9 +504,10 @@ impl PolicySet {
         &self.root
     }
 
-    /// Number of policy objects (PeerAuthentications, Policies and MeshPolicies).
+    /// Number of policy objects (PeerAuthentications, Policies, MeshPolicies and
+    /// AuthorizationPolicies).
     pub fn len(&self) -> usize {
-        self.peer.len() + self.legacy.len()
+        self.peer.len() + self.legacy.len() + self.authz.len()
     }
 
     /// Whether there are no policies at all.
@@ -510,9 +515,33 @@ impl PolicySet {
         self.len() == 0
     }
 
-    /// Every policy object, in load order: PeerAuthentications first.
+    /// Every policy object, in load order: PeerAuthentications first, AuthorizationPolicies
+    /// last.
     pub fn policies(&self) -> impl Iterator<Item = &PolicyRef> {
-        self.peer.iter().map(|p| &p.meta.r).chain(self.legacy.iter().map(|p| &p.meta.r))
+        self.peer
+            .iter()
+            .map(|p| &p.meta.r)
+            .chain(self.legacy.iter().map(|p| &p.meta.r))
+            .chain(self.authz.iter().map(|p| &p.r))
+    }
+
+    /// The AuthorizationPolicies that apply to workload `w` (root namespace, its namespace,
+    /// its labels), in load order.
+    pub fn authz_for<'a>(
+        &'a self,
+        w: &'a Workload,
+    ) -> impl Iterator<Item = &'a crate::authz::AuthzPolicy> + 'a {
+        self.authz.iter().filter(move |p| p.applies_to(&self.root, w))
+    }
+
+    /// Every AuthorizationPolicy of the set.
+    pub fn authz_policies(&self) -> &[crate::authz::AuthzPolicy] {
+        &self.authz
+    }
+
+    /// What the AuthorizationPolicies decide for connection `c` to workload `w`.
+    pub fn authorize(&self, w: &Workload, c: &crate::authz::Conn<'_>) -> crate::authz::Verdict {
+        crate::authz::evaluate(&self.authz, &self.root, w, c)
     }
 
     /// The warnings of this set for its current root namespace: skipped

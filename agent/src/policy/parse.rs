@@ -22,6 +22,7 @@ use super::{
     Created, LegacyPolicy, Meta, Mode, PeerAuth, PolicyError, PolicyRef, PolicySet, PortSel,
     Target, Warning,
 };
+use crate::authz;
 use crate::yamlde::{checked_str, present, split_serde_message, strip_location, Name};
 use crate::yamlpos::{self, YamlIndex};
 
@@ -36,6 +37,7 @@ const LEGACY_VERSION: &str = "authentication.istio.io/v1alpha1";
 pub(super) struct Builder {
     peer: Vec<PeerAuth>,
     legacy: Vec<LegacyPolicy>,
+    authz: Vec<crate::authz::AuthzPolicy>,
     notes: Vec<Warning>,
     /// (kind, namespace, name) to the first definition, to reject duplicates.
     seen: HashMap<(String, Option<String>, String), PolicyRef>,
@@ -67,7 +69,7 @@ impl Builder {
             let api_version = ctx.header_field(api_version, "apiVersion")?;
             let kind = ctx.header_field(kind, "kind")?;
             let known = match kind.as_str() {
-                PA_KIND => PA_VERSIONS.contains(&api_version.as_str()),
+                PA_KIND | authz::KIND => PA_VERSIONS.contains(&api_version.as_str()),
                 POLICY_KIND | MESH_POLICY_KIND => api_version == LEGACY_VERSION,
                 _ => false,
             };
@@ -89,7 +91,18 @@ impl Builder {
                     message: format!("duplicate key (first at line {})", dup.first_line),
                 });
             }
-            if kind == PA_KIND {
+            if kind == authz::KIND {
+                let raw = RawObject::<authz::parse::RawSpec>::deserialize(de)
+                    .map_err(|e| ctx.serde_error(&e))?;
+                let (meta, _) = convert_meta(raw.metadata, authz::KIND, true, &ctx)?;
+                self.remember(&meta.r, &ctx)?;
+                let converted = authz::parse::convert(raw.spec, meta.r)
+                    .map_err(|e| ctx.error(&e.path, e.message))?;
+                for (path, message) in converted.warnings {
+                    self.notes.push(ctx.warning(&path, message));
+                }
+                self.authz.extend(converted.policy);
+            } else if kind == PA_KIND {
                 let raw =
                     RawObject::<RawPaSpec>::deserialize(de).map_err(|e| ctx.serde_error(&e))?;
                 let pa = convert_pa(raw, &ctx)?;
@@ -121,7 +134,13 @@ impl Builder {
     }
 
     pub(super) fn finish(self) -> PolicySet {
-        PolicySet { peer: self.peer, legacy: self.legacy, notes: self.notes, ..PolicySet::empty() }
+        PolicySet {
+            peer: self.peer,
+            legacy: self.legacy,
+            authz: self.authz,
+            notes: self.notes,
+            ..PolicySet::empty()
+        }
     }
 }
 
@@ -141,12 +160,13 @@ fn skipped_message(api_version: &str, kind: &str, object: &str) -> String {
             "skipped List{object} ({api_version}): objects inside a List are not read; \
              put each one in its own document (separated by ---)"
         ),
-        "AuthorizationPolicy" => format!(
-            "skipped {kind}{object} ({api_version}): authorization policies are not enforced yet"
+        authz::KIND => format!(
+            "skipped {kind}{object}: apiVersion {api_version} is not supported \
+             (expected security.istio.io/v1beta1 or security.istio.io/v1)"
         ),
         _ => format!(
-            "skipped {kind}{object} ({api_version}): only PeerAuthentication \
-             (security.istio.io) and Policy/MeshPolicy ({LEGACY_VERSION}) are read"
+            "skipped {kind}{object} ({api_version}): only PeerAuthentication, \
+             AuthorizationPolicy (security.istio.io) and Policy/MeshPolicy ({LEGACY_VERSION}) are read"
         ),
     }
 }
@@ -565,7 +585,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 /// A port number 1-65535, given as an integer or a numeric string.
-struct Port(u16);
+pub(crate) struct Port(pub(crate) u16);
 
 fn port_from_u64(n: u64) -> Result<u16, String> {
     match u16::try_from(n) {
@@ -1423,7 +1443,7 @@ spec:
   host: reviews
   trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
 ---
-apiVersion: security.istio.io/v1beta1
+apiVersion: security.istio.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: deny-all, namespace: bookinfo}
 spec: {}
@@ -1451,11 +1471,11 @@ spec: {anything: [goes, {here: 1}]}
         assert_eq!(
             w,
             [
-                "p.yaml:1: skipped DestinationRule bookinfo/reviews (networking.istio.io/v1beta1): only PeerAuthentication (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read",
-                "p.yaml:10: skipped AuthorizationPolicy bookinfo/deny-all (security.istio.io/v1beta1): authorization policies are not enforced yet",
+                "p.yaml:1: skipped DestinationRule bookinfo/reviews (networking.istio.io/v1beta1): only PeerAuthentication, AuthorizationPolicy (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read",
+                "p.yaml:10: skipped AuthorizationPolicy bookinfo/deny-all: apiVersion security.istio.io/v1alpha1 is not supported (expected security.istio.io/v1beta1 or security.istio.io/v1)",
                 "p.yaml:15: skipped PeerAuthentication old: apiVersion security.istio.io/v1alpha1 is not supported (expected security.istio.io/v1beta1 or security.istio.io/v1)",
                 "p.yaml:19: skipped Policy default: apiVersion authentication.istio.io/v1beta1 is not supported (expected authentication.istio.io/v1alpha1)",
-                "p.yaml:23: skipped Policy (kyverno.io/v1): only PeerAuthentication (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read",
+                "p.yaml:23: skipped Policy (kyverno.io/v1): only PeerAuthentication, AuthorizationPolicy (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read",
             ]
         );
     }

@@ -129,7 +129,7 @@ ignored:
   frontend.hipster-app: PeerAuthentication istio-system/x (p.yaml:20): selector in the root namespace istio-system is ignored
 
 warnings:
-  p.yaml:28: skipped DestinationRule hipster-app/dr (networking.istio.io/v1beta1): only PeerAuthentication (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read
+  p.yaml:28: skipped DestinationRule hipster-app/dr (networking.istio.io/v1beta1): only PeerAuthentication, AuthorizationPolicy (security.istio.io) and Policy/MeshPolicy (authentication.istio.io/v1alpha1) are read
   p.yaml:20: PeerAuthentication istio-system/x: selector in the root namespace istio-system is ignored (a root-namespace PeerAuthentication applies mesh-wide and must have no selector)
 ";
         assert_eq!(out, expected);
