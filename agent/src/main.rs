@@ -145,12 +145,24 @@ fn run(cli: Cli, set_log_level: SetLogLevel) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(ca_serve(*args))
         }
-        Command::Policy { command: PolicyCommand::Check { dir, workloads, root_namespace } } => {
+        Command::Policy {
+            command:
+                PolicyCommand::Check { dir, workloads, root_namespace, from, to, trust_domain, output },
+        } => {
             let text = std::fs::read_to_string(&workloads)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", workloads.display()))?;
             let ws = workloads::WorkloadSet::parse(&text, &workloads)?;
             let ps = policy::PolicySet::load_dir(&dir, &root_namespace)?;
-            print!("{}", policy::render_check(&ps, &ws));
+            let (Some(from), Some(to)) = (from, to) else {
+                print!("{}", policy::render_check(&ps, &ws));
+                return Ok(());
+            };
+            let answer = mtls_agent::authz::query::check(&ps, &ws, &trust_domain, &from, &to)?;
+            match output {
+                Output::Table => print!("{}", mtls_agent::authz::query::render(&answer)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&answer)?),
+            }
             Ok(())
         }
         Command::Check { pod, client } => {

@@ -137,6 +137,28 @@ pub fn render(state: &AdminState) -> String {
         "Connections and requests refused by the agent's own HTTP servers, by server (admin, metrics, health) and reason (connection_limit, header_timeout, body_too_large).",
         &servers,
     );
+    let authz: Vec<(String, f64)> = state
+        .mesh
+        .stats
+        .authz
+        .get()
+        .into_iter()
+        .map(|((policy, mode, verdict), n)| {
+            let policy = escape(&policy);
+            (
+                format!(
+                    "{{node=\"{node}\",policy=\"{policy}\",mode=\"{mode}\",verdict=\"{verdict}\"}}"
+                ),
+                n as f64,
+            )
+        })
+        .collect();
+    family(
+        "mtls_agent_authz_decisions_total",
+        "counter",
+        "Connections denied by AuthorizationPolicy (verdict=denied; policy is the deciding DENY policy, or default-deny when ALLOW policies apply and none matched) and AUDIT matches (verdict=audited), by policy and mode (mtls: judged by the agent; plaintext: judged in eBPF).",
+        &authz,
+    );
     family(
         "mtls_agent_hbone_streams_total",
         "counter",

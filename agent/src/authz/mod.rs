@@ -29,6 +29,7 @@
 //!   (it denies more), as Istio ambient does without a waypoint.
 
 pub mod parse;
+pub mod query;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -345,7 +346,12 @@ pub fn evaluate<'a>(
             None if p.rules.is_empty() => "no rules: matches nothing".to_owned(),
             None => no_match_note(p, c),
         };
-        considered.push(Considered { policy: p.r.clone(), action: p.action, matched_rule: hit, note });
+        considered.push(Considered {
+            policy: p.r.clone(),
+            action: p.action,
+            matched_rule: hit,
+            note,
+        });
     }
     let (allowed, decided_by, reason) = if let Some(d) = deny {
         (false, Some(d.clone()), format!("denied by {d}"))

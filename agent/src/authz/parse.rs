@@ -51,10 +51,7 @@ struct RawSelector {
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(
-    rename_all = "UPPERCASE",
-    expecting = "an action (ALLOW, DENY, AUDIT or CUSTOM)"
-)]
+#[serde(rename_all = "UPPERCASE", expecting = "an action (ALLOW, DENY, AUDIT or CUSTOM)")]
 enum RawAction {
     Allow,
     Deny,
@@ -156,7 +153,8 @@ pub fn convert(spec: Option<RawSpec>, r: PolicyRef) -> Result<Converted, FieldEr
     if spec.provider.is_some() {
         return Err(err("spec.provider", "provider is only allowed with action CUSTOM"));
     }
-    let targeted = spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
+    let targeted =
+        spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
     if targeted {
         if spec.selector.is_some() {
             return Err(err("spec.selector", "selector and targetRefs cannot both be set"));
@@ -176,7 +174,14 @@ pub fn convert(spec: Option<RawSpec>, r: PolicyRef) -> Result<Converted, FieldEr
     let mut rules = Vec::new();
     let ns = r.namespace.clone().unwrap_or_default();
     for (i, raw) in spec.rules.unwrap_or_default().into_iter().enumerate() {
-        let mut rb = RuleBuilder { path: format!("spec.rules[{i}]"), action, r: &r, ns: &ns, warnings: &mut warnings, l7: None };
+        let mut rb = RuleBuilder {
+            path: format!("spec.rules[{i}]"),
+            action,
+            r: &r,
+            ns: &ns,
+            warnings: &mut warnings,
+            l7: None,
+        };
         let rule = rb.rule(raw)?;
         rules.push(rule);
     }
@@ -203,7 +208,10 @@ impl RuleBuilder<'_> {
         let mut rule = Rule::default();
         if let Some(from) = raw.from {
             if from.is_empty() {
-                return Err(err(format!("{}.from", self.path), "`from` must not be empty (omit it for any source)"));
+                return Err(err(
+                    format!("{}.from", self.path),
+                    "`from` must not be empty (omit it for any source)",
+                ));
             }
             for (j, f) in from.into_iter().enumerate() {
                 let path = format!("{}.from[{j}].source", self.path);
@@ -215,7 +223,10 @@ impl RuleBuilder<'_> {
         }
         if let Some(to) = raw.to {
             if to.is_empty() {
-                return Err(err(format!("{}.to", self.path), "`to` must not be empty (omit it for any operation)"));
+                return Err(err(
+                    format!("{}.to", self.path),
+                    "`to` must not be empty (omit it for any operation)",
+                ));
             }
             for (j, t) in to.into_iter().enumerate() {
                 let path = format!("{}.to[{j}].operation", self.path);
@@ -300,16 +311,21 @@ impl RuleBuilder<'_> {
             let Some(v) = v else { continue };
             let mut values = Vec::new();
             for (k, sa) in v.iter().enumerate() {
-                let full = match sa.split_once('/') {
-                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => sa.clone(),
-                    None if !sa.is_empty() => format!("{}/{sa}", self.ns),
-                    _ => {
-                        return Err(err(
+                let full =
+                    match sa.split_once('/') {
+                        Some((ns, name))
+                            if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
+                        {
+                            sa.clone()
+                        }
+                        None if !sa.is_empty() => format!("{}/{sa}", self.ns),
+                        _ => return Err(err(
                             format!("{path}.{field}[{k}]"),
-                            format!("invalid service account {sa:?} (expected NAMESPACE/NAME or NAME)"),
-                        ))
-                    }
-                };
+                            format!(
+                                "invalid service account {sa:?} (expected NAMESPACE/NAME or NAME)"
+                            ),
+                        )),
+                    };
                 values.push(Pattern::Exact(full));
             }
             push(&mut m, Attr::ServiceAccount, negated, Some(values));
@@ -355,7 +371,8 @@ impl RuleBuilder<'_> {
             }
         }
         let mut m = Vec::new();
-        let ports = |v: Vec<crate::policy::Port>| v.into_iter().map(|p| Pattern::Port(p.0)).collect();
+        let ports =
+            |v: Vec<crate::policy::Port>| v.into_iter().map(|p| Pattern::Port(p.0)).collect();
         push(&mut m, Attr::DestinationPort, false, o.ports.map(ports));
         push(&mut m, Attr::DestinationPort, true, o.not_ports.map(ports));
         Ok(m)
@@ -367,7 +384,9 @@ impl RuleBuilder<'_> {
         let Some(key) = c.key.filter(|k| !k.trim().is_empty()) else {
             return Err(err(format!("{path}.key"), "missing required field"));
         };
-        if c.values.as_ref().is_none_or(Vec::is_empty) && c.not_values.as_ref().is_none_or(Vec::is_empty) {
+        if c.values.as_ref().is_none_or(Vec::is_empty)
+            && c.not_values.as_ref().is_none_or(Vec::is_empty)
+        {
             return Err(err(path, format!("condition {key:?} needs values or notValues")));
         }
         let attr = match key.as_str() {
@@ -383,7 +402,10 @@ impl RuleBuilder<'_> {
             }
             k if k.starts_with("request.headers[") && k.ends_with(']')
                 || k.starts_with("request.auth.claims[") && k.ends_with(']')
-                || matches!(k, "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter")
+                || matches!(
+                    k,
+                    "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter"
+                )
                 || k.starts_with("experimental.envoy.filters.") =>
             {
                 self.l7_field(format!("{path}.key"));
@@ -401,10 +423,16 @@ impl RuleBuilder<'_> {
                     .enumerate()
                     .map(|(k, s)| match s.trim().parse::<u16>() {
                         Ok(p) if p != 0 => Ok(Pattern::Port(p)),
-                        _ => Err(err(format!("{at}[{k}]"), format!("invalid port {s:?} (expected 1-65535)"))),
+                        _ => Err(err(
+                            format!("{at}[{k}]"),
+                            format!("invalid port {s:?} (expected 1-65535)"),
+                        )),
                     })
                     .collect(),
-                _ => Ok(v.iter().map(|s| Pattern::string(s.strip_prefix("spiffe://").unwrap_or(s))).collect()),
+                _ => Ok(v
+                    .iter()
+                    .map(|s| Pattern::string(s.strip_prefix("spiffe://").unwrap_or(s)))
+                    .collect()),
             }
         };
         let pos = convert(&pos, "values")?;

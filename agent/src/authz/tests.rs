@@ -237,7 +237,8 @@ fn audit_matches_are_reported() {
     let s = set(&ap(SHOP, "audit-all", "  action: AUDIT\n  rules: [{}]\n"));
     let ws = workloads();
     let w = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
-    let v = s.authorize(w, &Conn { peer: None, src: "10.0.0.9".parse().unwrap(), dst: w.ip, port: 1 });
+    let v =
+        s.authorize(w, &Conn { peer: None, src: "10.0.0.9".parse().unwrap(), dst: w.ip, port: 1 });
     assert!(v.allowed);
     assert_eq!(v.audited.len(), 1);
     assert_eq!(v.audited[0].to_string(), "AuthorizationPolicy hipster-app/audit-all rule 0");
@@ -271,7 +272,11 @@ fn invalid_policies_are_rejected_with_file_line_and_field() {
 #[test]
 fn l7_fields_and_skipped_policies_are_warned_about_by_name_and_field() {
     let s = set(&(ap(SHOP, "get-only", "  rules:\n  - to:\n    - operation: {methods: [GET]}\n")
-        + &ap(SHOP, "deny-jwt", "  action: DENY\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"*\"]}\n")
+        + &ap(
+            SHOP,
+            "deny-jwt",
+            "  action: DENY\n  rules:\n  - from:\n    - source: {requestPrincipals: [\"*\"]}\n",
+        )
         + &ap(SHOP, "ext", "  action: CUSTOM\n  provider: {name: opa}\n")
         + &ap(SHOP, "wp", "  targetRefs: [{kind: Service, name: cart}]\n")));
     let w: Vec<String> = s.warnings().iter().map(ToString::to_string).collect();
@@ -292,7 +297,9 @@ fn peer_from_spiffe() {
     assert_eq!(p.principal, "td.example/ns/shop/sa/web");
     assert_eq!(p.namespace, "shop");
     assert_eq!(p.service_account, "shop/web");
-    for bad in ["td/ns/a/sa/b", "spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "spiffe://td/x/a/sa/b"] {
+    for bad in
+        ["td/ns/a/sa/b", "spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "spiffe://td/x/a/sa/b"]
+    {
         assert_eq!(Peer::from_spiffe(bad), None, "{bad}");
     }
 }

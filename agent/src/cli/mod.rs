@@ -149,9 +149,23 @@ pub enum PolicyCommand {
         /// Workloads file to resolve the policies against.
         #[arg(long)]
         workloads: PathBuf,
-        /// Root namespace (mesh-wide PeerAuthentication).
+        /// Root namespace (mesh-wide PeerAuthentication and AuthorizationPolicy).
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// With --to: judge one connection from this source, POD.NAMESPACE of the workloads
+        /// file (mutual TLS with its identity) or an IP address (plaintext unless it is a
+        /// workload's), instead of printing every workload.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// With --from: the destination, POD.NAMESPACE:PORT.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Trust domain of the principals (`TRUST_DOMAIN/ns/NS/sa/SA`).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Output format of the --from/--to answer.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 

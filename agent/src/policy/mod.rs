@@ -90,8 +90,8 @@ use serde::Serialize;
 use crate::workloads::{Workload, WorkloadSet};
 use crate::yamlde::{At, FieldPrefix};
 
-pub use report::{render_check, render_report};
 pub(crate) use parse::Port;
+pub use report::{render_check, render_report};
 
 /// The root namespace used unless [`PolicySet::with_root_namespace`] says otherwise.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";

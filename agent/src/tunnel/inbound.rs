@@ -301,6 +301,33 @@ async fn open_stream(
     if target.port() == HBONE_PORT || target.port() == OUTBOUND_PORT {
         return Err(refuse(format!("port {} is reserved for the agent", target.port())));
     }
+    // L4 authorization, before a byte reaches the app: the peer's certificate, the address the
+    // tunnel came from (the client pod's) and the CONNECT target.
+    let authz_peer = crate::authz::Peer::from_spiffe(&peer_id);
+    let verdict = {
+        let policies = ctx.mesh.policies.borrow().clone();
+        let Some(w) = ctx.this_pod(&ws) else {
+            return Err(refuse(format!("pod {} is no longer in the workload set", ctx.pod)));
+        };
+        let conn = crate::authz::Conn {
+            peer: authz_peer.as_ref(),
+            src: peer.ip(),
+            dst: target.ip(),
+            port: target.port(),
+        };
+        policies.authorize(w, &conn)
+    };
+    ctx.mesh.stats.authz.record(&verdict, "mtls");
+    for audit in &verdict.audited {
+        info!(src = %peer, peer_identity = %peer_id, dst = %target, dst_pod = %ctx.pod,
+            policy = %audit.policy, "audited by {audit}");
+    }
+    if !verdict.allowed {
+        ctx.mesh.stats.inbound_refused_streams.fetch_add(1, Ordering::Relaxed);
+        ctx.mesh.stats.rejections.count(INBOUND, "authz_denied");
+        log_refusal(&verdict.policy_label(), format_args!("{}", verdict.reason));
+        return Err(Refusal::forbidden(verdict.reason));
+    }
     let policy = ctx.policy_for(target.port());
     let unreachable = |reason: String| {
         ctx.mesh.stats.rejections.count(INBOUND, "app_unreachable");

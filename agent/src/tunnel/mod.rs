@@ -175,6 +175,43 @@ impl ReasonCounts {
     }
 }
 
+/// Authorization outcomes by (deciding policy, `mtls`/`plaintext`, verdict). Policy names are
+/// bounded by the policies the operator wrote; past [`AuthzCounts::MAX_KEYS`] keys the rest
+/// count under policy `_other`, so a churn of policy names cannot grow memory without bound.
+#[derive(Default)]
+pub struct AuthzCounts(std::sync::Mutex<std::collections::BTreeMap<AuthzKey, u64>>);
+
+/// (policy, mode, verdict): verdict is `denied`, `allowed` or `audited`.
+pub type AuthzKey = (String, &'static str, &'static str);
+
+impl AuthzCounts {
+    pub const MAX_KEYS: usize = 1024;
+
+    /// Counts a denial (by its policy, or `default-deny`) and every AUDIT match; allowed
+    /// connections are not counted here (the connection counters have them).
+    pub fn record(&self, v: &crate::authz::Verdict, mode: &'static str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut add = |policy: String, verdict: &'static str| {
+            let full = m.len() >= Self::MAX_KEYS;
+            let key = (policy, mode, verdict);
+            let key =
+                if full && !m.contains_key(&key) { ("_other".into(), mode, verdict) } else { key };
+            *m.entry(key).or_default() += 1;
+        };
+        if !v.allowed {
+            add(v.policy_label(), "denied");
+        }
+        for a in &v.audited {
+            add(a.policy.to_string(), "audited");
+        }
+    }
+
+    pub fn get(&self) -> Vec<(AuthzKey, u64)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, n)| (k.clone(), *n)).collect()
+    }
+}
+
 /// Counters not kept elsewhere (the pool counts client handshakes itself).
 #[derive(Default)]
 pub struct TunnelStats {
@@ -191,6 +228,8 @@ pub struct TunnelStats {
     /// Refusals of the agent's own HTTP servers by server (`admin`, `metrics`, `health`) and
     /// reason (`connection_limit`, `header_timeout`, `body_too_large`).
     pub servers: ReasonCounts,
+    /// L4 authorization: denials and AUDIT matches by policy.
+    pub authz: AuthzCounts,
 }
 
 /// The negotiated TLS version and cipher suite, one format for both directions:
