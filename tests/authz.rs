@@ -101,6 +101,14 @@ fn allow_by_service_account_admits_one_identity_and_refuses_others_across_nodes(
     // The policy does not reach beyond its selector: the frontend pod itself is not guarded.
     assert_eq!(call(&m, "intruder", &m.dst("frontend"))?, Ok("frontend:hi".to_owned()));
 
+    // `check` names the policy on the server's listeners.
+    let out = Command::new(agent_bin())
+        .args(["check", "server.authz", "--admin", &m.agent("node1").admin.to_string()])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("yes (ALLOW authz/server-allow-frontend: 1 rule)"), "{table}");
+
     let denied = "mtls_agent_authz_decisions_total{node=\"node1\",policy=\"default-deny\",mode=\"mtls\",verdict=\"denied\"}";
     assert_eq!(metric(&m, "node1", denied)?, 2.0, "{}", m.agent("node1").metrics_text()?);
     let intruder_ip = m.bed.pod("intruder").ip.to_string();

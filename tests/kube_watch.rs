@@ -261,6 +261,60 @@ async fn an_invalid_policy_is_rejected_by_name_and_the_others_stay() {
     assert_eq!(s.policies.len(), 3);
 }
 
+/// AuthorizationPolicies come from the API server at both versions (one object counted once);
+/// an invalid one is rejected by name and field, the others stay in force and are evaluated.
+#[tokio::test]
+async fn authorization_policies_are_watched_and_an_invalid_one_is_rejected_by_name() {
+    let server = cluster();
+    server.serve(api::AUTHORIZATIONPOLICIES_V1);
+    server.serve(api::AUTHORIZATIONPOLICIES_V1BETA1);
+    let ap = |version: &str, name: &str, spec: Value| {
+        json!({"apiVersion": format!("security.istio.io/{version}"), "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+    };
+    let deny =
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["legacy"]}}]}]});
+    server.apply(api::AUTHORIZATIONPOLICIES_V1, ap("v1", "deny-legacy", deny.clone()));
+    server.apply(api::AUTHORIZATIONPOLICIES_V1BETA1, ap("v1beta1", "deny-legacy", deny));
+    server.apply(
+        api::AUTHORIZATIONPOLICIES_V1,
+        ap(
+            "v1",
+            "broken",
+            json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.300"]}}]}]}),
+        ),
+    );
+    let (feed, _dir) = feed(&server).await;
+    let mut rx = feed.subscribe();
+    let s = until(&mut rx, "first sync", |_| true).await;
+    assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+    assert!(
+        s.rejected[0].contains("authorizationpolicies/shop/broken")
+            && s.rejected[0].contains("spec.rules[0].from[0].source.ipBlocks[0]: invalid address"),
+        "{:?}",
+        s.rejected
+    );
+    assert_eq!(s.policies.authz_policies().len(), 1, "one object at two versions counts once");
+    let a = s.workloads.workloads.iter().find(|w| w.name.as_str() == "a").expect("pod a");
+    let legacy = mtls_agent::authz::Peer::from_spiffe("spiffe://cluster.local/ns/legacy/sa/x");
+    let conn = mtls_agent::authz::Conn {
+        peer: legacy.as_ref(),
+        src: "10.1.0.2".parse().unwrap(),
+        dst: a.ip,
+        port: 8080,
+    };
+    let v = s.policies.authorize(a, &conn);
+    assert!(!v.allowed);
+    assert_eq!(v.reason, "denied by AuthorizationPolicy shop/deny-legacy rule 0");
+
+    // Deleted from the API server: no longer in force.
+    server.delete(api::AUTHORIZATIONPOLICIES_V1, Some("shop"), "deny-legacy");
+    server.delete(api::AUTHORIZATIONPOLICIES_V1BETA1, Some("shop"), "deny-legacy");
+    let s = until(&mut rx, "deleted", |s| s.policies.authz_policies().is_empty()).await;
+    let a = s.workloads.workloads.iter().find(|w| w.name.as_str() == "a").expect("pod a");
+    assert!(s.policies.authorize(a, &conn).allowed);
+}
+
 #[tokio::test]
 async fn a_broken_pod_is_rejected_by_name_and_the_others_stay() {
     let server = cluster();

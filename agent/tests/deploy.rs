@@ -399,7 +399,7 @@ fn the_service_account_may_read_what_the_watchers_watch() {
         .map(|(g, r, v)| (g, r, v.to_owned()))
         .collect();
     assert_eq!(granted, required, "the ClusterRole grants other than what the agent uses");
-    // AuthorizationPolicy is granted ahead of issue 18.
+    // AuthorizationPolicy is watched (L4 authorization).
     assert!(granted.contains(&(
         "security.istio.io".into(),
         "authorizationpolicies".into(),
@@ -408,22 +408,27 @@ fn the_service_account_may_read_what_the_watchers_watch() {
 }
 
 #[test]
-fn the_peerauthentication_crd_serves_both_versions_the_agent_watches() {
-    let crd: CustomResourceDefinition = manifest("crd-peerauthentication.yaml");
-    let spec = &crd.spec;
-    assert_eq!(spec.group, "security.istio.io");
-    assert_eq!(spec.names.kind, "PeerAuthentication");
-    assert_eq!(crd.metadata.name, Some(format!("{}.{}", spec.names.plural, spec.group)));
-    let watched = mtls_agent::kubernetes::watch::watched_resources();
-    assert!(watched.contains(&(spec.group.clone(), spec.names.plural.clone())));
-    let served: Vec<&str> =
-        spec.versions.iter().filter(|v| v.served).map(|v| v.name.as_str()).collect();
-    assert_eq!(served, ["v1", "v1beta1"]);
-    assert_eq!(spec.versions.iter().filter(|v| v.storage).count(), 1);
-    for v in &spec.versions {
-        let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
-        let props = schema.and_then(|s| s.properties.as_ref()).expect("a schema");
-        assert!(props.contains_key("spec"), "version {} has no spec schema", v.name);
+fn the_istio_crds_serve_both_versions_the_agent_watches() {
+    for (file, kind) in [
+        ("crd-peerauthentication.yaml", "PeerAuthentication"),
+        ("crd-authorizationpolicy.yaml", "AuthorizationPolicy"),
+    ] {
+        let crd: CustomResourceDefinition = manifest(file);
+        let spec = &crd.spec;
+        assert_eq!(spec.group, "security.istio.io");
+        assert_eq!(spec.names.kind, kind);
+        assert_eq!(crd.metadata.name, Some(format!("{}.{}", spec.names.plural, spec.group)));
+        let watched = mtls_agent::kubernetes::watch::watched_resources();
+        assert!(watched.contains(&(spec.group.clone(), spec.names.plural.clone())), "{file}");
+        let served: Vec<&str> =
+            spec.versions.iter().filter(|v| v.served).map(|v| v.name.as_str()).collect();
+        assert_eq!(served, ["v1", "v1beta1"], "{file}");
+        assert_eq!(spec.versions.iter().filter(|v| v.storage).count(), 1, "{file}");
+        for v in &spec.versions {
+            let schema = v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+            let props = schema.and_then(|s| s.properties.as_ref()).expect("a schema");
+            assert!(props.contains_key("spec"), "{file}: version {} has no spec schema", v.name);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! `PolicySet::parse` on arbitrary text, then everything the agent and `policy check` do with an
 //! accepted set: warnings, lint, per-workload decisions, the rendered report (`render_check`,
-//! as `policy check` prints it) and the same for another root namespace.
+//! as `policy check` prints it), AuthorizationPolicy verdicts (mTLS and plaintext), `check`'s
+//! RBAC summary and `policy check --from/--to`, and the same for another root namespace.
 //!
 //! Besides "no panic, no hang, no runaway memory", a rejection must point at a line of the file
 //! (the operator is told `file:line`).
@@ -11,6 +12,7 @@ use std::{path::Path, sync::OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use mtls_agent::{
+    authz,
     policy::{render_check, render_report, PolicySet},
     workloads::WorkloadSet,
 };
@@ -54,6 +56,27 @@ fuzz_target!(|data: &[u8]| {
                 let _ = set.workload_modes(ws, w);
                 for port in [80, 7070, 8080, 9090, 65535] {
                     let _ = set.decide(ws, w, port);
+                }
+            }
+            let peer = authz::Peer::from_spiffe("spiffe://cluster.local/ns/other/sa/web");
+            for w in &ws.workloads {
+                for (peer, src) in [(peer.as_ref(), "10.0.0.5"), (None, "192.0.2.1"), (None, "::ffff:10.0.0.1")] {
+                    let src = src.parse().expect("fixed address");
+                    let conn = authz::Conn { peer, src, dst: w.ip, port: 7070 };
+                    let v = set.authorize(w, &conn);
+                    // A verdict always names why, and a DENY or ALLOW rule that decided exists.
+                    assert!(!v.reason.is_empty());
+                    if let Some(d) = &v.decided_by {
+                        let p = set.authz_policies().iter().find(|p| p.r == d.policy).expect("deciding policy");
+                        assert!(d.rule < p.rules.len(), "rule {} of {} rules", d.rule, p.rules.len());
+                    }
+                }
+                let _ = authz::summary(set.authz_for(w), Some(7070));
+                let _ = authz::summary(set.authz_for(w), None);
+            }
+            for from in ["web.other", "192.0.2.1"] {
+                if let Ok(a) = authz::query::check(&set, ws, "cluster.local", from, "cart.hipster-app:7070") {
+                    let _ = authz::query::render(&a);
                 }
             }
             let _ = render_report(&set.report(ws), &warnings);

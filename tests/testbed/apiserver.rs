@@ -48,6 +48,9 @@ pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINTSLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const PEERAUTHENTICATIONS_V1: &str = "/apis/security.istio.io/v1/peerauthentications";
 pub const PEERAUTHENTICATIONS_V1BETA1: &str = "/apis/security.istio.io/v1beta1/peerauthentications";
+pub const AUTHORIZATIONPOLICIES_V1: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+pub const AUTHORIZATIONPOLICIES_V1BETA1: &str =
+    "/apis/security.istio.io/v1beta1/authorizationpolicies";
 pub const POLICIES: &str = "/apis/authentication.istio.io/v1alpha1/policies";
 pub const MESHPOLICIES: &str = "/apis/authentication.istio.io/v1alpha1/meshpolicies";
 /// Where token reviews are posted (the certificate service's Kubernetes mode).
@@ -572,6 +575,7 @@ fn kind_of(plural: &str) -> String {
     match plural {
         "peerauthentications" => "PeerAuthentication".into(),
         "policies" => "Policy".into(),
+        "authorizationpolicies" => "AuthorizationPolicy".into(),
         "meshpolicies" => "MeshPolicy".into(),
         "endpointslices" => "EndpointSlice".into(),
         other => {

@@ -282,6 +282,8 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
     }
     for (listener, d) in rows {
         let by = decided_by(&d);
+        let port = listener.rsplit_once('_').and_then(|(_, p)| p.parse::<u16>().ok());
+        let rbac = crate::authz::summary(ps.authz_for(w), port);
         let (cert, plain) = match (enrolled, elsewhere) {
             (true, _) => (presented.as_str(), "none"),
             (false, true) => (unknown.as_str(), unknown.as_str()),
@@ -291,7 +293,7 @@ pub fn check(state: &AdminState, pod: &str) -> Option<CheckReport> {
             listener,
             certificate: certificate.to_owned(),
             mtls,
-            rbac: "no (none)".into(),
+            rbac: rbac.clone(),
             mode: d.mode.to_string(),
             decided_by: by.clone(),
             reason: d.reason.clone(),

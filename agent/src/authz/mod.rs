@@ -168,7 +168,7 @@ impl Match {
             Attr::ServiceAccount => self.any_str(c.peer.map(|p| p.service_account.as_str())),
             Attr::SourceIp => self.any_ip(c.src),
             Attr::DestinationIp => self.any_ip(c.dst),
-            Attr::DestinationPort => self.values.iter().any(|p| *p == Pattern::Port(c.port)),
+            Attr::DestinationPort => self.values.contains(&Pattern::Port(c.port)),
         };
         hit != self.negated
     }
@@ -260,6 +260,46 @@ impl AuthzPolicy {
     /// How many of its rules can match anything at this layer.
     pub fn live_rules(&self) -> usize {
         self.rules.iter().filter(|r| r.needs_l7.is_none()).count()
+    }
+}
+
+/// The `RBAC (RULES)` column of `check` for `port` of a workload (`None`: the row for every
+/// other port): `yes (ALLOW ns/a: 1 rule; DENY ns/b: 2 rules)` naming each applicable policy
+/// with the rules that can match that port, or `no (none)`. An ALLOW policy with no rule for
+/// the port is listed with 0 rules: it still denies the port (nothing of it matches there).
+pub fn summary<'a>(
+    policies: impl IntoIterator<Item = &'a AuthzPolicy>,
+    port: Option<u16>,
+) -> String {
+    let parts: Vec<String> = policies
+        .into_iter()
+        .filter_map(|p| {
+            let n =
+                p.rules.iter().filter(|r| r.needs_l7.is_none() && r.may_match_port(port)).count();
+            if n == 0 && p.action != Action::Allow {
+                return None; // a DENY or AUDIT with nothing for this port does nothing here
+            }
+            let rules = if n == 1 { "rule" } else { "rules" };
+            Some(format!("{} {}: {n} {rules}", p.action, p.r))
+        })
+        .collect();
+    if parts.is_empty() {
+        "no (none)".to_owned()
+    } else {
+        format!("yes ({})", parts.join("; "))
+    }
+}
+
+impl Rule {
+    /// Whether the rule's `to` and `when` could match a connection to `port` (`None`: some
+    /// port without its own row, so any rule might).
+    fn may_match_port(&self, port: Option<u16>) -> bool {
+        let Some(port) = port else { return true };
+        let ok = |m: &Match| {
+            m.attr != Attr::DestinationPort
+                || (m.values.contains(&Pattern::Port(port)) != m.negated)
+        };
+        (self.to.is_empty() || self.to.iter().any(|e| e.iter().all(ok))) && self.when.iter().all(ok)
     }
 }
 

@@ -311,21 +311,22 @@ impl RuleBuilder<'_> {
             let Some(v) = v else { continue };
             let mut values = Vec::new();
             for (k, sa) in v.iter().enumerate() {
-                let full =
-                    match sa.split_once('/') {
-                        Some((ns, name))
-                            if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
-                        {
-                            sa.clone()
-                        }
-                        None if !sa.is_empty() => format!("{}/{sa}", self.ns),
-                        _ => return Err(err(
+                let full = match sa.split_once('/') {
+                    Some((ns, name))
+                        if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
+                    {
+                        sa.clone()
+                    }
+                    None if !sa.is_empty() => format!("{}/{sa}", self.ns),
+                    _ => {
+                        return Err(err(
                             format!("{path}.{field}[{k}]"),
                             format!(
                                 "invalid service account {sa:?} (expected NAMESPACE/NAME or NAME)"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 values.push(Pattern::Exact(full));
             }
             push(&mut m, Attr::ServiceAccount, negated, Some(values));

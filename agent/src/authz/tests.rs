@@ -303,3 +303,20 @@ fn peer_from_spiffe() {
         assert_eq!(Peer::from_spiffe(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn check_summarises_the_policies_per_port() {
+    let s = set(&(ap(SHOP, "allow-fe", "  selector: {matchLabels: {app: cart}}\n  rules:\n  - to:\n    - operation: {ports: [\"7070\"]}\n")
+        + &ap(SHOP, "deny-admin", "  action: DENY\n  rules:\n  - to:\n    - operation: {ports: [\"9100\"]}\n")));
+    let ws = workloads();
+    let cart = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
+    let redis = ws.workloads.iter().find(|w| w.name.as_str() == "redis").expect("redis");
+    assert_eq!(summary(s.authz_for(cart), Some(7070)), "yes (ALLOW hipster-app/allow-fe: 1 rule)");
+    // The ALLOW has no rule for 9100, so it still denies it; the DENY applies there.
+    assert_eq!(
+        summary(s.authz_for(cart), Some(9100)),
+        "yes (ALLOW hipster-app/allow-fe: 0 rules; DENY hipster-app/deny-admin: 1 rule)"
+    );
+    assert_eq!(summary(s.authz_for(redis), Some(6379)), "no (none)");
+    assert_eq!(summary(s.authz_for(redis), None), "yes (DENY hipster-app/deny-admin: 1 rule)");
+}

@@ -416,7 +416,8 @@ impl Builder {
         let mut docs = Vec::new();
         let mut seen = BTreeSet::new();
         for ((i, key), p) in &self.policy_docs {
-            // PeerAuthentication is listed at v1 and v1beta1: one object, counted once.
+            // PeerAuthentication and AuthorizationPolicy are listed at v1 and v1beta1: one object,
+            // counted once.
             let kind = &state.policies[*i].0.kind;
             if !seen.insert((kind.clone(), key.clone())) {
                 continue;

@@ -5,15 +5,10 @@
 /// One permission: API group (`""` for the core group), resource, verb.
 pub type Permission = (String, String, &'static str);
 
-/// Read by the L4 authorization of open issue 18 (AuthorizationPolicy); granted ahead so that
-/// its agent needs no RBAC change.
-pub const PLANNED_READS: [(&str, &str); 1] = [("security.istio.io", "authorizationpolicies")];
-
 /// Every permission the agent uses, sorted. API discovery (`/apis`) is a non-resource URL that
 /// every authenticated client may read (the built-in `system:discovery` role): no rule.
 pub fn required() -> Vec<Permission> {
-    let mut reads = super::watch::watched_resources();
-    reads.extend(PLANNED_READS.iter().map(|(g, r)| (g.to_string(), r.to_string())));
+    let reads = super::watch::watched_resources();
     let mut v: Vec<Permission> = reads
         .into_iter()
         .flat_map(|(g, r)| {

@@ -74,7 +74,7 @@ pub struct Snapshot {
 }
 
 /// The Istio policy kinds, watched as dynamic objects.
-fn policy_kinds() -> [ApiResource; 4] {
+fn policy_kinds() -> [ApiResource; 6] {
     let ar = |group: &str, version: &str, kind: &str, plural: &str| ApiResource {
         group: group.into(),
         version: version.into(),
@@ -86,6 +86,8 @@ fn policy_kinds() -> [ApiResource; 4] {
         // v1 first: the same object served at both versions counts once, as v1.
         ar("security.istio.io", "v1", "PeerAuthentication", "peerauthentications"),
         ar("security.istio.io", "v1beta1", "PeerAuthentication", "peerauthentications"),
+        ar("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies"),
+        ar("security.istio.io", "v1beta1", "AuthorizationPolicy", "authorizationpolicies"),
         ar("authentication.istio.io", "v1alpha1", "Policy", "policies"),
         ar("authentication.istio.io", "v1alpha1", "MeshPolicy", "meshpolicies"),
     ]
@@ -622,7 +624,8 @@ pub(super) fn build(
     let mut seen = BTreeSet::new();
     for (ar, objects) in &state.policies {
         for (key, obj) in objects.iter() {
-            // PeerAuthentication is listed at v1 and v1beta1: one object, counted once.
+            // PeerAuthentication and AuthorizationPolicy are listed at v1 and v1beta1: one object,
+            // counted once.
             if !seen.insert((ar.kind.clone(), key.clone())) {
                 continue;
             }
