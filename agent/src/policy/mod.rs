@@ -62,8 +62,10 @@
 //!
 //! # Errors and warnings
 //!
-//! Documents of other kinds (DestinationRule, AuthorizationPolicy, ...) are
-//! skipped with a [`Warning`]. An invalid document (bad YAML, unknown mode,
+//! * `security.istio.io/v1beta1` or `v1` `AuthorizationPolicy`: read here, judged by
+//!   [`crate::authz`] ([`PolicySet::authorize`]); they never change a mode.
+//!
+//! Documents of other kinds (DestinationRule, ...) are skipped with a [`Warning`]. An invalid document (bad YAML, unknown mode,
 //! wrong type, missing name, unknown field in `spec`, naming-rule violation,
 //! `portLevelMtls` without selector, bad port, duplicate object) is a
 //! [`PolicyError`] naming the file, line, field and reason, e.g.
