@@ -28,6 +28,7 @@
 //!   judged here: an ALLOW rule that needs one matches nothing, a DENY rule ignores the field
 //!   (it denies more), as Istio ambient does without a waypoint.
 
+pub mod kernel;
 pub mod parse;
 pub mod query;
 

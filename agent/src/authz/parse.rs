@@ -458,9 +458,20 @@ fn nets(v: &[String], path: &str) -> Result<Vec<Pattern>, FieldError> {
         .map(|(k, s)| {
             let s = s.trim();
             let net = match s.parse::<ipnet::IpNet>() {
+                // `::ffff:10.0.0.0/104` is the IPv4 block it maps (sources are matched as IPv4).
+                Ok(ipnet::IpNet::V6(n))
+                    if n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some() =>
+                {
+                    let v4 =
+                        n.network().to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                    ipnet::Ipv4Net::new(v4, n.prefix_len() - 96)
+                        .map(ipnet::IpNet::V4)
+                        .unwrap_or(ipnet::IpNet::V6(n))
+                        .trunc()
+                }
                 Ok(n) => n.trunc(),
                 Err(_) => match s.parse::<std::net::IpAddr>() {
-                    Ok(ip) => ipnet::IpNet::from(ip),
+                    Ok(ip) => ipnet::IpNet::from(super::canonical(ip)),
                     Err(_) => {
                         return Err(err(
                             format!("{path}[{k}]"),
