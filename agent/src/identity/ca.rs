@@ -145,24 +145,10 @@ pub fn sign_intermediate(
         reason: format!("signing the intermediate: {e}"),
     };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, trust_domain);
-    name.push(
-        DnType::CommonName,
-        format!("{INTERMEDIATE_COMMON_NAME} {:08x}", rand::random::<u32>()),
-    );
-    params.distinguished_name = name;
     // It signs workload certificates only, never another CA.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.serial_number = Some(random_serial());
+    let mut params =
+        ca_params(trust_domain, INTERMEDIATE_COMMON_NAME, BasicConstraints::Constrained(0));
     let now = SystemTime::now();
-    params.not_before = (now - CLOCK_SKEW).into();
     params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after).into();
     let cert = params.signed_by(&key, &issuer, &root_key).map_err(ca_err)?;
     let root_pem = ::pem::encode(&::pem::Pem::new("CERTIFICATE", root.as_ref()));
@@ -191,6 +177,28 @@ fn refuse_existing(dir: &Path, names: &[&str]) -> Result<(), IdentityError> {
     Ok(())
 }
 
+/// The fields a CA certificate made here has: `O=<trust domain>`, `CN=<what> <random>`, the
+/// CA flag with `constraints`, the signing key usages, a random serial, backdated for clock
+/// skew. The caller sets `not_after`.
+fn ca_params(trust_domain: &str, what: &str, constraints: BasicConstraints) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, trust_domain);
+    // A random suffix tells CAs apart in logs and lets verifiers see at once that a
+    // certificate from another cluster's root is from an unknown CA.
+    name.push(DnType::CommonName, format!("{what} {:08x}", rand::random::<u32>()));
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial());
+    params.not_before = (SystemTime::now() - CLOCK_SKEW).into();
+    params
+}
+
 /// A new self-signed root: its key and certificate.
 fn new_root(dir: &Path, trust_domain: &str) -> Result<(KeyPair, Certificate), IdentityError> {
     let ca_err = |e: rcgen::Error| IdentityError::Ca {
@@ -198,22 +206,8 @@ fn new_root(dir: &Path, trust_domain: &str) -> Result<(KeyPair, Certificate), Id
         reason: format!("generating the root: {e}"),
     };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, trust_domain);
-    // A random suffix tells roots apart in logs and lets verifiers see at once that a
-    // certificate from another cluster's root is from an unknown CA.
-    name.push(DnType::CommonName, format!("{ROOT_COMMON_NAME} {:08x}", rand::random::<u32>()));
-    params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.serial_number = Some(random_serial());
+    let mut params = ca_params(trust_domain, ROOT_COMMON_NAME, BasicConstraints::Unconstrained);
     let now = SystemTime::now();
-    params.not_before = (now - CLOCK_SKEW).into();
     params.not_after = (now + ROOT_LIFETIME).into();
     let cert = params.self_signed(&key).map_err(ca_err)?;
     Ok((key, cert))

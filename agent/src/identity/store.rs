@@ -227,6 +227,10 @@ impl CertStore {
     /// connection opened just after the pod was enrolled). `None`: it did not come, or the
     /// workload is not (any more) in the store.
     pub async fn wait(&self, workload: &str, limit: Duration) -> Option<Arc<WorkloadCert>> {
+        // Every connection asks: the common case takes the read lock once, nothing more.
+        if let Some(cert) = self.get(workload) {
+            return Some(cert);
+        }
         let mut news = self.news.subscribe();
         let look = tokio::time::timeout(limit, async {
             loop {
