@@ -286,3 +286,65 @@ fn policy_check_from_to_against_the_shipped_examples() -> Result<()> {
     assert_eq!(v["mode"], "STRICT", "{out}");
     Ok(())
 }
+
+/// Plaintext to a PERMISSIVE port whose ALLOW policy needs a principal: a client outside the
+/// mesh (no identity) is refused in the kernel (a reset, the app never sees it), while a mesh
+/// client's mTLS gets through; the refusal names the policy and is counted as plaintext. The
+/// kernel keeps refusing with the agent killed. Another PERMISSIVE pod without a policy still
+/// takes the outsider's plaintext.
+#[test]
+fn plaintext_refused_by_an_allow_that_needs_a_principal_also_with_the_agent_killed() -> Result<()> {
+    let mut m = Mesh::build(
+        "authz-plain",
+        NS,
+        &[("node1", "server"), ("node1", "open"), ("node1", "frontend"), ("node1", "outsider")],
+    )?;
+    let (workloads, _) = m.workloads("w", &["server", "open", "frontend"])?;
+    let policies = PolicyDir::new(m.bed.id())?;
+    policies.write("ns.yaml", &namespace_pa(NS, "PERMISSIVE"))?;
+    policies.write(
+        "allow.yaml",
+        &ap(
+            "server-mesh-only",
+            "  selector: {matchLabels: {app: server}}\n  rules:\n  - from:\n    - source: {principals: [\"*\"]}\n",
+        ),
+    )?;
+    let ca = m.ca("ca")?;
+    let dir = policies.0.display().to_string();
+    m.start_agent("node1", &workloads, &ca, &["--policies", &dir])?;
+    let dst = m.dst("server");
+
+    assert_eq!(call(&m, "frontend", &dst)?, Ok("server:hi".to_owned()), "mTLS with an identity");
+    assert_eq!(
+        call(&m, "outsider", &m.dst("open"))?,
+        Ok("open:hi".to_owned()),
+        "PERMISSIVE, no policy"
+    );
+    let accepted = m.accepted("server");
+    let got = call(&m, "outsider", &dst)?;
+    assert!(
+        got.as_ref()
+            .is_err_and(|e| e.starts_with("error: reset") || e.starts_with("error: refused")),
+        "plaintext without identity reached a port whose ALLOW needs a principal: {got:?}"
+    );
+    assert_eq!(m.accepted("server"), accepted, "the app saw the refused plaintext");
+    let agent = m.agent("node1");
+    agent.wait_log(
+        "rejected: plaintext (no peer identity) denied: no rule of the ALLOW policies matches (authz/server-mesh-only)",
+        Duration::from_secs(5),
+    )?;
+    let counted = "mtls_agent_authz_decisions_total{node=\"node1\",policy=\"default-deny\",mode=\"plaintext\",verdict=\"denied\"}";
+    assert!(metric(&m, "node1", counted)? >= 1.0, "{}", agent.metrics_text()?);
+
+    // SIGKILL: the pinned rules keep refusing it.
+    m.agents.get_mut("node1").expect("agent").kill()?;
+    let got = call(&m, "outsider", &dst)?;
+    assert!(got.is_err(), "with the agent killed, plaintext reached the guarded port: {got:?}");
+    assert_eq!(m.accepted("server"), accepted, "the app saw plaintext while the agent was down");
+    assert_eq!(
+        call(&m, "outsider", &m.dst("open"))?,
+        Ok("open:hi".to_owned()),
+        "the open pod stays open"
+    );
+    Ok(())
+}

@@ -780,6 +780,22 @@ impl Agent {
                 None => rules.push(InboundRule { port, mode: inbound_mode(d.mode), probe: true }),
             }
         }
+        // Plaintext the AuthorizationPolicies refuse (from any source) is refused in the kernel
+        // as STRICT refuses it, so it stays refused while the agent is down.
+        let plain =
+            crate::authz::kernel::plaintext_rules(ps.authz_policies(), ps.root_namespace(), w);
+        let refusals = crate::authz::kernel::PlaintextRefusals::of(&plain);
+        for &(port, _) in &refusals.ports {
+            if !rules.iter().any(|r| r.port == port) {
+                let d = ps.decide(&ws, w, port);
+                rules.push(InboundRule { port, mode: inbound_mode(d.mode), probe: false });
+            }
+        }
+        for r in &mut rules {
+            if r.mode != InboundMode::Strict && refusals.refuses(r.port) {
+                r.mode = InboundMode::Strict;
+            }
+        }
         let strict_probe = rules.iter().any(|r| r.probe && r.mode == InboundMode::Strict);
         if strict_probe && self.cfg.kubelet_cgroup.is_none() {
             warn!(pod = %w.key(), "probePorts are declared under STRICT but --kubelet-cgroup is not set: STRICT refuses the kubelet's probes");
@@ -1494,10 +1510,19 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
                 );
                 continue;
             }
-            let policy = pod.map(|w| mesh.policies.borrow().decide(&ws, w, dst.port()).reason);
+            let ps = mesh.policies.borrow().clone();
+            let decision = pod.map(|w| ps.decide(&ws, w, dst.port()));
             mesh.stats
                 .inbound_plaintext_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(w), Some(d)) = (pod, decision.as_ref()) {
+                if d.mode != crate::policy::Mode::Strict {
+                    // Not the mode: the AuthorizationPolicies refused it (see apply_pod_policy).
+                    log_plaintext_denial(&mesh, &ps, w, client, dst);
+                    continue;
+                }
+            }
+            let policy = decision.map(|d| d.reason);
             let policy = policy.as_deref().unwrap_or("none: destination not in the workload set");
             // A flood of refused connections from one source writes one line per 10 s.
             let Some(more) = crate::loglimit::refusal(client.ip(), dst, policy) else { continue };
@@ -1512,6 +1537,34 @@ async fn log_rejections(events: aya::maps::RingBuf<aya::maps::MapData>, mesh: Ar
         }
     })
     .await
+}
+
+/// A plaintext connection the kernel refused for a port that is not STRICT: the
+/// AuthorizationPolicies refuse plaintext there. Counted and logged with the policy, as the
+/// agent's own denials are; a source the policies would admit is refused all the same (the
+/// kernel holds one verdict per port), and the line says so.
+fn log_plaintext_denial(
+    mesh: &Mesh,
+    ps: &crate::policy::PolicySet,
+    w: &Workload,
+    client: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+) {
+    let conn = crate::authz::Conn { peer: None, src: client.ip(), dst: dst.ip(), port: dst.port() };
+    let v = ps.authorize(w, &conn);
+    mesh.stats.authz.record(&v, "plaintext");
+    let (policy, what) = if v.allowed {
+        (
+            "none: fail closed".to_owned(),
+            "plaintext refused: the AuthorizationPolicies of this port refuse plaintext from \
+             other sources, and the kernel holds one verdict per port"
+                .to_owned(),
+        )
+    } else {
+        (v.policy_label(), format!("plaintext (no peer identity) {}", v.reason))
+    };
+    let Some(more) = crate::loglimit::refusal(client.ip(), dst, &policy) else { return };
+    warn!(src = %client, dst = %dst, dst_pod = %w.key(), policy = %policy, "rejected: {what}{more}");
 }
 
 /// Most plaintext connections the table follows at once; past it the oldest is forgotten

@@ -156,6 +156,38 @@ fn uncovered(block: Ipv6Net, inner: &[Ipv6Net]) -> Option<Ipv6Addr> {
     None
 }
 
+/// What the kernel enforces for plaintext today, from [`plaintext_rules`]: the kernel's rules
+/// hold one mode per port, not per source, so a port where the policies refuse plaintext from
+/// any source refuses all plaintext (as STRICT does), failing closed for the sources they
+/// would admit. `ports`: the ports the rules name, each with whether plaintext to it is
+/// refused; `others`: the same for every other port.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlaintextRefusals {
+    pub ports: Vec<(u16, bool)>,
+    pub others: bool,
+}
+
+impl PlaintextRefusals {
+    pub fn of(rules: &[PlainRule]) -> PlaintextRefusals {
+        let refused = |port: u16| rules.iter().any(|r| r.port == port && !r.allow);
+        let mut ports: Vec<u16> = rules.iter().map(|r| r.port).filter(|p| *p != 0).collect();
+        ports.dedup();
+        // Every named port has its own `::/0` entry, so its entries alone decide it.
+        PlaintextRefusals {
+            ports: ports.into_iter().map(|p| (p, refused(p))).collect(),
+            others: refused(0),
+        }
+    }
+
+    /// Whether plaintext to `port` is refused.
+    pub fn refuses(&self, port: u16) -> bool {
+        match self.ports.iter().find(|(p, _)| *p == port) {
+            Some((_, r)) => *r,
+            None => self.others,
+        }
+    }
+}
+
 /// The entry a longest-prefix lookup of `(port, src)` finds, as the kernel does it: the port's
 /// own entries first, then port 0's. `None`: no entry (allowed).
 pub fn lookup(rules: &[PlainRule], port: u16, src: IpAddr) -> Option<&PlainRule> {
@@ -201,6 +233,23 @@ mod tests {
             }
         }
         Ok(rules.len())
+    }
+
+    #[test]
+    fn refusals_per_port() {
+        let s = set(&(ap(0, "  rules:\n  - from:\n    - source: {principals: [\"*\"]}\n    to:\n    - operation: {ports: [\"7070\"]}\n  - to:\n    - operation: {ports: [\"9100\"]}\n")));
+        let ws = workloads();
+        let w = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
+        let r = PlaintextRefusals::of(&plaintext_rules(s.authz_policies(), s.root_namespace(), w));
+        // 7070 needs an identity: refused; 9100 admits anyone; other ports: no rule, refused.
+        assert!(r.refuses(7070));
+        assert!(!r.refuses(9100));
+        assert!(r.refuses(8080));
+        let redis = ws.workloads.iter().find(|w| w.name.as_str() == "redis").expect("redis");
+        let r =
+            PlaintextRefusals::of(&plaintext_rules(s.authz_policies(), s.root_namespace(), redis));
+        assert_eq!(r, PlaintextRefusals::default(), "no policy applies to redis");
+        assert!(!r.refuses(6379));
     }
 
     #[test]
