@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn refusals_per_port() {
-        let s = set(&(ap(0, "  rules:\n  - from:\n    - source: {principals: [\"*\"]}\n    to:\n    - operation: {ports: [\"7070\"]}\n  - to:\n    - operation: {ports: [\"9100\"]}\n")));
+        let s = set(&(ap(0, "  selector: {matchLabels: {app: cart}}\n  rules:\n  - from:\n    - source: {principals: [\"*\"]}\n    to:\n    - operation: {ports: [\"7070\"]}\n  - to:\n    - operation: {ports: [\"9100\"]}\n")));
         let ws = workloads();
         let w = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
         let r = PlaintextRefusals::of(&plaintext_rules(s.authz_policies(), s.root_namespace(), w));

@@ -1258,7 +1258,7 @@ spec:
             .filter(|n| n.ends_with(".yaml"))
             .collect();
         names.sort();
-        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(names.len(), 6, "{names:?}");
         for name in &names {
             let text = std::fs::read_to_string(shipped.join(name)).unwrap();
             assert!(text.starts_with("# "), "{name}: starts with a one-line comment");
@@ -1278,6 +1278,8 @@ spec:
         const PA_STRICT: &str = "hipster-app-peerauthentication-strict.yaml";
         const PA_PERMISSIVE: &str = "hipster-app-peerauthentication-permissive.yaml";
         const MESH: &str = "mesh-default.yaml";
+        // An AuthorizationPolicy: it never changes a mode (tested in authz and tests/authz.rs).
+        const AUTHZ: &str = "hipster-app-authorizationpolicy.yaml";
         const NS_POLICY: Option<&str> = Some("Policy hipster-app/default");
         const NS_PA: Option<&str> = Some("PeerAuthentication hipster-app/default");
         const MESH_PA: Option<&str> = Some("PeerAuthentication istio-system/default");
@@ -1288,7 +1290,7 @@ spec:
             (Mode, Option<&'static str>),
             bool,
         );
-        let rows: [Row; 9] = [
+        let rows: [Row; 10] = [
             (&[V1_STRICT], (Strict, NS_POLICY), (Permissive, None), false),
             (&[V1_PERMISSIVE], (Permissive, NS_POLICY), (Permissive, None), false),
             (&[PA_STRICT], (Strict, NS_PA), (Permissive, None), false),
@@ -1296,6 +1298,7 @@ spec:
             (&[MESH], (Permissive, MESH_PA), (Permissive, MESH_PA), false),
             (&[MESH, PA_STRICT], (Strict, NS_PA), (Permissive, MESH_PA), false),
             (&[MESH, PA_PERMISSIVE], (Permissive, NS_PA), (Permissive, MESH_PA), false),
+            (&[MESH, PA_STRICT, AUTHZ], (Strict, NS_PA), (Permissive, MESH_PA), false),
             // Migrating: the PeerAuthentication takes over from the v1alpha1 Policy.
             (&[V1_STRICT, PA_STRICT], (Strict, NS_PA), (Permissive, None), true),
             // Mixing APIs: the mesh-wide PeerAuthentication wins over the namespace's STRICT
