@@ -159,6 +159,8 @@ struct Agent {
     /// Enrolled pods whose inbound rules could not be written: written again on the retry
     /// tick, since no snapshot may come to do it (their old rules, maybe PERMISSIVE, stay).
     rules_failed: BTreeSet<String>,
+    /// Which ports of each pod the AuthorizationPolicies close to plaintext, per policy set.
+    refusals: crate::authz::kernel::RefusalCache,
     failures: Failures,
     /// Kubernetes mode: for Events on pods whose enrollment fails.
     kube: Option<kube::Client>,
@@ -285,6 +287,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         failed: BTreeMap::new(),
         rules_failed: BTreeSet::new(),
+        refusals: Default::default(),
         failures: Failures::default(),
         kube,
         membership: Default::default(),
@@ -782,9 +785,7 @@ impl Agent {
         }
         // Plaintext the AuthorizationPolicies refuse (from any source) is refused in the kernel
         // as STRICT refuses it, so it stays refused while the agent is down.
-        let plain =
-            crate::authz::kernel::plaintext_rules(ps.authz_policies(), ps.root_namespace(), w);
-        let refusals = crate::authz::kernel::PlaintextRefusals::of(&plain);
+        let refusals = self.refusals.get(&ps, w);
         for &(port, _) in &refusals.ports {
             if !rules.iter().any(|r| r.port == port) {
                 let d = ps.decide(&ws, w, port);

@@ -24,6 +24,57 @@ use ipnet::{IpNet, Ipv6Net};
 use super::{Attr, AuthzPolicy, Conn, Pattern, RuleRef};
 use crate::workloads::Workload;
 
+/// Most distinct ports and source blocks the policies of one pod may name before its
+/// plaintext is simply refused on every port: the table costs ports x blocks verdicts.
+pub const MAX_PORTS: usize = 256;
+pub const MAX_BLOCKS: usize = 256;
+
+/// [`PlaintextRefusals`] of pods, remembered per set of applicable policies (pods of one
+/// deployment share them) until the policies change: the agent asks for every pod on every
+/// reconcile.
+#[derive(Default)]
+pub struct RefusalCache {
+    /// Which `PolicySet` the entries are for (held, so its address cannot be reused).
+    set: Option<std::sync::Arc<crate::policy::PolicySet>>,
+    map: std::collections::HashMap<(Vec<usize>, Vec<IpAddr>), PlaintextRefusals>,
+}
+
+impl RefusalCache {
+    pub fn get(
+        &mut self,
+        ps: &std::sync::Arc<crate::policy::PolicySet>,
+        w: &Workload,
+    ) -> PlaintextRefusals {
+        if !self.set.as_ref().is_some_and(|s| std::sync::Arc::ptr_eq(s, ps)) {
+            self.map.clear();
+            self.set = Some(ps.clone());
+        }
+        let all = ps.authz_policies();
+        let root = ps.root_namespace();
+        let applicable: Vec<usize> =
+            (0..all.len()).filter(|&i| all[i].applies_to(root, w)).collect();
+        // The pod's addresses matter only to `destination.ip` conditions.
+        let by_dst = applicable.iter().any(|&i| {
+            all[i].rules.iter().any(|r| {
+                r.from
+                    .iter()
+                    .flatten()
+                    .chain(r.to.iter().flatten())
+                    .chain(&r.when)
+                    .any(|m| m.attr == Attr::DestinationIp)
+            })
+        });
+        let ips = if by_dst { w.ips.iter().copied().chain([w.ip]).collect() } else { Vec::new() };
+        let key = (applicable, ips);
+        if let Some(r) = self.map.get(&key) {
+            return r.clone();
+        }
+        let r = PlaintextRefusals::of(&plaintext_rules(key.0.iter().map(|&i| &all[i]), root, w));
+        self.map.insert(key, r.clone());
+        r
+    }
+}
+
 /// One entry of the plaintext table of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainRule {
@@ -69,19 +120,40 @@ pub fn plaintext_rules<'a>(
     ports.dedup();
     blocks.sort_by_key(|b| (b.prefix_len(), b.network()));
     blocks.dedup();
+    if ports.len() > MAX_PORTS || blocks.len() > MAX_BLOCKS {
+        // Too many to compile (the work grows with ports x blocks): all plaintext refused.
+        tracing::warn!(pod = %w.key(), ports = ports.len(), blocks = blocks.len(),
+            "AuthorizationPolicies of this pod name more than {MAX_PORTS} ports or {MAX_BLOCKS} \
+             address blocks: plaintext to it is refused on every port (fail closed)");
+        return vec![PlainRule {
+            port: 0,
+            source: Ipv6Net::default(),
+            allow: false,
+            decided_by: None,
+        }];
+    }
+    // Where each block is judged: an address of it no more specific block covers (the same
+    // for every port).
+    let at: Vec<Option<Ipv6Addr>> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, block)| {
+            let inner: Vec<Ipv6Net> = blocks[i + 1..]
+                .iter()
+                .filter(|b| block.contains(*b) && *b != block)
+                .copied()
+                .collect();
+            uncovered(*block, &inner)
+        })
+        .collect();
     // A port no rule names stands for all of them.
     let other = (1..=u16::MAX).find(|p| ports.binary_search(p).is_err()).unwrap_or(0);
     let mut out = Vec::new();
     for (port, judged_as) in std::iter::once((0, other)).chain(ports.iter().map(|p| (*p, *p))) {
         // Shortest first, so a block's enclosing entry is decided before it.
         let mut kept: Vec<PlainRule> = Vec::new();
-        for (i, block) in blocks.iter().enumerate() {
-            let inner: Vec<Ipv6Net> = blocks[i + 1..]
-                .iter()
-                .filter(|b| block.contains(*b) && *b != block)
-                .copied()
-                .collect();
-            let Some(at) = uncovered(*block, &inner) else { continue };
+        for (block, at) in blocks.iter().zip(&at) {
+            let Some(at) = *at else { continue };
             let (allow, decided_by) = judge(&applicable, root, w, at, judged_as);
             let parent = kept.iter().rev().find(|k| k.source.contains(block));
             if parent.is_some_and(|k| k.allow == allow) {
@@ -233,6 +305,24 @@ mod tests {
             }
         }
         Ok(rules.len())
+    }
+
+    #[test]
+    fn too_many_blocks_refuse_all_plaintext_and_the_cache_follows_the_set() {
+        let blocks: Vec<String> =
+            (0..300).map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256)).collect();
+        let s = std::sync::Arc::new(set(&ap(
+            0,
+            &format!("  rules:\n  - from:\n    - source: {{ipBlocks: [{}]}}\n", blocks.join(", ")),
+        )));
+        let ws = workloads();
+        let w = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
+        let mut cache = RefusalCache::default();
+        let r = cache.get(&s, w);
+        assert!(r.others && r.refuses(7070), "{r:?}");
+        // A new set (no policy): the cache does not answer from the old one.
+        let empty = std::sync::Arc::new(set(""));
+        assert!(!cache.get(&empty, w).refuses(7070));
     }
 
     #[test]

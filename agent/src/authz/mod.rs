@@ -359,11 +359,33 @@ impl Verdict {
 }
 
 /// Judges connection `c` to workload `w` by every policy of `policies` that applies to it.
+/// The verdict's `considered` is left empty (see [`explain`]): the data path needs the verdict
+/// only, on every connection.
 pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a AuthzPolicy>,
     root: &str,
     w: &Workload,
     c: &Conn<'_>,
+) -> Verdict {
+    judge(policies, root, w, c, false)
+}
+
+/// [`evaluate`], with `considered` filled in: what every applicable policy said, and why.
+pub fn explain<'a>(
+    policies: impl IntoIterator<Item = &'a AuthzPolicy>,
+    root: &str,
+    w: &Workload,
+    c: &Conn<'_>,
+) -> Verdict {
+    judge(policies, root, w, c, true)
+}
+
+fn judge<'a>(
+    policies: impl IntoIterator<Item = &'a AuthzPolicy>,
+    root: &str,
+    w: &Workload,
+    c: &Conn<'_>,
+    explain: bool,
 ) -> Verdict {
     let mut considered = Vec::new();
     let mut deny = None;
@@ -381,6 +403,9 @@ pub fn evaluate<'a>(
         }
         if p.action == Action::Allow {
             allow_policies.push(p.r.to_string());
+        }
+        if !explain {
+            continue;
         }
         let note = match hit {
             Some(i) => format!("rule {i} matches"),

@@ -15,6 +15,12 @@ use serde::Deserialize;
 use super::{Action, Attr, AuthzPolicy, Match, Pattern, Rule};
 use crate::policy::PolicyRef;
 
+/// Bounds on one policy: its rules are compiled per pod (see `kernel`) and judged per
+/// connection, and anyone who may create a policy in a namespace writes them.
+pub const MAX_RULES: usize = 256;
+/// Values (principals, blocks, ports, ...) in all the rules of one policy.
+pub const MAX_VALUES: usize = 2048;
+
 /// A spec field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -171,9 +177,13 @@ pub fn convert(spec: Option<RawSpec>, r: PolicyRef) -> Result<Converted, FieldEr
         return Ok(Converted { policy: None, warnings });
     }
     let selector = spec.selector.and_then(|s| s.match_labels).filter(|m| !m.is_empty());
+    let raw_rules = spec.rules.unwrap_or_default();
+    if raw_rules.len() > MAX_RULES {
+        return Err(err("spec.rules", format!("{} rules (at most {MAX_RULES})", raw_rules.len())));
+    }
     let mut rules = Vec::new();
     let ns = r.namespace.clone().unwrap_or_default();
-    for (i, raw) in spec.rules.unwrap_or_default().into_iter().enumerate() {
+    for (i, raw) in raw_rules.into_iter().enumerate() {
         let mut rb = RuleBuilder {
             path: format!("spec.rules[{i}]"),
             action,
@@ -184,6 +194,14 @@ pub fn convert(spec: Option<RawSpec>, r: PolicyRef) -> Result<Converted, FieldEr
         };
         let rule = rb.rule(raw)?;
         rules.push(rule);
+    }
+    let values: usize = rules
+        .iter()
+        .flat_map(|r: &Rule| r.from.iter().flatten().chain(r.to.iter().flatten()).chain(&r.when))
+        .map(|m| m.values.len())
+        .sum();
+    if values > MAX_VALUES {
+        return Err(err("spec.rules", format!("{values} values in all (at most {MAX_VALUES})")));
     }
     Ok(Converted { policy: Some(AuthzPolicy { r, selector, action, rules }), warnings })
 }
@@ -269,6 +287,22 @@ impl RuleBuilder<'_> {
     }
 
     fn source(&mut self, s: RawSource, path: &str) -> Result<Vec<Match>, FieldError> {
+        // An empty list is no list, as in Istio (proto3 cannot tell them apart): `principals: []`
+        // must not turn a DENY into one that matches nothing.
+        let s = RawSource {
+            principals: unset_if_empty(s.principals),
+            not_principals: unset_if_empty(s.not_principals),
+            request_principals: unset_if_empty(s.request_principals),
+            not_request_principals: unset_if_empty(s.not_request_principals),
+            namespaces: unset_if_empty(s.namespaces),
+            not_namespaces: unset_if_empty(s.not_namespaces),
+            service_accounts: unset_if_empty(s.service_accounts),
+            not_service_accounts: unset_if_empty(s.not_service_accounts),
+            ip_blocks: unset_if_empty(s.ip_blocks),
+            not_ip_blocks: unset_if_empty(s.not_ip_blocks),
+            remote_ip_blocks: unset_if_empty(s.remote_ip_blocks),
+            not_remote_ip_blocks: unset_if_empty(s.not_remote_ip_blocks),
+        };
         let set = |v: &Option<Vec<String>>| v.is_some();
         let any = set(&s.principals)
             || set(&s.not_principals)
@@ -355,6 +389,16 @@ impl RuleBuilder<'_> {
     }
 
     fn operation(&mut self, o: RawOperation, path: &str) -> Result<Vec<Match>, FieldError> {
+        let o = RawOperation {
+            hosts: unset_if_empty(o.hosts),
+            not_hosts: unset_if_empty(o.not_hosts),
+            ports: unset_if_empty(o.ports),
+            not_ports: unset_if_empty(o.not_ports),
+            methods: unset_if_empty(o.methods),
+            not_methods: unset_if_empty(o.not_methods),
+            paths: unset_if_empty(o.paths),
+            not_paths: unset_if_empty(o.not_paths),
+        };
         let l7 = [
             ("hosts", o.hosts.is_some()),
             ("notHosts", o.not_hosts.is_some()),
@@ -443,6 +487,10 @@ impl RuleBuilder<'_> {
         push(&mut m, attr, true, Some(neg).filter(|v| !v.is_empty()));
         Ok(m)
     }
+}
+
+fn unset_if_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
+    v.filter(|v| !v.is_empty())
 }
 
 fn push(m: &mut Vec<Match>, attr: Attr, negated: bool, values: Option<Vec<Pattern>>) {

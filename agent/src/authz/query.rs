@@ -99,7 +99,20 @@ pub fn check(
         return Ok(base("DENY", None, reason, Vec::new(), Vec::new()));
     }
     let conn = Conn { peer: peer.as_ref(), src: src_ip, dst: dst.ip, port };
-    let v = ps.authorize(dst, &conn);
+    let v = ps.explain_authz(dst, &conn);
+    if v.allowed && !mtls {
+        // The kernel holds one plaintext verdict per port (see `kernel`): a port that refuses
+        // plaintext from some source refuses it from all.
+        let rules = super::kernel::plaintext_rules(ps.authz_policies(), ps.root_namespace(), dst);
+        if super::kernel::PlaintextRefusals::of(&rules).refuses(port) {
+            let reason = format!(
+                "denied: fail closed (the policies would allow it: {}; but they refuse plaintext \
+                 from other sources to this port, and the kernel holds one verdict per port)",
+                v.reason
+            );
+            return Ok(base("DENY", None, reason, v.audited, v.considered));
+        }
+    }
     let verdict = if v.allowed { "ALLOW" } else { "DENY" };
     Ok(base(verdict, v.decided_by, v.reason, v.audited, v.considered))
 }
@@ -208,6 +221,15 @@ spec:
             .unwrap();
         assert_eq!(a.verdict, "DENY");
         assert!(a.reason.starts_with("denied: plaintext to a STRICT port"), "{}", a.reason);
+    }
+
+    #[test]
+    fn plaintext_the_kernel_refuses_per_port_is_denied_as_it_is() {
+        let ps = set("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lan, namespace: hipster-app}\nspec:\n  rules:\n  - from:\n    - source: {ipBlocks: [192.0.2.0/24]}\n");
+        let a = check(&ps, &workloads(), "cluster.local", "192.0.2.7", "redis.hipster-app:6379")
+            .unwrap();
+        assert_eq!(a.verdict, "DENY");
+        assert!(a.reason.starts_with("denied: fail closed"), "{}", a.reason);
     }
 
     #[test]

@@ -223,6 +223,16 @@ fn evaluation_follows_istio() {
             to: "cart", peer: None, src: "10.0.0.9", port: 7070, allowed: true, by: None,
         },
         Case {
+            why: "an empty list is no list (proto3): principals: [] beside namespaces still denies that namespace",
+            policies: ap(SHOP, "deny-legacy", "  action: DENY\n  rules:\n  - from:\n    - source: {principals: [], namespaces: [legacy]}\n"),
+            to: "cart", peer: legacy(), src: "10.0.0.9", port: 7070, allowed: false, by: Some(("hipster-app/deny-legacy", 0)),
+        },
+        Case {
+            why: "an empty list is no list: notIpBlocks: [] beside principals does not match everyone",
+            policies: ap(SHOP, "p", "  rules:\n  - from:\n    - source: {notIpBlocks: [], principals: [\"*/sa/frontend\"]}\n"),
+            to: "cart", peer: legacy(), src: "10.0.0.9", port: 7070, allowed: false, by: None,
+        },
+        Case {
             why: "an empty selector is no selector: the namespace",
             policies: ap(SHOP, "all", "  selector: {matchLabels: {}}\n"),
             to: "redis", peer: frontend(), src: "10.0.0.1", port: 6379, allowed: false, by: None,
@@ -261,6 +271,7 @@ fn invalid_policies_are_rejected_with_file_line_and_field() {
         ("  rules:\n  - when:\n    - {key: source.color, values: [red]}\n", "spec.rules[0].when[0].key: unknown attribute \"source.color\""),
         ("  action: ALLOW\n  provider: {name: x}\n", "spec.provider: provider is only allowed with action CUSTOM"),
         ("  rules:\n  - from:\n    - source: {principal: [x]}\n", "spec.rules[0].from[0].source.principal: unknown field"),
+        ("  rules:\n  - from:\n    - source: {principals: []}\n", "spec.rules[0].from[0].source: `source` must set at least one field"),
     ];
     for (spec, want) in cases {
         let e = err(&ap(SHOP, "bad", spec));

@@ -546,6 +546,11 @@ impl PolicySet {
         crate::authz::evaluate(&self.authz, &self.root, w, c)
     }
 
+    /// [`authorize`](Self::authorize) with what every applicable policy said (`policy check`).
+    pub fn explain_authz(&self, w: &Workload, c: &crate::authz::Conn<'_>) -> crate::authz::Verdict {
+        crate::authz::explain(&self.authz, &self.root, w, c)
+    }
+
     /// The warnings of this set for its current root namespace: skipped
     /// documents and ignored fields found while parsing, PeerAuthentications
     /// with a selector in the root namespace, and same-level conflicts.
