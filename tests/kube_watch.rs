@@ -294,25 +294,49 @@ async fn authorization_policies_are_watched_and_an_invalid_one_is_rejected_by_na
         "{:?}",
         s.rejected
     );
-    assert_eq!(s.policies.authz_policies().len(), 1, "one object at two versions counts once");
+    // deny-legacy once (two versions), and the broken one's fail-closed stand-in.
+    let names: Vec<String> = s.policies.authz_policies().iter().map(|p| p.r.to_string()).collect();
+    assert_eq!(
+        names,
+        ["shop/broken", "shop/deny-legacy"],
+        "one object at two versions counts once"
+    );
+    let warned = s.policies.warnings().iter().any(|w| {
+        w.message.starts_with("AuthorizationPolicy shop/broken is invalid (see the error): in its place a policy that allows nothing")
+    });
+    assert!(warned, "{:?}", s.policies.warnings());
     let a = s.workloads.workloads.iter().find(|w| w.name.as_str() == "a").expect("pod a");
     let legacy = mtls_agent::authz::Peer::from_spiffe("spiffe://cluster.local/ns/legacy/sa/x");
-    let conn = mtls_agent::authz::Conn {
-        peer: legacy.as_ref(),
+    let shop = mtls_agent::authz::Peer::from_spiffe("spiffe://cluster.local/ns/shop/sa/b");
+    let conn = |peer| mtls_agent::authz::Conn {
+        peer,
         src: "10.1.0.2".parse().unwrap(),
         dst: a.ip,
         port: 8080,
     };
-    let v = s.policies.authorize(a, &conn);
+    let v = s.policies.authorize(a, &conn(legacy.as_ref()));
     assert!(!v.allowed);
     assert_eq!(v.reason, "denied by AuthorizationPolicy shop/deny-legacy rule 0");
+    // The broken ALLOW fails closed: what it would have allowed is denied until it is fixed.
+    assert!(!s.policies.authorize(a, &conn(shop.as_ref())).allowed);
 
-    // Deleted from the API server: no longer in force.
+    // Deleted from the API server: no longer in force; fixed: in force as written.
     server.delete(api::AUTHORIZATIONPOLICIES_V1, Some("shop"), "deny-legacy");
     server.delete(api::AUTHORIZATIONPOLICIES_V1BETA1, Some("shop"), "deny-legacy");
-    let s = until(&mut rx, "deleted", |s| s.policies.authz_policies().is_empty()).await;
+    server.apply(
+        api::AUTHORIZATIONPOLICIES_V1,
+        ap(
+            "v1",
+            "broken",
+            json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.1.0.0/16"]}}]}]}),
+        ),
+    );
+    let s = until(&mut rx, "deleted and fixed", |s| {
+        s.rejected.is_empty() && s.policies.authz_policies().len() == 1
+    })
+    .await;
     let a = s.workloads.workloads.iter().find(|w| w.name.as_str() == "a").expect("pod a");
-    assert!(s.policies.authorize(a, &conn).allowed);
+    assert!(s.policies.authorize(a, &conn(legacy.as_ref())).allowed);
 }
 
 #[tokio::test]

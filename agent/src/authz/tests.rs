@@ -331,3 +331,44 @@ fn check_summarises_the_policies_per_port() {
     assert_eq!(summary(s.authz_for(redis), Some(6379)), "no (none)");
     assert_eq!(summary(s.authz_for(redis), None), "yes (DENY hipster-app/deny-admin: 1 rule)");
 }
+
+#[test]
+fn a_rejected_object_from_the_api_server_fails_closed_in_its_scope() {
+    let bad_deny = ap(SHOP, "deny-bad", "  selector: {matchLabels: {app: cart}}\n  action: DENY\n  rules:\n  - from:\n    - source: {ipBlocks: [nonsense]}\n");
+    let bad_action = ap(SHOP, "typo", "  action: DENYY\n");
+    let audit = ap(
+        SHOP,
+        "audit-bad",
+        "  action: AUDIT\n  rules:\n  - when:\n    - {key: nope, values: [x]}\n",
+    );
+    let docs = [bad_deny.as_str(), bad_action.as_str(), audit.as_str()];
+    let origin = std::path::Path::new("kubernetes:authorizationpolicies/x");
+    let (s, errors) = PolicySet::from_documents(docs.iter().map(|d| (*d, origin)), "istio-system");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    let names: Vec<String> = s.authz_policies().iter().map(|p| p.r.to_string()).collect();
+    assert_eq!(names, ["hipster-app/deny-bad", "hipster-app/typo"], "AUDIT leaves no stand-in");
+    let ws = workloads();
+    let cart = ws.workloads.iter().find(|w| w.name.as_str() == "cart").expect("cart");
+    let v = s.authorize(
+        cart,
+        &Conn {
+            peer: frontend().as_ref(),
+            src: "10.0.0.1".parse().unwrap(),
+            dst: cart.ip,
+            port: 7070,
+        },
+    );
+    assert!(!v.allowed, "the broken DENY denies everything of its selector");
+    // The unreadable action is read as DENY over the namespace.
+    let redis = ws.workloads.iter().find(|w| w.name.as_str() == "redis").expect("redis");
+    let v = s.authorize(
+        redis,
+        &Conn {
+            peer: frontend().as_ref(),
+            src: "10.0.0.1".parse().unwrap(),
+            dst: redis.ip,
+            port: 6379,
+        },
+    );
+    assert_eq!(v.reason, "denied by AuthorizationPolicy hipster-app/typo rule 0");
+}

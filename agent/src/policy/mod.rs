@@ -484,6 +484,9 @@ impl PolicySet {
         for (src, origin) in docs {
             // Checked alone first, so a rejected object leaves nothing behind in the set.
             if let Err(e) = parse::Builder::default().add_file(src, origin) {
+                // The API server took it, so it was meant to be in force: a rejected
+                // AuthorizationPolicy must not leave its workloads open (fail closed).
+                builder.add_authz_stand_in(src, origin);
                 errors.push(e);
                 continue;
             }

@@ -120,6 +120,61 @@ impl Builder {
         Ok(())
     }
 
+    /// In place of an AuthorizationPolicy that was rejected: one that fails closed over its
+    /// scope (namespace and selector, as far as they can be read). A DENY (or an unreadable
+    /// action) denies everything there; an ALLOW allows nothing (only the other ALLOW
+    /// policies admit); AUDIT and CUSTOM leave nothing. Anything else: nothing.
+    pub(super) fn add_authz_stand_in(&mut self, src: &str, file: &Path) {
+        let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(src) else { return };
+        let text = |v: &serde_yaml::Value| v.as_str().map(str::to_owned);
+        if doc.get("kind").and_then(text).as_deref() != Some(authz::KIND) {
+            return;
+        }
+        let meta = doc.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(text).unwrap_or_else(|| "?".into());
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(text)
+            .unwrap_or_else(|| "default".into());
+        let spec = doc.get("spec");
+        let action = match spec.and_then(|s| s.get("action")) {
+            None => Some(authz::Action::Allow),
+            Some(a) => match a.as_str() {
+                Some("ALLOW") => Some(authz::Action::Allow),
+                Some("AUDIT") | Some("CUSTOM") => None,
+                _ => Some(authz::Action::Deny),
+            },
+        };
+        let Some(action) = action else { return };
+        // An unreadable selector widens the scope to the namespace: closed, not open.
+        let selector = spec
+            .and_then(|s| s.get("selector"))
+            .and_then(|s| s.get("matchLabels"))
+            .and_then(|m| serde_yaml::from_value::<BTreeMap<String, String>>(m.clone()).ok())
+            .filter(|m| !m.is_empty());
+        let r = PolicyRef {
+            kind: authz::KIND.to_owned(),
+            namespace: Some(namespace),
+            name,
+            file: file.to_path_buf(),
+            line: 1,
+        };
+        let (rules, what) = match action {
+            authz::Action::Deny => (vec![authz::Rule::default()], "denies every connection"),
+            _ => (Vec::new(), "allows nothing"),
+        };
+        self.notes.push(Warning {
+            file: file.to_path_buf(),
+            line: 1,
+            message: format!(
+                "{} {r} is invalid (see the error): in its place a policy that {what} in its scope \
+                 is in force (fail closed) until it is fixed",
+                authz::KIND
+            ),
+        });
+        self.authz.push(authz::AuthzPolicy { r, selector, action, rules });
+    }
+
     /// Rejects a second definition of the same object.
     fn remember(&mut self, r: &PolicyRef, ctx: &DocCtx<'_>) -> Result<(), PolicyError> {
         let key = (r.kind.clone(), r.namespace.clone(), r.name.clone());
