@@ -243,6 +243,17 @@ impl Rule {
     }
 }
 
+impl Rule {
+    /// Whether the rule can match only a connection with a peer identity: every `from` entry
+    /// has a positive principal, namespace or service account field (a `when` on one counts
+    /// too).
+    pub fn needs_identity(&self) -> bool {
+        let positive = |m: &Match| m.attr.is_identity() && !m.negated;
+        (!self.from.is_empty() && self.from.iter().all(|e| e.iter().any(positive)))
+            || self.when.iter().any(positive)
+    }
+}
+
 impl AuthzPolicy {
     /// Whether the policy applies to workload `w` when `root` is the root namespace.
     pub fn applies_to(&self, root: &str, w: &Workload) -> bool {

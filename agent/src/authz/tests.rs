@@ -372,3 +372,32 @@ fn a_rejected_object_from_the_api_server_fails_closed_in_its_scope() {
     );
     assert_eq!(v.reason, "denied by AuthorizationPolicy hipster-app/typo rule 0");
 }
+
+#[test]
+fn an_identity_only_deny_on_a_pod_that_takes_plaintext_is_warned_about() {
+    let deny = ap(
+        SHOP,
+        "deny-legacy",
+        "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [legacy]}\n",
+    );
+    let lint = |src: &str| -> Vec<String> {
+        set(src).lint(&workloads()).iter().map(|w| w.message.clone()).collect()
+    };
+    let l = lint(&deny);
+    assert!(
+        l.iter().any(|m| m.starts_with(
+            "AuthorizationPolicy hipster-app/deny-legacy denies only by peer identity, but "
+        )),
+        "{l:?}"
+    );
+    // Under STRICT plaintext never gets there: no warning.
+    let strict = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: hipster-app}\nspec: {mtls: {mode: STRICT}}\n";
+    assert!(lint(&(deny.clone() + strict)).is_empty(), "{:?}", lint(&(deny + strict)));
+    // A DENY by address refuses plaintext too: no warning.
+    assert!(lint(&ap(
+        SHOP,
+        "d",
+        "  action: DENY\n  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/8]}\n"
+    ))
+    .is_empty());
+}

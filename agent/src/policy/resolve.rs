@@ -528,6 +528,39 @@ pub(super) fn lint(set: &PolicySet, ws: &WorkloadSet) -> Vec<Warning> {
         }
     }
     out.extend(overridden_by_peer(set, ws));
+    out.extend(identity_deny_on_plaintext(set, ws));
+    out
+}
+
+/// A DENY that matches only by identity does not refuse plaintext (it has none): on a pod that
+/// accepts plaintext it leaves the door it means to close open, as Istio's documentation warns.
+/// One warning per policy, naming the first such pod.
+fn identity_deny_on_plaintext(set: &PolicySet, ws: &WorkloadSet) -> Vec<Warning> {
+    let mut out = Vec::new();
+    for p in set.authz.iter().filter(|p| p.action == crate::authz::Action::Deny) {
+        if p.rules.is_empty() || !p.rules.iter().all(crate::authz::Rule::needs_identity) {
+            continue;
+        }
+        let open = ws.workloads.iter().find(|w| {
+            p.applies_to(&set.root, w) && {
+                let (default, ports) = set.workload_modes(ws, w);
+                default.mode != Mode::Strict || ports.iter().any(|(_, d)| d.mode != Mode::Strict)
+            }
+        });
+        if let Some(w) = open {
+            out.push(Warning {
+                file: p.r.file.clone(),
+                line: p.r.line,
+                message: format!(
+                    "AuthorizationPolicy {} denies only by peer identity, but {} accepts \
+                     plaintext, which has none and is not denied by it: make it STRICT, or add \
+                     a DENY with notPrincipals: [\"*\"]",
+                    p.r,
+                    w.key()
+                ),
+            });
+        }
+    }
     out
 }
 
